@@ -1,0 +1,39 @@
+"""Errors at the log's edge (Avro, warehouse segments, Kafka, the dual source).
+
+    ConnectorError
+    ├── SchemaError         an Avro schema is invalid, unknown, or evolved incompatibly
+    ├── DecodeError         a payload is not a single-object Avro record of a known schema
+    ├── SegmentError        a warehouse segment or manifest is missing, corrupt, or inconsistent
+    ├── InputFileError      a history file given to ingest cannot be read as the source's events
+    └── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Root of every error raised by the `connectors` package."""
+
+
+class SchemaError(ConnectorError):
+    """An Avro schema problem; the message names the field and the rule."""
+
+
+class DecodeError(ConnectorError):
+    """A payload cannot be decoded; `reason` says why (bad marker, unknown fingerprint, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SegmentError(ConnectorError):
+    """A warehouse segment problem; the message names the file."""
+
+
+class InputFileError(ConnectorError):
+    """An input file is unreadable or lacks a required column."""
+
+
+class LogGapError(ConnectorError):
+    """The log has a hole between warehouse segments and Kafka."""

@@ -1,0 +1,167 @@
+"""The dual source: one partition of a source's log, read as a single offset-ordered sequence.
+
+Warehouse segments hold offsets up to the last archived offset L; Kafka holds L+1 onwards. A
+`PartitionLog` reads segments from its start offset, then hands over to Kafka at exactly the next
+offset (no gap, no duplicate). If Kafka no longer holds that offset, it stops with a `LogGapError`
+naming the missing range rather than skip data. Without Kafka (the embedded default) the segments
+are the whole log, and new segments (from `flows.ingest`) are picked up as they appear.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from connectors.avro import SchemaStore
+from connectors.errors import LogGapError
+from connectors.kafka import DeadLetter, KafkaLogReader
+from connectors.segments import Warehouse
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaTail:
+    """Where the hot tail of a source lives."""
+
+    bootstrap: str
+    topic: str
+    store: SchemaStore
+    key_field: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogBatch:
+    """Consecutive records of one partition: decoded events plus undecodable ones."""
+
+    source: str
+    partition: int
+    events: pa.Table  # source columns + _offset, _partition, _arrival
+    dead_letters: tuple[DeadLetter, ...] = ()
+    next_offset: int = 0  # the first offset after this batch
+    from_kafka: bool = False
+
+
+@dataclass
+class PartitionLog:
+    """Segments then Kafka, for one partition, from `start_offset` (inclusive).
+
+    Args:
+        stop_at: stop once this offset (exclusive) is reached; None = follow the log for ever.
+    """
+
+    warehouse: Warehouse
+    source: str
+    partition: int
+    start_offset: int
+    arrow_schema: pa.Schema
+    kafka: KafkaTail | None = None
+    stop_at: int | None = None
+    batch_rows: int = 100_000
+    kafka_batch: int = 5_000
+    poll_interval_s: float = 0.5
+    _next: int = field(init=False)
+    _segments: object = field(init=False, default=None)
+    _reader: KafkaLogReader | None = field(init=False, default=None)
+    _last_poll: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._next = self.start_offset
+
+    @property
+    def next_offset(self) -> int:
+        return self._next
+
+    @property
+    def done(self) -> bool:
+        return self.stop_at is not None and self._next >= self.stop_at
+
+    def end_offset(self) -> int:
+        """The offset after the newest record the log holds now (segments and Kafka)."""
+        end = self.warehouse.next_offset(self.source, self.partition)
+        if self.kafka is not None:
+            end = max(end, self._kafka_reader().high_watermark())
+        return end
+
+    def read(self) -> LogBatch | None:
+        """The next batch, or None when nothing new is available right now."""
+        if self.done:
+            return None
+        batch = self._read_segments()
+        if batch is None and self.kafka is not None:
+            batch = self._read_kafka()
+        if batch is not None and self.stop_at is not None:
+            batch = _clip(batch, self.stop_at)
+        if batch is not None:
+            self._next = batch.next_offset
+        return batch
+
+    def _read_segments(self) -> LogBatch | None:
+        it = self._segments
+        if it is None:
+            archived = self.warehouse.next_offset(self.source, self.partition)
+            if archived <= self._next:
+                return None
+            it = self._segments = iter(self.warehouse.read(
+                self.source, self.partition, from_offset=self._next, to_offset=archived - 1,
+                batch_rows=self.batch_rows))
+        for record_batch in it:  # type: ignore[attr-defined]
+            if record_batch.num_rows:
+                table = pa.Table.from_batches([record_batch])
+                last = int(table.column("_offset")[-1].as_py())
+                return LogBatch(self.source, self.partition, table, (), last + 1)
+        self._segments = None
+        if self.kafka is None:
+            return self._poll_new_segments()
+        return None
+
+    def _poll_new_segments(self) -> LogBatch | None:
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_interval_s:
+            return None
+        self._last_poll = now
+        if self.warehouse.next_offset(self.source, self.partition) > self._next:
+            return self._read_segments()
+        return None
+
+    def _kafka_reader(self) -> KafkaLogReader:
+        if self._reader is None:
+            assert self.kafka is not None
+            self._reader = KafkaLogReader(
+                self.kafka.bootstrap, self.kafka.topic, self.partition, self._next,
+                self.kafka.store, self.arrow_schema, key_field=self.kafka.key_field)
+        return self._reader
+
+    def _read_kafka(self) -> LogBatch | None:
+        archived = self.warehouse.next_offset(self.source, self.partition)
+        if archived > self._next:
+            return self._read_segments()  # the archiver moved more of the topic to segments
+        reader = self._kafka_reader()
+        low = reader.low_watermark()
+        if low > self._next:
+            raise LogGapError(
+                f"source {self.source!r} partition {self.partition}: offsets "
+                f"[{self._next}, {low - 1}] are neither in warehouse segments nor in Kafka topic "
+                f"{self.kafka.topic!r} (retention removed them before archiving); restore them "  # type: ignore[union-attr]
+                "into segments with flows.ingest, or raise the topic's retention"
+            )
+        got = reader.read_batch(max_records=self.kafka_batch)
+        if got.next_offset <= self._next:
+            return None
+        return LogBatch(self.source, self.partition, pa.Table.from_batches([got.events]),
+                        tuple(got.failures), got.next_offset, from_kafka=True)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def _clip(batch: LogBatch, stop_at: int) -> LogBatch:
+    if batch.next_offset <= stop_at:
+        return batch
+    events = batch.events
+    keep = pa.compute.less(events.column("_offset"), stop_at)
+    dead = tuple(d for d in batch.dead_letters if d.offset is None or d.offset < stop_at)
+    return LogBatch(batch.source, batch.partition, events.filter(keep), dead, stop_at,
+                    batch.from_kafka)

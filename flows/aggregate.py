@@ -1,0 +1,233 @@
+"""The windowed-aggregation core on the write path: apply a batch of log records to a view.
+
+Pure and batch-shaped (no bytewax): the same `apply_batch` serves live micro-batches and replay's
+whole-partition batches. Per batch it drops records already applied (exactly-once effect after a
+restart), runs the view's transform, tracks the partition watermark in offset order to reject
+events too late for the view, turns events into one-event tiles, merges them with the stored
+tiles of the touched keys in one vectorized pass, prunes tiles no window can reach again, and
+returns the new entity blobs plus the partition's progress, ready for one atomic commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from state.codec import decode_entity, encode_entity, encode_key
+from state.layout import HopGroup, ViewLayout
+from state.store import PartitionProgress
+from state.tiles import (
+    I64,
+    ColumnValues,
+    TileBlock,
+    combine,
+    concat_blocks,
+    run_starts,
+    unit_block,
+)
+
+OFFSET = "_offset"
+Transform = Callable[[pa.Table], pa.Table]
+BlobGetter = Callable[[Sequence[bytes]], list[bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one batch did to one view partition."""
+
+    puts: dict[bytes, bytes]
+    progress: PartitionProgress
+    late: pa.Table  # rows rejected as too late (for the dead-letter output)
+    applied: int
+
+
+def event_times(table: pa.Table, column: str) -> I64:
+    """Event times as int64 microseconds (timestamp[ms|us] or integer micros)."""
+    col = table.column(column)
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.timestamp("us", tz=col.type.tz))
+    return np.asarray(col.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def key_strings(table: pa.Table, column: str) -> pa.ChunkedArray:
+    col = table.column(column)
+    return col if pa.types.is_string(col.type) else col.cast(pa.string())
+
+
+def column_values(table: pa.Table, layout: ViewLayout) -> dict[str, ColumnValues]:
+    out: dict[str, ColumnValues] = {}
+    for name, avro_type in layout.column_types.items():
+        col = table.column(name)
+        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        if avro_type in ("int", "long", "float", "double"):
+            values: npt.NDArray[Any] = np.asarray(
+                col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        else:
+            values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+        out[name] = ColumnValues(values, valid)
+    return out
+
+
+def late_mask(ts: I64, watermark: int | None, retention_us: int | None) -> tuple[
+        npt.NDArray[np.bool_], int | None]:
+    """Which events (in offset order) are too late, and the watermark after the batch.
+
+    The watermark is the newest event time seen on the partition so far; an event is late when
+    it is older than watermark - retention. A pure function of the log order, so replays and
+    snapshots reject exactly the same events as the live run.
+    """
+    if len(ts) == 0:
+        return np.zeros(0, dtype=bool), watermark
+    running = np.maximum.accumulate(ts)
+    if watermark is not None:
+        running = np.maximum(running, watermark)
+    new_watermark = int(running[-1])
+    if retention_us is None:
+        return np.zeros(len(ts), dtype=bool), new_watermark
+    return ts < running - retention_us, new_watermark
+
+
+def prepare(table: pa.Table, layout: ViewLayout, applied_offset: int,
+            transform: Transform | None) -> pa.Table:
+    """Drop records at or below the applied offset, then run the view's transform."""
+    if applied_offset >= 0 and table.num_rows:
+        table = table.filter(pc.greater(table.column(OFFSET), applied_offset))
+    if transform is not None and table.num_rows:
+        table = _transformed(table, layout, transform)
+    return table
+
+
+def _transformed(table: pa.Table, layout: ViewLayout, transform: Transform) -> pa.Table:
+    result = transform(table)
+    if isinstance(result, pa.RecordBatch):
+        result = pa.Table.from_batches([result])
+    if not isinstance(result, pa.Table):
+        raise TypeError(f"view {layout.view!r}: transform returned {type(result).__name__}; "
+                        "it must return a pyarrow.Table")
+    needed = {OFFSET, layout.key, layout.timestamp, *layout.columns}
+    missing = sorted(needed - set(result.column_names))
+    if missing:
+        raise TypeError(f"view {layout.view!r}: transform dropped column(s) {missing}; keep the "
+                        "key, timestamp, _offset and every aggregated column")
+    return result
+
+
+def apply_batch(layout: ViewLayout, table: pa.Table, progress: PartitionProgress,
+                get_blobs: BlobGetter, transform: Transform | None = None,
+                through_offset: int | None = None) -> ApplyResult:
+    """Apply one offset-ordered batch of a partition's records to a view.
+
+    Args:
+        layout: the view.
+        table: records of one source partition in offset order: source columns plus `_offset`.
+        progress: the partition's progress before the batch (from the view store).
+        get_blobs: reads the stored blobs of entity keys (one multi-get).
+        transform: the view's optional row filter/transform.
+        through_offset: the last log offset the batch covers (records that became dead letters
+            included); defaults to the highest `_offset` in the table.
+    """
+    table = prepare(table, layout, progress.applied_offset, transform)
+    last_offset = max(progress.applied_offset, through_offset if through_offset is not None else -1)
+    if table.num_rows:
+        last_offset = max(last_offset, int(pc.max(table.column(OFFSET)).as_py()))
+    ts = event_times(table, layout.timestamp)
+    late, watermark = late_mask(ts, progress.watermark, layout.retention_us)
+    rejected = table.filter(pa.array(late)) if late.any() else table.slice(0, 0)
+    if late.any():
+        keep = ~late
+        table, ts = table.filter(pa.array(keep)), ts[keep]
+    puts = _merge_into_tiles(layout, table, ts, watermark, get_blobs) if table.num_rows else {}
+    new_progress = PartitionProgress(
+        applied_offset=last_offset, watermark=watermark,
+        events_applied=progress.events_applied + table.num_rows,
+        late_events=progress.late_events + rejected.num_rows,
+    )
+    return ApplyResult(puts, new_progress, rejected, table.num_rows)
+
+
+def _merge_into_tiles(layout: ViewLayout, table: pa.Table, ts: I64, watermark: int | None,
+                      get_blobs: BlobGetter) -> dict[bytes, bytes]:
+    encoded = key_strings(table, layout.key).combine_chunks().dictionary_encode()
+    key_ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    keys: list[str] = encoded.dictionary.to_pylist()
+    offsets = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
+    order = np.lexsort((offsets, ts, key_ids))
+    key_ids, ts, offsets = key_ids[order], ts[order], offsets[order]
+    columns = {name: ColumnValues(cv.values[order], cv.valid[order])
+               for name, cv in column_values(table, layout).items()}
+    raw_keys = [encode_key(k) for k in keys]
+    old = _load_old(layout, get_blobs(raw_keys))
+    newest = _newest_per_key(key_ids, ts, len(keys), old.newest)
+    merged = [_merge_group(g, gi, old, key_ids, ts, offsets, columns, watermark)
+              for gi, g in enumerate(layout.groups)]
+    return _encode_keys(layout, raw_keys, merged, newest)
+
+
+@dataclass(slots=True)
+class _OldState:
+    blocks: list[list[TileBlock]]  # per group: one block per key (empty block if absent)
+    key_of_row: list[I64]  # per group: key id of every old row
+    newest: I64
+
+
+def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
+    per_group: list[list[TileBlock]] = [[] for _ in layout.groups]
+    ids: list[list[I64]] = [[] for _ in layout.groups]
+    newest = np.full(len(blobs), np.iinfo(np.int64).min, dtype=np.int64)
+    for kid, blob in enumerate(blobs):
+        if blob is None:
+            continue
+        blocks, newest[kid] = decode_entity(layout, blob)
+        for gi, block in enumerate(blocks):
+            if len(block):
+                per_group[gi].append(block)
+                ids[gi].append(np.full(len(block), kid, dtype=np.int64))
+    key_of_row = [np.concatenate(i) if i else np.zeros(0, dtype=np.int64) for i in ids]
+    return _OldState(per_group, key_of_row, newest)
+
+
+def _newest_per_key(key_ids: I64, ts: I64, n_keys: int, old_newest: I64) -> I64:
+    newest = old_newest.copy()
+    starts = run_starts(key_ids)
+    newest[key_ids[starts]] = np.maximum(newest[key_ids[starts]],
+                                         np.maximum.reduceat(ts, starts))
+    return newest
+
+
+def _merge_group(group: HopGroup, gi: int, old: _OldState, key_ids: I64, ts: I64,
+                 offsets: I64, columns: dict[str, ColumnValues],
+                 watermark: int | None) -> tuple[TileBlock, I64]:
+    fresh = unit_block(group, ts, offsets, {c.column: columns[c.column] for c in group.columns})
+    row_keys = key_ids
+    if old.blocks[gi]:
+        fresh = concat_blocks(group, [*old.blocks[gi], fresh])
+        row_keys = np.concatenate([old.key_of_row[gi], key_ids])
+        order = np.lexsort((fresh.rows["tile"], row_keys))
+        fresh, row_keys = fresh.take(order), row_keys[order]
+    starts = run_starts(row_keys, fresh.rows["tile"])
+    block = combine(group, fresh, starts)
+    row_keys = row_keys[starts]
+    if group.hop_us and watermark is not None:
+        oldest = watermark // group.hop_us - group.max_window_us // group.hop_us
+        keep = block.rows["tile"] >= oldest
+        if not keep.all():
+            block, row_keys = block.take(np.flatnonzero(keep)), row_keys[keep]
+    return block, row_keys
+
+
+def _encode_keys(layout: ViewLayout, raw_keys: list[bytes],
+                 merged: list[tuple[TileBlock, I64]], newest: I64) -> dict[bytes, bytes]:
+    n_keys = len(raw_keys)
+    bounds = [np.searchsorted(row_keys, np.arange(n_keys + 1)) for _, row_keys in merged]
+    puts: dict[bytes, bytes] = {}
+    for kid in range(n_keys):
+        blocks = [block.take(slice(int(b[kid]), int(b[kid + 1])))
+                  for (block, _), b in zip(merged, bounds, strict=True)]
+        puts[raw_keys[kid]] = encode_entity(layout, blocks, int(newest[kid]))
+    return puts

@@ -1,0 +1,240 @@
+"""The one bytewax dataflow: log -> validate -> aggregate -> view store (+ dead letters).
+
+    op.input("log")        LogSource: one bytewax partition per (source, log partition), each a
+                           PartitionLog (segments, then Kafka); items are whole batches
+    op.map("validate")     null keys / event times -> dead letters
+    op.output("views")     ViewSink: the partition's owner applies each batch to every view
+                           version of the source (flows.aggregate) and commits tiles + offsets in
+                           one RocksDB WriteBatch per view
+
+A source partition is the shard: every event of a key lives in one partition, so the worker
+that owns a partition owns its keys' tiles and no per-key exchange is needed. bytewax recovery is
+not used: the view store holds the applied offsets, and sources restart from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+import bytewax.operators as op
+import pyarrow as pa
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+
+from connectors.log import KafkaTail, LogBatch, PartitionLog
+from connectors.segments import Warehouse
+from flows.aggregate import apply_batch
+from flows.deadletters import DeadLetterWriter
+from flows.metrics import Metrics
+from flows.spec import FeatureView
+from flows.validate import validate
+from state.layout import ViewLayout
+from state.store import PartitionStore, ViewStore
+
+_IDLE = timedelta(milliseconds=50)
+
+
+@dataclass(frozen=True)
+class ViewTarget:
+    """A view version the flow writes; `switch_when_caught_up` makes it live at the end."""
+
+    view: FeatureView
+    layout: ViewLayout
+    version: int
+    switch_when_caught_up: bool = False
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """One source's partitions: where to start, where to stop, and the views fed from it."""
+
+    name: str
+    key: str
+    timestamp: str
+    arrow_schema: pa.Schema
+    targets: tuple[ViewTarget, ...]
+    start: dict[int, int]  # partition -> first offset to read
+    stop: dict[int, int] | None  # partition -> offset to stop at (exclusive); None = follow
+    catch_up: dict[int, int]  # partition -> end of the log when the flow started
+    kafka: KafkaTail | None = None
+
+
+@dataclass(frozen=True)
+class FlowPlan:
+    """Everything the dataflow needs; built by flows.run / flows.replay."""
+
+    warehouse: Path
+    state: Path
+    sources: dict[str, SourcePlan]
+    kafka_bootstrap: str | None = None
+    batch_rows: int = 100_000
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def part_keys(self) -> list[str]:
+        return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
+
+
+def part_key(source: str, partition: int) -> str:
+    return f"{source}/p{partition:04d}"
+
+
+def split_part_key(key: str) -> tuple[str, int]:
+    source, _, part = key.rpartition("/p")
+    return source, int(part)
+
+
+class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
+    def __init__(self, key: str, log: PartitionLog) -> None:
+        self._key, self._log = key, log
+        self._awake: datetime | None = None
+
+    def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
+        batch = self._log.read()
+        if batch is None:
+            if self._log.done:
+                raise StopIteration
+            self._awake = datetime.now(timezone.utc) + _IDLE
+            return []
+        self._awake = None
+        return [(self._key, batch)]
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def snapshot(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
+    """Every partition of every source in the plan, each read as segments then Kafka."""
+
+    def __init__(self, plan: FlowPlan) -> None:
+        self._plan = plan
+
+    def list_parts(self) -> list[str]:
+        return self._plan.part_keys()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _LogPartition:
+        source, partition = split_part_key(for_part)
+        sp = self._plan.sources[source]
+        log = PartitionLog(
+            warehouse=Warehouse(self._plan.warehouse), source=source, partition=partition,
+            start_offset=sp.start[partition], arrow_schema=sp.arrow_schema, kafka=sp.kafka,
+            stop_at=None if sp.stop is None else sp.stop[partition],
+            batch_rows=self._plan.batch_rows)
+        return _LogPartition(for_part, log)
+
+
+class _ViewPartition(StatefulSinkPartition[LogBatch, None]):
+    def __init__(self, plan: FlowPlan, source: SourcePlan, partition: int) -> None:
+        self._plan, self._source, self._partition = plan, source, partition
+        store = ViewStore(plan.state)
+        self._stores: list[PartitionStore] = [
+            store.open_partition(t.view.name, t.version, partition) for t in source.targets]
+        self._progress = [s.progress() for s in self._stores]
+        self._dead = DeadLetterWriter(plan.warehouse, source.name, plan.kafka_bootstrap)
+        self._switcher = _Switcher(store, source, partition)
+        self._switcher.check([p.applied_offset for p in self._progress])
+
+    def write_batch(self, items: list[LogBatch]) -> None:
+        for batch in items:
+            self._apply(batch)
+        self._switcher.check([p.applied_offset for p in self._progress])
+
+    def _apply(self, batch: LogBatch) -> None:
+        floor = min(p.applied_offset for p in self._progress)
+        self._dead.write([d for d in batch.dead_letters if d.offset is None or d.offset > floor])
+        for i, target in enumerate(self._source.targets):
+            store = self._stores[i]
+            result = apply_batch(target.layout, batch.events, self._progress[i], store.get_many,
+                                 target.view.transform, through_offset=batch.next_offset - 1)
+            if result.late.num_rows:
+                self._dead.write_late(result.late, target.view.name, self._partition)
+            store.commit(result.puts, result.progress)
+            self._progress[i] = result.progress
+            self._plan.metrics.applied(target.view.name, self._partition, result, batch)
+        self._plan.metrics.dead_letters(self._source.name, len(batch.dead_letters))
+
+    def snapshot(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._dead.close()
+        for store in self._stores:
+            store.close()
+
+
+class _Switcher:
+    """Makes rebuilt view versions live once every partition has caught up with the log."""
+
+    def __init__(self, store: ViewStore, source: SourcePlan, partition: int) -> None:
+        self._store, self._source, self._partition = store, source, partition
+        self._pending = {i for i, t in enumerate(source.targets) if t.switch_when_caught_up}
+
+    def check(self, applied: list[int]) -> None:
+        if not self._pending:
+            return
+        target_end = self._source.catch_up[self._partition]
+        for i in sorted(self._pending):
+            if applied[i] + 1 < target_end:
+                continue
+            self._pending.discard(i)
+            target = self._source.targets[i]
+            vdir = self._store.version_dir(target.view.name, target.version)
+            (vdir / "caught_up").mkdir(exist_ok=True)
+            (vdir / "caught_up" / f"p{self._partition:04d}").touch()
+            done = {p.name for p in (vdir / "caught_up").iterdir()}
+            if all(f"p{p:04d}" in done for p in self._source.start):
+                self._store.switch(target.view.name, target.version)
+
+
+class ViewSink(FixedPartitionedSink[LogBatch, None]):
+    """Routes each source partition's batches to the worker that owns its view stores."""
+
+    def __init__(self, plan: FlowPlan) -> None:
+        self._plan = plan
+        self._parts = plan.part_keys()
+
+    def list_parts(self) -> list[str]:
+        return self._parts
+
+    def part_fn(self, item_key: str) -> int:
+        return self._parts.index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _ViewPartition:
+        source, partition = split_part_key(for_part)
+        return _ViewPartition(self._plan, self._plan.sources[source], partition)
+
+
+def build_dataflow(plan: FlowPlan) -> Dataflow:
+    """The dataflow of the diagram above, for every source and view version in `plan`."""
+    flow = Dataflow("featureflow")
+    log = op.input("log", flow, LogSource(plan))
+
+    def check(item: tuple[str, LogBatch]) -> tuple[str, LogBatch]:
+        key, batch = item
+        sp = plan.sources[batch.source]
+        return key, validate(batch, sp.key, sp.timestamp)
+
+    checked = op.map("validate", log, check)
+    op.output("views", checked, ViewSink(plan))
+    return flow
+
+
+def run_dataflow(plan: FlowPlan, workers: int = 1, addresses: list[str] | None = None,
+                 process_id: int = 0) -> None:
+    """Run the dataflow in this process (1 or more worker threads, optionally a cluster)."""
+    from bytewax.testing import cluster_main, run_main
+
+    flow = build_dataflow(plan)
+    if workers == 1 and not addresses:
+        run_main(flow)
+    else:
+        cluster_main(flow, addresses or [], process_id, worker_count_per_proc=workers)
+

@@ -1,0 +1,1 @@
+"""Shipped example feature definitions (card transactions) used by the embedded default."""

@@ -1,0 +1,112 @@
+"""Flow metrics: per view and partition, events applied, late and dead-letter counts, lag and
+freshness; exported to Prometheus (prometheus-client) and summarized on the console."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+if TYPE_CHECKING:
+    from connectors.log import LogBatch
+    from flows.aggregate import ApplyResult
+
+
+@dataclass
+class _PartitionStats:
+    applied: int = 0
+    late: int = 0
+    offset: int = -1
+    newest_arrival_us: int | None = None
+
+
+@dataclass
+class Metrics:
+    """Counters shared by the worker threads of one process."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: dict[tuple[str, int], _PartitionStats] = {}
+        self._dead: dict[str, int] = {}
+        labels = ["view", "partition"]
+        self._events = Counter("featureflow_events_applied", "events applied to a view",
+                               labels, registry=self.registry)
+        self._late = Counter("featureflow_late_events", "events too late for a view",
+                             labels, registry=self.registry)
+        self._dlq = Counter("featureflow_dead_letters", "records sent to the dead-letter output",
+                            ["source"], registry=self.registry)
+        self._offset = Gauge("featureflow_applied_offset", "last applied log offset",
+                             labels, registry=self.registry)
+        self._freshness = Gauge("featureflow_freshness_seconds",
+                                "now minus arrival time of the newest applied record",
+                                labels, registry=self.registry)
+
+    def serve(self, port: int) -> None:
+        """Expose /metrics in Prometheus text format on 127.0.0.1:port."""
+        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+    def applied(self, view: str, partition: int, result: ApplyResult, batch: LogBatch) -> None:
+        with self._lock:
+            stats = self._stats.setdefault((view, partition), _PartitionStats())
+            stats.applied += result.applied
+            stats.late += result.late.num_rows
+            stats.offset = result.progress.applied_offset
+            if batch.events.num_rows and "_arrival" in batch.events.column_names:
+                arrival = batch.events.column("_arrival")[-1].value
+                if arrival is not None:
+                    stats.newest_arrival_us = int(arrival)
+        labels = (view, str(partition))
+        self._events.labels(*labels).inc(result.applied)
+        self._late.labels(*labels).inc(result.late.num_rows)
+        self._offset.labels(*labels).set(result.progress.applied_offset)
+        if stats.newest_arrival_us is not None:
+            self._freshness.labels(*labels).set(time.time() - stats.newest_arrival_us / 1e6)
+
+    def dead_letters(self, source: str, n: int) -> None:
+        if n:
+            with self._lock:
+                self._dead[source] = self._dead.get(source, 0) + n
+            self._dlq.labels(source).inc(n)
+
+    def totals(self) -> tuple[dict[str, int], int, int]:
+        """Events applied per view, late events, dead letters."""
+        with self._lock:
+            per_view: dict[str, int] = {}
+            late = 0
+            for (view, _), s in self._stats.items():
+                per_view[view] = per_view.get(view, 0) + s.applied
+                late += s.late
+            return per_view, late, sum(self._dead.values())
+
+    def status_line(self) -> str:
+        per_view, late, dead = self.totals()
+        elapsed = time.monotonic() - self.started
+        events = max(per_view.values(), default=0)
+        rate = events / elapsed if elapsed > 0 else 0.0
+        return (f"[featureflow] {elapsed:7.1f}s  events {events:,}  ({rate:,.0f}/s)  "
+                f"late {late:,}  dead letters {dead:,}")
+
+
+class ConsoleReporter:
+    """Prints the status line every `interval_s` seconds in a daemon thread."""
+
+    def __init__(self, metrics: Metrics, interval_s: float = 5.0) -> None:
+        self._metrics, self._interval = metrics, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="status")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            print(self._metrics.status_line(), flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,182 @@
+"""Point-in-time feature values for many (key, t) rows: the offline half of the core.
+
+Every row's value covers exactly the events with start(t) <= ts < t. The full tiles of the window
+come from the same tiles the online path builds (`unit_block` + `combine`); the partial head tile
+is merged from the events in [floor(t/H)*H, t), so a row never sees an event at or after its own
+time. Lifetime features use one-day tiles plus the partial day. The merges and the finalization
+are the online read's own functions, so offline equals online by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from flows.aggregate import OFFSET, column_values, event_times, key_strings, late_mask, prepare
+from state.layout import FeatureDef, HopGroup, ViewLayout
+from state.tiles import (
+    I64,
+    ColumnValues,
+    TileBlock,
+    combine,
+    finalize,
+    merge_pairwise,
+    reduce_ranges,
+    run_starts,
+    unit_block,
+)
+from state.window import column_stats
+
+LIFETIME_TILE_US = 86_400_000_000
+ROW_BUDGET = 4_000_000  # tile rows gathered per chunk of spine rows (bounds memory)
+
+
+def kept_events(layout: ViewLayout, partitions: list[pa.Table],
+                transform: Callable[[pa.Table], pa.Table] | None) -> pa.Table:
+    """The events the live flow applies: per partition in offset order, transformed, minus the
+    ones too late for the view (same watermark rule as `flows.aggregate.apply_batch`)."""
+    kept: list[pa.Table] = []
+    for table in partitions:
+        table = prepare(table, layout, -1, transform)
+        late, _ = late_mask(event_times(table, layout.timestamp), None, layout.retention_us)
+        kept.append(table.filter(pa.array(~late)) if late.any() else table)
+    return pa.concat_tables(kept) if kept else pa.table({})
+
+
+@dataclass(frozen=True, slots=True)
+class _Sorted:
+    kid: I64
+    ts: I64
+    off: I64
+    columns: dict[str, ColumnValues]
+
+
+def point_in_time(layout: ViewLayout, events: pa.Table, keys: pa.Array | pa.ChunkedArray,
+                  times: I64) -> dict[str, list[Any]]:
+    """Feature values of `layout` for each (keys[i], times[i]) row, in row order."""
+    n = len(times)
+    if n == 0:
+        return {f.name: [] for f in layout.features}
+    spine_keys = keys.cast(pa.string()) if not pa.types.is_string(keys.type) else keys
+    ev_keys = key_strings(events, layout.key) if events.num_rows else pa.chunked_array(
+        [pa.array([], pa.string())])
+    both = pa.chunked_array([*_chunks(ev_keys), *_chunks(spine_keys)]).combine_chunks()
+    ids = np.asarray(both.dictionary_encode().indices.to_numpy(zero_copy_only=False),
+                     dtype=np.int64)
+    ev_kid, q_kid = ids[:events.num_rows], ids[events.num_rows:]
+    ev = _sorted_events(layout, events, ev_kid)
+    q_order = np.lexsort((times, q_kid))
+    values: dict[str, list[Any]] = {f.name: [None] * n for f in layout.features}
+    for group in layout.groups:
+        _group_values(group, ev, q_kid[q_order], times[q_order], q_order, values)
+    return values
+
+
+def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return list(arr.chunks) if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> _Sorted:
+    if events.num_rows == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        cols = {c: ColumnValues(np.zeros(0), np.zeros(0, dtype=bool)) for c in layout.columns}
+        return _Sorted(empty, empty, empty, cols)
+    ts = event_times(events, layout.timestamp)
+    off = np.asarray(events.column(OFFSET).to_numpy(), dtype=np.int64)
+    order = np.lexsort((off, ts, kid))
+    cols = {k: ColumnValues(v.values[order], v.valid[order])
+            for k, v in column_values(events, layout).items()}
+    return _Sorted(kid[order], ts[order], off[order], cols)
+
+
+def _group_values(group: HopGroup, ev: _Sorted, q_kid: I64, q_t: I64, q_order: I64,
+                  values: dict[str, list[Any]]) -> None:
+    hop = group.hop_us or LIFETIME_TILE_US
+    tile_group = HopGroup(hop, group.features, group.columns, group.last_k)
+    units = unit_block(tile_group, ev.ts, ev.off, {c.column: ev.columns[c.column]
+                                                   for c in group.columns})
+    starts = run_starts(ev.kid, units.rows["tile"])
+    tiles = combine(group, units, starts)
+    tile_kid = ev.kid[starts]
+    for window_us in sorted({f.window_us for f in group.features}):
+        feats = [f for f in group.features if f.window_us == window_us]
+        span = window_us // hop + 1 if window_us else _max_tiles_per_key(tile_kid)
+        chunk = max(1, ROW_BUDGET // max(span, 1))
+        for a in range(0, len(q_t), chunk):
+            sl = slice(a, a + chunk)
+            merged = _window_rows(group, tiles, tile_kid, units, ev, hop, window_us,
+                                  q_kid[sl], q_t[sl])
+            for f in feats:
+                out = finalize(f, column_stats(group, f), merged)
+                target = values[f.name]
+                for pos, v in zip(q_order[sl].tolist(), out, strict=True):
+                    target[pos] = v
+
+
+def _max_tiles_per_key(tile_kid: I64) -> int:
+    if len(tile_kid) == 0:
+        return 1
+    return int(np.bincount(tile_kid).max())
+
+
+def _window_rows(group: HopGroup, tiles: TileBlock, tile_kid: I64, units: TileBlock,
+                 ev: _Sorted, hop: int, window_us: int, q_kid: I64, q_t: I64) -> TileBlock:
+    head = q_t // hop
+    tile_idx = tiles.rows["tile"]
+    if window_us:
+        first_tile = head - window_us // hop
+    else:  # lifetime: from the first tile of any key
+        first_tile = np.full_like(head, min(int(tile_idx.min()), int(head.min())) if len(tile_idx)
+                                  else int(head.min()))
+    lo = _search(tile_kid, tile_idx, q_kid, first_tile)
+    hi = _search(tile_kid, tile_idx, q_kid, head)
+    full = reduce_ranges(group, tiles, lo, hi)
+    elo = _search(ev.kid, ev.ts, q_kid, head * hop)
+    ehi = _search(ev.kid, ev.ts, q_kid, q_t)
+    partial = reduce_ranges(group, units, elo, ehi)
+    return merge_pairwise(group, full, partial)
+
+
+def _search(kid: I64, val: I64, q_kid: I64, q_val: I64) -> I64:
+    """searchsorted(side=left) of (q_kid, q_val) pairs in rows sorted by (kid, val)."""
+    if len(kid) == 0:
+        return np.zeros(len(q_kid), dtype=np.int64)
+    lo_v = min(int(val.min()), int(q_val.min()))
+    hi_v = max(int(val.max()), int(q_val.max()))
+    span = hi_v - lo_v + 2
+    n_keys = int(max(kid.max(), q_kid.max())) + 1
+    if n_keys * span < 2**62:
+        data = kid * span + (val - lo_v)
+        query = q_kid * span + (q_val - lo_v)
+    else:  # rank-compress the values so the composite key fits in 64 bits
+        uniq = np.unique(np.concatenate([val, q_val]))
+        span = len(uniq) + 1
+        data = kid * span + np.searchsorted(uniq, val)
+        query = q_kid * span + np.searchsorted(uniq, q_val)
+    return np.searchsorted(data, query, side="left").astype(np.int64)
+
+
+def feature_type(feature: FeatureDef, layout: ViewLayout) -> pa.DataType:
+    """Arrow type of a feature's snapshot column."""
+    if feature.agg == "count" or feature.agg == "distinct_count":
+        return pa.int64()
+    col_type = layout.column_types.get(feature.column or "", "double")
+    integral = col_type in ("int", "long")
+    if feature.agg == "sum":
+        return pa.int64() if integral else pa.float64()
+    if feature.agg in ("mean", "var", "std", "percentile"):
+        return pa.float64()
+    base: pa.DataType = {"int": pa.int64(), "long": pa.int64(), "float": pa.float64(),
+                         "double": pa.float64(), "boolean": pa.bool_()}.get(col_type, pa.string())
+    if feature.agg == "last_k":
+        return pa.list_(base)
+    return base
+
+
+def as_micros(values: npt.NDArray[Any]) -> I64:
+    return np.asarray(values, dtype=np.int64)

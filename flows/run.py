@@ -1,0 +1,163 @@
+"""`python -m flows.run`: the deployment. One dataflow over the log keeps every view fresh.
+
+With no arguments it runs the embedded default: the shipped card-transaction definitions over
+local demo data (generated into ./data/warehouse when it is empty), views in ./data/state, no
+Kafka. It applies the whole log, prints a summary and a sample online read, then keeps following
+the log for new data until Ctrl-C (or stops once caught up with --until-caught-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from connectors.segments import Warehouse
+from flows.cli import command_main
+from flows.dataflow import FlowPlan, run_dataflow
+from flows.demo import ensure_demo_data
+from flows.metrics import ConsoleReporter, Metrics
+from flows.plan import build_plan
+from flows.settings import COMMON, EXAMPLE_FEATURES, Option, Settings, build_parser
+from flows.spec import load_definitions
+from state.client import FeatureClient
+from state.codec import decode_key
+from state.store import iter_entities, open_secondary, partition_dir
+
+OPTIONS = (
+    *COMMON,
+    Option("views", None, "comma-separated views to run (default: all in the definitions)"),
+    Option("until-caught-up", False, "stop once the log as it stood at start is applied", bool),
+    Option("metrics-port", None, "serve Prometheus metrics on 127.0.0.1:PORT", int),
+    Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
+    Option("process-id", None, "bytewax cluster: this process's index in --addresses", int),
+    Option("status-interval", 5.0, "seconds between console status lines", float),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser("python -m flows.run", __doc__.splitlines()[0], OPTIONS)
+    return command_main(parser, OPTIONS, argv, _run)
+
+
+def _run(settings: Settings, _args: argparse.Namespace) -> int:
+    print(settings.describe(), flush=True)
+    defs = load_definitions(settings.features)
+    views = defs.select(settings.views.split(",") if settings.views else None)
+    warehouse = Warehouse(settings.warehouse)
+    if Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve() and not settings.kafka:
+        for source in {v.source.name: v.source for v in views}.values():
+            report = ensure_demo_data(source, warehouse)
+            if report is not None:
+                print(f"generated demo data: {report.rows:,} events of {source.name!r} into "
+                      f"{settings.warehouse} in {report.seconds:.1f}s", flush=True)
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    plan = build_plan(defs, views, warehouse=Path(settings.warehouse),
+                      state=Path(settings.state), kafka=settings.kafka,
+                      until_caught_up=settings.until_caught_up, metrics=metrics)
+    _print_plan(plan)
+    addresses = settings.addresses.split(";") if settings.addresses else None
+    return execute(plan, workers=settings.workers, addresses=addresses,
+                   process_id=settings.process_id or 0, status_interval=settings.status_interval)
+
+
+def execute(plan: FlowPlan, *, workers: int = 1, addresses: list[str] | None = None,
+            process_id: int = 0, status_interval: float = 5.0) -> int:
+    """Run the dataflow, then print the summary (also after Ctrl-C)."""
+    reporter = ConsoleReporter(plan.metrics, status_interval)
+    reporter.start()
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        run_dataflow(plan, workers, addresses, process_id)
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as exc:  # bytewax wraps SIGINT and user errors in BytewaxRuntimeError
+        if "signal received" not in str(exc):
+            raise
+        interrupted = True
+    finally:
+        reporter.stop()
+    _print_summary(plan, time.perf_counter() - started, interrupted)
+    return 0
+
+
+def _print_plan(plan: FlowPlan) -> None:
+    for name, sp in plan.sources.items():
+        todo = sum(sp.catch_up[p] - sp.start[p] for p in sp.start)
+        mode = f"Kafka {plan.kafka_bootstrap} after segments" if sp.kafka else "segments"
+        print(f"source {name!r}: {len(sp.start)} partitions from {mode}; "
+              f"{todo:,} records to apply", flush=True)
+        for t in sp.targets:
+            state = "new version, live when caught up" if t.switch_when_caught_up else "live"
+            print(f"  view {t.view.name!r} v{t.version} ({state}): "
+                  f"{', '.join(f.name for f in t.layout.features)}", flush=True)
+
+
+def _print_summary(plan: FlowPlan, elapsed: float, interrupted: bool) -> None:
+    per_view, late, dead = plan.metrics.totals()
+    events = max(per_view.values(), default=0)
+    rate = events / elapsed if elapsed > 0 else 0.0
+    how = "stopped by Ctrl-C" if interrupted else "done"
+    print(f"{how}: applied {events:,} events to {len(per_view) or len(_targets(plan))} view(s) "
+          f"in {elapsed:.1f}s ({rate:,.0f} events/s); late {late:,}; dead letters {dead:,}",
+          flush=True)
+    sample = _sample_read(plan)
+    if sample:
+        print(sample, flush=True)
+
+
+def _targets(plan: FlowPlan) -> list[Any]:
+    return [t for sp in plan.sources.values() for t in sp.targets]
+
+
+def _sample_read(plan: FlowPlan) -> str | None:
+    """One online read through the embedded client, as of just after the key's newest event."""
+    for sp in plan.sources.values():
+        for target in sp.targets:
+            for p in sorted(sp.start):
+                found = _first_entity(plan, target.view.name, target.version, p)
+                if found is None:
+                    continue
+                key, newest = found
+                client = FeatureClient(plan.state)
+                try:
+                    if target.view.name not in client.views():
+                        return None
+                    values = client.get(target.view.name, key, at=(newest + 1) / 1e6)
+                finally:
+                    client.close()
+                return f"sample read: FeatureClient.get({target.view.name!r}, {key!r}) = {values}"
+    return None
+
+
+def _first_entity(plan: FlowPlan, view: str, version: int, p: int) -> tuple[str, int] | None:
+    import shutil
+    import tempfile
+
+    from state.codec import decode_entity
+    from state.store import ViewStore
+
+    primary = partition_dir(ViewStore(plan.state).version_dir(view, version), p)
+    if not (primary / "CURRENT").is_file():
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix="featureflow-sample-"))
+    db = open_secondary(primary, tmp)
+    try:
+        layout = ViewStore(plan.state).layout(view, version)
+        for raw_key, blob in iter_entities(db):
+            _, newest = decode_entity(layout, blob)
+            return decode_key(raw_key), newest
+    finally:
+        db.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Feature definitions: the Python API a data scientist writes (`Source`, `FeatureView`, aggregations).
+
+A definitions module declares sources and feature views; `load_definitions` imports it and
+validates every view against its source's Avro schema. Everything downstream (the dataflow, replay,
+snapshots, the read client) is derived from these objects through `FeatureView.layout()`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from flows.errors import DefinitionError
+from state.layout import AGGREGATIONS, FeatureDef, ViewLayout
+
+__all__ = [
+    "FeatureView",
+    "Source",
+    "count",
+    "distinct_count",
+    "first",
+    "last",
+    "last_k",
+    "load_definitions",
+    "max",
+    "mean",
+    "min",
+    "parse_duration",
+    "percentile",
+    "std",
+    "sum",
+    "var",
+]
+
+_UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_SIX_HOURS = 6 * _UNITS_US["h"]
+_THIRTY_DAYS = 30 * _UNITS_US["d"]
+_NUMERIC = {"int", "long", "float", "double"}
+_STRINGY = {"string", "enum", "boolean"}
+
+
+def parse_duration(text: str | int, what: str = "duration") -> int:
+    """Parse "30m", "14d", "1h", "45s" into microseconds (an int is taken as seconds)."""
+    if isinstance(text, bool):
+        raise DefinitionError(f"{what} {text!r} is not a duration; write e.g. '30m', '14d'")
+    if isinstance(text, int):
+        if text <= 0:
+            raise DefinitionError(f"{what} {text!r} must be positive; write e.g. '30m', '14d'")
+        return text * _UNITS_US["s"]
+    match = _DURATION.match(str(text))
+    if not match or int(match.group(1)) == 0:
+        raise DefinitionError(
+            f"{what} {text!r} is not a duration; write a positive number and a unit s, m, h or d,"
+            " e.g. '30m', '14d'"
+        )
+    return int(match.group(1)) * _UNITS_US[match.group(2)]
+
+
+def format_duration(us: int) -> str:
+    """The shortest exact spelling of a duration: 1209600000000 -> "14d"."""
+    for unit in ("d", "h", "m", "s"):
+        if us % _UNITS_US[unit] == 0:
+            return f"{us // _UNITS_US[unit]}{unit}"
+    raise DefinitionError(f"duration of {us} microseconds is not a whole number of seconds")
+
+
+def default_hop(window_us: int) -> int:
+    """1 minute for windows up to 6 h, 1 hour up to 30 d, 1 day beyond (ARCHITECTURE.md)."""
+    if window_us <= _SIX_HOURS:
+        return _UNITS_US["m"]
+    if window_us <= _THIRTY_DAYS:
+        return _UNITS_US["h"]
+    return _UNITS_US["d"]
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregation:
+    """One feature of a view: an aggregation of a column over a window (None = lifetime)."""
+
+    agg: str
+    column: str | None
+    window: str | int | None = None
+    hop: str | int | None = None
+    name: str | None = None
+    param: float | int | None = None
+
+    def resolve(self, view: str) -> FeatureDef:
+        where = f"view {view!r}, feature {self.name or self.agg!r}"
+        window_us = parse_duration(self.window, f"{where}: window") if self.window else 0
+        if window_us == 0 and self.hop is not None:
+            raise DefinitionError(f"{where}: hop={self.hop!r} given for a lifetime feature; "
+                                  "give a window too, or drop the hop")
+        hop_us = 0
+        if window_us:
+            hop_us = parse_duration(self.hop, f"{where}: hop") if self.hop else default_hop(window_us)
+            if window_us % hop_us:
+                raise DefinitionError(
+                    f"{where}: hop {self.hop!r} does not divide window {self.window!r}; "
+                    "choose a hop that divides the window (e.g. window='14d', hop='1h')"
+                )
+        return FeatureDef(name=self.name or self._default_name(window_us), agg=self.agg,
+                          column=self.column, window_us=window_us, hop_us=hop_us, param=self.param)
+
+    def _default_name(self, window_us: int) -> str:
+        suffix = f"_{format_duration(window_us)}" if window_us else ""
+        if self.agg == "count" and self.column is None:
+            return f"count{suffix}"
+        if self.agg == "percentile":
+            assert self.param is not None
+            pct = round(float(self.param) * 100, 6)
+            label = f"{pct:g}".replace(".", "_")
+            return f"{self.column}_p{label}{suffix}"
+        if self.agg == "last_k":
+            return f"{self.column}_last{self.param}{suffix}"
+        return f"{self.column}_{self.agg}{suffix}"
+
+
+Window = str | int | None
+
+
+def count(column: str | None = None, *, window: Window = None, hop: Window = None,
+          name: str | None = None) -> Aggregation:
+    """Number of events (or of non-null values of `column`) in the window; 0 when empty."""
+    return Aggregation("count", column, window, hop, name)
+
+
+def sum(column: str, *, window: Window = None, hop: Window = None,  # noqa: A001
+        name: str | None = None) -> Aggregation:
+    """Sum of non-null values; 0 when empty."""
+    return Aggregation("sum", column, window, hop, name)
+
+
+def mean(column: str, *, window: Window = None, hop: Window = None,
+         name: str | None = None) -> Aggregation:
+    """Arithmetic mean of non-null values; null when empty."""
+    return Aggregation("mean", column, window, hop, name)
+
+
+def min(column: str, *, window: Window = None, hop: Window = None,  # noqa: A001
+        name: str | None = None) -> Aggregation:
+    """Smallest non-null value; null when empty."""
+    return Aggregation("min", column, window, hop, name)
+
+
+def max(column: str, *, window: Window = None, hop: Window = None,  # noqa: A001
+        name: str | None = None) -> Aggregation:
+    """Largest non-null value; null when empty."""
+    return Aggregation("max", column, window, hop, name)
+
+
+def var(column: str, *, window: Window = None, hop: Window = None,
+        name: str | None = None) -> Aggregation:
+    """Population variance of non-null values; null when empty."""
+    return Aggregation("var", column, window, hop, name)
+
+
+def std(column: str, *, window: Window = None, hop: Window = None,
+        name: str | None = None) -> Aggregation:
+    """Population standard deviation of non-null values; null when empty."""
+    return Aggregation("std", column, window, hop, name)
+
+
+def first(column: str, *, window: Window = None, hop: Window = None,
+          name: str | None = None) -> Aggregation:
+    """Value of the earliest event by event time (ties: lowest log offset); null when empty."""
+    return Aggregation("first", column, window, hop, name)
+
+
+def last(column: str, *, window: Window = None, hop: Window = None,
+         name: str | None = None) -> Aggregation:
+    """Value of the latest event by event time (ties: highest log offset); null when empty."""
+    return Aggregation("last", column, window, hop, name)
+
+
+def last_k(column: str, k: int, *, window: Window = None, hop: Window = None,
+           name: str | None = None) -> Aggregation:
+    """The k latest non-null values, newest first; null when empty."""
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1000:
+        raise DefinitionError(f"last_k({column!r}, {k!r}): k must be an int in 1..1000")
+    return Aggregation("last_k", column, window, hop, name, k)
+
+
+def distinct_count(column: str, *, window: Window = None, hop: Window = None,
+                   name: str | None = None) -> Aggregation:
+    """Approximate number of distinct non-null values (HLL, ~1.6% relative standard error)."""
+    return Aggregation("distinct_count", column, window, hop, name)
+
+
+def percentile(column: str, q: float, *, window: Window = None, hop: Window = None,
+               name: str | None = None) -> Aggregation:
+    """Approximate q-quantile (0 < q < 1) of non-null values (KLL sketch); null when empty."""
+    if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 < float(q) < 1.0:
+        raise DefinitionError(f"percentile({column!r}, {q!r}): q must be a fraction in (0, 1),"
+                              " e.g. 0.95 for the 95th percentile")
+    return Aggregation("percentile", column, window, hop, name, float(q))
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A named event stream: Avro record schema, entity key field, event-time field, partitions."""
+
+    name: str
+    schema: str | Path | Mapping[str, Any]
+    key: str
+    timestamp: str
+    partitions: int = 1
+    topic: str | None = None
+    base_dir: Path | None = field(default=None, compare=False)
+
+    @property
+    def kafka_topic(self) -> str:
+        return self.topic or self.name
+
+    def avro_schema(self) -> dict[str, Any]:
+        """The parsed Avro record schema (loaded from the .avsc path, or given inline)."""
+        if isinstance(self.schema, Mapping):
+            return dict(self.schema)
+        path = _find_schema(Path(self.schema), self.base_dir)
+        try:
+            loaded = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise DefinitionError(f"source {self.name!r}: schema file {path} is not valid JSON "
+                                  f"({exc}); fix the .avsc file") from exc
+        if not isinstance(loaded, dict):
+            raise DefinitionError(f"source {self.name!r}: schema file {path} must hold one "
+                                  "Avro record schema (a JSON object)")
+        return loaded
+
+    def field_types(self) -> dict[str, str]:
+        """Field name -> simplified Avro type ("long", "double", "string", "timestamp-micros", ...)."""
+        schema = self.avro_schema()
+        if schema.get("type") != "record" or not isinstance(schema.get("fields"), list):
+            raise DefinitionError(f"source {self.name!r}: schema must be an Avro record with fields")
+        return {f["name"]: _simple_type(f["type"]) for f in schema["fields"]}
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", self.name):
+            raise DefinitionError(f"source name {self.name!r} must be letters, digits, _ . -")
+        if not isinstance(self.partitions, int) or self.partitions < 1:
+            raise DefinitionError(f"source {self.name!r}: partitions={self.partitions!r} must be "
+                                  "a positive int")
+        types = self.field_types()
+        for role, fname in (("key", self.key), ("timestamp", self.timestamp)):
+            if fname not in types:
+                raise DefinitionError(f"source {self.name!r}: {role} field {fname!r} is not in the "
+                                      f"schema (fields: {', '.join(types)})")
+        if types[self.timestamp] not in ("timestamp-millis", "timestamp-micros"):
+            raise DefinitionError(
+                f"source {self.name!r}: timestamp field {self.timestamp!r} has type "
+                f"{types[self.timestamp]!r}; declare it as Avro long with logicalType "
+                "timestamp-millis or timestamp-micros"
+            )
+        if types[self.key] not in ("string", "long", "int"):
+            raise DefinitionError(f"source {self.name!r}: key field {self.key!r} has type "
+                                  f"{types[self.key]!r}; use a string (or int/long) field")
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureView:
+    """Features over one source, grouped by its entity key.
+
+    Args:
+        name: view name (the read client's first argument).
+        source: the `Source` the events come from.
+        features: aggregations, e.g. `[count(window="30m"), mean("amount", window="14d")]`.
+        transform: optional plain function applied to each batch before aggregation: it gets a
+            `pyarrow.Table` of the source's columns and returns a table with the same key and
+            timestamp columns (filter rows, derive columns).
+        allowed_lateness: how far behind retention an event may still arrive and count.
+    """
+
+    name: str
+    source: Source
+    features: Sequence[Aggregation]
+    transform: Callable[[Any], Any] | None = None
+    allowed_lateness: str | int = "0s"
+
+    def layout(self) -> ViewLayout:
+        """Validate against the source schema and return the storage-level description."""
+        self.source.validate()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise DefinitionError(f"view name {self.name!r} must be a Python-style identifier")
+        if not self.features:
+            raise DefinitionError(f"view {self.name!r} has no features; give at least one")
+        types = self.source.field_types()
+        defs = [agg.resolve(self.name) for agg in self.features]
+        names = [d.name for d in defs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DefinitionError(f"view {self.name!r}: feature names {dupes} are repeated; "
+                                  "give one of them name=")
+        for d in defs:
+            _check_column(self.name, d, types)
+        lateness = _lateness_us(self.allowed_lateness, self.name)
+        column_types = {d.column: types[d.column] for d in defs if d.column is not None}
+        return ViewLayout(view=self.name, source=self.source.name, key=self.source.key,
+                          timestamp=self.source.timestamp, partitions=self.source.partitions,
+                          features=tuple(defs), column_types=column_types,
+                          allowed_lateness_us=lateness)
+
+
+def _lateness_us(value: str | int, view: str) -> int:
+    if value in ("0s", 0, "0"):
+        return 0
+    return parse_duration(value, f"view {view!r}: allowed_lateness")
+
+
+def _check_column(view: str, d: FeatureDef, types: dict[str, str]) -> None:
+    if d.agg not in AGGREGATIONS:
+        raise DefinitionError(f"view {view!r}, feature {d.name!r}: unknown aggregation {d.agg!r}; "
+                              f"use one of {', '.join(AGGREGATIONS)}")
+    if d.column is None:
+        if d.agg != "count":
+            raise DefinitionError(f"view {view!r}, feature {d.name!r}: {d.agg} needs a column")
+        return
+    if d.column not in types:
+        raise DefinitionError(f"view {view!r}, feature {d.name!r}: unknown field {d.column!r}; "
+                              f"the source has fields {', '.join(types)}")
+    numeric_only = {"sum", "mean", "var", "std", "percentile", "min", "max"}
+    kind = types[d.column]
+    if d.agg in numeric_only and kind not in _NUMERIC:
+        raise DefinitionError(f"view {view!r}, feature {d.name!r}: {d.agg} needs a numeric "
+                              f"column, but {d.column!r} is {kind!r}")
+    if kind not in _NUMERIC | _STRINGY:
+        raise DefinitionError(f"view {view!r}, feature {d.name!r}: column {d.column!r} has type "
+                              f"{kind!r}, which features cannot aggregate")
+
+
+def _simple_type(avro: Any) -> str:
+    """Reduce an Avro field type to one word; nullable unions ["null", T] become T."""
+    if isinstance(avro, list):
+        branches = [b for b in avro if b != "null"]
+        if len(branches) != 1:
+            return "union"
+        avro = branches[0]
+    if isinstance(avro, dict):
+        logical = avro.get("logicalType")
+        if logical in ("timestamp-millis", "timestamp-micros"):
+            return str(logical)
+        inner = avro.get("type")
+        return inner if isinstance(inner, str) else "complex"
+    return str(avro)
+
+
+def _find_schema(path: Path, base_dir: Path | None) -> Path:
+    candidates = [path] if path.is_absolute() else []
+    if not path.is_absolute():
+        if base_dir is not None:
+            candidates += [base_dir / path, *(parent / path for parent in base_dir.parents)]
+        candidates.append(Path.cwd() / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DefinitionError(f"Avro schema file {str(path)!r} not found (looked in "
+                          f"{', '.join(str(c.parent) for c in candidates)}); give a path relative "
+                          "to the definitions module or the working directory")
+
+
+@dataclass(frozen=True, slots=True)
+class Definitions:
+    """Everything a definitions module declares."""
+
+    path: Path
+    sources: dict[str, Source]
+    views: dict[str, FeatureView]
+    layouts: dict[str, ViewLayout]
+
+    def select(self, names: Sequence[str] | None) -> list[FeatureView]:
+        if not names:
+            return list(self.views.values())
+        unknown = [n for n in names if n not in self.views]
+        if unknown:
+            raise DefinitionError(f"unknown view(s) {', '.join(map(repr, unknown))} in {self.path};"
+                                  f" defined views: {', '.join(self.views) or '(none)'}")
+        return [self.views[n] for n in names]
+
+
+def load_definitions(path: str | Path) -> Definitions:
+    """Import a definitions module and validate every source and view in it.
+
+    Raises:
+        DefinitionError: the file is missing, fails to import, or a definition is invalid.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise DefinitionError(f"definitions module {str(path)!r} not found; pass --features "
+                              "with the path of a Python file that declares FeatureViews")
+    module_name = f"_featureflow_defs_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise DefinitionError(f"definitions module {str(path)!r} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except DefinitionError as exc:
+        raise DefinitionError(f"definitions module {path}: {exc}") from exc
+    except Exception as exc:
+        raise DefinitionError(f"definitions module {path} failed to import: "
+                              f"{type(exc).__name__}: {exc}; fix the module") from exc
+    finally:
+        sys.modules.pop(module_name, None)
+    views: dict[str, FeatureView] = {}
+    sources: dict[str, Source] = {}
+    for value in vars(module).values():
+        if isinstance(value, FeatureView):
+            value = _with_base(value, path.parent)
+            views[value.name] = value
+            sources[value.source.name] = value.source
+        elif isinstance(value, Source):
+            sources.setdefault(value.name, _source_with_base(value, path.parent))
+    if not views:
+        raise DefinitionError(f"definitions module {path} declares no FeatureView")
+    layouts = {name: view.layout() for name, view in views.items()}
+    return Definitions(path=path, sources=sources, views=views, layouts=layouts)
+
+
+def _source_with_base(source: Source, base: Path) -> Source:
+    if source.base_dir is not None:
+        return source
+    return Source(name=source.name, schema=source.schema, key=source.key,
+                  timestamp=source.timestamp, partitions=source.partitions, topic=source.topic,
+                  base_dir=base)
+
+
+def _with_base(view: FeatureView, base: Path) -> FeatureView:
+    return FeatureView(name=view.name, source=_source_with_base(view.source, base),
+                       features=view.features, transform=view.transform,
+                       allowed_lateness=view.allowed_lateness)
+
+
+# Keep the builtins reachable for code in this module that needs them despite the shadowing.
+_builtin_sum = builtins.sum

@@ -1,0 +1,101 @@
+"""Key and value codecs of the view store (on-disk format, versioned).
+
+Keys: b"k" + UTF-8 entity key for tiles; b"m" + name for metadata (applied offset, watermark).
+Values: one blob per entity holding every hop group's tiles, so a read is one RocksDB get:
+
+    u8  format version (VALUE_FORMAT)
+    i64 newest event time of the entity (µs)
+    per hop group, in layout order:
+        u32 row count, rows (HopGroup.dtype, little-endian, row-major)
+        u32 byte length, orjson object {field: [values...]} of object-valued stats (0 = none)
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+
+from state.errors import CorruptStateError, FormatVersionError
+from state.layout import ViewLayout
+from state.tiles import TileBlock
+
+VALUE_FORMAT = 1
+_HEAD = struct.Struct("<Bq")
+_U32 = struct.Struct("<I")
+_I64 = struct.Struct(">q")  # metadata integers: big-endian, like keys
+
+ENTITY_PREFIX = b"k"
+META_PREFIX = b"m"
+APPLIED_OFFSET = META_PREFIX + b"applied_offset"
+WATERMARK = META_PREFIX + b"watermark"
+EVENTS_APPLIED = META_PREFIX + b"events_applied"
+LATE_EVENTS = META_PREFIX + b"late_events"
+
+
+def encode_key(key: str) -> bytes:
+    return ENTITY_PREFIX + key.encode("utf-8")
+
+
+def decode_key(raw: bytes) -> str:
+    return raw[len(ENTITY_PREFIX):].decode("utf-8")
+
+
+def encode_int(value: int) -> bytes:
+    return _I64.pack(value)
+
+
+def decode_int(raw: bytes) -> int:
+    return int(_I64.unpack(raw)[0])
+
+
+def encode_entity(layout: ViewLayout, blocks: list[TileBlock], newest_ts: int) -> bytes:
+    parts = [_HEAD.pack(VALUE_FORMAT, newest_ts)]
+    for group, block in zip(layout.groups, blocks, strict=True):
+        parts.append(_U32.pack(len(block.rows)))
+        parts.append(np.ascontiguousarray(block.rows).tobytes())
+        if group.object_fields:
+            objs = orjson.dumps({k: v.tolist() for k, v in block.objs.items()})
+            parts.append(_U32.pack(len(objs)))
+            parts.append(objs)
+    return b"".join(parts)
+
+
+def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int]:
+    """The entity's tiles per hop group and its newest event time."""
+    try:
+        version, newest = _HEAD.unpack_from(blob, 0)
+    except struct.error as exc:
+        raise CorruptStateError(f"view {layout.view!r}: value of {len(blob)} bytes is too short "
+                                "to be a tile blob; rebuild the view with flows.replay") from exc
+    if version != VALUE_FORMAT:
+        raise FormatVersionError(f"view {layout.view!r}: tile blob format {version}, this code "
+                                 f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay")
+    pos = _HEAD.size
+    blocks: list[TileBlock] = []
+    try:
+        for group in layout.groups:
+            (n,) = _U32.unpack_from(blob, pos)
+            pos += 4
+            rows = np.frombuffer(blob, dtype=group.dtype, count=n, offset=pos)
+            pos += n * group.dtype.itemsize
+            objs: dict[str, Any] = {}
+            if group.object_fields:
+                (size,) = _U32.unpack_from(blob, pos)
+                pos += 4
+                loaded = orjson.loads(blob[pos:pos + size])
+                pos += size
+                objs = {k: _object_array(loaded[k]) for k in group.object_fields}
+            blocks.append(TileBlock(rows, objs))
+    except (struct.error, ValueError, KeyError, orjson.JSONDecodeError) as exc:
+        raise CorruptStateError(f"view {layout.view!r}: tile blob is damaged ({exc}); rebuild "
+                                "the view with flows.replay") from exc
+    return blocks, int(newest)
+
+
+def _object_array(values: list[Any]) -> np.ndarray[Any, np.dtype[np.object_]]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out

@@ -1,0 +1,181 @@
+"""The storage-level description of a feature view: features, hop groups and the tile row layout.
+
+`flows.spec.FeatureView.layout()` produces a `ViewLayout`; the view store persists it as JSON
+beside the tiles, so the read client rebuilds the exact same layout without importing the
+definitions module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+AGGREGATIONS = ("count", "sum", "mean", "min", "max", "var", "std", "first", "last", "last_k",
+                "distinct_count", "percentile")
+NUMERIC_TYPES = frozenset({"int", "long", "float", "double"})
+INTEGRAL_TYPES = frozenset({"int", "long"})
+
+# Which per-tile statistics each aggregation needs (besides the event count "n").
+_STATS: dict[str, tuple[str, ...]] = {
+    "count": ("cnt",), "sum": ("cnt", "sum"), "mean": ("cnt", "sum"),
+    "var": ("cnt", "sum", "m2"), "std": ("cnt", "sum", "m2"),
+    "min": ("cnt", "min"), "max": ("cnt", "max"),
+    "first": ("cnt", "first"), "last": ("cnt", "last"), "last_k": ("cnt", "lastk"),
+    "distinct_count": ("cnt", "hll"), "percentile": ("cnt", "kll"),
+}
+SKETCH_STATS = frozenset({"hll", "kll", "lastk"})
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureDef:
+    """One resolved feature: name, aggregation, column (None = events), window and hop in µs."""
+
+    name: str
+    agg: str
+    column: str | None
+    window_us: int  # 0 = lifetime
+    hop_us: int  # 0 = lifetime
+    param: float | int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "agg": self.agg, "column": self.column,
+                "window_us": self.window_us, "hop_us": self.hop_us, "param": self.param}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeatureDef:
+        return cls(name=data["name"], agg=data["agg"], column=data["column"],
+                   window_us=int(data["window_us"]), hop_us=int(data["hop_us"]),
+                   param=data.get("param"))
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnStats:
+    """The statistics one hop group keeps for one column."""
+
+    column: str
+    avro_type: str
+    stats: frozenset[str]
+
+    @property
+    def numeric(self) -> bool:
+        return self.avro_type in NUMERIC_TYPES
+
+    @property
+    def integral(self) -> bool:
+        return self.avro_type in INTEGRAL_TYPES
+
+
+@dataclass(frozen=True)
+class HopGroup:
+    """Features sharing one hop share one tile sequence; hop 0 is the lifetime group (one tile)."""
+
+    hop_us: int
+    features: tuple[FeatureDef, ...]
+    columns: tuple[ColumnStats, ...]
+    last_k: int = 0
+
+    @property
+    def max_window_us(self) -> int:
+        return max(f.window_us for f in self.features)
+
+    @cached_property
+    def dtype(self) -> np.dtype[Any]:
+        """Fixed-width tile row; object-valued stats (strings, sketches) live beside it."""
+        fields: list[tuple[str, str]] = [("tile", "<i8"), ("n", "<i8")]
+        for col in self.columns:
+            c = col.column
+            fields.append((f"{c}.cnt", "<i8"))
+            if "sum" in col.stats:
+                fields.append((f"{c}.sum", "<f8"))
+            if "m2" in col.stats:
+                fields.append((f"{c}.m2", "<f8"))
+            if "min" in col.stats:
+                fields.append((f"{c}.min", "<f8"))
+            if "max" in col.stats:
+                fields.append((f"{c}.max", "<f8"))
+            for edge in ("first", "last"):
+                if edge in col.stats:
+                    fields.append((f"{c}.{edge}_ts", "<i8"))
+                    fields.append((f"{c}.{edge}_off", "<i8"))
+                    if col.numeric:
+                        fields.append((f"{c}.{edge}", "<f8"))
+        return np.dtype(fields)
+
+    @cached_property
+    def object_fields(self) -> tuple[str, ...]:
+        """Per-row Python-object stats: non-numeric first/last values and sketches."""
+        names: list[str] = []
+        for col in self.columns:
+            for edge in ("first", "last"):
+                if edge in col.stats and not col.numeric:
+                    names.append(f"{col.column}.{edge}")
+            for sketch in ("lastk", "hll", "kll"):
+                if sketch in col.stats:
+                    names.append(f"{col.column}.{sketch}")
+        return tuple(names)
+
+
+@dataclass(frozen=True)
+class ViewLayout:
+    """A feature view as the store and the aggregation core see it."""
+
+    view: str
+    source: str
+    key: str
+    timestamp: str
+    partitions: int
+    features: tuple[FeatureDef, ...]
+    column_types: dict[str, str] = field(default_factory=dict)
+    allowed_lateness_us: int = 0
+
+    @cached_property
+    def groups(self) -> tuple[HopGroup, ...]:
+        hops = sorted({f.hop_us for f in self.features})
+        return tuple(self._group(h) for h in hops)
+
+    def _group(self, hop_us: int) -> HopGroup:
+        feats = tuple(f for f in self.features if f.hop_us == hop_us)
+        stats: dict[str, set[str]] = {}
+        for f in feats:
+            if f.column is not None:
+                stats.setdefault(f.column, set()).update(_STATS[f.agg])
+        cols = tuple(ColumnStats(c, self.column_types[c], frozenset(s))
+                     for c, s in sorted(stats.items()))
+        k = max((int(f.param or 0) for f in feats if f.agg == "last_k"), default=0)
+        return HopGroup(hop_us=hop_us, features=feats, columns=cols, last_k=k)
+
+    @cached_property
+    def retention_us(self) -> int | None:
+        """How far behind a partition's newest event time an event may be and still count.
+
+        None when the view has a lifetime feature (no event is ever too late).
+        """
+        if any(f.window_us == 0 for f in self.features):
+            return None
+        return max(f.window_us + f.hop_us for f in self.features) + self.allowed_lateness_us
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(sorted(self.column_types))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"view": self.view, "source": self.source, "key": self.key,
+                "timestamp": self.timestamp, "partitions": self.partitions,
+                "features": [f.to_json() for f in self.features],
+                "column_types": self.column_types,
+                "allowed_lateness_us": self.allowed_lateness_us}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ViewLayout:
+        return cls(view=data["view"], source=data["source"], key=data["key"],
+                   timestamp=data["timestamp"], partitions=int(data["partitions"]),
+                   features=tuple(FeatureDef.from_json(f) for f in data["features"]),
+                   column_types=dict(data["column_types"]),
+                   allowed_lateness_us=int(data.get("allowed_lateness_us", 0)))
+
+    def same_semantics(self, other: ViewLayout) -> bool:
+        """True when both layouts compute the same features from the same events."""
+        return self.to_json() == other.to_json()

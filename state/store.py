@@ -1,0 +1,264 @@
+"""The view store: materialized feature views in RocksDB, one writer, versioned.
+
+Directory layout (STORE_FORMAT 1):
+
+    <state>/FORMAT                          "featureflow-state <n>"
+    <state>/views/<view>/CURRENT            the live version number (replaced atomically)
+    <state>/views/<view>/v<N>/layout.json   the view's ViewLayout (features, hops, types)
+    <state>/views/<view>/v<N>/p<PPPP>/      one RocksDB per source partition
+
+A source partition is the unit of sharding: the key space is already hashed into partitions by
+the Kafka partitioner, every event of a key lives in one partition, and one worker applies a
+partition in offset order. Each commit writes the changed entity blobs and the partition's applied
+offset and watermark in one WriteBatch, so a crash never separates tiles from their offsets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Cache,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+)
+
+from state.codec import (
+    APPLIED_OFFSET,
+    EVENTS_APPLIED,
+    LATE_EVENTS,
+    WATERMARK,
+    decode_int,
+    encode_int,
+)
+from state.errors import FormatVersionError, NotAViewStoreError, StateError, UnknownViewError
+from state.layout import ViewLayout
+
+STORE_FORMAT = 1
+_FORMAT_FILE = "FORMAT"
+_FORMAT_TEXT = f"featureflow-state {STORE_FORMAT}\n"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+def rocks_options(*, read_only: bool = False) -> Options:
+    """Options tuned for point reads of entity blobs: bloom filters, shared block cache, LZ4."""
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(not read_only)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    table.set_block_cache(_shared_cache())
+    table.set_cache_index_and_filter_blocks(True)
+    opts.set_block_based_table_factory(table)
+    opts.set_compression_type(DBCompressionType.lz4())
+    opts.set_max_open_files(-1)
+    return opts
+
+
+_CACHE: list[Cache] = []
+
+
+def _shared_cache() -> Cache:
+    if not _CACHE:
+        _CACHE.append(Cache(128 * 1024 * 1024))
+    return _CACHE[0]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionProgress:
+    """How far a view partition has applied its log."""
+
+    applied_offset: int  # -1 = nothing applied
+    watermark: int | None  # newest event time seen on the partition (µs)
+    events_applied: int
+    late_events: int
+
+
+class PartitionStore:
+    """The RocksDB of one (view, version, source partition); exactly one writer opens it."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = Rdict(str(path), rocks_options())
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        result: list[bytes | None] = self._db.get(list(keys))
+        return result
+
+    def progress(self) -> PartitionProgress:
+        raw = self._db.get([APPLIED_OFFSET, WATERMARK, EVENTS_APPLIED, LATE_EVENTS])
+        return PartitionProgress(
+            applied_offset=decode_int(raw[0]) if raw[0] is not None else -1,
+            watermark=decode_int(raw[1]) if raw[1] is not None else None,
+            events_applied=decode_int(raw[2]) if raw[2] is not None else 0,
+            late_events=decode_int(raw[3]) if raw[3] is not None else 0,
+        )
+
+    def commit(self, puts: dict[bytes, bytes], progress: PartitionProgress) -> None:
+        """Write changed entities and the new progress atomically (one WriteBatch)."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in puts.items():
+            batch.put(key, value)
+        batch.put(APPLIED_OFFSET, encode_int(progress.applied_offset))
+        if progress.watermark is not None:
+            batch.put(WATERMARK, encode_int(progress.watermark))
+        batch.put(EVENTS_APPLIED, encode_int(progress.events_applied))
+        batch.put(LATE_EVENTS, encode_int(progress.late_events))
+        self._db.write(batch)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class ViewStore:
+    """The state directory: views, their versions and partitions. Writer-side handle."""
+
+    def __init__(self, root: str | Path, *, create: bool = True) -> None:
+        self.root = Path(root)
+        check_store(self.root, create=create)
+
+    def view_dir(self, view: str) -> Path:
+        return self.root / "views" / view
+
+    def version_dir(self, view: str, version: int) -> Path:
+        return self.view_dir(view) / f"v{version}"
+
+    def views(self) -> list[str]:
+        base = self.root / "views"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "CURRENT").is_file())
+
+    def current_version(self, view: str) -> int | None:
+        return read_current(self.view_dir(view))
+
+    def layout(self, view: str, version: int) -> ViewLayout:
+        return read_layout(self.version_dir(view, version))
+
+    def versions(self, view: str) -> list[int]:
+        base = self.view_dir(view)
+        if not base.is_dir():
+            return []
+        found = (_VERSION_DIR.match(p.name) for p in base.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def create_version(self, layout: ViewLayout) -> int:
+        """A new, empty version of the view beside the live one (not yet switched to)."""
+        version = max(self.versions(layout.view), default=0) + 1
+        vdir = self.version_dir(layout.view, version)
+        vdir.mkdir(parents=True, exist_ok=False)
+        payload = {"format": STORE_FORMAT, "layout": layout.to_json()}
+        _write_atomic(vdir / "layout.json", orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+        return version
+
+    def switch(self, view: str, version: int) -> None:
+        """Make `version` the live one, atomically; readers pick it up on their next refresh."""
+        if not (self.version_dir(view, version) / "layout.json").is_file():
+            raise StateError(f"view {view!r} has no version {version} to switch to")
+        _write_atomic(self.view_dir(view) / "CURRENT", f"{version}\n".encode())
+
+    def drop_versions_except(self, view: str, keep: Sequence[int]) -> None:
+        for version in self.versions(view):
+            if version not in keep:
+                shutil.rmtree(self.version_dir(view, version), ignore_errors=True)
+
+    def open_partition(self, view: str, version: int, partition: int) -> PartitionStore:
+        return PartitionStore(partition_dir(self.version_dir(view, version), partition))
+
+
+def partition_dir(version_dir: Path, partition: int) -> Path:
+    return version_dir / f"p{partition:04d}"
+
+
+def check_store(root: Path, *, create: bool) -> None:
+    """Verify (or create) the store's format marker.
+
+    Raises:
+        NotAViewStoreError: the directory exists but holds something else (or nothing).
+        FormatVersionError: the store was written by an incompatible format version.
+    """
+    marker = root / _FORMAT_FILE
+    if not marker.is_file():
+        if create and (not root.exists() or not any(root.iterdir())):
+            root.mkdir(parents=True, exist_ok=True)
+            _write_atomic(marker, _FORMAT_TEXT.encode())
+            return
+        raise NotAViewStoreError(
+            f"{str(root)!r} is not a view store (no {_FORMAT_FILE} file); pass the --state "
+            "directory that flows.run writes (default data/state)"
+        )
+    text = marker.read_text().strip()
+    match = re.fullmatch(r"featureflow-state (\d+)", text)
+    if not match:
+        raise NotAViewStoreError(f"{str(root)!r} is not a view store: {_FORMAT_FILE} says "
+                                 f"{text!r}")
+    if int(match.group(1)) != STORE_FORMAT:
+        raise FormatVersionError(
+            f"view store {str(root)!r} has on-disk format {match.group(1)}, this code reads "
+            f"format {STORE_FORMAT}; rebuild it with flows.replay into a new --state directory"
+        )
+
+
+def read_current(view_dir: Path) -> int | None:
+    try:
+        return int((view_dir / "CURRENT").read_text().strip())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise StateError(f"{view_dir / 'CURRENT'} is damaged; it must hold a version number") \
+            from exc
+
+
+def read_layout(version_dir: Path) -> ViewLayout:
+    try:
+        payload = orjson.loads((version_dir / "layout.json").read_bytes())
+    except FileNotFoundError as exc:
+        raise UnknownViewError(f"no view layout in {version_dir}") from exc
+    if payload.get("format") != STORE_FORMAT:
+        raise FormatVersionError(f"{version_dir}/layout.json has format {payload.get('format')},"
+                                 f" this code reads format {STORE_FORMAT}; rebuild the view")
+    return ViewLayout.from_json(payload["layout"])
+
+
+def open_secondary(primary: Path, secondary: Path) -> Rdict:
+    """A read-only follower of a writer's RocksDB (safe while the writer runs)."""
+    secondary.mkdir(parents=True, exist_ok=True)
+    return Rdict(str(primary), rocks_options(read_only=True),
+                 access_type=AccessType.secondary(str(secondary)))
+
+
+def iter_entities(db: Rdict) -> Iterator[tuple[bytes, bytes]]:
+    it = db.iter()
+    it.seek(b"k")
+    while it.valid():
+        key = it.key()
+        if not key.startswith(b"k"):
+            break
+        yield key, it.value()
+        it.next()

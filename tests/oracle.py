@@ -1,0 +1,58 @@
+"""An independent oracle: feature values computed by DuckDB SQL straight from raw events.
+
+Shared by the tests; it knows the window semantics of ARCHITECTURE.md and nothing of tiles:
+value(k, t) = agg{ e.value : e.key = k and floor(t/H)*H - W <= e.ts < t } (no lower bound for
+lifetime features), nulls skipped, count/sum of nothing = 0, other aggregations of nothing = NULL.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from state.layout import FeatureDef, ViewLayout
+
+def oracle_values(layout: ViewLayout, events: pa.Table, spine: pa.Table) -> pa.Table:
+    """One row per spine row (columns `row`, then one per feature) computed by DuckDB."""
+    con = duckdb.connect()
+    ts_us = events.column(layout.timestamp).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    ev = events.append_column("ts_us", ts_us)
+    key_col = ev.column(layout.key).cast(pa.string())
+    ev = ev.set_column(ev.column_names.index(layout.key), "k", key_col)
+    con.register("ev", ev)
+    con.register("spine", spine)
+    selects = [_feature_sql(f) for f in layout.features]
+    sql = f"""
+        SELECT s.row, {', '.join(selects)}
+        FROM spine s LEFT JOIN ev e ON e.k = s.k AND e.ts_us < s.t
+        GROUP BY s.row ORDER BY s.row"""
+    return con.sql(sql).to_arrow_table()
+
+
+def _feature_sql(f: FeatureDef) -> str:
+    col = f'e."{f.column}"' if f.column else "e.ts_us"
+    cond = "TRUE"
+    if f.window_us:
+        cond = f"e.ts_us >= (s.t // {f.hop_us}) * {f.hop_us} - {f.window_us}"
+    if f.agg in ("first", "last"):
+        fn = "arg_min" if f.agg == "first" else "arg_max"
+        expr = f"{fn}({col}, (e.ts_us, e._offset)) FILTER (WHERE {cond} AND {col} IS NOT NULL)"
+    elif f.agg == "sum":
+        expr = f"coalesce(sum({col}) FILTER (WHERE {cond}), 0)"
+    else:
+        fn = {"count": "count", "mean": "avg", "min": "min", "max": "max", "var": "var_pop",
+              "std": "stddev_pop"}[f.agg]
+        expr = f"{fn}({col}) FILTER (WHERE {cond})"
+    return f'{expr} AS "{f.name}"'
+
+
+def same(expected: Any, got: Any, rel: float = 1e-9) -> bool:
+    """Equal, or both floats within `rel` relative tolerance (tiny absolute slack near 0)."""
+    if expected is None or got is None:
+        return expected is None and got is None
+    if isinstance(expected, float) or isinstance(got, float):
+        return math.isclose(float(expected), float(got), rel_tol=rel, abs_tol=1e-9)
+    return bool(expected == got)
