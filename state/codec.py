@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from state import sketches
 from state.errors import CorruptStateError, FormatVersionError
 from state.layout import ViewLayout
 from state.tiles import TileBlock
@@ -57,9 +58,7 @@ def encode_entity(layout: ViewLayout, blocks: list[TileBlock], newest_ts: int) -
         parts.append(_U32.pack(len(block.rows)))
         parts.append(np.ascontiguousarray(block.rows).tobytes())
         if group.object_fields:
-            objs = orjson.dumps({k: v.tolist() for k, v in block.objs.items()})
-            parts.append(_U32.pack(len(objs)))
-            parts.append(objs)
+            parts.extend(_encode_objects(group.object_fields, block))
     return b"".join(parts)
 
 
@@ -83,16 +82,56 @@ def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int
             pos += n * group.dtype.itemsize
             objs: dict[str, Any] = {}
             if group.object_fields:
-                (size,) = _U32.unpack_from(blob, pos)
-                pos += 4
-                loaded = orjson.loads(blob[pos:pos + size])
-                pos += size
-                objs = {k: _object_array(loaded[k]) for k in group.object_fields}
+                objs, pos = _decode_objects(group.object_fields, blob, pos, n)
             blocks.append(TileBlock(rows, objs))
     except (struct.error, ValueError, KeyError, orjson.JSONDecodeError) as exc:
         raise CorruptStateError(f"view {layout.view!r}: tile blob is damaged ({exc}); rebuild "
                                 "the view with flows.replay") from exc
     return blocks, int(newest)
+
+
+def _summary_kind(field: str) -> str | None:
+    kind = field.rpartition(".")[2]
+    return kind if kind in ("kll", "hll", "lastk") else None
+
+
+def _encode_objects(fields: tuple[str, ...], block: TileBlock) -> list[bytes]:
+    """Plain values (first/last of strings, booleans) as one orjson document; summaries as
+    length-prefixed bytes (u32 length, 0 = none) per tile row."""
+    plain = {f: block.objs[f].tolist() for f in fields if _summary_kind(f) is None}
+    doc = orjson.dumps(plain)
+    parts = [_U32.pack(len(doc)), doc]
+    for f in fields:
+        kind = _summary_kind(f)
+        if kind is None:
+            continue
+        for item in block.objs[f].tolist():
+            raw = sketches.encode(kind, item)
+            parts.append(_U32.pack(len(raw)))
+            parts.append(raw)
+    return parts
+
+
+def _decode_objects(fields: tuple[str, ...], blob: bytes, pos: int,
+                    n: int) -> tuple[dict[str, Any], int]:
+    (size,) = _U32.unpack_from(blob, pos)
+    pos += 4
+    loaded = orjson.loads(blob[pos:pos + size])
+    pos += size
+    objs: dict[str, Any] = {}
+    for f in fields:
+        kind = _summary_kind(f)
+        if kind is None:
+            objs[f] = _object_array(loaded[f])
+            continue
+        items = []
+        for _ in range(n):
+            (length,) = _U32.unpack_from(blob, pos)
+            pos += 4
+            items.append(sketches.decode(kind, blob[pos:pos + length]))
+            pos += length
+        objs[f] = _object_array(items)
+    return objs, pos
 
 
 def _object_array(values: list[Any]) -> np.ndarray[Any, np.dtype[np.object_]]:

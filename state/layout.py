@@ -83,26 +83,28 @@ class HopGroup:
 
     @cached_property
     def dtype(self) -> np.dtype[Any]:
-        """Fixed-width tile row; object-valued stats (strings, sketches) live beside it."""
-        fields: list[tuple[str, str]] = [("tile", "<i8"), ("n", "<i8")]
+        """Fixed-width tile row; object-valued stats (strings, sketches) live beside it.
+
+        Every field is 8 bytes; integer fields come first, then float fields grouped by kind
+        (sum, m2, min, max, first, last), so a read can reduce each kind with one NumPy call
+        over a 2-D view of the rows.
+        """
+        ints: list[tuple[str, str]] = [("tile", "<i8"), ("n", "<i8")]
+        ints += [(f"{col.column}.cnt", "<i8") for col in self.columns]
+        floats: dict[str, list[tuple[str, str]]] = {k: [] for k in
+                                                    ("sum", "m2", "min", "max", "first", "last")}
         for col in self.columns:
             c = col.column
-            fields.append((f"{c}.cnt", "<i8"))
-            if "sum" in col.stats:
-                fields.append((f"{c}.sum", "<f8"))
-            if "m2" in col.stats:
-                fields.append((f"{c}.m2", "<f8"))
-            if "min" in col.stats:
-                fields.append((f"{c}.min", "<f8"))
-            if "max" in col.stats:
-                fields.append((f"{c}.max", "<f8"))
+            for stat in ("sum", "m2", "min", "max"):
+                if stat in col.stats:
+                    floats[stat].append((f"{c}.{stat}", "<f8"))
             for edge in ("first", "last"):
                 if edge in col.stats:
-                    fields.append((f"{c}.{edge}_ts", "<i8"))
-                    fields.append((f"{c}.{edge}_off", "<i8"))
+                    ints.append((f"{c}.{edge}_ts", "<i8"))
+                    ints.append((f"{c}.{edge}_off", "<i8"))
                     if col.numeric:
-                        fields.append((f"{c}.{edge}", "<f8"))
-        return np.dtype(fields)
+                        floats[edge].append((f"{c}.{edge}", "<f8"))
+        return np.dtype(ints + [f for kind in floats.values() for f in kind])
 
     @cached_property
     def object_fields(self) -> tuple[str, ...]:

@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from state.layout import ColumnStats, FeatureDef, HopGroup
+from state.sketches import merge_objects
+from state.sketches import result as summary_result
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -111,6 +113,16 @@ def _fill_unit_column(col: ColumnStats, rows: npt.NDArray[Any],
             rows[f"{c}.min"] = np.where(valid, values, np.inf)
         if "max" in col.stats:
             rows[f"{c}.max"] = np.where(valid, values, -np.inf)
+    values = data.values
+    if "kll" in col.stats:
+        objs[f"{c}.kll"] = np.where(valid, values, None).astype(object)
+    if "hll" in col.stats:
+        objs[f"{c}.hll"] = np.where(valid, values, None).astype(object)
+    if "lastk" in col.stats:
+        lastk = np.full(len(ts), None, dtype=object)
+        for i in np.flatnonzero(valid).tolist():
+            lastk[i] = [(int(ts[i]), int(offsets[i]), _plain(values[i]))]
+        objs[f"{c}.lastk"] = lastk
     for edge, sentinel in (("first", TS_MAX), ("last", TS_MIN)):
         if edge not in col.stats:
             continue
@@ -120,6 +132,10 @@ def _fill_unit_column(col: ColumnStats, rows: npt.NDArray[Any],
             rows[f"{c}.{edge}"] = np.where(valid, data.values, np.nan)
         else:
             objs[f"{c}.{edge}"] = np.where(valid, data.values, None).astype(object)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def run_starts(*keys: npt.NDArray[Any]) -> I64:
@@ -152,7 +168,20 @@ def combine(group: HopGroup, block: TileBlock, starts: I64) -> TileBlock:
             if edge in col.stats and not col.numeric:
                 key = f"{col.column}.{edge}"
                 objs[key] = block.objs[key][_edge_pick(col.column, edge, src, starts, gid)]
+        for kind in ("kll", "hll", "lastk"):
+            if kind in col.stats:
+                key = f"{col.column}.{kind}"
+                objs[key] = _merge_runs(kind, block.objs[key], starts, lengths, group.last_k)
     return TileBlock(out, objs)
+
+
+def _merge_runs(kind: str, items: npt.NDArray[np.object_], starts: I64, lengths: I64,
+                k: int) -> npt.NDArray[np.object_]:
+    out = items[starts].copy()
+    for i in np.flatnonzero(lengths > 1).tolist():
+        a = int(starts[i])
+        out[i] = merge_objects(kind, items[a:a + int(lengths[i])], k)
+    return out
 
 
 def _combine_column(col: ColumnStats, src: npt.NDArray[Any], out: npt.NDArray[Any],
@@ -252,6 +281,12 @@ def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) ->
         values = np.maximum(_safe_div(rows[f"{c}.m2"], cnt), 0.0)
         if agg == "std":
             values = np.sqrt(values)
+    elif agg in _SUMMARY_KIND:
+        kind = _SUMMARY_KIND[agg]
+        objs = merged.objs[f"{c}.{kind}"]
+        return [None if e else summary_result(kind, merge_objects(kind, [o], int(feature.param or 0)),
+                                               feature.param)
+                for e, o in zip(empty, objs, strict=True)]
     elif agg in ("min", "max", "first", "last"):
         if not col.numeric:
             objs = merged.objs[f"{c}.{agg}"]
@@ -262,6 +297,9 @@ def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) ->
     else:
         raise NotImplementedError(f"aggregation {agg!r}")
     return [None if e or math.isnan(v) else float(v) for e, v in zip(empty, values, strict=True)]
+
+
+_SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
 
 
 def _safe_div(num: F64, den: npt.NDArray[Any]) -> F64:

@@ -40,13 +40,20 @@ def _feature_sql(f: FeatureDef) -> str:
     if f.agg in ("first", "last"):
         fn = "arg_min" if f.agg == "first" else "arg_max"
         expr = f"{fn}({col}, (e.ts_us, e._offset)) FILTER (WHERE {cond} AND {col} IS NOT NULL)"
+    elif f.agg == "last_k":
+        expr = (f"list({col} ORDER BY e.ts_us DESC, e._offset DESC) "
+                f"FILTER (WHERE {cond} AND {col} IS NOT NULL)[1:{int(f.param or 1)}]")
+    elif f.agg == "distinct_count":
+        expr = f"count(DISTINCT {col}) FILTER (WHERE {cond})"
+    elif f.agg == "percentile":
+        expr = f"list({col}) FILTER (WHERE {cond} AND {col} IS NOT NULL)"
     elif f.agg == "sum":
         expr = f"coalesce(sum({col}) FILTER (WHERE {cond}), 0)"
     else:
         fn = {"count": "count", "mean": "avg", "min": "min", "max": "max", "var": "var_pop",
               "std": "stddev_pop"}[f.agg]
         expr = f"{fn}({col}) FILTER (WHERE {cond})"
-    return f'{expr} AS "{f.name}"'
+    return f'{expr} AS "{f.name}"'  # percentile: the raw values, for a rank check
 
 
 def same(expected: Any, got: Any, rel: float = 1e-9) -> bool:

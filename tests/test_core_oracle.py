@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import numpy as np
@@ -10,9 +11,25 @@ import pytest
 
 from flows.aggregate import apply_batch
 from flows.pointintime import point_in_time
-from flows.spec import FeatureView, Source, count, first, last, max, mean, min, std, sum, var
+from flows.spec import (
+    FeatureView,
+    Source,
+    count,
+    distinct_count,
+    first,
+    last,
+    last_k,
+    max,
+    mean,
+    min,
+    percentile,
+    std,
+    sum,
+    var,
+)
 from state.codec import decode_entity, encode_key
 from state.layout import ViewLayout
+from state.sketches import HLL_RSE, KLL_RANK_ERROR
 from state.store import PartitionProgress
 from state.window import evaluate
 from tests.oracle import oracle_values, same
@@ -174,3 +191,77 @@ def test_late_events_are_rejected_and_counted() -> None:
     blocks, newest = decode_entity(layout, result.puts[encode_key("a")])
     assert newest == 12 * hour
     assert evaluate(layout, blocks, 12 * hour + 1)["count_30m"] == 2
+
+
+SKETCH_VIEW = FeatureView(name="s", source=SOURCE, features=[
+    last_k("channel", 3, window="1h"), last_k("amount", 5), distinct_count("channel", window="2h"),
+    distinct_count("qty"), percentile("amount", 0.95, window="1h"),
+    percentile("amount", 0.5, window="1d"),
+])
+
+
+def rank_ok(values: list[float] | None, q: float, got: float | None) -> bool:
+    """KLL's rank guarantee: got's rank among the exact values is within 2 * 1.33% of q."""
+    if not values:
+        return got is None
+    assert got is not None
+    below = builtins.sum(v < got for v in values) / len(values)
+    upto = builtins.sum(v <= got for v in values) / len(values)
+    slack = 2 * KLL_RANK_ERROR + 1 / len(values)
+    return below - slack <= q <= upto + slack
+
+
+def check_sketch_rows(layout: ViewLayout, expected: pa.Table, got: list[dict[str, Any]]) -> None:
+    for exp, row in zip(expected.to_pylist(), got, strict=True):
+        for f in layout.features:
+            if f.agg == "percentile":
+                assert rank_ok(exp[f.name], float(f.param or 0), row[f.name]), (f.name, row)
+            elif f.agg == "distinct_count" and exp[f.name] == 0:
+                assert row[f.name] is None  # empty window: null, as every non-count/sum agg
+            elif f.agg == "distinct_count":
+                assert abs(row[f.name] - exp[f.name]) <= builtins.max(1, 3 * HLL_RSE * exp[f.name])
+            else:
+                assert exp[f.name] == row[f.name] or (not exp[f.name] and row[f.name] is None), \
+                    (f.name, exp[f.name], row[f.name])
+
+
+def test_sketches_and_last_k_online_and_offline() -> None:
+    layout = SKETCH_VIEW.layout()
+    events = make_events(4000, 12, 5)
+    store = apply_all(layout, events, batch=333)
+    keys = sorted(set(events.column("user_id").to_pylist()))
+    t = int(events.column("ts").cast(pa.int64()).to_numpy().max()) + 1
+    spine = pa.table({"row": list(range(len(keys))), "k": keys, "t": [t] * len(keys)})
+    expected = oracle_values(layout, events, spine)
+    online = [evaluate(layout, decode_entity(layout, store[encode_key(k)])[0], t) for k in keys]
+    check_sketch_rows(layout, expected, online)
+    rng = np.random.default_rng(0)
+    ts = events.column("ts").cast(pa.int64()).to_numpy()
+    times = rng.integers(int(ts.min()), int(ts.max()), 300)
+    qkeys = [keys[i] for i in rng.integers(0, len(keys), 300)]
+    values = point_in_time(layout, events, pa.array(qkeys), times)
+    spine = pa.table({"row": list(range(300)), "k": qkeys, "t": times})
+    expected = oracle_values(layout, events, spine)
+    offline = [{f.name: values[f.name][i] for f in layout.features} for i in range(300)]
+    check_sketch_rows(layout, expected, offline)
+
+
+def test_sketch_error_within_bound_on_1m_values() -> None:
+    from state.sketches import merge_objects, result
+
+    rng = np.random.default_rng(11)
+    values = rng.lognormal(3.0, 1.0, 1_000_000)
+    tiles = [merge_objects("kll", values[i:i + 10_000].tolist()) for i in range(0, 1_000_000,
+                                                                                10_000)]
+    merged = merge_objects("kll", tiles)
+    exact = np.sort(values)
+    for q in (0.5, 0.9, 0.95, 0.99):
+        got = result("kll", merged, q)
+        rank = np.searchsorted(exact, got) / len(exact)
+        assert abs(rank - q) <= 2 * KLL_RANK_ERROR
+    ids = rng.integers(0, 300_000, 1_000_000)
+    hll_tiles = [merge_objects("hll", [f"m{v}" for v in ids[i:i + 50_000]])
+                 for i in range(0, 1_000_000, 50_000)]
+    estimate = result("hll", merge_objects("hll", hll_tiles), None)
+    true = len(np.unique(ids))
+    assert abs(estimate - true) / true <= 3 * HLL_RSE
