@@ -15,6 +15,7 @@ not used: the view store holds the applied offsets, and sources restart from the
 from __future__ import annotations
 
 from collections.abc import Iterable
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -72,6 +73,7 @@ class FlowPlan:
     kafka_bootstrap: str | None = None
     batch_rows: int = 100_000
     metrics: Metrics = field(default_factory=Metrics)
+    stop: threading.Event = field(default_factory=threading.Event)  # set = end cleanly now
 
     def part_keys(self) -> list[str]:
         return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
@@ -87,11 +89,13 @@ def split_part_key(key: str) -> tuple[str, int]:
 
 
 class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
-    def __init__(self, key: str, log: PartitionLog) -> None:
-        self._key, self._log = key, log
+    def __init__(self, key: str, log: PartitionLog, stop: threading.Event) -> None:
+        self._key, self._log, self._stop = key, log, stop
         self._awake: datetime | None = None
 
     def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
+        if self._stop.is_set():
+            raise StopIteration
         batch = self._log.read()
         if batch is None:
             if self._log.done:
@@ -128,7 +132,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             start_offset=sp.start[partition], arrow_schema=sp.arrow_schema, kafka=sp.kafka,
             stop_at=None if sp.stop is None else sp.stop[partition],
             batch_rows=self._plan.batch_rows)
-        return _LogPartition(for_part, log)
+        return _LogPartition(for_part, log, self._plan.stop)
 
 
 class _ViewPartition(StatefulSinkPartition[LogBatch, None]):

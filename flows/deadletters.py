@@ -15,13 +15,10 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from connectors.kafka import DeadLetter
+from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
 from connectors.segments import write_dead_letters
 
-DLQ_SCHEMA = pa.schema([
-    ("reason", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()),
-    ("payload", pa.binary()), ("at", pa.timestamp("us", tz="UTC")),
-])
+DLQ_SCHEMA = DEAD_LETTER_SCHEMA
 
 
 def dlq_topic(source: str) -> str:
@@ -51,12 +48,8 @@ class DeadLetterWriter:
                 self._producer.produce(dlq_topic(self._source), value=d.payload, headers=headers)
             self._producer.flush(30)
             return
-        now = datetime.now(timezone.utc)
-        table = pa.table({
-            "reason": [d.reason for d in letters], "partition": [d.partition for d in letters],
-            "offset": [d.offset for d in letters], "payload": [d.payload for d in letters],
-            "at": [now] * len(letters)}, schema=DLQ_SCHEMA)
-        write_dead_letters(self._warehouse, self._source, table)
+        now_us = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
+        write_dead_letters(self._warehouse, self._source, dead_letter_table(list(letters), now_us))
 
     def write_late(self, late: pa.Table, view: str, partition: int) -> None:
         """Events too late for `view` (older than its retention behind the watermark)."""

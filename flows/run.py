@@ -9,11 +9,13 @@ the log for new data until Ctrl-C (or stops once caught up with --until-caught-u
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from connectors.segments import Warehouse
 from flows.cli import command_main
@@ -24,8 +26,8 @@ from flows.plan import build_plan
 from flows.settings import COMMON, EXAMPLE_FEATURES, Option, Settings, build_parser
 from flows.spec import load_definitions
 from state.client import FeatureClient
-from state.codec import decode_key
-from state.store import iter_entities, open_secondary, partition_dir
+from state.codec import WATERMARK, decode_entity, decode_int, decode_key
+from state.store import ViewStore, iter_entities, open_secondary, partition_dir
 
 OPTIONS = (
     *COMMON,
@@ -72,18 +74,17 @@ def execute(plan: FlowPlan, *, workers: int = 1, addresses: list[str] | None = N
     reporter = ConsoleReporter(plan.metrics, status_interval)
     reporter.start()
     started = time.perf_counter()
-    interrupted = False
+    # Ctrl-C / SIGTERM end the flow cleanly: the sources stop at their next batch, the sinks
+    # finish what they hold and close. Every commit is atomic, so any stop point is safe.
+    previous = {sig: signal.signal(sig, lambda *_: plan.stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         run_dataflow(plan, workers, addresses, process_id)
-    except KeyboardInterrupt:
-        interrupted = True
-    except Exception as exc:  # bytewax wraps SIGINT and user errors in BytewaxRuntimeError
-        if "signal received" not in str(exc):
-            raise
-        interrupted = True
     finally:
         reporter.stop()
-    _print_summary(plan, time.perf_counter() - started, interrupted)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _print_summary(plan, time.perf_counter() - started, plan.stop.is_set())
     return 0
 
 
@@ -104,7 +105,7 @@ def _print_summary(plan: FlowPlan, elapsed: float, interrupted: bool) -> None:
     events = max(per_view.values(), default=0)
     rate = events / elapsed if elapsed > 0 else 0.0
     how = "stopped by Ctrl-C" if interrupted else "done"
-    print(f"{how}: applied {events:,} events to {len(per_view) or len(_targets(plan))} view(s) "
+    print(f"{how}: applied {events:,} events to {len(per_view) or sum(len(sp.targets) for sp in plan.sources.values())} view(s) "
           f"in {elapsed:.1f}s ({rate:,.0f} events/s); late {late:,}; dead letters {dead:,}",
           flush=True)
     sample = _sample_read(plan)
@@ -112,51 +113,51 @@ def _print_summary(plan: FlowPlan, elapsed: float, interrupted: bool) -> None:
         print(sample, flush=True)
 
 
-def _targets(plan: FlowPlan) -> list[Any]:
-    return [t for sp in plan.sources.values() for t in sp.targets]
-
-
 def _sample_read(plan: FlowPlan) -> str | None:
-    """One online read through the embedded client, as of just after the key's newest event."""
+    """One online read through the embedded client, as of just after the view's newest event:
+    the most recently active of the first entities of each partition."""
     for sp in plan.sources.values():
         for target in sp.targets:
-            for p in sorted(sp.start):
-                found = _first_entity(plan, target.view.name, target.version, p)
-                if found is None:
-                    continue
-                key, newest = found
-                client = FeatureClient(plan.state)
-                try:
-                    if target.view.name not in client.views():
-                        return None
-                    values = client.get(target.view.name, key, at=(newest + 1) / 1e6)
-                finally:
-                    client.close()
-                return f"sample read: FeatureClient.get({target.view.name!r}, {key!r}) = {values}"
+            found = [_newest_entity(plan, target.view.name, target.version, p) for p in sp.start]
+            found = [f for f in found if f is not None]
+            if not found:
+                continue
+            view_newest = max(f[2] for f in found)
+            key = max(found, key=lambda f: f[1])[0]
+            with FeatureClient(plan.state) as client:
+                if target.view.name not in client.views():
+                    return None
+                values = client.get(target.view.name, key, at=(view_newest + 1) / 1e6)
+            return (f"sample read: FeatureClient(\"{plan.state}\").get({target.view.name!r}, "
+                    f"{key!r}, at=<newest event + 1us>) = {values}")
     return None
 
 
-def _first_entity(plan: FlowPlan, view: str, version: int, p: int) -> tuple[str, int] | None:
-    import shutil
-    import tempfile
-
-    from state.codec import decode_entity
-    from state.store import ViewStore
-
-    primary = partition_dir(ViewStore(plan.state).version_dir(view, version), p)
+def _newest_entity(plan: FlowPlan, view: str, version: int, p: int,
+                   scan: int = 1000) -> tuple[str, int, int] | None:
+    """(key, its newest event time, the partition's watermark) among the first `scan` keys."""
+    store = ViewStore(plan.state)
+    primary = partition_dir(store.version_dir(view, version), p)
     if not (primary / "CURRENT").is_file():
         return None
+    layout = store.layout(view, version)
     tmp = Path(tempfile.mkdtemp(prefix="featureflow-sample-"))
     db = open_secondary(primary, tmp)
     try:
-        layout = ViewStore(plan.state).layout(view, version)
-        for raw_key, blob in iter_entities(db):
+        raw = db.get(WATERMARK)
+        best: tuple[str, int] | None = None
+        for i, (raw_key, blob) in enumerate(iter_entities(db)):
             _, newest = decode_entity(layout, blob)
-            return decode_key(raw_key), newest
+            if best is None or newest > best[1]:
+                best = (decode_key(raw_key), newest)
+            if i >= scan:
+                break
+        if best is None or raw is None:
+            return None
+        return best[0], best[1], decode_int(raw)
     finally:
         db.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return None
 
 
 if __name__ == "__main__":

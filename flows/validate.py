@@ -6,7 +6,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.kafka import DeadLetter
+from connectors.envelope import DeadLetter
 from connectors.log import LogBatch
 
 
