@@ -7,6 +7,7 @@ lifetime features), nulls skipped, count/sum of nothing = 0, other aggregations 
 
 from __future__ import annotations
 
+import builtins
 import math
 from typing import Any
 
@@ -63,3 +64,44 @@ def same(expected: Any, got: Any, rel: float = 1e-9) -> bool:
     if isinstance(expected, float) or isinstance(got, float):
         return math.isclose(float(expected), float(got), rel_tol=rel, abs_tol=1e-9)
     return bool(expected == got)
+
+
+def rank_ok(values: list[float] | None, q: float, got: float | None) -> bool:
+    """KLL's guarantee: got's rank among the exact values is within 2 x its rank error of q."""
+    from state.sketches import KLL_RANK_ERROR
+
+    if not values:
+        return got is None
+    if got is None:
+        return False
+    below = builtins.sum(v < got for v in values) / len(values)
+    upto = builtins.sum(v <= got for v in values) / len(values)
+    slack = 2 * KLL_RANK_ERROR + 1 / len(values)
+    return below - slack <= q <= upto + slack
+
+
+def feature_ok(f: FeatureDef, expected: Any, got: Any) -> bool:
+    """One feature value against the oracle: exact aggregations to 1e-9, sketches within their
+    stated bounds (percentile: rank error; distinct count: 3 standard errors)."""
+    from state.sketches import HLL_RSE
+
+    if f.agg == "percentile":
+        return rank_ok(expected, float(f.param or 0), got)
+    if f.agg == "distinct_count":
+        if not expected:
+            return got is None
+        return got is not None and abs(got - expected) <= builtins.max(1, 3 * HLL_RSE * expected)
+    if f.agg == "last_k":
+        return (expected or None) == got
+    return same(expected, got)
+
+
+def mismatches(layout: ViewLayout, expected: pa.Table, got: list[dict[str, Any]],
+               prefix: str = "") -> list[str]:
+    """Every (row, feature) where `got` disagrees with the oracle, described."""
+    out = []
+    for i, (exp, row) in enumerate(zip(expected.to_pylist(), got, strict=True)):
+        for f in layout.features:
+            if not feature_ok(f, exp[f.name], row[prefix + f.name]):
+                out.append(f"row {i} {f.name}: oracle {exp[f.name]!r}, got {row[prefix + f.name]!r}")
+    return out
