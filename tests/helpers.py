@@ -30,7 +30,7 @@ from flows.spec import (FeatureView, Source, count, distinct_count, last, max, m
                         percentile, std, sum)
 
 txns = Source(name="txns", schema="txn.avsc", key="user_id", timestamp="ts",
-              partitions={partitions})
+              partitions={partitions}, topic={topic!r})
 spend = FeatureView(name="spend", source=txns, features=[
     count(window="30m"), sum("amount", window="2h", hop="10m"), mean("amount", window="1d"),
     min("amount", window="3h"), max("amount", window="3h"), std("amount", window="1d"),
@@ -43,12 +43,12 @@ channels = FeatureView(name="channels", source=txns, features=[
 '''
 
 
-def write_definitions(directory: Path, partitions: int = 3) -> Path:
+def write_definitions(directory: Path, partitions: int = 3, topic: str | None = None) -> Path:
     """A definitions module (and its .avsc) in `directory`; returns the module path."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "txn.avsc").write_text(SCHEMA_JSON)
     path = directory / "features.py"
-    path.write_text(DEFINITIONS.format(partitions=partitions))
+    path.write_text(DEFINITIONS.format(partitions=partitions, topic=topic))
     return path
 
 
