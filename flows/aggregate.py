@@ -67,15 +67,17 @@ def column_values(table: pa.Table, layout: ViewLayout) -> dict[str, ColumnValues
         valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         if avro_type in ("int", "long", "float", "double"):
             values: npt.NDArray[Any] = np.asarray(
-                col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+                col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
+            )
         else:
             values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
         out[name] = ColumnValues(values, valid)
     return out
 
 
-def late_mask(ts: I64, watermark: int | None, retention_us: int | None) -> tuple[
-        npt.NDArray[np.bool_], int | None]:
+def late_mask(
+    ts: I64, watermark: int | None, retention_us: int | None
+) -> tuple[npt.NDArray[np.bool_], int | None]:
     """Which events (in offset order) are too late, and the watermark after the batch.
 
     The watermark is the newest event time seen on the partition so far; an event is late when
@@ -93,8 +95,9 @@ def late_mask(ts: I64, watermark: int | None, retention_us: int | None) -> tuple
     return ts < running - retention_us, new_watermark
 
 
-def prepare(table: pa.Table, layout: ViewLayout, applied_offset: int,
-            transform: Transform | None) -> pa.Table:
+def prepare(
+    table: pa.Table, layout: ViewLayout, applied_offset: int, transform: Transform | None
+) -> pa.Table:
     """Drop records at or below the applied offset, then run the view's transform."""
     if applied_offset >= 0 and table.num_rows:
         table = table.filter(pc.greater(table.column(OFFSET), applied_offset))
@@ -108,19 +111,28 @@ def _transformed(table: pa.Table, layout: ViewLayout, transform: Transform) -> p
     if isinstance(result, pa.RecordBatch):
         result = pa.Table.from_batches([result])
     if not isinstance(result, pa.Table):
-        raise TypeError(f"view {layout.view!r}: transform returned {type(result).__name__}; "
-                        "it must return a pyarrow.Table")
+        raise TypeError(
+            f"view {layout.view!r}: transform returned {type(result).__name__}; "
+            "it must return a pyarrow.Table"
+        )
     needed = {OFFSET, layout.key, layout.timestamp, *layout.columns}
     missing = sorted(needed - set(result.column_names))
     if missing:
-        raise TypeError(f"view {layout.view!r}: transform dropped column(s) {missing}; keep the "
-                        "key, timestamp, _offset and every aggregated column")
+        raise TypeError(
+            f"view {layout.view!r}: transform dropped column(s) {missing}; keep the "
+            "key, timestamp, _offset and every aggregated column"
+        )
     return result
 
 
-def apply_batch(layout: ViewLayout, table: pa.Table, progress: PartitionProgress,
-                get_blobs: BlobGetter, transform: Transform | None = None,
-                through_offset: int | None = None) -> ApplyResult:
+def apply_batch(
+    layout: ViewLayout,
+    table: pa.Table,
+    progress: PartitionProgress,
+    get_blobs: BlobGetter,
+    transform: Transform | None = None,
+    through_offset: int | None = None,
+) -> ApplyResult:
     """Apply one offset-ordered batch of a partition's records to a view.
 
     Args:
@@ -144,28 +156,34 @@ def apply_batch(layout: ViewLayout, table: pa.Table, progress: PartitionProgress
         table, ts = table.filter(pa.array(keep)), ts[keep]
     puts = _merge_into_tiles(layout, table, ts, watermark, get_blobs) if table.num_rows else {}
     new_progress = PartitionProgress(
-        applied_offset=last_offset, watermark=watermark,
+        applied_offset=last_offset,
+        watermark=watermark,
         events_applied=progress.events_applied + table.num_rows,
         late_events=progress.late_events + rejected.num_rows,
     )
     return ApplyResult(puts, new_progress, rejected, table.num_rows)
 
 
-def _merge_into_tiles(layout: ViewLayout, table: pa.Table, ts: I64, watermark: int | None,
-                      get_blobs: BlobGetter) -> dict[bytes, bytes]:
+def _merge_into_tiles(
+    layout: ViewLayout, table: pa.Table, ts: I64, watermark: int | None, get_blobs: BlobGetter
+) -> dict[bytes, bytes]:
     encoded = key_strings(table, layout.key).combine_chunks().dictionary_encode()
     key_ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
     keys: list[str] = encoded.dictionary.to_pylist()
     offsets = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
     order = np.lexsort((offsets, ts, key_ids))
     key_ids, ts, offsets = key_ids[order], ts[order], offsets[order]
-    columns = {name: ColumnValues(cv.values[order], cv.valid[order])
-               for name, cv in column_values(table, layout).items()}
+    columns = {
+        name: ColumnValues(cv.values[order], cv.valid[order])
+        for name, cv in column_values(table, layout).items()
+    }
     raw_keys = [encode_key(k) for k in keys]
     old = _load_old(layout, get_blobs(raw_keys))
     newest = _newest_per_key(key_ids, ts, len(keys), old.newest)
-    merged = [_merge_group(g, gi, old, key_ids, ts, offsets, columns, watermark)
-              for gi, g in enumerate(layout.groups)]
+    merged = [
+        _merge_group(g, gi, old, key_ids, ts, offsets, columns, watermark)
+        for gi, g in enumerate(layout.groups)
+    ]
     return _encode_keys(layout, raw_keys, merged, newest)
 
 
@@ -195,14 +213,20 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
 def _newest_per_key(key_ids: I64, ts: I64, n_keys: int, old_newest: I64) -> I64:
     newest = old_newest.copy()
     starts = run_starts(key_ids)
-    newest[key_ids[starts]] = np.maximum(newest[key_ids[starts]],
-                                         np.maximum.reduceat(ts, starts))
+    newest[key_ids[starts]] = np.maximum(newest[key_ids[starts]], np.maximum.reduceat(ts, starts))
     return newest
 
 
-def _merge_group(group: HopGroup, gi: int, old: _OldState, key_ids: I64, ts: I64,
-                 offsets: I64, columns: dict[str, ColumnValues],
-                 watermark: int | None) -> tuple[TileBlock, I64]:
+def _merge_group(
+    group: HopGroup,
+    gi: int,
+    old: _OldState,
+    key_ids: I64,
+    ts: I64,
+    offsets: I64,
+    columns: dict[str, ColumnValues],
+    watermark: int | None,
+) -> tuple[TileBlock, I64]:
     fresh = unit_block(group, ts, offsets, {c.column: columns[c.column] for c in group.columns})
     row_keys = key_ids
     if old.blocks[gi]:
@@ -221,13 +245,16 @@ def _merge_group(group: HopGroup, gi: int, old: _OldState, key_ids: I64, ts: I64
     return block, row_keys
 
 
-def _encode_keys(layout: ViewLayout, raw_keys: list[bytes],
-                 merged: list[tuple[TileBlock, I64]], newest: I64) -> dict[bytes, bytes]:
+def _encode_keys(
+    layout: ViewLayout, raw_keys: list[bytes], merged: list[tuple[TileBlock, I64]], newest: I64
+) -> dict[bytes, bytes]:
     n_keys = len(raw_keys)
     bounds = [np.searchsorted(row_keys, np.arange(n_keys + 1)) for _, row_keys in merged]
     puts: dict[bytes, bytes] = {}
     for kid in range(n_keys):
-        blocks = [block.take(slice(int(b[kid]), int(b[kid + 1])))
-                  for (block, _), b in zip(merged, bounds, strict=True)]
+        blocks = [
+            block.take(slice(int(b[kid]), int(b[kid + 1])))
+            for (block, _), b in zip(merged, bounds, strict=True)
+        ]
         puts[raw_keys[kid]] = encode_entity(layout, blocks, int(newest[kid]))
     return puts

@@ -33,11 +33,17 @@ from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 
 OPTIONS = (
-    *COMMON[:2], COMMON[3],
+    *COMMON[:2],
+    COMMON[3],
     Option("source", None, "source to archive (default: every source in the definitions)"),
     Option("segment-rows", 1_000_000, "records per segment (roll by size)", int),
-    Option("max-age", 3600.0, "archive a smaller trailing range once its oldest record is this "
-                              "many seconds old (roll by age)", float),
+    Option(
+        "max-age",
+        3600.0,
+        "archive a smaller trailing range once its oldest record is this "
+        "many seconds old (roll by age)",
+        float,
+    ),
     Option("follow", False, "keep archiving every --interval seconds until Ctrl-C", bool),
     Option("interval", 60.0, "seconds between archiving rounds with --follow", float),
 )
@@ -62,37 +68,64 @@ def _archive(settings: Settings, _args: argparse.Namespace) -> int:
     warehouse = Warehouse(settings.warehouse)
     while True:
         for source in sources:
-            report = archive_source(source, warehouse, settings.kafka, settings.segment_rows,
-                                    settings.max_age)
-            print(f"archived {report.records:,} records of {source.name!r} into "
-                  f"{report.segments} segment(s)", flush=True)
+            report = archive_source(
+                source, warehouse, settings.kafka, settings.segment_rows, settings.max_age
+            )
+            print(
+                f"archived {report.records:,} records of {source.name!r} into "
+                f"{report.segments} segment(s)",
+                flush=True,
+            )
         if not settings.follow:
             return 0
         time.sleep(settings.interval)
 
 
-def archive_source(source: Source, warehouse: Warehouse, bootstrap: str, segment_rows: int,
-                   max_age_s: float) -> ArchiveReport:
+def archive_source(
+    source: Source, warehouse: Warehouse, bootstrap: str, segment_rows: int, max_age_s: float
+) -> ArchiveReport:
     """Archive every partition of a source up to the topic's current end."""
     schema = source.avro_schema()
     store = SchemaStore(schema)
     segments = records = 0
     for p in range(source.partitions):
         start = warehouse.next_offset(source.name, p)
-        reader = KafkaLogReader(bootstrap, source.kafka_topic, p, start, store,
-                                arrow_schema(schema), key_field=source.key)
+        reader = KafkaLogReader(
+            bootstrap,
+            source.kafka_topic,
+            p,
+            start,
+            store,
+            arrow_schema(schema),
+            key_field=source.key,
+        )
         try:
-            s, r = _archive_partition(source, warehouse, reader, p, start, segment_rows,
-                                      max_age_s, fingerprint_hex(schema))
+            s, r = _archive_partition(
+                source,
+                warehouse,
+                reader,
+                p,
+                start,
+                segment_rows,
+                max_age_s,
+                fingerprint_hex(schema),
+            )
         finally:
             reader.close()
         segments, records = segments + s, records + r
     return ArchiveReport(segments, records)
 
 
-def _archive_partition(source: Source, warehouse: Warehouse, reader: KafkaLogReader, p: int,
-                       start: int, segment_rows: int, max_age_s: float,
-                       fp: str) -> tuple[int, int]:
+def _archive_partition(
+    source: Source,
+    warehouse: Warehouse,
+    reader: KafkaLogReader,
+    p: int,
+    start: int,
+    segment_rows: int,
+    max_age_s: float,
+    fp: str,
+) -> tuple[int, int]:
     end = reader.high_watermark()
     pending: list[pa.Table] = []
     covered, segments, records = start, 0, 0
@@ -109,8 +142,13 @@ def _archive_partition(source: Source, warehouse: Warehouse, reader: KafkaLogRea
         if sum(t.num_rows for t in pending) >= segment_rows:
             full = pa.concat_tables(pending)
             for a in range(0, full.num_rows - segment_rows + 1, segment_rows):
-                warehouse.append(source.name, p, full.slice(a, segment_rows), fingerprint=fp,
-                                 ts_column=source.timestamp)
+                warehouse.append(
+                    source.name,
+                    p,
+                    full.slice(a, segment_rows),
+                    fingerprint=fp,
+                    ts_column=source.timestamp,
+                )
                 segments, records = segments + 1, records + segment_rows
             rest = full.num_rows % segment_rows
             pending = [full.slice(full.num_rows - rest)] if rest else []
@@ -128,8 +166,9 @@ def reader_schema(source: Source) -> pa.Schema:
 
 def _fill_gaps(table: pa.Table, source: Source, p: int, first: int, upto: int) -> pa.Table:
     """Rows for every offset in [first, upto): decoded records, null rows for the others."""
-    table = table.filter(pc.and_(pc.greater_equal(table.column(OFFSET), first),
-                                         pc.less(table.column(OFFSET), upto)))
+    table = table.filter(
+        pc.and_(pc.greater_equal(table.column(OFFSET), first), pc.less(table.column(OFFSET), upto))
+    )
     have = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
     missing = np.setdiff1d(np.arange(first, upto, dtype=np.int64), have)
     if len(missing):

@@ -15,9 +15,12 @@ EXIT_ERROR = 2
 KNOWN_ERRORS = (FlowError, ConnectorError, StateError)
 
 
-def command_main(parser: argparse.ArgumentParser, options: Sequence[Option],
-                 argv: Sequence[str] | None,
-                 body: Callable[[Settings, argparse.Namespace], int]) -> int:
+def command_main(
+    parser: argparse.ArgumentParser,
+    options: Sequence[Option],
+    argv: Sequence[str] | None,
+    body: Callable[[Settings, argparse.Namespace], int],
+) -> int:
     """Resolve settings and run `body`; a known error prints one clear line and exits 2."""
     try:
         settings = resolve(parser, options, argv)

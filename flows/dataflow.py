@@ -14,11 +14,12 @@ not used: the view store holds the applied offsets, and sources restart from the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
 import bytewax.operators as op
 import pyarrow as pa
 from bytewax.dataflow import Dataflow
@@ -100,7 +101,7 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
         if batch is None:
             if self._log.done:
                 raise StopIteration
-            self._awake = datetime.now(timezone.utc) + _IDLE
+            self._awake = datetime.now(UTC) + _IDLE
             return []
         self._awake = None
         return [(self._key, batch)]
@@ -128,10 +129,15 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
         source, partition = split_part_key(for_part)
         sp = self._plan.sources[source]
         log = PartitionLog(
-            warehouse=Warehouse(self._plan.warehouse), source=source, partition=partition,
-            start_offset=sp.start[partition], arrow_schema=sp.arrow_schema, kafka=sp.kafka,
+            warehouse=Warehouse(self._plan.warehouse),
+            source=source,
+            partition=partition,
+            start_offset=sp.start[partition],
+            arrow_schema=sp.arrow_schema,
+            kafka=sp.kafka,
             stop_at=None if sp.stop is None else sp.stop[partition],
-            batch_rows=self._plan.batch_rows)
+            batch_rows=self._plan.batch_rows,
+        )
         return _LogPartition(for_part, log, self._plan.stop)
 
 
@@ -140,7 +146,8 @@ class _ViewPartition(StatefulSinkPartition[LogBatch, None]):
         self._plan, self._source, self._partition = plan, source, partition
         store = ViewStore(plan.state)
         self._stores: list[PartitionStore] = [
-            store.open_partition(t.view.name, t.version, partition) for t in source.targets]
+            store.open_partition(t.view.name, t.version, partition) for t in source.targets
+        ]
         self._progress = [s.progress() for s in self._stores]
         self._dead = DeadLetterWriter(plan.warehouse, source.name, plan.kafka_bootstrap)
         self._switcher = _Switcher(store, source, partition)
@@ -156,8 +163,14 @@ class _ViewPartition(StatefulSinkPartition[LogBatch, None]):
         self._dead.write([d for d in batch.dead_letters if d.offset is None or d.offset > floor])
         for i, target in enumerate(self._source.targets):
             store = self._stores[i]
-            result = apply_batch(target.layout, batch.events, self._progress[i], store.get_many,
-                                 target.view.transform, through_offset=batch.next_offset - 1)
+            result = apply_batch(
+                target.layout,
+                batch.events,
+                self._progress[i],
+                store.get_many,
+                target.view.transform,
+                through_offset=batch.next_offset - 1,
+            )
             if result.late.num_rows:
                 self._dead.write_late(result.late, target.view.name, self._partition)
             store.commit(result.puts, result.progress)
@@ -231,14 +244,16 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
     return flow
 
 
-def run_dataflow(plan: FlowPlan, workers: int = 1, addresses: list[str] | None = None,
-                 process_id: int = 0) -> None:
+def run_dataflow(
+    plan: FlowPlan, workers: int = 1, addresses: list[str] | None = None, process_id: int = 0
+) -> None:
     """Run the dataflow in this process (1 or more worker threads, optionally a cluster)."""
     from bytewax.testing import cluster_main, run_main
 
     flow = build_dataflow(plan)
     if workers == 1 and not addresses:
-        run_main(flow)
+        run_main(flow)  # type: ignore[no-untyped-call]
     else:
-        cluster_main(flow, addresses or [], process_id, worker_count_per_proc=workers)
-
+        cluster_main(  # type: ignore[no-untyped-call]
+            flow, addresses or [], process_id, worker_count_per_proc=workers
+        )

@@ -8,7 +8,7 @@ reason, partition, offset); without Kafka, to Parquet files under
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +34,44 @@ class DeadLetterWriter:
         if kafka_bootstrap:
             from confluent_kafka import Producer
 
-            self._producer = Producer({"bootstrap.servers": kafka_bootstrap,
-                                       "enable.idempotence": True, "linger.ms": 5})
+            self._producer = Producer(
+                {"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5}
+            )
 
     def write(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
         if self._producer is not None:
             for d in letters:
-                headers = [("reason", d.reason.encode()),
-                           ("partition", str(d.partition).encode()),
-                           ("offset", str(d.offset).encode())]
+                headers = [
+                    ("reason", d.reason.encode()),
+                    ("partition", str(d.partition).encode()),
+                    ("offset", str(d.offset).encode()),
+                ]
                 self._producer.produce(dlq_topic(self._source), value=d.payload, headers=headers)
             self._producer.flush(30)
             return
-        now_us = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
+        now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
         write_dead_letters(self._warehouse, self._source, dead_letter_table(list(letters), now_us))
 
     def write_late(self, late: pa.Table, view: str, partition: int) -> None:
         """Events too late for `view` (older than its retention behind the watermark)."""
         rows = late.to_pylist()
-        self.write([
-            DeadLetter(reason=f"view {view!r}: event at offset {row['_offset']} is too late "
-                              "(older than the view's retention behind the partition's newest "
-                              "event time); raise allowed_lateness to keep such events",
-                       partition=partition, offset=int(row["_offset"]),
-                       payload=orjson.dumps({k: v for k, v in row.items()
-                                             if not k.startswith("_")}, default=str))
-            for row in rows
-        ])
+        self.write(
+            [
+                DeadLetter(
+                    reason=f"view {view!r}: event at offset {row['_offset']} is too late "
+                    "(older than the view's retention behind the partition's newest "
+                    "event time); raise allowed_lateness to keep such events",
+                    partition=partition,
+                    offset=int(row["_offset"]),
+                    payload=orjson.dumps(
+                        {k: v for k, v in row.items() if not k.startswith("_")}, default=str
+                    ),
+                )
+                for row in rows
+            ]
+        )
 
     def close(self) -> None:
         if self._producer is not None:

@@ -1,9 +1,9 @@
 """Errors of the application layer (definitions, commands, the dataflow).
 
-    FlowError
-    ├── DefinitionError   a feature-definitions module or one of its objects is invalid
-    ├── ConfigError       a command-line flag, config file or environment setting is invalid
-    └── SpineError        a snapshot spine file is missing, unreadable, or lacks a column
+FlowError
+├── DefinitionError   a feature-definitions module or one of its objects is invalid
+├── ConfigError       a command-line flag, config file or environment setting is invalid
+└── SpineError        a snapshot spine file is missing, unreadable, or lacks a column
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from connectors.segments import Warehouse, write_dead_letters
 from flows.cli import command_main
 from flows.deadletters import DLQ_SCHEMA
 from flows.errors import DefinitionError
-from flows.settings import COMMON, Option, Settings, build_parser, resolve
+from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 
 SEGMENT_ROWS = 1_000_000
@@ -42,8 +42,9 @@ class IngestReport:
     seconds: float
 
 
-def ingest_table(source: Source, table: pa.Table, warehouse: Warehouse,
-                 arrival: datetime | None = None) -> IngestReport:
+def ingest_table(
+    source: Source, table: pa.Table, warehouse: Warehouse, arrival: datetime | None = None
+) -> IngestReport:
     """Append the rows of `table` (the source's columns) to the source's log, in row order."""
     started = time.perf_counter()
     table = table.select(arrow_schema(source.avro_schema()).names)
@@ -56,7 +57,7 @@ def ingest_table(source: Source, table: pa.Table, warehouse: Warehouse,
     if not pa.types.is_string(keys.type):
         keys = keys.cast(pa.string())
     parts = partitions_for(keys, source.partitions)
-    at = pa.scalar(arrival or datetime.now(timezone.utc), pa.timestamp("us", tz="UTC"))
+    at = pa.scalar(arrival or datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     fp = fingerprint_hex(source.avro_schema())
     written: dict[int, int] = {}
     for p in range(source.partitions):
@@ -64,12 +65,15 @@ def ingest_table(source: Source, table: pa.Table, warehouse: Warehouse,
         for start in range(0, rows.num_rows, SEGMENT_ROWS):
             chunk = rows.slice(start, SEGMENT_ROWS)
             first = warehouse.next_offset(source.name, p)
-            chunk = chunk.append_column("_offset", pa.array(
-                np.arange(first, first + chunk.num_rows, dtype=np.int64)))
-            chunk = chunk.append_column("_partition", pa.array(
-                np.full(chunk.num_rows, p, dtype=np.int32)))
-            chunk = chunk.append_column("_arrival", pa.array(
-                [at.as_py()] * chunk.num_rows, pa.timestamp("us", tz="UTC")))
+            chunk = chunk.append_column(
+                "_offset", pa.array(np.arange(first, first + chunk.num_rows, dtype=np.int64))
+            )
+            chunk = chunk.append_column(
+                "_partition", pa.array(np.full(chunk.num_rows, p, dtype=np.int32))
+            )
+            chunk = chunk.append_column(
+                "_arrival", pa.array([at.as_py()] * chunk.num_rows, pa.timestamp("us", tz="UTC"))
+            )
             warehouse.append(source.name, p, chunk, fingerprint=fp, ts_column=source.timestamp)
         written[p] = rows.num_rows
     return IngestReport(table.num_rows, n_bad, written, time.perf_counter() - started)
@@ -78,14 +82,22 @@ def ingest_table(source: Source, table: pa.Table, warehouse: Warehouse,
 def _dead_letter_rows(source: Source, rows: pa.Table, warehouse: Warehouse) -> None:
     import orjson
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     payloads = [orjson.dumps(r, default=str) for r in rows.to_pylist()]
-    reason = (f"source {source.name!r}: null {source.key!r} or {source.timestamp!r}; "
-              "events need an entity key and an event time")
-    table = pa.table({"reason": [reason] * rows.num_rows,
-                      "partition": pa.nulls(rows.num_rows, pa.int32()),
-                      "offset": pa.nulls(rows.num_rows, pa.int64()),
-                      "payload": payloads, "at": [now] * rows.num_rows}, schema=DLQ_SCHEMA)
+    reason = (
+        f"source {source.name!r}: null {source.key!r} or {source.timestamp!r}; "
+        "events need an entity key and an event time"
+    )
+    table = pa.table(
+        {
+            "reason": [reason] * rows.num_rows,
+            "partition": pa.nulls(rows.num_rows, pa.int32()),
+            "offset": pa.nulls(rows.num_rows, pa.int64()),
+            "payload": payloads,
+            "at": [now] * rows.num_rows,
+        },
+        schema=DLQ_SCHEMA,
+    )
     write_dead_letters(warehouse.root, source.name, table)
 
 
@@ -97,8 +109,12 @@ OPTIONS = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser("python -m flows.ingest", __doc__.splitlines()[0], OPTIONS)
-    parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="Parquet, CSV or JSON-lines files, or directories of them")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="Parquet, CSV or JSON-lines files, or directories of them",
+    )
     return command_main(parser, OPTIONS, argv, _ingest)
 
 
@@ -109,21 +125,25 @@ def _ingest(settings: Settings, args: object) -> int:
     tables = [read_history(Path(f), schema) for f in args.files]  # type: ignore[attr-defined]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     report = ingest_table(source, table, Warehouse(settings.warehouse))
-    print(f"ingested {report.rows:,} events of source {source.name!r} into "
-          f"{settings.warehouse} ({report.dead_letters:,} dead letters) in "
-          f"{report.seconds:.1f}s; per partition: {report.per_partition}")
+    print(
+        f"ingested {report.rows:,} events of source {source.name!r} into "
+        f"{settings.warehouse} ({report.dead_letters:,} dead letters) in "
+        f"{report.seconds:.1f}s; per partition: {report.per_partition}"
+    )
     return 0
 
 
 def _pick_source(sources: dict[str, Source], name: str | None) -> Source:
     if name is None:
         if len(sources) != 1:
-            raise DefinitionError(f"the definitions declare sources {sorted(sources)}; choose one "
-                                  "with --source")
+            raise DefinitionError(
+                f"the definitions declare sources {sorted(sources)}; choose one with --source"
+            )
         return next(iter(sources.values()))
     if name not in sources:
-        raise DefinitionError(f"unknown source {name!r}; the definitions declare "
-                              f"{', '.join(sorted(sources))}")
+        raise DefinitionError(
+            f"unknown source {name!r}; the definitions declare {', '.join(sorted(sources))}"
+        )
     return sources[name]
 
 

@@ -35,17 +35,27 @@ class Metrics:
         self._stats: dict[tuple[str, int], _PartitionStats] = {}
         self._dead: dict[str, int] = {}
         labels = ["view", "partition"]
-        self._events = Counter("featureflow_events_applied", "events applied to a view",
-                               labels, registry=self.registry)
-        self._late = Counter("featureflow_late_events", "events too late for a view",
-                             labels, registry=self.registry)
-        self._dlq = Counter("featureflow_dead_letters", "records sent to the dead-letter output",
-                            ["source"], registry=self.registry)
-        self._offset = Gauge("featureflow_applied_offset", "last applied log offset",
-                             labels, registry=self.registry)
-        self._freshness = Gauge("featureflow_freshness_seconds",
-                                "now minus arrival time of the newest applied record",
-                                labels, registry=self.registry)
+        self._events = Counter(
+            "featureflow_events_applied", "events applied to a view", labels, registry=self.registry
+        )
+        self._late = Counter(
+            "featureflow_late_events", "events too late for a view", labels, registry=self.registry
+        )
+        self._dlq = Counter(
+            "featureflow_dead_letters",
+            "records sent to the dead-letter output",
+            ["source"],
+            registry=self.registry,
+        )
+        self._offset = Gauge(
+            "featureflow_applied_offset", "last applied log offset", labels, registry=self.registry
+        )
+        self._freshness = Gauge(
+            "featureflow_freshness_seconds",
+            "now minus arrival time of the newest applied record",
+            labels,
+            registry=self.registry,
+        )
 
     def serve(self, port: int) -> None:
         """Expose /metrics in Prometheus text format on 127.0.0.1:port."""
@@ -89,8 +99,10 @@ class Metrics:
         elapsed = time.monotonic() - self.started
         events = max(per_view.values(), default=0)
         rate = events / elapsed if elapsed > 0 else 0.0
-        return (f"[featureflow] {elapsed:7.1f}s  events {events:,}  ({rate:,.0f}/s)  "
-                f"late {late:,}  dead letters {dead:,}")
+        return (
+            f"[featureflow] {elapsed:7.1f}s  events {events:,}  ({rate:,.0f}/s)  "
+            f"late {late:,}  dead letters {dead:,}"
+        )
 
 
 class ConsoleReporter:

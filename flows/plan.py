@@ -21,24 +21,32 @@ from flows.spec import Definitions, FeatureView
 from state.store import PartitionProgress, ViewStore, open_secondary, partition_dir
 
 
-def choose_targets(store: ViewStore, views: Sequence[FeatureView], *, rebuild: bool,
-                   ) -> list[ViewTarget]:
+def choose_targets(
+    store: ViewStore,
+    views: Sequence[FeatureView],
+    *,
+    rebuild: bool,
+) -> list[ViewTarget]:
     """The version each view is written to; `rebuild` forces a new version (flows.replay)."""
     targets: list[ViewTarget] = []
     for view in views:
         layout = view.layout()
         current = store.current_version(view.name)
-        if not rebuild and current is not None and \
-                store.layout(view.name, current).same_semantics(layout):
+        if (
+            not rebuild
+            and current is not None
+            and store.layout(view.name, current).same_semantics(layout)
+        ):
             targets.append(ViewTarget(view, layout, current))
             continue
-        pending = [v for v in store.versions(view.name) if v != current and
-                   (store.version_dir(view.name, v) / "layout.json").is_file() and
-                   store.layout(view.name, v).same_semantics(layout)]
-        if rebuild or not pending:
-            version = store.create_version(layout)
-        else:
-            version = pending[-1]
+        pending = [
+            v
+            for v in store.versions(view.name)
+            if v != current
+            and (store.version_dir(view.name, v) / "layout.json").is_file()
+            and store.layout(view.name, v).same_semantics(layout)
+        ]
+        version = store.create_version(layout) if rebuild or not pending else pending[-1]
         targets.append(ViewTarget(view, layout, version, switch_when_caught_up=True))
     return targets
 
@@ -63,9 +71,17 @@ def read_progress(store: ViewStore, view: str, version: int, partition: int) -> 
     return PartitionProgress(applied, None, 0, 0)
 
 
-def build_plan(defs: Definitions, views: Sequence[FeatureView], *, warehouse: Path, state: Path,
-               kafka: str | None, until_caught_up: bool, rebuild: bool = False,
-               metrics: Metrics | None = None) -> FlowPlan:
+def build_plan(
+    defs: Definitions,
+    views: Sequence[FeatureView],
+    *,
+    warehouse: Path,
+    state: Path,
+    kafka: str | None,
+    until_caught_up: bool,
+    rebuild: bool = False,
+    metrics: Metrics | None = None,
+) -> FlowPlan:
     store = ViewStore(state)
     targets = choose_targets(store, views, rebuild=rebuild)
     wh = Warehouse(warehouse)
@@ -74,20 +90,35 @@ def build_plan(defs: Definitions, views: Sequence[FeatureView], *, warehouse: Pa
         src_targets = tuple(t for t in targets if t.view.source.name == name)
         source = src_targets[0].view.source
         schema = source.avro_schema()
-        tail = KafkaTail(kafka, source.kafka_topic, SchemaStore(schema), source.key) \
-            if kafka else None
+        tail = (
+            KafkaTail(kafka, source.kafka_topic, SchemaStore(schema), source.key) if kafka else None
+        )
         start, ends = {}, {}
         for p in range(source.partitions):
-            start[p] = min(read_progress(store, t.view.name, t.version, p).applied_offset + 1
-                           for t in src_targets)
+            start[p] = min(
+                read_progress(store, t.view.name, t.version, p).applied_offset + 1
+                for t in src_targets
+            )
             log = PartitionLog(wh, name, p, start[p], arrow_schema(schema), kafka=tail)
             try:
                 ends[p] = log.end_offset()
             finally:
                 log.close()
         sources[name] = SourcePlan(
-            name=name, key=source.key, timestamp=source.timestamp,
-            arrow_schema=arrow_schema(schema), targets=src_targets, start=start,
-            stop=dict(ends) if until_caught_up else None, catch_up=ends, kafka=tail)
-    return FlowPlan(warehouse=warehouse, state=state, sources=sources, kafka_bootstrap=kafka,
-                    metrics=metrics or Metrics())
+            name=name,
+            key=source.key,
+            timestamp=source.timestamp,
+            arrow_schema=arrow_schema(schema),
+            targets=src_targets,
+            start=start,
+            stop=dict(ends) if until_caught_up else None,
+            catch_up=ends,
+            kafka=tail,
+        )
+    return FlowPlan(
+        warehouse=warehouse,
+        state=state,
+        sources=sources,
+        kafka_bootstrap=kafka,
+        metrics=metrics or Metrics(),
+    )

@@ -36,8 +36,9 @@ LIFETIME_TILE_US = 86_400_000_000
 ROW_BUDGET = 4_000_000  # tile rows gathered per chunk of spine rows (bounds memory)
 
 
-def kept_events(layout: ViewLayout, partitions: list[pa.Table],
-                transform: Callable[[pa.Table], pa.Table] | None) -> pa.Table:
+def kept_events(
+    layout: ViewLayout, partitions: list[pa.Table], transform: Callable[[pa.Table], pa.Table] | None
+) -> pa.Table:
     """The events the live flow applies: per partition in offset order, transformed, minus the
     ones too late for the view (same watermark rule as `flows.aggregate.apply_batch`)."""
     kept: list[pa.Table] = []
@@ -56,19 +57,24 @@ class _Sorted:
     columns: dict[str, ColumnValues]
 
 
-def point_in_time(layout: ViewLayout, events: pa.Table, keys: pa.Array | pa.ChunkedArray,
-                  times: I64) -> dict[str, list[Any]]:
+def point_in_time(
+    layout: ViewLayout, events: pa.Table, keys: pa.Array | pa.ChunkedArray, times: I64
+) -> dict[str, list[Any]]:
     """Feature values of `layout` for each (keys[i], times[i]) row, in row order."""
     n = len(times)
     if n == 0:
         return {f.name: [] for f in layout.features}
     spine_keys = keys.cast(pa.string()) if not pa.types.is_string(keys.type) else keys
-    ev_keys = key_strings(events, layout.key) if events.num_rows else pa.chunked_array(
-        [pa.array([], pa.string())])
+    ev_keys = (
+        key_strings(events, layout.key)
+        if events.num_rows
+        else pa.chunked_array([pa.array([], pa.string())])
+    )
     both = pa.chunked_array([*_chunks(ev_keys), *_chunks(spine_keys)]).combine_chunks()
-    ids = np.asarray(both.dictionary_encode().indices.to_numpy(zero_copy_only=False),
-                     dtype=np.int64)
-    ev_kid, q_kid = ids[:events.num_rows], ids[events.num_rows:]
+    ids = np.asarray(
+        both.dictionary_encode().indices.to_numpy(zero_copy_only=False), dtype=np.int64
+    )
+    ev_kid, q_kid = ids[: events.num_rows], ids[events.num_rows :]
     ev = _sorted_events(layout, events, ev_kid)
     q_order = np.lexsort((times, q_kid))
     values: dict[str, list[Any]] = {f.name: [None] * n for f in layout.features}
@@ -89,17 +95,21 @@ def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> _Sorted:
     ts = event_times(events, layout.timestamp)
     off = np.asarray(events.column(OFFSET).to_numpy(), dtype=np.int64)
     order = np.lexsort((off, ts, kid))
-    cols = {k: ColumnValues(v.values[order], v.valid[order])
-            for k, v in column_values(events, layout).items()}
+    cols = {
+        k: ColumnValues(v.values[order], v.valid[order])
+        for k, v in column_values(events, layout).items()
+    }
     return _Sorted(kid[order], ts[order], off[order], cols)
 
 
-def _group_values(group: HopGroup, ev: _Sorted, q_kid: I64, q_t: I64, q_order: I64,
-                  values: dict[str, list[Any]]) -> None:
+def _group_values(
+    group: HopGroup, ev: _Sorted, q_kid: I64, q_t: I64, q_order: I64, values: dict[str, list[Any]]
+) -> None:
     hop = group.hop_us or LIFETIME_TILE_US
     tile_group = HopGroup(hop, group.features, group.columns, group.last_k)
-    units = unit_block(tile_group, ev.ts, ev.off, {c.column: ev.columns[c.column]
-                                                   for c in group.columns})
+    units = unit_block(
+        tile_group, ev.ts, ev.off, {c.column: ev.columns[c.column] for c in group.columns}
+    )
     starts = run_starts(ev.kid, units.rows["tile"])
     tiles = combine(group, units, starts)
     tile_kid = ev.kid[starts]
@@ -109,8 +119,9 @@ def _group_values(group: HopGroup, ev: _Sorted, q_kid: I64, q_t: I64, q_order: I
         chunk = max(1, ROW_BUDGET // max(span, 1))
         for a in range(0, len(q_t), chunk):
             sl = slice(a, a + chunk)
-            merged = _window_rows(group, tiles, tile_kid, units, ev, hop, window_us,
-                                  q_kid[sl], q_t[sl])
+            merged = _window_rows(
+                group, tiles, tile_kid, units, ev, hop, window_us, q_kid[sl], q_t[sl]
+            )
             for f in feats:
                 out = finalize(f, column_stats(group, f), merged)
                 target = values[f.name]
@@ -124,15 +135,25 @@ def _max_tiles_per_key(tile_kid: I64) -> int:
     return int(np.bincount(tile_kid).max())
 
 
-def _window_rows(group: HopGroup, tiles: TileBlock, tile_kid: I64, units: TileBlock,
-                 ev: _Sorted, hop: int, window_us: int, q_kid: I64, q_t: I64) -> TileBlock:
+def _window_rows(
+    group: HopGroup,
+    tiles: TileBlock,
+    tile_kid: I64,
+    units: TileBlock,
+    ev: _Sorted,
+    hop: int,
+    window_us: int,
+    q_kid: I64,
+    q_t: I64,
+) -> TileBlock:
     head = q_t // hop
     tile_idx = tiles.rows["tile"]
     if window_us:
         first_tile = head - window_us // hop
     else:  # lifetime: from the first tile of any key
-        first_tile = np.full_like(head, min(int(tile_idx.min()), int(head.min())) if len(tile_idx)
-                                  else int(head.min()))
+        first_tile = np.full_like(
+            head, min(int(tile_idx.min()), int(head.min())) if len(tile_idx) else int(head.min())
+        )
     lo = _search(tile_kid, tile_idx, q_kid, first_tile)
     hi = _search(tile_kid, tile_idx, q_kid, head)
     full = reduce_ranges(group, tiles, lo, hi)
@@ -171,8 +192,13 @@ def feature_type(feature: FeatureDef, layout: ViewLayout) -> pa.DataType:
         return pa.int64() if integral else pa.float64()
     if feature.agg in ("mean", "var", "std", "percentile"):
         return pa.float64()
-    base: pa.DataType = {"int": pa.int64(), "long": pa.int64(), "float": pa.float64(),
-                         "double": pa.float64(), "boolean": pa.bool_()}.get(col_type, pa.string())
+    base: pa.DataType = {
+        "int": pa.int64(),
+        "long": pa.int64(),
+        "float": pa.float64(),
+        "double": pa.float64(),
+        "boolean": pa.bool_(),
+    }.get(col_type, pa.string())
     if feature.agg == "last_k":
         return pa.list_(base)
     return base

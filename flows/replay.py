@@ -49,8 +49,15 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
     if settings.from_time:
         views = [_from_time(v, settings.from_time) for v in views]
     Warehouse(settings.warehouse)
-    plan = build_plan(defs, views, warehouse=Path(settings.warehouse), state=Path(settings.state),
-                      kafka=settings.kafka, until_caught_up=True, rebuild=True)
+    plan = build_plan(
+        defs,
+        views,
+        warehouse=Path(settings.warehouse),
+        state=Path(settings.state),
+        kafka=settings.kafka,
+        until_caught_up=True,
+        rebuild=True,
+    )
     for sp in plan.sources.values():
         for t in sp.targets:
             print(f"replaying view {t.view.name!r} into version v{t.version}", flush=True)
@@ -59,7 +66,7 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
     for sp in plan.sources.values():
         for t in sp.targets:
             live = store.current_version(t.view.name)
-            keep = sorted(store.versions(t.view.name))[-settings.keep_versions:]
+            keep = sorted(store.versions(t.view.name))[-settings.keep_versions :]
             store.drop_versions_except(t.view.name, [*keep, *([live] if live else [])])
             print(f"view {t.view.name!r}: live version v{live}", flush=True)
     return code
@@ -71,8 +78,10 @@ def _from_time(view: FeatureView, text: str) -> FeatureView:
     try:
         start = to_micros(datetime.fromisoformat(text.replace("Z", "+00:00")))
     except ValueError as exc:
-        raise ConfigError(f"--from-time {text!r} is not an ISO-8601 time with a timezone, e.g. "
-                          "2026-01-31T00:00:00Z") from exc
+        raise ConfigError(
+            f"--from-time {text!r} is not an ISO-8601 time with a timezone, e.g. "
+            "2026-01-31T00:00:00Z"
+        ) from exc
     user = view.transform
     ts_col = view.source.timestamp
 

@@ -54,30 +54,52 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         for source in {v.source.name: v.source for v in views}.values():
             report = ensure_demo_data(source, warehouse)
             if report is not None:
-                print(f"generated demo data: {report.rows:,} events of {source.name!r} into "
-                      f"{settings.warehouse} in {report.seconds:.1f}s", flush=True)
+                print(
+                    f"generated demo data: {report.rows:,} events of {source.name!r} into "
+                    f"{settings.warehouse} in {report.seconds:.1f}s",
+                    flush=True,
+                )
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    plan = build_plan(defs, views, warehouse=Path(settings.warehouse),
-                      state=Path(settings.state), kafka=settings.kafka,
-                      until_caught_up=settings.until_caught_up, metrics=metrics)
+    plan = build_plan(
+        defs,
+        views,
+        warehouse=Path(settings.warehouse),
+        state=Path(settings.state),
+        kafka=settings.kafka,
+        until_caught_up=settings.until_caught_up,
+        metrics=metrics,
+    )
     _print_plan(plan)
     addresses = settings.addresses.split(";") if settings.addresses else None
-    return execute(plan, workers=settings.workers, addresses=addresses,
-                   process_id=settings.process_id or 0, status_interval=settings.status_interval)
+    return execute(
+        plan,
+        workers=settings.workers,
+        addresses=addresses,
+        process_id=settings.process_id or 0,
+        status_interval=settings.status_interval,
+    )
 
 
-def execute(plan: FlowPlan, *, workers: int = 1, addresses: list[str] | None = None,
-            process_id: int = 0, status_interval: float = 5.0) -> int:
+def execute(
+    plan: FlowPlan,
+    *,
+    workers: int = 1,
+    addresses: list[str] | None = None,
+    process_id: int = 0,
+    status_interval: float = 5.0,
+) -> int:
     """Run the dataflow, then print the summary (also after Ctrl-C)."""
     reporter = ConsoleReporter(plan.metrics, status_interval)
     reporter.start()
     started = time.perf_counter()
     # Ctrl-C / SIGTERM end the flow cleanly: the sources stop at their next batch, the sinks
     # finish what they hold and close. Every commit is atomic, so any stop point is safe.
-    previous = {sig: signal.signal(sig, lambda *_: plan.stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: plan.stop.set())
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         run_dataflow(plan, workers, addresses, process_id)
     finally:
@@ -92,12 +114,17 @@ def _print_plan(plan: FlowPlan) -> None:
     for name, sp in plan.sources.items():
         todo = sum(sp.catch_up[p] - sp.start[p] for p in sp.start)
         mode = f"Kafka {plan.kafka_bootstrap} after segments" if sp.kafka else "segments"
-        print(f"source {name!r}: {len(sp.start)} partitions from {mode}; "
-              f"{todo:,} records to apply", flush=True)
+        print(
+            f"source {name!r}: {len(sp.start)} partitions from {mode}; {todo:,} records to apply",
+            flush=True,
+        )
         for t in sp.targets:
             state = "new version, live when caught up" if t.switch_when_caught_up else "live"
-            print(f"  view {t.view.name!r} v{t.version} ({state}): "
-                  f"{', '.join(f.name for f in t.layout.features)}", flush=True)
+            print(
+                f"  view {t.view.name!r} v{t.version} ({state}): "
+                f"{', '.join(f.name for f in t.layout.features)}",
+                flush=True,
+            )
 
 
 def _print_summary(plan: FlowPlan, elapsed: float, interrupted: bool) -> None:
@@ -105,9 +132,12 @@ def _print_summary(plan: FlowPlan, elapsed: float, interrupted: bool) -> None:
     events = max(per_view.values(), default=0)
     rate = events / elapsed if elapsed > 0 else 0.0
     how = "stopped by Ctrl-C" if interrupted else "done"
-    print(f"{how}: applied {events:,} events to {len(per_view) or sum(len(sp.targets) for sp in plan.sources.values())} view(s) "
-          f"in {elapsed:.1f}s ({rate:,.0f} events/s); late {late:,}; dead letters {dead:,}",
-          flush=True)
+    n_views = len(per_view) or sum(len(sp.targets) for sp in plan.sources.values())
+    print(
+        f"{how}: applied {events:,} events to {n_views} view(s) "
+        f"in {elapsed:.1f}s ({rate:,.0f} events/s); late {late:,}; dead letters {dead:,}",
+        flush=True,
+    )
     sample = _sample_read(plan)
     if sample:
         print(sample, flush=True)
@@ -118,8 +148,8 @@ def _sample_read(plan: FlowPlan) -> str | None:
     the most recently active of the first entities of each partition."""
     for sp in plan.sources.values():
         for target in sp.targets:
-            found = [_newest_entity(plan, target.view.name, target.version, p) for p in sp.start]
-            found = [f for f in found if f is not None]
+            scanned = (_newest_entity(plan, target.view.name, target.version, p) for p in sp.start)
+            found = [f for f in scanned if f is not None]
             if not found:
                 continue
             view_newest = max(f[2] for f in found)
@@ -128,13 +158,16 @@ def _sample_read(plan: FlowPlan) -> str | None:
                 if target.view.name not in client.views():
                     return None
                 values = client.get(target.view.name, key, at=(view_newest + 1) / 1e6)
-            return (f"sample read: FeatureClient(\"{plan.state}\").get({target.view.name!r}, "
-                    f"{key!r}, at=<newest event + 1us>) = {values}")
+            return (
+                f'sample read: FeatureClient("{plan.state}").get({target.view.name!r}, '
+                f"{key!r}, at=<newest event + 1us>) = {values}"
+            )
     return None
 
 
-def _newest_entity(plan: FlowPlan, view: str, version: int, p: int,
-                   scan: int = 1000) -> tuple[str, int, int] | None:
+def _newest_entity(
+    plan: FlowPlan, view: str, version: int, p: int, scan: int = 1000
+) -> tuple[str, int, int] | None:
     """(key, its newest event time, the partition's watermark) among the first `scan` keys."""
     store = ViewStore(plan.state)
     primary = partition_dir(store.version_dir(view, version), p)

@@ -63,33 +63,49 @@ class Settings:
             raise AttributeError(name) from None
 
     def describe(self) -> str:
-        parts = [f"{k}={v!r} ({self.origin[k]})" for k, v in self.values.items()
-                 if self.origin[k] != "default"]
+        parts = [
+            f"{k}={v!r} ({self.origin[k]})"
+            for k, v in self.values.items()
+            if self.origin[k] != "default"
+        ]
         return "settings: " + (", ".join(parts) if parts else "all defaults")
 
 
 def build_parser(prog: str, description: str, options: Sequence[Option]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description=description,
+        prog=prog,
+        description=description,
         epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG> "
-               "(e.g. FEATUREFLOW_STATE) or in a TOML config file given with --config "
-               f"(or {ENV_PREFIX}CONFIG). Flags win over the environment, which wins over the file.",
+        "(e.g. FEATUREFLOW_STATE) or in a TOML config file given with --config "
+        f"(or {ENV_PREFIX}CONFIG). Flags win over the environment, which wins over the file.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML config file with flag values")
     for opt in options:
         flag = f"--{opt.name}"
         if opt.kind is bool:
-            parser.add_argument(flag, dest=opt.dest, action="store_const", const=True,
-                                default=None, help=f"{opt.help} (env {opt.env})")
+            parser.add_argument(
+                flag,
+                dest=opt.dest,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{opt.help} (env {opt.env})",
+            )
         else:
             default = f" (default: {opt.default})" if opt.default is not None else ""
-            parser.add_argument(flag, dest=opt.dest, default=None, metavar=opt.dest.upper(),
-                                help=f"{opt.help}{default}; env {opt.env}")
+            parser.add_argument(
+                flag,
+                dest=opt.dest,
+                default=None,
+                metavar=opt.dest.upper(),
+                help=f"{opt.help}{default}; env {opt.env}",
+            )
     return parser
 
 
-def resolve(parser: argparse.ArgumentParser, options: Sequence[Option],
-            argv: Sequence[str] | None) -> Settings:
+def resolve(
+    parser: argparse.ArgumentParser, options: Sequence[Option], argv: Sequence[str] | None
+) -> Settings:
     """Parse argv and merge it with the environment, the config file and the defaults."""
     args = parser.parse_args(argv)
     config = _load_config(args.config or os.environ.get(f"{ENV_PREFIX}CONFIG"))
@@ -107,8 +123,10 @@ def resolve(parser: argparse.ArgumentParser, options: Sequence[Option],
         values[opt.dest], origin[opt.dest] = _convert(opt, raw, where), where
     unknown = sorted(set(config) - {o.dest for o in options})
     if unknown:
-        raise ConfigError(f"config file: unknown setting(s) {unknown}; known: "
-                          f"{', '.join(o.dest for o in options)}")
+        raise ConfigError(
+            f"config file: unknown setting(s) {unknown}; known: "
+            f"{', '.join(o.dest for o in options)}"
+        )
     return Settings(values, origin)
 
 

@@ -59,8 +59,10 @@ def _snapshot(settings: Settings, _args: argparse.Namespace) -> int:
     spine = read_spine(Path(settings.spine))
     result = build_snapshot(views, spine, Warehouse(settings.warehouse), settings.kafka)
     write_parquet_atomic(result, Path(settings.out))
-    print(f"snapshot: {result.num_rows:,} rows x {result.num_columns - spine.num_columns} "
-          f"features -> {settings.out} in {time.perf_counter() - started:.1f}s")
+    print(
+        f"snapshot: {result.num_rows:,} rows x {result.num_columns - spine.num_columns} "
+        f"features -> {settings.out} in {time.perf_counter() - started:.1f}s"
+    )
     return 0
 
 
@@ -78,15 +80,18 @@ def read_spine(path: Path) -> pa.Table:
             return pajson.read_json(path)
     except (pa.ArrowException, OSError) as exc:
         raise SpineError(f"spine file {str(path)!r} cannot be read: {exc}") from exc
-    raise SpineError(f"spine file {str(path)!r}: unknown extension {suffix!r}; use .parquet, "
-                     ".csv or .jsonl")
+    raise SpineError(
+        f"spine file {str(path)!r}: unknown extension {suffix!r}; use .parquet, .csv or .jsonl"
+    )
 
 
 def spine_times(spine: pa.Table, source: Source) -> np.ndarray:
     """The spine's ts column as int64 µs (UTC)."""
     if SPINE_TS not in spine.column_names:
-        raise SpineError(f"spine has no {SPINE_TS!r} column (columns: "
-                         f"{', '.join(spine.column_names)}); add the time of each row as 'ts'")
+        raise SpineError(
+            f"spine has no {SPINE_TS!r} column (columns: "
+            f"{', '.join(spine.column_names)}); add the time of each row as 'ts'"
+        )
     col = spine.column(SPINE_TS)
     if pc.any(pc.is_null(col)).as_py():
         raise SpineError(f"spine column {SPINE_TS!r} has nulls; every row needs a time")
@@ -94,23 +99,29 @@ def spine_times(spine: pa.Table, source: Source) -> np.ndarray:
         try:
             col = pc.cast(col, pa.timestamp("us", tz="UTC"))
         except pa.ArrowInvalid as exc:
-            raise SpineError(f"spine column 'ts' has text that is not an ISO-8601 time: {exc}") \
-                from exc
+            raise SpineError(
+                f"spine column 'ts' has text that is not an ISO-8601 time: {exc}"
+            ) from exc
     if pa.types.is_timestamp(col.type):
         return event_times(pa.table({SPINE_TS: col}), SPINE_TS)
     if pa.types.is_integer(col.type):
         unit = source.field_types()[source.timestamp]
         scale = 1000 if unit == "timestamp-millis" else 1
         return np.asarray(col.to_numpy(), dtype=np.int64) * scale
-    raise SpineError(f"spine column 'ts' has type {col.type}; use timestamps, ISO-8601 text or "
-                     "integer epoch times")
+    raise SpineError(
+        f"spine column 'ts' has type {col.type}; use timestamps, ISO-8601 text or "
+        "integer epoch times"
+    )
 
 
 def read_log(source: Source, warehouse: Warehouse, kafka: str | None) -> list[pa.Table]:
     """The whole log of a source as it stands now: one offset-ordered table per partition."""
     schema = arrow_schema(source.avro_schema())
-    tail = KafkaTail(kafka, source.kafka_topic, SchemaStore(source.avro_schema()), source.key) \
-        if kafka else None
+    tail = (
+        KafkaTail(kafka, source.kafka_topic, SchemaStore(source.avro_schema()), source.key)
+        if kafka
+        else None
+    )
     out: list[pa.Table] = []
     for p in range(source.partitions):
         log = PartitionLog(warehouse, source.name, p, 0, schema, kafka=tail)
@@ -129,33 +140,42 @@ def read_log(source: Source, warehouse: Warehouse, kafka: str | None) -> list[pa
 
 
 def _empty_log(schema: pa.Schema) -> pa.Table:
-    fields = [*schema, pa.field("_offset", pa.int64()), pa.field("_partition", pa.int32()),
-              pa.field("_arrival", pa.timestamp("us", tz="UTC"))]
+    fields = [
+        *schema,
+        pa.field("_offset", pa.int64()),
+        pa.field("_partition", pa.int32()),
+        pa.field("_arrival", pa.timestamp("us", tz="UTC")),
+    ]
     return pa.schema(fields).empty_table()
 
 
-def build_snapshot(views: Sequence[FeatureView], spine: pa.Table, warehouse: Warehouse,
-                   kafka: str | None = None) -> pa.Table:
+def build_snapshot(
+    views: Sequence[FeatureView], spine: pa.Table, warehouse: Warehouse, kafka: str | None = None
+) -> pa.Table:
     """The spine plus one column per feature of each view, point-in-time correct."""
     result = spine
     logs: dict[str, list[pa.Table]] = {}
     for view in views:
         source = view.source
         if source.key not in spine.column_names:
-            raise SpineError(f"spine has no {source.key!r} column (the key of source "
-                             f"{source.name!r}); columns: {', '.join(spine.column_names)}")
+            raise SpineError(
+                f"spine has no {source.key!r} column (the key of source "
+                f"{source.name!r}); columns: {', '.join(spine.column_names)}"
+            )
         times = spine_times(spine, source)
         if source.name not in logs:
             logs[source.name] = read_log(source, warehouse, kafka)
         layout = view.layout()
         keys = spine.column(source.key)
-        events = _only_keys(kept_events(layout, logs[source.name], view.transform), layout.key,
-                            keys)
+        events = _only_keys(
+            kept_events(layout, logs[source.name], view.transform), layout.key, keys
+        )
         values = point_in_time(layout, events, keys, times)
         for feature in layout.features:
             name = f"{view.name}__{feature.name}"
             result = result.append_column(
-                name, pa.array(values[feature.name], type=feature_type(feature, layout)))
+                name, pa.array(values[feature.name], type=feature_type(feature, layout))
+            )
     meta = dict(result.schema.metadata or {})
     meta[b"featureflow.snapshot_format"] = SNAPSHOT_FORMAT.encode()
     return result.replace_schema_metadata(meta)

@@ -1,4 +1,4 @@
-"""Feature definitions: the Python API a data scientist writes (`Source`, `FeatureView`, aggregations).
+"""Feature definitions: the Python API a data scientist writes (Source, FeatureView, aggs).
 
 A definitions module declares sources and feature views; `load_definitions` imports it and
 validates every view against its source's Avro schema. Everything downstream (the dataflow, replay,
@@ -97,18 +97,28 @@ class Aggregation:
         where = f"view {view!r}, feature {self.name or self.agg!r}"
         window_us = parse_duration(self.window, f"{where}: window") if self.window else 0
         if window_us == 0 and self.hop is not None:
-            raise DefinitionError(f"{where}: hop={self.hop!r} given for a lifetime feature; "
-                                  "give a window too, or drop the hop")
+            raise DefinitionError(
+                f"{where}: hop={self.hop!r} given for a lifetime feature; "
+                "give a window too, or drop the hop"
+            )
         hop_us = 0
         if window_us:
-            hop_us = parse_duration(self.hop, f"{where}: hop") if self.hop else default_hop(window_us)
+            hop_us = (
+                parse_duration(self.hop, f"{where}: hop") if self.hop else default_hop(window_us)
+            )
             if window_us % hop_us:
                 raise DefinitionError(
                     f"{where}: hop {self.hop!r} does not divide window {self.window!r}; "
                     "choose a hop that divides the window (e.g. window='14d', hop='1h')"
                 )
-        return FeatureDef(name=self.name or self._default_name(window_us), agg=self.agg,
-                          column=self.column, window_us=window_us, hop_us=hop_us, param=self.param)
+        return FeatureDef(
+            name=self.name or self._default_name(window_us),
+            agg=self.agg,
+            column=self.column,
+            window_us=window_us,
+            hop_us=hop_us,
+            param=self.param,
+        )
 
     def _default_name(self, window_us: int) -> str:
         suffix = f"_{format_duration(window_us)}" if window_us else ""
@@ -127,80 +137,94 @@ class Aggregation:
 Window = str | int | None
 
 
-def count(column: str | None = None, *, window: Window = None, hop: Window = None,
-          name: str | None = None) -> Aggregation:
+def count(
+    column: str | None = None, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Number of events (or of non-null values of `column`) in the window; 0 when empty."""
     return Aggregation("count", column, window, hop, name)
 
 
-def sum(column: str, *, window: Window = None, hop: Window = None,  # noqa: A001
-        name: str | None = None) -> Aggregation:
+def sum(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Sum of non-null values; 0 when empty."""
     return Aggregation("sum", column, window, hop, name)
 
 
-def mean(column: str, *, window: Window = None, hop: Window = None,
-         name: str | None = None) -> Aggregation:
+def mean(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Arithmetic mean of non-null values; null when empty."""
     return Aggregation("mean", column, window, hop, name)
 
 
-def min(column: str, *, window: Window = None, hop: Window = None,  # noqa: A001
-        name: str | None = None) -> Aggregation:
+def min(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Smallest non-null value; null when empty."""
     return Aggregation("min", column, window, hop, name)
 
 
-def max(column: str, *, window: Window = None, hop: Window = None,  # noqa: A001
-        name: str | None = None) -> Aggregation:
+def max(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Largest non-null value; null when empty."""
     return Aggregation("max", column, window, hop, name)
 
 
-def var(column: str, *, window: Window = None, hop: Window = None,
-        name: str | None = None) -> Aggregation:
+def var(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Population variance of non-null values; null when empty."""
     return Aggregation("var", column, window, hop, name)
 
 
-def std(column: str, *, window: Window = None, hop: Window = None,
-        name: str | None = None) -> Aggregation:
+def std(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Population standard deviation of non-null values; null when empty."""
     return Aggregation("std", column, window, hop, name)
 
 
-def first(column: str, *, window: Window = None, hop: Window = None,
-          name: str | None = None) -> Aggregation:
+def first(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Value of the earliest event by event time (ties: lowest log offset); null when empty."""
     return Aggregation("first", column, window, hop, name)
 
 
-def last(column: str, *, window: Window = None, hop: Window = None,
-         name: str | None = None) -> Aggregation:
+def last(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Value of the latest event by event time (ties: highest log offset); null when empty."""
     return Aggregation("last", column, window, hop, name)
 
 
-def last_k(column: str, k: int, *, window: Window = None, hop: Window = None,
-           name: str | None = None) -> Aggregation:
+def last_k(
+    column: str, k: int, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """The k latest non-null values, newest first; null when empty."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1000:
         raise DefinitionError(f"last_k({column!r}, {k!r}): k must be an int in 1..1000")
     return Aggregation("last_k", column, window, hop, name, k)
 
 
-def distinct_count(column: str, *, window: Window = None, hop: Window = None,
-                   name: str | None = None) -> Aggregation:
+def distinct_count(
+    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Approximate number of distinct non-null values (HLL, ~1.6% relative standard error)."""
     return Aggregation("distinct_count", column, window, hop, name)
 
 
-def percentile(column: str, q: float, *, window: Window = None, hop: Window = None,
-               name: str | None = None) -> Aggregation:
+def percentile(
+    column: str, q: float, *, window: Window = None, hop: Window = None, name: str | None = None
+) -> Aggregation:
     """Approximate q-quantile (0 < q < 1) of non-null values (KLL sketch); null when empty."""
     if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 < float(q) < 1.0:
-        raise DefinitionError(f"percentile({column!r}, {q!r}): q must be a fraction in (0, 1),"
-                              " e.g. 0.95 for the 95th percentile")
+        raise DefinitionError(
+            f"percentile({column!r}, {q!r}): q must be a fraction in (0, 1),"
+            " e.g. 0.95 for the 95th percentile"
+        )
     return Aggregation("percentile", column, window, hop, name, float(q))
 
 
@@ -228,31 +252,40 @@ class Source:
         try:
             loaded = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError as exc:
-            raise DefinitionError(f"source {self.name!r}: schema file {path} is not valid JSON "
-                                  f"({exc}); fix the .avsc file") from exc
+            raise DefinitionError(
+                f"source {self.name!r}: schema file {path} is not valid JSON "
+                f"({exc}); fix the .avsc file"
+            ) from exc
         if not isinstance(loaded, dict):
-            raise DefinitionError(f"source {self.name!r}: schema file {path} must hold one "
-                                  "Avro record schema (a JSON object)")
+            raise DefinitionError(
+                f"source {self.name!r}: schema file {path} must hold one "
+                "Avro record schema (a JSON object)"
+            )
         return loaded
 
     def field_types(self) -> dict[str, str]:
-        """Field name -> simplified Avro type ("long", "double", "string", "timestamp-micros", ...)."""
+        """Field name -> simplified Avro type: "long", "double", "string", "timestamp-micros"..."""
         schema = self.avro_schema()
         if schema.get("type") != "record" or not isinstance(schema.get("fields"), list):
-            raise DefinitionError(f"source {self.name!r}: schema must be an Avro record with fields")
+            raise DefinitionError(
+                f"source {self.name!r}: schema must be an Avro record with fields"
+            )
         return {f["name"]: _simple_type(f["type"]) for f in schema["fields"]}
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", self.name):
             raise DefinitionError(f"source name {self.name!r} must be letters, digits, _ . -")
         if not isinstance(self.partitions, int) or self.partitions < 1:
-            raise DefinitionError(f"source {self.name!r}: partitions={self.partitions!r} must be "
-                                  "a positive int")
+            raise DefinitionError(
+                f"source {self.name!r}: partitions={self.partitions!r} must be a positive int"
+            )
         types = self.field_types()
         for role, fname in (("key", self.key), ("timestamp", self.timestamp)):
             if fname not in types:
-                raise DefinitionError(f"source {self.name!r}: {role} field {fname!r} is not in the "
-                                      f"schema (fields: {', '.join(types)})")
+                raise DefinitionError(
+                    f"source {self.name!r}: {role} field {fname!r} is not in the "
+                    f"schema (fields: {', '.join(types)})"
+                )
         if types[self.timestamp] not in ("timestamp-millis", "timestamp-micros"):
             raise DefinitionError(
                 f"source {self.name!r}: timestamp field {self.timestamp!r} has type "
@@ -260,8 +293,10 @@ class Source:
                 "timestamp-millis or timestamp-micros"
             )
         if types[self.key] not in ("string", "long", "int"):
-            raise DefinitionError(f"source {self.name!r}: key field {self.key!r} has type "
-                                  f"{types[self.key]!r}; use a string (or int/long) field")
+            raise DefinitionError(
+                f"source {self.name!r}: key field {self.key!r} has type "
+                f"{types[self.key]!r}; use a string (or int/long) field"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,16 +331,23 @@ class FeatureView:
         names = [d.name for d in defs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise DefinitionError(f"view {self.name!r}: feature names {dupes} are repeated; "
-                                  "give one of them name=")
+            raise DefinitionError(
+                f"view {self.name!r}: feature names {dupes} are repeated; give one of them name="
+            )
         for d in defs:
             _check_column(self.name, d, types)
         lateness = _lateness_us(self.allowed_lateness, self.name)
         column_types = {d.column: types[d.column] for d in defs if d.column is not None}
-        return ViewLayout(view=self.name, source=self.source.name, key=self.source.key,
-                          timestamp=self.source.timestamp, partitions=self.source.partitions,
-                          features=tuple(defs), column_types=column_types,
-                          allowed_lateness_us=lateness)
+        return ViewLayout(
+            view=self.name,
+            source=self.source.name,
+            key=self.source.key,
+            timestamp=self.source.timestamp,
+            partitions=self.source.partitions,
+            features=tuple(defs),
+            column_types=column_types,
+            allowed_lateness_us=lateness,
+        )
 
 
 def _lateness_us(value: str | int, view: str) -> int:
@@ -316,23 +358,31 @@ def _lateness_us(value: str | int, view: str) -> int:
 
 def _check_column(view: str, d: FeatureDef, types: dict[str, str]) -> None:
     if d.agg not in AGGREGATIONS:
-        raise DefinitionError(f"view {view!r}, feature {d.name!r}: unknown aggregation {d.agg!r}; "
-                              f"use one of {', '.join(AGGREGATIONS)}")
+        raise DefinitionError(
+            f"view {view!r}, feature {d.name!r}: unknown aggregation {d.agg!r}; "
+            f"use one of {', '.join(AGGREGATIONS)}"
+        )
     if d.column is None:
         if d.agg != "count":
             raise DefinitionError(f"view {view!r}, feature {d.name!r}: {d.agg} needs a column")
         return
     if d.column not in types:
-        raise DefinitionError(f"view {view!r}, feature {d.name!r}: unknown field {d.column!r}; "
-                              f"the source has fields {', '.join(types)}")
+        raise DefinitionError(
+            f"view {view!r}, feature {d.name!r}: unknown field {d.column!r}; "
+            f"the source has fields {', '.join(types)}"
+        )
     numeric_only = {"sum", "mean", "var", "std", "percentile", "min", "max"}
     kind = types[d.column]
     if d.agg in numeric_only and kind not in _NUMERIC:
-        raise DefinitionError(f"view {view!r}, feature {d.name!r}: {d.agg} needs a numeric "
-                              f"column, but {d.column!r} is {kind!r}")
+        raise DefinitionError(
+            f"view {view!r}, feature {d.name!r}: {d.agg} needs a numeric "
+            f"column, but {d.column!r} is {kind!r}"
+        )
     if kind not in _NUMERIC | _STRINGY:
-        raise DefinitionError(f"view {view!r}, feature {d.name!r}: column {d.column!r} has type "
-                              f"{kind!r}, which features cannot aggregate")
+        raise DefinitionError(
+            f"view {view!r}, feature {d.name!r}: column {d.column!r} has type "
+            f"{kind!r}, which features cannot aggregate"
+        )
 
 
 def _simple_type(avro: Any) -> str:
@@ -360,9 +410,11 @@ def _find_schema(path: Path, base_dir: Path | None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise DefinitionError(f"Avro schema file {str(path)!r} not found (looked in "
-                          f"{', '.join(str(c.parent) for c in candidates)}); give a path relative "
-                          "to the definitions module or the working directory")
+    raise DefinitionError(
+        f"Avro schema file {str(path)!r} not found (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}); give a path relative "
+        "to the definitions module or the working directory"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,8 +431,10 @@ class Definitions:
             return list(self.views.values())
         unknown = [n for n in names if n not in self.views]
         if unknown:
-            raise DefinitionError(f"unknown view(s) {', '.join(map(repr, unknown))} in {self.path};"
-                                  f" defined views: {', '.join(self.views) or '(none)'}")
+            raise DefinitionError(
+                f"unknown view(s) {', '.join(map(repr, unknown))} in {self.path};"
+                f" defined views: {', '.join(self.views) or '(none)'}"
+            )
         return [self.views[n] for n in names]
 
 
@@ -392,8 +446,10 @@ def load_definitions(path: str | Path) -> Definitions:
     """
     path = Path(path).resolve()
     if not path.is_file():
-        raise DefinitionError(f"definitions module {str(path)!r} not found; pass --features "
-                              "with the path of a Python file that declares FeatureViews")
+        raise DefinitionError(
+            f"definitions module {str(path)!r} not found; pass --features "
+            "with the path of a Python file that declares FeatureViews"
+        )
     module_name = f"_featureflow_defs_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -405,8 +461,10 @@ def load_definitions(path: str | Path) -> Definitions:
     except DefinitionError as exc:
         raise DefinitionError(f"definitions module {path}: {exc}") from exc
     except Exception as exc:
-        raise DefinitionError(f"definitions module {path} failed to import: "
-                              f"{type(exc).__name__}: {exc}; fix the module") from exc
+        raise DefinitionError(
+            f"definitions module {path} failed to import: "
+            f"{type(exc).__name__}: {exc}; fix the module"
+        ) from exc
     finally:
         sys.modules.pop(module_name, None)
     views: dict[str, FeatureView] = {}
@@ -427,15 +485,25 @@ def load_definitions(path: str | Path) -> Definitions:
 def _source_with_base(source: Source, base: Path) -> Source:
     if source.base_dir is not None:
         return source
-    return Source(name=source.name, schema=source.schema, key=source.key,
-                  timestamp=source.timestamp, partitions=source.partitions, topic=source.topic,
-                  base_dir=base)
+    return Source(
+        name=source.name,
+        schema=source.schema,
+        key=source.key,
+        timestamp=source.timestamp,
+        partitions=source.partitions,
+        topic=source.topic,
+        base_dir=base,
+    )
 
 
 def _with_base(view: FeatureView, base: Path) -> FeatureView:
-    return FeatureView(name=view.name, source=_source_with_base(view.source, base),
-                       features=view.features, transform=view.transform,
-                       allowed_lateness=view.allowed_lateness)
+    return FeatureView(
+        name=view.name,
+        source=_source_with_base(view.source, base),
+        features=view.features,
+        transform=view.transform,
+        allowed_lateness=view.allowed_lateness,
+    )
 
 
 # Keep the builtins reachable for code in this module that needs them despite the shadowing.

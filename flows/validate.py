@@ -20,23 +20,34 @@ def validate(batch: LogBatch, key: str, timestamp: str) -> LogBatch:
         return batch
     rejected = events.filter(bad)
     letters = [
-        DeadLetter(reason=_reason(row, key, timestamp, batch.source), partition=batch.partition,
-                   offset=int(row["_offset"]), payload=_payload(row))
+        DeadLetter(
+            reason=_reason(row, key, timestamp, batch.source),
+            partition=batch.partition,
+            offset=int(row["_offset"]),
+            payload=_payload(row),
+        )
         for row in rejected.to_pylist()
     ]
-    return LogBatch(batch.source, batch.partition, events.filter(pc.invert(bad)),
-                    (*batch.dead_letters, *letters), batch.next_offset, batch.from_kafka)
+    return LogBatch(
+        batch.source,
+        batch.partition,
+        events.filter(pc.invert(bad)),
+        (*batch.dead_letters, *letters),
+        batch.next_offset,
+        batch.from_kafka,
+    )
 
 
 def _reason(row: dict[str, object], key: str, timestamp: str, source: str) -> str:
     missing = [name for name in (key, timestamp) if row.get(name) is None]
-    return (f"source {source!r}: field(s) {', '.join(map(repr, missing))} null in record at "
-            f"offset {row['_offset']}; events need an entity key and an event time")
+    return (
+        f"source {source!r}: field(s) {', '.join(map(repr, missing))} null in record at "
+        f"offset {row['_offset']}; events need an entity key and an event time"
+    )
 
 
 def _payload(row: dict[str, object]) -> bytes:
-    return orjson.dumps({k: v for k, v in row.items() if not k.startswith("_")},
-                        default=str)
+    return orjson.dumps({k: v for k, v in row.items() if not k.startswith("_")}, default=str)
 
 
 def empty_like(table: pa.Table) -> pa.Table:

@@ -31,11 +31,15 @@ from state.codec import decode_entity
 from state.store import PartitionProgress
 from state.window import evaluate
 
-SCHEMA = {"type": "record", "name": "Txn", "fields": [
-    {"name": "user_id", "type": "string"},
-    {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-    {"name": "amount", "type": ["null", "double"], "default": None},
-]}
+SCHEMA = {
+    "type": "record",
+    "name": "Txn",
+    "fields": [
+        {"name": "user_id", "type": "string"},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "amount", "type": ["null", "double"], "default": None},
+    ],
+}
 WINDOWS = ("30m", "14d", "180d")
 DAY_US = 86_400_000_000
 
@@ -45,10 +49,16 @@ def make_file(path: Path, n: int, keys: int, partitions: int) -> None:
     end = 1_790_000_000_000_000
     ts = np.sort(rng.integers(end - 180 * DAY_US, end, n))
     user = np.char.add("u", rng.integers(0, keys, n).astype(str))
-    table = pa.table({"user_id": user, "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-                      "amount": np.round(rng.lognormal(3.5, 1.0, n), 2)})
-    table = table.append_column("_partition", pa.array(partitions_for(table.column("user_id"),
-                                                                      partitions)))
+    table = pa.table(
+        {
+            "user_id": user,
+            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+            "amount": np.round(rng.lognormal(3.5, 1.0, n), 2),
+        }
+    )
+    table = table.append_column(
+        "_partition", pa.array(partitions_for(table.column("user_id"), partitions))
+    )
     pq.write_table(table, path)
 
 
@@ -70,8 +80,9 @@ def run_ours(path: Path, partitions: int) -> tuple[float, list[bytes], int]:
     for p in range(partitions):
         part = table.filter(pa.array(parts == p))
         part = part.append_column("_offset", pa.array(np.arange(part.num_rows, dtype=np.int64)))
-        result = apply_batch(layout, part, PartitionProgress(-1, None, 0, 0),
-                             lambda keys: [None] * len(keys))
+        result = apply_batch(
+            layout, part, PartitionProgress(-1, None, 0, 0), lambda keys: [None] * len(keys)
+        )
         for blob in result.puts.values():
             blocks, _ = decode_entity(layout, blob)
             evaluate(layout, blocks, end)
@@ -83,14 +94,19 @@ def run_duckdb(path: Path) -> float:
     frames = {"30m": "INTERVAL 30 MINUTE", "14d": "INTERVAL 14 DAY", "180d": "INTERVAL 180 DAY"}
     cols = []
     for w, iv in frames.items():
-        frame = f"OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN {iv} PRECEDING AND " \
-                "CURRENT ROW)"
-        cols += [f"count(*) {frame} AS count_{w}", f"sum(amount) {frame} AS amount_sum_{w}",
-                 f"avg(amount) {frame} AS amount_mean_{w}"]
+        frame = (
+            f"OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN {iv} PRECEDING AND CURRENT ROW)"
+        )
+        cols += [
+            f"count(*) {frame} AS count_{w}",
+            f"sum(amount) {frame} AS amount_sum_{w}",
+            f"avg(amount) {frame} AS amount_mean_{w}",
+        ]
     con = duckdb.connect()
     started = time.perf_counter()
-    con.sql(f"CREATE TABLE out AS SELECT user_id, ts, {', '.join(cols)} "
-            f"FROM read_parquet('{path}')")
+    con.sql(
+        f"CREATE TABLE out AS SELECT user_id, ts, {', '.join(cols)} FROM read_parquet('{path}')"
+    )
     return time.perf_counter() - started
 
 
@@ -119,8 +135,10 @@ def main() -> None:
         theirs = run_duckdb(path)
     p50, p99 = read_latency(blobs, end)
     print(f"workload: {args.events:,} events, {args.keys:,} keys, 180 days, 9 features")
-    print(f"ours   (apply into tiles + finalize every key): {ours:7.2f} s "
-          f"({args.events / ours:,.0f} events/s)")
+    print(
+        f"ours   (apply into tiles + finalize every key): {ours:7.2f} s "
+        f"({args.events / ours:,.0f} events/s)"
+    )
     print(f"duckdb (window SQL per event):                  {theirs:7.2f} s")
     print(f"ratio ours/duckdb: {ours / theirs:.2f} (target <= 1.0)")
     print(f"read path, one entity, 9 features: p50 {p50:.1f} us, p99 {p99:.1f} us")

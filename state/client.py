@@ -8,6 +8,7 @@ of the tiles in each window.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -34,8 +35,10 @@ def to_micros(t: Timestamp) -> int:
     """A timezone-aware datetime, or epoch seconds (int/float), as epoch microseconds."""
     if isinstance(t, datetime):
         if t.tzinfo is None:
-            raise ValueError(f"timestamp {t!r} has no timezone; pass an aware datetime "
-                             "(e.g. datetime.now(timezone.utc))")
+            raise ValueError(
+                f"timestamp {t!r} has no timezone; pass an aware datetime "
+                "(e.g. datetime.now(timezone.utc))"
+            )
         return int(t.timestamp()) * 1_000_000 + t.microsecond
     if isinstance(t, bool) or not isinstance(t, int | float):
         raise TypeError(f"timestamp {t!r} must be an aware datetime or epoch seconds")
@@ -72,8 +75,11 @@ class FeatureClient:
 
     def views(self) -> list[str]:
         base = self.root / "views"
-        return sorted(p.name for p in base.iterdir() if (p / "CURRENT").is_file()) \
-            if base.is_dir() else []
+        return (
+            sorted(p.name for p in base.iterdir() if (p / "CURRENT").is_file())
+            if base.is_dir()
+            else []
+        )
 
     def layout(self, view: str) -> ViewLayout:
         return self._view(view).layout
@@ -89,8 +95,12 @@ class FeatureClient:
         """
         return self.get_many(view, [key], at)[0]
 
-    def get_many(self, view: str, keys: Sequence[Any], at: Timestamp | None = None,
-                 ) -> list[dict[str, Any]]:
+    def get_many(
+        self,
+        view: str,
+        keys: Sequence[Any],
+        at: Timestamp | None = None,
+    ) -> list[dict[str, Any]]:
         """Feature values of many entities, in the order of `keys`."""
         opened = self._view(view)
         t = to_micros(at) if at is not None else time.time_ns() // 1000
@@ -101,8 +111,12 @@ class FeatureClient:
         out: list[dict[str, Any]] = [{} for _ in keys]
         for partition, positions in by_partition.items():
             db = self._db(opened, view, partition)
-            blobs = db.get([encode_key(str(keys[i])) for i in positions]) if db else \
-                [None] * len(positions)
+            blobs = (
+                db.get([encode_key(str(keys[i])) for i in positions])
+                if db
+                else [None] * len(positions)
+            )
+            assert isinstance(blobs, list)
             for i, blob in zip(positions, blobs, strict=True):
                 out[i] = self._evaluate(layout, blob, t)
         return out
@@ -166,7 +180,5 @@ class FeatureClient:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing left to report to
-            pass

@@ -41,7 +41,7 @@ def encode_key(key: str) -> bytes:
 
 
 def decode_key(raw: bytes) -> str:
-    return raw[len(ENTITY_PREFIX):].decode("utf-8")
+    return raw[len(ENTITY_PREFIX) :].decode("utf-8")
 
 
 def encode_int(value: int) -> bytes:
@@ -67,11 +67,15 @@ def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int
     try:
         version, newest = _HEAD.unpack_from(blob, 0)
     except struct.error as exc:
-        raise CorruptStateError(f"view {layout.view!r}: value of {len(blob)} bytes is too short "
-                                "to be a tile blob; rebuild the view with flows.replay") from exc
+        raise CorruptStateError(
+            f"view {layout.view!r}: value of {len(blob)} bytes is too short "
+            "to be a tile blob; rebuild the view with flows.replay"
+        ) from exc
     if version != VALUE_FORMAT:
-        raise FormatVersionError(f"view {layout.view!r}: tile blob format {version}, this code "
-                                 f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay")
+        raise FormatVersionError(
+            f"view {layout.view!r}: tile blob format {version}, this code "
+            f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay"
+        )
     pos = _HEAD.size
     blocks: list[TileBlock] = []
     try:
@@ -85,8 +89,10 @@ def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int
                 objs, pos = _decode_objects(group.object_fields, blob, pos, n)
             blocks.append(TileBlock(rows, objs))
     except (struct.error, ValueError, KeyError, orjson.JSONDecodeError) as exc:
-        raise CorruptStateError(f"view {layout.view!r}: tile blob is damaged ({exc}); rebuild "
-                                "the view with flows.replay") from exc
+        raise CorruptStateError(
+            f"view {layout.view!r}: tile blob is damaged ({exc}); rebuild "
+            "the view with flows.replay"
+        ) from exc
     return blocks, int(newest)
 
 
@@ -112,11 +118,12 @@ def _encode_objects(fields: tuple[str, ...], block: TileBlock) -> list[bytes]:
     return parts
 
 
-def _decode_objects(fields: tuple[str, ...], blob: bytes, pos: int,
-                    n: int) -> tuple[dict[str, Any], int]:
+def _decode_objects(
+    fields: tuple[str, ...], blob: bytes, pos: int, n: int
+) -> tuple[dict[str, Any], int]:
     (size,) = _U32.unpack_from(blob, pos)
     pos += 4
-    loaded = orjson.loads(blob[pos:pos + size])
+    loaded = orjson.loads(blob[pos : pos + size])
     pos += size
     objs: dict[str, Any] = {}
     for f in fields:
@@ -128,7 +135,7 @@ def _decode_objects(fields: tuple[str, ...], blob: bytes, pos: int,
         for _ in range(n):
             (length,) = _U32.unpack_from(blob, pos)
             pos += 4
-            items.append(sketches.decode(kind, blob[pos:pos + length]))
+            items.append(sketches.decode(kind, blob[pos : pos + length]))
             pos += length
         objs[f] = _object_array(items)
     return objs, pos

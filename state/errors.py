@@ -1,10 +1,10 @@
 """Errors of the serving state (view store, codecs, read client).
 
-    StateError
-    ├── NotAViewStoreError     the directory holds no view store
-    ├── FormatVersionError     on-disk data written by an incompatible format version
-    ├── UnknownViewError       the view is not in the store
-    └── CorruptStateError      a stored value cannot be decoded
+StateError
+├── NotAViewStoreError     the directory holds no view store
+├── FormatVersionError     on-disk data written by an incompatible format version
+├── UnknownViewError       the view is not in the store
+└── CorruptStateError      a stored value cannot be decoded
 """
 
 from __future__ import annotations

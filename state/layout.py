@@ -13,18 +13,37 @@ from typing import Any
 
 import numpy as np
 
-AGGREGATIONS = ("count", "sum", "mean", "min", "max", "var", "std", "first", "last", "last_k",
-                "distinct_count", "percentile")
+AGGREGATIONS = (
+    "count",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "var",
+    "std",
+    "first",
+    "last",
+    "last_k",
+    "distinct_count",
+    "percentile",
+)
 NUMERIC_TYPES = frozenset({"int", "long", "float", "double"})
 INTEGRAL_TYPES = frozenset({"int", "long"})
 
 # Which per-tile statistics each aggregation needs (besides the event count "n").
 _STATS: dict[str, tuple[str, ...]] = {
-    "count": ("cnt",), "sum": ("cnt", "sum"), "mean": ("cnt", "sum"),
-    "var": ("cnt", "sum", "m2"), "std": ("cnt", "sum", "m2"),
-    "min": ("cnt", "min"), "max": ("cnt", "max"),
-    "first": ("cnt", "first"), "last": ("cnt", "last"), "last_k": ("cnt", "lastk"),
-    "distinct_count": ("cnt", "hll"), "percentile": ("cnt", "kll"),
+    "count": ("cnt",),
+    "sum": ("cnt", "sum"),
+    "mean": ("cnt", "sum"),
+    "var": ("cnt", "sum", "m2"),
+    "std": ("cnt", "sum", "m2"),
+    "min": ("cnt", "min"),
+    "max": ("cnt", "max"),
+    "first": ("cnt", "first"),
+    "last": ("cnt", "last"),
+    "last_k": ("cnt", "lastk"),
+    "distinct_count": ("cnt", "hll"),
+    "percentile": ("cnt", "kll"),
 }
 SKETCH_STATS = frozenset({"hll", "kll", "lastk"})
 
@@ -41,14 +60,25 @@ class FeatureDef:
     param: float | int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "agg": self.agg, "column": self.column,
-                "window_us": self.window_us, "hop_us": self.hop_us, "param": self.param}
+        return {
+            "name": self.name,
+            "agg": self.agg,
+            "column": self.column,
+            "window_us": self.window_us,
+            "hop_us": self.hop_us,
+            "param": self.param,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureDef:
-        return cls(name=data["name"], agg=data["agg"], column=data["column"],
-                   window_us=int(data["window_us"]), hop_us=int(data["hop_us"]),
-                   param=data.get("param"))
+        return cls(
+            name=data["name"],
+            agg=data["agg"],
+            column=data["column"],
+            window_us=int(data["window_us"]),
+            hop_us=int(data["hop_us"]),
+            param=data.get("param"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +121,9 @@ class HopGroup:
         """
         ints: list[tuple[str, str]] = [("tile", "<i8"), ("n", "<i8")]
         ints += [(f"{col.column}.cnt", "<i8") for col in self.columns]
-        floats: dict[str, list[tuple[str, str]]] = {k: [] for k in
-                                                    ("sum", "m2", "min", "max", "first", "last")}
+        floats: dict[str, list[tuple[str, str]]] = {
+            k: [] for k in ("sum", "m2", "min", "max", "first", "last")
+        }
         for col in self.columns:
             c = col.column
             for stat in ("sum", "m2", "min", "max"):
@@ -144,8 +175,9 @@ class ViewLayout:
         for f in feats:
             if f.column is not None:
                 stats.setdefault(f.column, set()).update(_STATS[f.agg])
-        cols = tuple(ColumnStats(c, self.column_types[c], frozenset(s))
-                     for c, s in sorted(stats.items()))
+        cols = tuple(
+            ColumnStats(c, self.column_types[c], frozenset(s)) for c, s in sorted(stats.items())
+        )
         k = max((int(f.param or 0) for f in feats if f.agg == "last_k"), default=0)
         return HopGroup(hop_us=hop_us, features=feats, columns=cols, last_k=k)
 
@@ -164,19 +196,29 @@ class ViewLayout:
         return tuple(sorted(self.column_types))
 
     def to_json(self) -> dict[str, Any]:
-        return {"view": self.view, "source": self.source, "key": self.key,
-                "timestamp": self.timestamp, "partitions": self.partitions,
-                "features": [f.to_json() for f in self.features],
-                "column_types": self.column_types,
-                "allowed_lateness_us": self.allowed_lateness_us}
+        return {
+            "view": self.view,
+            "source": self.source,
+            "key": self.key,
+            "timestamp": self.timestamp,
+            "partitions": self.partitions,
+            "features": [f.to_json() for f in self.features],
+            "column_types": self.column_types,
+            "allowed_lateness_us": self.allowed_lateness_us,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ViewLayout:
-        return cls(view=data["view"], source=data["source"], key=data["key"],
-                   timestamp=data["timestamp"], partitions=int(data["partitions"]),
-                   features=tuple(FeatureDef.from_json(f) for f in data["features"]),
-                   column_types=dict(data["column_types"]),
-                   allowed_lateness_us=int(data.get("allowed_lateness_us", 0)))
+        return cls(
+            view=data["view"],
+            source=data["source"],
+            key=data["key"],
+            timestamp=data["timestamp"],
+            partitions=int(data["partitions"]),
+            features=tuple(FeatureDef.from_json(f) for f in data["features"]),
+            column_types=dict(data["column_types"]),
+            allowed_lateness_us=int(data.get("allowed_lateness_us", 0)),
+        )
 
     def same_semantics(self, other: ViewLayout) -> bool:
         """True when both layouts compute the same features from the same events."""

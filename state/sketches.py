@@ -23,7 +23,7 @@ import orjson
 KLL_K = 200
 HLL_LG_K = 12
 KLL_RANK_ERROR = ds.kll_doubles_sketch.get_normalized_rank_error(KLL_K, False)
-HLL_RSE = 1.04 / (2 ** HLL_LG_K) ** 0.5
+HLL_RSE = 1.04 / (2**HLL_LG_K) ** 0.5
 
 LastK = list[tuple[int, int, Any]]  # (event time, offset, value), oldest first
 
@@ -87,7 +87,7 @@ def result(kind: str, summary: Any, param: float | int | None) -> Any:
     if kind == "kll":
         return float(summary.get_quantile(float(param or 0.5)))
     if kind == "hll":
-        return int(round(summary.get_estimate()))
+        return round(summary.get_estimate())
     values = [x[2] for x in reversed(summary)]
     return values[: int(param or len(values))]
 

@@ -108,11 +108,13 @@ class PartitionStore:
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
-        result: list[bytes | None] = self._db.get(list(keys))
+        result = self._db.get(list(keys))
+        assert isinstance(result, list)
         return result
 
     def progress(self) -> PartitionProgress:
         raw = self._db.get([APPLIED_OFFSET, WATERMARK, EVENTS_APPLIED, LATE_EVENTS])
+        assert isinstance(raw, list)
         return PartitionProgress(
             applied_offset=decode_int(raw[0]) if raw[0] is not None else -1,
             watermark=decode_int(raw[1]) if raw[1] is not None else None,
@@ -216,8 +218,7 @@ def check_store(root: Path, *, create: bool) -> None:
     text = marker.read_text().strip()
     match = re.fullmatch(r"featureflow-state (\d+)", text)
     if not match:
-        raise NotAViewStoreError(f"{str(root)!r} is not a view store: {_FORMAT_FILE} says "
-                                 f"{text!r}")
+        raise NotAViewStoreError(f"{str(root)!r} is not a view store: {_FORMAT_FILE} says {text!r}")
     if int(match.group(1)) != STORE_FORMAT:
         raise FormatVersionError(
             f"view store {str(root)!r} has on-disk format {match.group(1)}, this code reads "
@@ -231,8 +232,9 @@ def read_current(view_dir: Path) -> int | None:
     except FileNotFoundError:
         return None
     except ValueError as exc:
-        raise StateError(f"{view_dir / 'CURRENT'} is damaged; it must hold a version number") \
-            from exc
+        raise StateError(
+            f"{view_dir / 'CURRENT'} is damaged; it must hold a version number"
+        ) from exc
 
 
 def read_layout(version_dir: Path) -> ViewLayout:
@@ -241,16 +243,21 @@ def read_layout(version_dir: Path) -> ViewLayout:
     except FileNotFoundError as exc:
         raise UnknownViewError(f"no view layout in {version_dir}") from exc
     if payload.get("format") != STORE_FORMAT:
-        raise FormatVersionError(f"{version_dir}/layout.json has format {payload.get('format')},"
-                                 f" this code reads format {STORE_FORMAT}; rebuild the view")
+        raise FormatVersionError(
+            f"{version_dir}/layout.json has format {payload.get('format')},"
+            f" this code reads format {STORE_FORMAT}; rebuild the view"
+        )
     return ViewLayout.from_json(payload["layout"])
 
 
 def open_secondary(primary: Path, secondary: Path) -> Rdict:
     """A read-only follower of a writer's RocksDB (safe while the writer runs)."""
     secondary.mkdir(parents=True, exist_ok=True)
-    return Rdict(str(primary), rocks_options(read_only=True),
-                 access_type=AccessType.secondary(str(secondary)))
+    return Rdict(
+        str(primary),
+        rocks_options(read_only=True),
+        access_type=AccessType.secondary(str(secondary)),
+    )
 
 
 def iter_entities(db: Rdict) -> Iterator[tuple[bytes, bytes]]:

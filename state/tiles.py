@@ -87,8 +87,9 @@ class ColumnValues:
     valid: npt.NDArray[np.bool_]
 
 
-def unit_block(group: HopGroup, ts: I64, offsets: I64,
-               columns: dict[str, ColumnValues]) -> TileBlock:
+def unit_block(
+    group: HopGroup, ts: I64, offsets: I64, columns: dict[str, ColumnValues]
+) -> TileBlock:
     """One single-event tile per event, in the given order."""
     n = len(ts)
     block = empty_block(group, n)
@@ -100,9 +101,14 @@ def unit_block(group: HopGroup, ts: I64, offsets: I64,
     return block
 
 
-def _fill_unit_column(col: ColumnStats, rows: npt.NDArray[Any],
-                      objs: dict[str, npt.NDArray[np.object_]], ts: I64, offsets: I64,
-                      data: ColumnValues) -> None:
+def _fill_unit_column(
+    col: ColumnStats,
+    rows: npt.NDArray[Any],
+    objs: dict[str, npt.NDArray[np.object_]],
+    ts: I64,
+    offsets: I64,
+    data: ColumnValues,
+) -> None:
     c, valid = col.column, data.valid
     rows[f"{c}.cnt"] = valid
     if col.numeric:
@@ -115,9 +121,9 @@ def _fill_unit_column(col: ColumnStats, rows: npt.NDArray[Any],
             rows[f"{c}.max"] = np.where(valid, values, -np.inf)
     values = data.values
     if "kll" in col.stats:
-        objs[f"{c}.kll"] = np.where(valid, values, None).astype(object)
+        objs[f"{c}.kll"] = _objects_where(valid, values)
     if "hll" in col.stats:
-        objs[f"{c}.hll"] = np.where(valid, values, None).astype(object)
+        objs[f"{c}.hll"] = _objects_where(valid, values)
     if "lastk" in col.stats:
         lastk = np.full(len(ts), None, dtype=object)
         for i in np.flatnonzero(valid).tolist():
@@ -131,7 +137,17 @@ def _fill_unit_column(col: ColumnStats, rows: npt.NDArray[Any],
         if col.numeric:
             rows[f"{c}.{edge}"] = np.where(valid, data.values, np.nan)
         else:
-            objs[f"{c}.{edge}"] = np.where(valid, data.values, None).astype(object)
+            objs[f"{c}.{edge}"] = _objects_where(valid, data.values)
+
+
+def _objects_where(
+    valid: npt.NDArray[np.bool_],
+    values: npt.NDArray[Any],
+) -> npt.NDArray[np.object_]:
+    """`values` as Python objects, None where not valid."""
+    out = np.full(len(values), None, dtype=object)
+    out[valid] = values[valid]
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -175,17 +191,19 @@ def combine(group: HopGroup, block: TileBlock, starts: I64) -> TileBlock:
     return TileBlock(out, objs)
 
 
-def _merge_runs(kind: str, items: npt.NDArray[np.object_], starts: I64, lengths: I64,
-                k: int) -> npt.NDArray[np.object_]:
+def _merge_runs(
+    kind: str, items: npt.NDArray[np.object_], starts: I64, lengths: I64, k: int
+) -> npt.NDArray[np.object_]:
     out = items[starts].copy()
     for i in np.flatnonzero(lengths > 1).tolist():
         a = int(starts[i])
-        out[i] = merge_objects(kind, items[a:a + int(lengths[i])], k)
+        out[i] = merge_objects(kind, items[a : a + int(lengths[i])].tolist(), k)
     return out
 
 
-def _combine_column(col: ColumnStats, src: npt.NDArray[Any], out: npt.NDArray[Any],
-                    starts: I64, gid: I64) -> None:
+def _combine_column(
+    col: ColumnStats, src: npt.NDArray[Any], out: npt.NDArray[Any], starts: I64, gid: I64
+) -> None:
     c = col.column
     cnt = src[f"{c}.cnt"]
     out[f"{c}.cnt"] = total_cnt = np.add.reduceat(cnt, starts)
@@ -273,7 +291,7 @@ def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) ->
         return [int(v) for v in cnt]
     if agg == "sum":
         sums = rows[f"{c}.sum"]
-        return [int(round(v)) if col.integral else float(v) for v in sums]
+        return [round(v) if col.integral else float(v) for v in sums]
     empty = cnt == 0
     if agg == "mean":
         values = _safe_div(rows[f"{c}.sum"], cnt)
@@ -284,9 +302,14 @@ def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) ->
     elif agg in _SUMMARY_KIND:
         kind = _SUMMARY_KIND[agg]
         objs = merged.objs[f"{c}.{kind}"]
-        return [None if e else summary_result(kind, merge_objects(kind, [o], int(feature.param or 0)),
-                                               feature.param)
-                for e, o in zip(empty, objs, strict=True)]
+        return [
+            None
+            if e
+            else summary_result(
+                kind, merge_objects(kind, [o], int(feature.param or 0)), feature.param
+            )
+            for e, o in zip(empty, objs, strict=True)
+        ]
     elif agg in ("min", "max", "first", "last"):
         if not col.numeric:
             objs = merged.objs[f"{c}.{agg}"]

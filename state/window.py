@@ -87,10 +87,20 @@ def _plan(group: HopGroup) -> _Plan:
         return slice(idx[0], idx[-1] + 1) if idx else None
 
     windows = tuple(sorted({f.window_us for f in group.features}))
-    compiled = tuple(tuple(_compile(f, group, pos) for f in group.features if f.window_us == w)
-                     for w in windows)
-    plan = _Plan(group.hop_us, len(names), 2 + len(group.columns), float_start, n_sum,
-                 span(".min"), span(".max"), windows, compiled)
+    compiled = tuple(
+        tuple(_compile(f, group, pos) for f in group.features if f.window_us == w) for w in windows
+    )
+    plan = _Plan(
+        group.hop_us,
+        len(names),
+        2 + len(group.columns),
+        float_start,
+        n_sum,
+        span(".min"),
+        span(".max"),
+        windows,
+        compiled,
+    )
     _PLANS[id(group)] = (group, plan)
     return plan
 
@@ -106,13 +116,28 @@ def _compile(f: FeatureDef, group: HopGroup, pos: dict[str, int]) -> _Feature:
         return _Feature(f.name, f.agg, False, c, 0, 0, 0, cnt, f.param)
     if f.agg in ("first", "last"):
         value = pos.get(f"{c}.{f.agg}", -1)
-        return _Feature(f.name, f.agg, col.integral, c, pos[f"{c}.{f.agg}_ts"],
-                        pos[f"{c}.{f.agg}_off"], value, cnt)
-    field = {"sum": "sum", "mean": "sum", "var": "sum", "std": "sum", "min": "min",
-             "max": "max"}.get(f.agg)
+        return _Feature(
+            f.name,
+            f.agg,
+            col.integral,
+            c,
+            pos[f"{c}.{f.agg}_ts"],
+            pos[f"{c}.{f.agg}_off"],
+            value,
+            cnt,
+        )
+    field = {
+        "sum": "sum",
+        "mean": "sum",
+        "var": "sum",
+        "std": "sum",
+        "min": "min",
+        "max": "max",
+    }.get(f.agg)
     m2 = pos.get(f"{c}.m2", 0)
-    return _Feature(f.name, f.agg, col.integral, c, cnt, pos[f"{c}.{field}"] if field else 0, m2,
-                    cnt)
+    return _Feature(
+        f.name, f.agg, col.integral, c, cnt, pos[f"{c}.{field}"] if field else 0, m2, cnt
+    )
 
 
 def evaluate(layout: ViewLayout, blocks: list[TileBlock], t: int) -> dict[str, Any]:
@@ -127,8 +152,9 @@ def evaluate(layout: ViewLayout, blocks: list[TileBlock], t: int) -> dict[str, A
     return {f.name: values[f.name] for f in layout.features}
 
 
-def evaluate_rows(plan: _Plan, i8: npt.NDArray[np.int64], objs: dict[str, Any], t: int,
-                  values: dict[str, Any]) -> None:
+def evaluate_rows(
+    plan: _Plan, i8: npt.NDArray[np.int64], objs: dict[str, Any], t: int, values: dict[str, Any]
+) -> None:
     f8 = i8.view(np.float64)
     n = len(i8)
     if plan.hop:
@@ -142,12 +168,18 @@ def evaluate_rows(plan: _Plan, i8: npt.NDArray[np.int64], objs: dict[str, Any], 
         _window_values(plan, i8[lo:hi], f8[lo:hi], objs, lo, feats, values)
 
 
-def _window_values(plan: _Plan, i8: npt.NDArray[np.int64], f8: npt.NDArray[np.float64],
-                   objs: dict[str, Any], offset: int, feats: tuple[_Feature, ...],
-                   values: dict[str, Any]) -> None:
-    isum = i8[:, :plan.n_count].sum(axis=0).tolist()
+def _window_values(
+    plan: _Plan,
+    i8: npt.NDArray[np.int64],
+    f8: npt.NDArray[np.float64],
+    objs: dict[str, Any],
+    offset: int,
+    feats: tuple[_Feature, ...],
+    values: dict[str, Any],
+) -> None:
+    isum = i8[:, : plan.n_count].sum(axis=0).tolist()
     fs = plan.float_start
-    fsum = [0.0] * fs + f8[:, fs:fs + plan.n_sum].sum(axis=0).tolist()
+    fsum = [0.0] * fs + f8[:, fs : fs + plan.n_sum].sum(axis=0).tolist()
     fmin = fmax = None
     empty = len(i8) == 0
     for f in feats:
@@ -160,7 +192,7 @@ def _window_values(plan: _Plan, i8: npt.NDArray[np.int64], f8: npt.NDArray[np.fl
             values[f.name] = cnt
         elif agg == "sum":
             total = fsum[f.b]
-            values[f.name] = int(round(total)) if f.integral else float(total)
+            values[f.name] = round(total) if f.integral else float(total)
         elif empty or cnt == 0:
             values[f.name] = None
         elif agg in _SUMMARY_KIND:
@@ -187,7 +219,7 @@ _SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"
 
 def _summary(objs: dict[str, Any], offset: int, n: int, f: _Feature) -> Any:
     kind = _SUMMARY_KIND[f.agg]
-    items = objs[f"{f.column}.{kind}"][offset:offset + n]
+    items = objs[f"{f.column}.{kind}"][offset : offset + n]
     k = int(f.param or 0) if kind == "lastk" else 0
     return sketches.result(kind, sketches.merge_objects(kind, items, k), f.param)
 
@@ -198,8 +230,9 @@ def _reduce(f8: npt.NDArray[np.float64], cols: slice | None, fn: Any) -> dict[in
     return {cols.start + i: v for i, v in enumerate(found)}
 
 
-def _m2(i8: npt.NDArray[np.int64], f8: npt.NDArray[np.float64], f: _Feature,
-        fsum: list[float], cnt: int) -> float:
+def _m2(
+    i8: npt.NDArray[np.int64], f8: npt.NDArray[np.float64], f: _Feature, fsum: list[float], cnt: int
+) -> float:
     n_i = i8[:, f.a]
     s_i = f8[:, f.b]
     mean = fsum[f.b] / cnt
@@ -208,8 +241,13 @@ def _m2(i8: npt.NDArray[np.int64], f8: npt.NDArray[np.float64], f: _Feature,
     return float(fsum[f.c] + np.dot(n_i * dev, dev))
 
 
-def _edge(i8: npt.NDArray[np.int64], f8: npt.NDArray[np.float64], objs: dict[str, Any],
-          offset: int, f: _Feature) -> Any:
+def _edge(
+    i8: npt.NDArray[np.int64],
+    f8: npt.NDArray[np.float64],
+    objs: dict[str, Any],
+    offset: int,
+    f: _Feature,
+) -> Any:
     ts, off = i8[:, f.a], i8[:, f.b]
     if f.agg == "last":
         best = ts == ts.max()

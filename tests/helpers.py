@@ -25,7 +25,7 @@ SCHEMA_JSON = """{
   ]
 }"""
 
-DEFINITIONS = '''
+DEFINITIONS = """
 from flows.spec import (FeatureView, Source, count, distinct_count, last, max, mean, min,
                         percentile, std, sum)
 
@@ -40,7 +40,7 @@ channels = FeatureView(name="channels", source=txns, features=[
     distinct_count("channel", window="1d"), last("channel", window="1h"),
     mean("amount", window="6h", name="avg_amount_6h"),
 ])
-'''
+"""
 
 
 def write_definitions(directory: Path, partitions: int = 3, topic: str | None = None) -> Path:
@@ -52,25 +52,41 @@ def write_definitions(directory: Path, partitions: int = 3, topic: str | None = 
     return path
 
 
-def make_events(n: int, n_keys: int, seed: int, start_us: int = 1_780_000_000_000_000,
-                span_us: int = 3 * DAY) -> pa.Table:
+def make_events(
+    n: int, n_keys: int, seed: int, start_us: int = 1_780_000_000_000_000, span_us: int = 3 * DAY
+) -> pa.Table:
     """Events in log order with out-of-order arrivals, duplicate timestamps and nulls."""
     rng = np.random.default_rng(seed)
     ts = start_us + np.sort(rng.integers(0, span_us, n))
     ts = ts - np.where(rng.random(n) < 0.05, rng.integers(0, 2 * HOUR, n), 0)
     ts = ts - ts % np.where(rng.random(n) < 0.2, MINUTE, 1)
-    return pa.table({
-        "user_id": pa.array([f"user{k}" for k in rng.integers(0, n_keys, n)]),
-        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-        "amount": pa.array(np.round(rng.lognormal(3, 1, n), 2), mask=rng.random(n) < 0.03),
-        "channel": pa.array(rng.choice(["web", "pos", "app", "atm"], n).tolist(),
-                            mask=rng.random(n) < 0.05),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array([f"user{k}" for k in rng.integers(0, n_keys, n)]),
+            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+            "amount": pa.array(np.round(rng.lognormal(3, 1, n), 2), mask=rng.random(n) < 0.03),
+            "channel": pa.array(
+                rng.choice(["web", "pos", "app", "atm"], n).tolist(), mask=rng.random(n) < 0.05
+            ),
+        }
+    )
 
 
-def run_command(module: str, *args: str, cwd: Path | None = None, timeout: float = 300,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_command(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m <module> args` in a fresh process; never raises on a non-zero exit."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

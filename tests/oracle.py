@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from state.layout import FeatureDef, ViewLayout
 
+
 def oracle_values(layout: ViewLayout, events: pa.Table, spine: pa.Table) -> pa.Table:
     """One row per spine row (columns `row`, then one per feature) computed by DuckDB."""
     con = duckdb.connect()
@@ -27,7 +28,7 @@ def oracle_values(layout: ViewLayout, events: pa.Table, spine: pa.Table) -> pa.T
     con.register("spine", spine)
     selects = [_feature_sql(f) for f in layout.features]
     sql = f"""
-        SELECT s.row, {', '.join(selects)}
+        SELECT s.row, {", ".join(selects)}
         FROM spine s LEFT JOIN ev e ON e.k = s.k AND e.ts_us < s.t
         GROUP BY s.row ORDER BY s.row"""
     return con.sql(sql).to_arrow_table()
@@ -42,8 +43,10 @@ def _feature_sql(f: FeatureDef) -> str:
         fn = "arg_min" if f.agg == "first" else "arg_max"
         expr = f"{fn}({col}, (e.ts_us, e._offset)) FILTER (WHERE {cond} AND {col} IS NOT NULL)"
     elif f.agg == "last_k":
-        expr = (f"list({col} ORDER BY e.ts_us DESC, e._offset DESC) "
-                f"FILTER (WHERE {cond} AND {col} IS NOT NULL)[1:{int(f.param or 1)}]")
+        expr = (
+            f"list({col} ORDER BY e.ts_us DESC, e._offset DESC) "
+            f"FILTER (WHERE {cond} AND {col} IS NOT NULL)[1:{int(f.param or 1)}]"
+        )
     elif f.agg == "distinct_count":
         expr = f"count(DISTINCT {col}) FILTER (WHERE {cond})"
     elif f.agg == "percentile":
@@ -51,8 +54,14 @@ def _feature_sql(f: FeatureDef) -> str:
     elif f.agg == "sum":
         expr = f"coalesce(sum({col}) FILTER (WHERE {cond}), 0)"
     else:
-        fn = {"count": "count", "mean": "avg", "min": "min", "max": "max", "var": "var_pop",
-              "std": "stddev_pop"}[f.agg]
+        fn = {
+            "count": "count",
+            "mean": "avg",
+            "min": "min",
+            "max": "max",
+            "var": "var_pop",
+            "std": "stddev_pop",
+        }[f.agg]
         expr = f"{fn}({col}) FILTER (WHERE {cond})"
     return f'{expr} AS "{f.name}"'  # percentile: the raw values, for a rank check
 
@@ -96,12 +105,15 @@ def feature_ok(f: FeatureDef, expected: Any, got: Any) -> bool:
     return same(expected, got)
 
 
-def mismatches(layout: ViewLayout, expected: pa.Table, got: list[dict[str, Any]],
-               prefix: str = "") -> list[str]:
+def mismatches(
+    layout: ViewLayout, expected: pa.Table, got: list[dict[str, Any]], prefix: str = ""
+) -> list[str]:
     """Every (row, feature) where `got` disagrees with the oracle, described."""
     out = []
     for i, (exp, row) in enumerate(zip(expected.to_pylist(), got, strict=True)):
         for f in layout.features:
             if not feature_ok(f, exp[f.name], row[prefix + f.name]):
-                out.append(f"row {i} {f.name}: oracle {exp[f.name]!r}, got {row[prefix + f.name]!r}")
+                out.append(
+                    f"row {i} {f.name}: oracle {exp[f.name]!r}, got {row[prefix + f.name]!r}"
+                )
     return out

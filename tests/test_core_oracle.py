@@ -35,7 +35,9 @@ from state.window import evaluate
 from tests.oracle import oracle_values, same
 
 SCHEMA = {
-    "type": "record", "name": "Ev", "fields": [
+    "type": "record",
+    "name": "Ev",
+    "fields": [
         {"name": "user_id", "type": "string"},
         {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
         {"name": "amount", "type": ["null", "double"], "default": None},
@@ -45,14 +47,27 @@ SCHEMA = {
 }
 SOURCE = Source(name="ev", schema=SCHEMA, key="user_id", timestamp="ts")
 MINUTE = 60_000_000
-VIEW = FeatureView(name="v", source=SOURCE, features=[
-    count(window="30m"), count(window="2h", hop="10m"), count(),
-    sum("amount", window="1h"), sum("qty", window="1d"), mean("amount", window="2h", hop="30m"),
-    min("amount", window="45m", hop="15m"), max("qty", window="3h"),
-    var("amount", window="1d"), std("amount", window="6h", hop="2h"),
-    first("channel", window="1h"), last("channel"), last("amount", window="30m"),
-    count("amount", window="1d"), mean("amount"),
-])
+VIEW = FeatureView(
+    name="v",
+    source=SOURCE,
+    features=[
+        count(window="30m"),
+        count(window="2h", hop="10m"),
+        count(),
+        sum("amount", window="1h"),
+        sum("qty", window="1d"),
+        mean("amount", window="2h", hop="30m"),
+        min("amount", window="45m", hop="15m"),
+        max("qty", window="3h"),
+        var("amount", window="1d"),
+        std("amount", window="6h", hop="2h"),
+        first("channel", window="1h"),
+        last("channel"),
+        last("amount", window="30m"),
+        count("amount", window="1d"),
+        mean("amount"),
+    ],
+)
 
 
 def make_events(n: int, n_keys: int, seed: int) -> pa.Table:
@@ -64,23 +79,27 @@ def make_events(n: int, n_keys: int, seed: int) -> pa.Table:
     ts[rng.random(n) < 0.05] = base + 3 * MINUTE * 40  # a burst of equal timestamps
     ts = ts - ts % np.where(rng.random(n) < 0.3, MINUTE, 1)  # many on tile boundaries
     amount = np.round(rng.normal(50, 20, n), 2)
-    return pa.table({
-        "user_id": pa.array([f"u{k}" for k in rng.integers(0, n_keys, n)]),
-        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-        "amount": pa.array(amount, mask=rng.random(n) < 0.07),
-        "qty": pa.array(rng.integers(1, 5, n), mask=rng.random(n) < 0.05),
-        "channel": pa.array(rng.choice(["web", "pos", "app"], n).tolist(),
-                            mask=rng.random(n) < 0.1),
-        "_offset": pa.array(np.arange(n, dtype=np.int64)),
-    })
+    return pa.table(
+        {
+            "user_id": pa.array([f"u{k}" for k in rng.integers(0, n_keys, n)]),
+            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+            "amount": pa.array(amount, mask=rng.random(n) < 0.07),
+            "qty": pa.array(rng.integers(1, 5, n), mask=rng.random(n) < 0.05),
+            "channel": pa.array(
+                rng.choice(["web", "pos", "app"], n).tolist(), mask=rng.random(n) < 0.1
+            ),
+            "_offset": pa.array(np.arange(n, dtype=np.int64)),
+        }
+    )
 
 
 def apply_all(layout: ViewLayout, events: pa.Table, batch: int) -> dict[bytes, bytes]:
     store: dict[bytes, bytes] = {}
     progress = PartitionProgress(-1, None, 0, 0)
     for start in range(0, events.num_rows, batch):
-        result = apply_batch(layout, events.slice(start, batch), progress,
-                             lambda keys: [store.get(k) for k in keys])
+        result = apply_batch(
+            layout, events.slice(start, batch), progress, lambda keys: [store.get(k) for k in keys]
+        )
         store.update(result.puts)
         progress = result.progress
     return store
@@ -99,7 +118,7 @@ def test_online_read_equals_oracle(seed: int) -> None:
     layout = VIEW.layout()
     events = make_events(6000, 40, seed)
     store = apply_all(layout, events, batch=500)
-    keys = sorted(set(events.column("user_id").to_pylist())) + ["never-seen"]
+    keys = [*sorted(set(events.column("user_id").to_pylist())), "never-seen"]
     ts_max = int(events.column("ts").cast(pa.int64()).to_numpy().max())
     for t in (ts_max + 1, ts_max + 7 * MINUTE + 3, ts_max + 86_400_000_000):
         spine = pa.table({"row": list(range(len(keys))), "k": keys, "t": [t] * len(keys)})
@@ -123,11 +142,13 @@ def test_point_in_time_equals_oracle(seed: int) -> None:
     rng = np.random.default_rng(seed)
     ts = events.column("ts").cast(pa.int64()).to_numpy()
     n = 1500
-    times = np.concatenate([
-        rng.integers(int(ts.min()) - MINUTE, int(ts.max()) + 3 * MINUTE, n // 3),
-        rng.choice(ts, n // 3),  # exactly at an event: that event must not count
-        rng.choice(ts, n - 2 * (n // 3)) // MINUTE * MINUTE,  # on tile boundaries
-    ]).astype(np.int64)
+    times = np.concatenate(
+        [
+            rng.integers(int(ts.min()) - MINUTE, int(ts.max()) + 3 * MINUTE, n // 3),
+            rng.choice(ts, n // 3),  # exactly at an event: that event must not count
+            rng.choice(ts, n - 2 * (n // 3)) // MINUTE * MINUTE,  # on tile boundaries
+        ]
+    ).astype(np.int64)
     keys = [f"u{k}" for k in rng.integers(0, 27, n)]  # includes keys without events
     values = point_in_time(layout, events, pa.array(keys), times)
     spine = pa.table({"row": list(range(n)), "k": keys, "t": times})
@@ -162,7 +183,8 @@ def assert_same_tiles(layout: ViewLayout, a: bytes, b: bytes, watermark: int) ->
             oldest = watermark // group.hop_us - group.max_window_us // group.hop_us
             x = x.take(np.flatnonzero(x.rows["tile"] >= oldest))
             y = y.take(np.flatnonzero(y.rows["tile"] >= oldest))
-        assert x.rows.dtype == y.rows.dtype and len(x.rows) == len(y.rows)
+        assert x.rows.dtype == y.rows.dtype
+        assert len(x.rows) == len(y.rows)
         for name in x.rows.dtype.names or ():
             if x.rows.dtype[name].kind == "f":
                 np.testing.assert_allclose(x.rows[name], y.rows[name], rtol=1e-12, atol=1e-12)
@@ -176,13 +198,19 @@ def test_late_events_are_rejected_and_counted() -> None:
     view = FeatureView(name="w", source=SOURCE, features=[count(window="30m")])
     layout = view.layout()
     hour = 60 * MINUTE
-    events = pa.table({
-        "user_id": ["a", "a", "a", "a"],
-        "ts": pa.array([10 * hour, 12 * hour, 12 * hour - 20 * MINUTE, 10 * hour],
-                       pa.timestamp("us", tz="UTC")),
-        "amount": [1.0, 2.0, 3.0, 4.0], "qty": [1, 1, 1, 1], "channel": ["x"] * 4,
-        "_offset": [0, 1, 2, 3],
-    })
+    events = pa.table(
+        {
+            "user_id": ["a", "a", "a", "a"],
+            "ts": pa.array(
+                [10 * hour, 12 * hour, 12 * hour - 20 * MINUTE, 10 * hour],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "amount": [1.0, 2.0, 3.0, 4.0],
+            "qty": [1, 1, 1, 1],
+            "channel": ["x"] * 4,
+            "_offset": [0, 1, 2, 3],
+        }
+    )
     result = apply_batch(layout, events, PartitionProgress(-1, None, 0, 0), lambda k: [None])
     # retention = 30m window + 1m hop: the 10:00 event after 12:00 is late, 11:40 is not
     assert result.late.column("_offset").to_pylist() == [3]
@@ -193,11 +221,18 @@ def test_late_events_are_rejected_and_counted() -> None:
     assert evaluate(layout, blocks, 12 * hour + 1)["count_30m"] == 2
 
 
-SKETCH_VIEW = FeatureView(name="s", source=SOURCE, features=[
-    last_k("channel", 3, window="1h"), last_k("amount", 5), distinct_count("channel", window="2h"),
-    distinct_count("qty"), percentile("amount", 0.95, window="1h"),
-    percentile("amount", 0.5, window="1d"),
-])
+SKETCH_VIEW = FeatureView(
+    name="s",
+    source=SOURCE,
+    features=[
+        last_k("channel", 3, window="1h"),
+        last_k("amount", 5),
+        distinct_count("channel", window="2h"),
+        distinct_count("qty"),
+        percentile("amount", 0.95, window="1h"),
+        percentile("amount", 0.5, window="1d"),
+    ],
+)
 
 
 def rank_ok(values: list[float] | None, q: float, got: float | None) -> bool:
@@ -221,8 +256,11 @@ def check_sketch_rows(layout: ViewLayout, expected: pa.Table, got: list[dict[str
             elif f.agg == "distinct_count":
                 assert abs(row[f.name] - exp[f.name]) <= builtins.max(1, 3 * HLL_RSE * exp[f.name])
             else:
-                assert exp[f.name] == row[f.name] or (not exp[f.name] and row[f.name] is None), \
-                    (f.name, exp[f.name], row[f.name])
+                assert exp[f.name] == row[f.name] or (not exp[f.name] and row[f.name] is None), (
+                    f.name,
+                    exp[f.name],
+                    row[f.name],
+                )
 
 
 def test_sketches_and_last_k_online_and_offline() -> None:
@@ -251,8 +289,9 @@ def test_sketch_error_within_bound_on_1m_values() -> None:
 
     rng = np.random.default_rng(11)
     values = rng.lognormal(3.0, 1.0, 1_000_000)
-    tiles = [merge_objects("kll", values[i:i + 10_000].tolist()) for i in range(0, 1_000_000,
-                                                                                10_000)]
+    tiles = [
+        merge_objects("kll", values[i : i + 10_000].tolist()) for i in range(0, 1_000_000, 10_000)
+    ]
     merged = merge_objects("kll", tiles)
     exact = np.sort(values)
     for q in (0.5, 0.9, 0.95, 0.99):
@@ -260,8 +299,10 @@ def test_sketch_error_within_bound_on_1m_values() -> None:
         rank = np.searchsorted(exact, got) / len(exact)
         assert abs(rank - q) <= 2 * KLL_RANK_ERROR
     ids = rng.integers(0, 300_000, 1_000_000)
-    hll_tiles = [merge_objects("hll", [f"m{v}" for v in ids[i:i + 50_000]])
-                 for i in range(0, 1_000_000, 50_000)]
+    hll_tiles = [
+        merge_objects("hll", [f"m{v}" for v in ids[i : i + 50_000]])
+        for i in range(0, 1_000_000, 50_000)
+    ]
     estimate = result("hll", merge_objects("hll", hll_tiles), None)
     true = len(np.unique(ids))
     assert abs(estimate - true) / true <= 3 * HLL_RSE

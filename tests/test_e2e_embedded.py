@@ -32,16 +32,21 @@ def write_inputs(events: pa.Table, directory: Path) -> list[Path]:
             ts = row["ts"].isoformat()
             amount = "null" if row["amount"] is None else repr(row["amount"])
             channel = "null" if row["channel"] is None else f'"{row["channel"]}"'
-            fh.write(f'{{"user_id": "{row["user_id"]}", "ts": "{ts}", "amount": {amount}, '
-                     f'"channel": {channel}}}\n')
+            fh.write(
+                f'{{"user_id": "{row["user_id"]}", "ts": "{ts}", "amount": {amount}, '
+                f'"channel": {channel}}}\n'
+            )
     return [directory / "part1.parquet", directory / "part2.csv", directory / "part3.jsonl"]
 
 
 def log_events(warehouse: Path, source: str, partitions: int) -> pa.Table:
     """The whole log as the warehouse holds it (the oracle's input, offsets included)."""
     wh = Warehouse(warehouse)
-    tables = [pa.Table.from_batches(list(wh.read(source, p))) for p in range(partitions)
-              if wh.segments(source, p)]
+    tables = [
+        pa.Table.from_batches(list(wh.read(source, p)))
+        for p in range(partitions)
+        if wh.segments(source, p)
+    ]
     return pa.concat_tables(tables)
 
 
@@ -51,28 +56,42 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, pa.T
     features = write_definitions(root / "defs")
     events = make_events(12_000, 50, seed=21)
     files = write_inputs(events, root / "inputs")
-    result = run_command("flows.ingest", "--features", str(features), "--warehouse",
-                         str(root / "wh"), *map(str, files))
+    result = run_command(
+        "flows.ingest",
+        "--features",
+        str(features),
+        "--warehouse",
+        str(root / "wh"),
+        *map(str, files),
+    )
     assert result.returncode == 0, result.stderr
     assert "ingested 12,000 events" in result.stdout
     return root, features, events
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_run_then_client_equals_oracle(ingested: tuple[Path, Path, pa.Table],
-                                       workers: int) -> None:
+def test_run_then_client_equals_oracle(ingested: tuple[Path, Path, pa.Table], workers: int) -> None:
     root, features, events = ingested
     state = root / f"state-w{workers}"
-    result = run_command("flows.run", "--features", str(features), "--warehouse",
-                         str(root / "wh"), "--state", str(state), "--until-caught-up",
-                         "--workers", str(workers))
+    result = run_command(
+        "flows.run",
+        "--features",
+        str(features),
+        "--warehouse",
+        str(root / "wh"),
+        "--state",
+        str(state),
+        "--until-caught-up",
+        "--workers",
+        str(workers),
+    )
     assert result.returncode == 0, result.stderr
     assert "applied 12,000 events" in result.stdout
     log = log_events(root / "wh", "txns", 3)
     assert log.num_rows == events.num_rows
     defs = load_definitions(features)
     newest = int(log.column("ts").cast(pa.int64()).to_numpy().max())
-    keys = sorted(set(log.column("user_id").to_pylist())) + ["nobody"]
+    keys = [*sorted(set(log.column("user_id").to_pylist())), "nobody"]
     with FeatureClient(state) as client:  # this test process is not the writer
         for t in (newest + 1, newest + 17 * MINUTE):
             for name in ("spend", "channels"):
@@ -88,16 +107,33 @@ def test_snapshot_equals_oracle(ingested: tuple[Path, Path, pa.Table], tmp_path:
     ts = log.column("ts").cast(pa.int64()).to_numpy()
     rng = np.random.default_rng(5)
     n = 2000
-    times = np.concatenate([rng.integers(int(ts.min()) - MINUTE, int(ts.max()) + MINUTE, n // 2),
-                            rng.choice(ts, n - n // 2)])  # exactly at events: must not count
+    times = np.concatenate(
+        [
+            rng.integers(int(ts.min()) - MINUTE, int(ts.max()) + MINUTE, n // 2),
+            rng.choice(ts, n - n // 2),
+        ]
+    )  # exactly at events: must not count
     keys = [f"user{k}" for k in rng.integers(0, 55, n)]
-    spine = pa.table({"user_id": keys, "ts": pa.array(times, pa.timestamp("us", tz="UTC")),
-                      "label": rng.random(n) < 0.5})
+    spine = pa.table(
+        {
+            "user_id": keys,
+            "ts": pa.array(times, pa.timestamp("us", tz="UTC")),
+            "label": rng.random(n) < 0.5,
+        }
+    )
     pq.write_table(spine, tmp_path / "spine.parquet")
     out = tmp_path / "out" / "snap.parquet"
-    result = run_command("flows.snapshot", "--features", str(features), "--warehouse",
-                         str(root / "wh"), "--spine", str(tmp_path / "spine.parquet"),
-                         "--out", str(out))
+    result = run_command(
+        "flows.snapshot",
+        "--features",
+        str(features),
+        "--warehouse",
+        str(root / "wh"),
+        "--spine",
+        str(tmp_path / "spine.parquet"),
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     snap = pq.read_table(out)
     assert snap.column_names[:3] == ["user_id", "ts", "label"]
@@ -111,24 +147,44 @@ def test_snapshot_equals_oracle(ingested: tuple[Path, Path, pa.Table], tmp_path:
         assert mismatches(layout, expected, rows, prefix=f"{name}__") == []
 
 
-def test_online_read_equals_snapshot_at_now(ingested: tuple[Path, Path, pa.Table],
-                                            tmp_path: Path) -> None:
+def test_online_read_equals_snapshot_at_now(
+    ingested: tuple[Path, Path, pa.Table], tmp_path: Path
+) -> None:
     """The consistency the design exists for: online at t == offline at t."""
     root, features, _ = ingested
     state = tmp_path / "state"
-    result = run_command("flows.run", "--features", str(features), "--warehouse",
-                         str(root / "wh"), "--state", str(state), "--until-caught-up")
+    result = run_command(
+        "flows.run",
+        "--features",
+        str(features),
+        "--warehouse",
+        str(root / "wh"),
+        "--state",
+        str(state),
+        "--until-caught-up",
+    )
     assert result.returncode == 0, result.stderr
     log = log_events(root / "wh", "txns", 3)
     t = int(log.column("ts").cast(pa.int64()).to_numpy().max()) + 5 * MINUTE
     keys = sorted(set(log.column("user_id").to_pylist()))
-    spine = pa.table({"user_id": keys, "ts": pa.array([t] * len(keys),
-                                                      pa.timestamp("us", tz="UTC"))})
+    spine = pa.table(
+        {"user_id": keys, "ts": pa.array([t] * len(keys), pa.timestamp("us", tz="UTC"))}
+    )
     pq.write_table(spine, tmp_path / "spine.parquet")
     out = tmp_path / "snap.parquet"
-    result = run_command("flows.snapshot", "--features", str(features), "--warehouse",
-                         str(root / "wh"), "--spine", str(tmp_path / "spine.parquet"),
-                         "--out", str(out), "--views", "spend")
+    result = run_command(
+        "flows.snapshot",
+        "--features",
+        str(features),
+        "--warehouse",
+        str(root / "wh"),
+        "--spine",
+        str(tmp_path / "spine.parquet"),
+        "--out",
+        str(out),
+        "--views",
+        "spend",
+    )
     assert result.returncode == 0, result.stderr
     offline = pq.read_table(out).to_pylist()
     with FeatureClient(state) as client:

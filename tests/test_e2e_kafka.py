@@ -28,15 +28,23 @@ def produce(bootstrap: str, topic: str, schema: dict[str, object], events: pa.Ta
     producer.flush()
 
 
-def read_topic_log(bootstrap: str, topic: str, schema: dict[str, object], partitions: int,
-                   warehouse: Path) -> pa.Table:
+def read_topic_log(
+    bootstrap: str, topic: str, schema: dict[str, object], partitions: int, warehouse: Path
+) -> pa.Table:
     """The whole log as the flow sees it: segments, then Kafka after the last archived offset."""
     wh = Warehouse(warehouse)
     tables = []
     for p in range(partitions):
         tables += [pa.Table.from_batches([b]) for b in wh.read("txns", p)]
-        reader = KafkaLogReader(bootstrap, topic, p, wh.next_offset("txns", p),
-                                SchemaStore(schema), arrow_schema(schema), key_field="user_id")
+        reader = KafkaLogReader(
+            bootstrap,
+            topic,
+            p,
+            wh.next_offset("txns", p),
+            SchemaStore(schema),
+            arrow_schema(schema),
+            key_field="user_id",
+        )
         try:
             while not (batch := reader.read_batch(5000)).at_end or batch.events.num_rows:
                 tables.append(pa.Table.from_batches([batch.events]))
@@ -45,15 +53,22 @@ def read_topic_log(bootstrap: str, topic: str, schema: dict[str, object], partit
     return pa.concat_tables(t.select(tables[0].column_names) for t in tables)
 
 
-def test_segments_then_kafka_equals_oracle(kafka_bootstrap: str, kafka_topic: TopicFactory,
-                                           tmp_path: Path) -> None:
+def test_segments_then_kafka_equals_oracle(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
     topic = kafka_topic(3)
     features = write_definitions(tmp_path / "defs", partitions=3, topic=topic)
     defs = load_definitions(features)
     schema = defs.sources["txns"].avro_schema()
     events = make_events(6000, 40, seed=8)
-    common = ["--features", str(features), "--warehouse", str(tmp_path / "wh"),
-              "--kafka", kafka_bootstrap]
+    common = [
+        "--features",
+        str(features),
+        "--warehouse",
+        str(tmp_path / "wh"),
+        "--kafka",
+        kafka_bootstrap,
+    ]
     produce(kafka_bootstrap, topic, schema, events.slice(0, 3000))
     archived = run_command("flows.archive", *common, "--max-age", "0")
     assert archived.returncode == 0, archived.stderr
@@ -64,15 +79,21 @@ def test_segments_then_kafka_equals_oracle(kafka_bootstrap: str, kafka_topic: To
         bad.produce(topic, key=b"user1", value=b"\xc3\x01garbage" + bytes([i]))
     bad.flush(10)
 
-    result = run_command("flows.run", *common, "--state", str(tmp_path / "state"),
-                         "--until-caught-up")
+    result = run_command(
+        "flows.run", *common, "--state", str(tmp_path / "state"), "--until-caught-up"
+    )
     assert result.returncode == 0, result.stderr
-    assert "applied 6,000 events" in result.stdout and "dead letters 4" in result.stdout
+    assert "applied 6,000 events" in result.stdout
+    assert "dead letters 4" in result.stdout
 
     log = read_topic_log(kafka_bootstrap, topic, schema, 3, tmp_path / "wh")
     assert log.num_rows == 6000
-    offsets = {(p, o) for p, o in zip(log.column("_partition").to_pylist(),
-                                      log.column("_offset").to_pylist(), strict=True)}
+    offsets = {
+        (p, o)
+        for p, o in zip(
+            log.column("_partition").to_pylist(), log.column("_offset").to_pylist(), strict=True
+        )
+    }
     assert len(offsets) == 6000  # every record exactly once across segments and Kafka
     newest = int(log.column("ts").cast(pa.int64()).to_numpy().max())
     keys = sorted(set(log.column("user_id").to_pylist()))
@@ -84,9 +105,10 @@ def test_segments_then_kafka_equals_oracle(kafka_bootstrap: str, kafka_topic: To
             got = client.get_many(name, keys, at=t / 1e6)
             assert mismatches(defs.layouts[name], expected, got) == []
 
-    dlq = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "t",
-                    "enable.auto.commit": False})
-    dlq.assign([TopicPartition(f"txns.dlq", 0, 0)])
+    dlq = Consumer(
+        {"bootstrap.servers": kafka_bootstrap, "group.id": "t", "enable.auto.commit": False}
+    )
+    dlq.assign([TopicPartition("txns.dlq", 0, 0)])
     letters = [m for m in dlq.consume(20, timeout=10) if m.error() is None]
     dlq.close()
     assert len(letters) >= 4

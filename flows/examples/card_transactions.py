@@ -30,14 +30,14 @@ user_spend = FeatureView(
     name="user_spend",
     source=transactions,
     features=[
-        count(window="30m"),                  # count_30m
-        mean("amount", window="14d"),         # amount_mean_14d
-        sum("amount", window="180d"),         # amount_sum_180d
-        std("amount", window="7d"),           # amount_std_7d
-        min("amount", window="1h"),           # amount_min_1h
-        max("amount", window="1h"),           # amount_max_1h
-        count(window="1d"),                   # count_1d
-        last("channel"),                      # channel_last (lifetime)
-        last("merchant", window="1d"),        # merchant_last_1d
+        count(window="30m"),  # count_30m
+        mean("amount", window="14d"),  # amount_mean_14d
+        sum("amount", window="180d"),  # amount_sum_180d
+        std("amount", window="7d"),  # amount_std_7d
+        min("amount", window="1h"),  # amount_min_1h
+        max("amount", window="1h"),  # amount_max_1h
+        count(window="1d"),  # count_1d
+        last("channel"),  # channel_last (lifetime)
+        last("merchant", window="1d"),  # merchant_last_1d
     ],
 )
