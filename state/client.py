@@ -21,12 +21,12 @@ from typing import Any
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
-from state.codec import decode_entity, encode_key
+from state.codec import encode_entity, encode_key
 from state.errors import UnknownViewError
 from state.layout import ViewLayout
+from state.read import evaluate_blob
 from state.store import check_store, open_secondary, partition_dir, read_current, read_layout
 from state.tiles import empty_block
-from state.window import evaluate
 
 Timestamp = datetime | int | float
 
@@ -123,10 +123,9 @@ class FeatureClient:
 
     @staticmethod
     def _evaluate(layout: ViewLayout, blob: bytes | None, t: int) -> dict[str, Any]:
-        if blob is None:
-            return evaluate(layout, [empty_block(g) for g in layout.groups], t)
-        blocks, _newest = decode_entity(layout, blob)
-        return evaluate(layout, blocks, t)
+        if blob is None:  # an unknown key: the values of empty windows
+            blob = encode_entity(layout, [empty_block(g) for g in layout.groups], 0)
+        return evaluate_blob(layout, blob, t)
 
     def _view(self, view: str) -> _OpenView:
         now = time.monotonic()

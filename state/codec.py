@@ -6,8 +6,13 @@ Values: one blob per entity holding every hop group's tiles, so a read is one Ro
     u8  format version (VALUE_FORMAT)
     i64 newest event time of the entity (µs)
     per hop group, in layout order:
-        u32 row count, rows (HopGroup.dtype, little-endian, row-major)
-        u32 byte length, orjson object {field: [values...]} of object-valued stats (0 = none)
+        u32 row count n
+        the tile rows column-major: for each field of HopGroup.dtype, n little-endian 8-byte
+            values (so a read slices one column without touching the others)
+        if the group has object-valued stats: u32 section length, then
+            u32 length + orjson object {field: [values...]} of plain values (first/last of
+            strings and booleans), then per summary field (KLL, HLL, last-k) n entries of
+            u32 length + bytes (length 0 = none)
 """
 
 from __future__ import annotations
@@ -55,10 +60,14 @@ def decode_int(raw: bytes) -> int:
 def encode_entity(layout: ViewLayout, blocks: list[TileBlock], newest_ts: int) -> bytes:
     parts = [_HEAD.pack(VALUE_FORMAT, newest_ts)]
     for group, block in zip(layout.groups, blocks, strict=True):
-        parts.append(_U32.pack(len(block.rows)))
-        parts.append(np.ascontiguousarray(block.rows).tobytes())
+        n, width = len(block.rows), len(group.dtype.names or ())
+        parts.append(_U32.pack(n))
+        words = np.ascontiguousarray(block.rows).view(np.int64).reshape(n, width)
+        parts.append(words.T.tobytes())
         if group.object_fields:
-            parts.extend(_encode_objects(group.object_fields, block))
+            section = b"".join(_encode_objects(group.object_fields, block))
+            parts.append(_U32.pack(len(section)))
+            parts.append(section)
     return b"".join(parts)
 
 
@@ -82,11 +91,14 @@ def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int
         for group in layout.groups:
             (n,) = _U32.unpack_from(blob, pos)
             pos += 4
-            rows = np.frombuffer(blob, dtype=group.dtype, count=n, offset=pos)
-            pos += n * group.dtype.itemsize
+            width = len(group.dtype.names or ())
+            columns = np.frombuffer(blob, dtype=np.int64, count=n * width, offset=pos)
+            rows = np.ascontiguousarray(columns.reshape(width, n).T).view(group.dtype).reshape(n)
+            pos += n * width * 8
             objs: dict[str, Any] = {}
             if group.object_fields:
-                objs, pos = _decode_objects(group.object_fields, blob, pos, n)
+                pos += 4
+                objs, pos = decode_objects(group.object_fields, blob, pos, n)
             blocks.append(TileBlock(rows, objs))
     except (struct.error, ValueError, KeyError, orjson.JSONDecodeError) as exc:
         raise CorruptStateError(
@@ -118,7 +130,7 @@ def _encode_objects(fields: tuple[str, ...], block: TileBlock) -> list[bytes]:
     return parts
 
 
-def _decode_objects(
+def decode_objects(
     fields: tuple[str, ...], blob: bytes, pos: int, n: int
 ) -> tuple[dict[str, Any], int]:
     (size,) = _U32.unpack_from(blob, pos)

@@ -1,0 +1,258 @@
+"""The online read: an entity's feature values straight from its stored tile blob.
+
+A read is one RocksDB get and this function. The blob stores each hop group's tiles column-major
+(`state.codec`), so every window is a binary search on the tile column plus a few C-level
+reductions (`sum`, `min`, `max` over memoryview slices) of the columns its features need; no
+structured array is built and no NumPy call is made for the common aggregations. The merge it
+performs is `state.tiles.combine` specialised to one contiguous range; the oracle tests hold the
+online read, the offline snapshot and the SQL oracle equal.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from typing import Any
+
+from state import sketches
+from state.codec import VALUE_FORMAT, decode_objects
+from state.errors import CorruptStateError, FormatVersionError
+from state.layout import FeatureDef, HopGroup, ViewLayout
+
+_HEAD = struct.Struct("<Bq")
+_U32 = struct.Struct("<I")
+_SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Feature:
+    """A feature compiled against its group's columns (indices into the dtype's fields)."""
+
+    name: str
+    agg: str
+    column: str | None
+    integral: bool
+    cnt: int  # the column's non-null count (or the event count for count())
+    value: int = -1  # sum / min / max / first / last value column
+    m2: int = -1
+    ts: int = -1  # first/last: event-time column
+    off: int = -1  # first/last: offset column
+    param: float | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    hop: int
+    width: int
+    has_objects: bool
+    windows: tuple[int, ...]
+    features: tuple[tuple[_Feature, ...], ...]  # per window
+
+
+_PLANS: dict[int, tuple[HopGroup, _Plan]] = {}
+
+
+def _plan(group: HopGroup) -> _Plan:
+    cached = _PLANS.get(id(group))
+    if cached is not None and cached[0] is group:
+        return cached[1]
+    pos = {name: i for i, name in enumerate(group.dtype.names or ())}
+    integral = {c.column: c.integral for c in group.columns}
+    windows = tuple(sorted({f.window_us for f in group.features}))
+    compiled = tuple(
+        tuple(_compile(f, pos, integral) for f in group.features if f.window_us == w)
+        for w in windows
+    )
+    plan = _Plan(group.hop_us, len(pos), bool(group.object_fields), windows, compiled)
+    _PLANS[id(group)] = (group, plan)
+    return plan
+
+
+def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _Feature:
+    if f.column is None:
+        return _Feature(f.name, "events", None, False, pos["n"])
+    c = f.column
+    base = _Feature(f.name, f.agg, c, integral[c], pos[f"{c}.cnt"], param=f.param)
+    if f.agg in ("first", "last"):
+        return _Feature(
+            f.name,
+            f.agg,
+            c,
+            integral[c],
+            pos[f"{c}.cnt"],
+            pos.get(f"{c}.{f.agg}", -1),
+            -1,
+            pos[f"{c}.{f.agg}_ts"],
+            pos[f"{c}.{f.agg}_off"],
+        )
+    field = {"sum": "sum", "mean": "sum", "var": "sum", "std": "sum", "min": "min", "max": "max"}
+    if f.agg in field:
+        return _Feature(
+            f.name,
+            f.agg,
+            c,
+            integral[c],
+            pos[f"{c}.cnt"],
+            pos[f"{c}.{field[f.agg]}"],
+            pos.get(f"{c}.m2", -1),
+        )
+    return base
+
+
+class _Columns:
+    """Lazy typed views of one group's column-major tile block."""
+
+    __slots__ = ("_base", "_mv", "_n", "_totals")
+
+    def __init__(self, mv: memoryview, base: int, n: int) -> None:
+        self._mv, self._base, self._n = mv, base, n
+        self._totals: dict[tuple[int, int, int], float] = {}
+
+    def total(self, j: int, lo: int, hi: int) -> float:
+        """Sum of float column j over rows [lo, hi), computed once per read."""
+        key = (j, lo, hi)
+        found = self._totals.get(key)
+        if found is None:
+            found = self._totals[key] = sum(self.d(j)[lo:hi])
+        return found
+
+    def q(self, j: int) -> memoryview:
+        start = self._base + 8 * self._n * j
+        return self._mv[start : start + 8 * self._n].cast("q")
+
+    def d(self, j: int) -> memoryview[float]:
+        start = self._base + 8 * self._n * j
+        view: memoryview[float] = self._mv[start : start + 8 * self._n].cast("d")
+        return view
+
+
+def evaluate_blob(layout: ViewLayout, blob: bytes, t: int) -> dict[str, Any]:
+    """Every feature of one entity as of t, from its stored blob (events assumed < t)."""
+    try:
+        version, _newest = _HEAD.unpack_from(blob, 0)
+    except struct.error as exc:
+        raise CorruptStateError(
+            f"view {layout.view!r}: damaged tile blob; rebuild the view with flows.replay"
+        ) from exc
+    if version != VALUE_FORMAT:
+        raise FormatVersionError(
+            f"view {layout.view!r}: tile blob format {version}, this code "
+            f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay"
+        )
+    mv = memoryview(blob)
+    pos = _HEAD.size
+    values: dict[str, Any] = {}
+    for group in layout.groups:
+        plan = _plan(group)
+        (n,) = _U32.unpack_from(blob, pos)
+        cols = _Columns(mv, pos + 4, n)
+        pos += 4 + 8 * n * plan.width
+        objects_at = -1
+        if plan.has_objects:
+            (size,) = _U32.unpack_from(blob, pos)
+            objects_at, pos = pos + 4, pos + 4 + size
+        _group_values(plan, group, cols, n, t, blob, objects_at, values)
+    return {f.name: values[f.name] for f in layout.features}
+
+
+def _group_values(
+    plan: _Plan,
+    group: HopGroup,
+    cols: _Columns,
+    n: int,
+    t: int,
+    blob: bytes,
+    objects_at: int,
+    values: dict[str, Any],
+) -> None:
+    if plan.hop and n:
+        tiles = cols.q(0)
+        head = t // plan.hop
+        hi = bisect_right(tiles, head)
+        bounds = [bisect_left(tiles, head - w // plan.hop, 0, hi) for w in plan.windows]
+    else:
+        hi, bounds = n, [0] * len(plan.windows)
+    objs: dict[str, Any] | None = None
+    for lo, feats in zip(bounds, plan.features, strict=True):
+        counts: dict[int, int] = {}
+        for f in feats:
+            cnt = counts.get(f.cnt)
+            if cnt is None:
+                cnt = counts[f.cnt] = sum(cols.q(f.cnt)[lo:hi])
+            if f.agg in _SUMMARY_KIND and cnt:
+                if objs is None:
+                    objs = decode_objects(group.object_fields, blob, objects_at, n)[0]
+                values[f.name] = _summary(objs, lo, hi, f)
+            else:
+                values[f.name] = _value(f, cols, lo, hi, cnt, objs, group, blob, objects_at, n)
+
+
+def _value(
+    f: _Feature,
+    cols: _Columns,
+    lo: int,
+    hi: int,
+    cnt: int,
+    objs: dict[str, Any] | None,
+    group: HopGroup,
+    blob: bytes,
+    objects_at: int,
+    n: int,
+) -> Any:
+    agg = f.agg
+    if agg in ("events", "count"):
+        return cnt
+    if agg == "sum":
+        total = cols.total(f.value, lo, hi)
+        return round(total) if f.integral else float(total)
+    if cnt == 0:
+        return None
+    if agg == "mean":
+        return cols.total(f.value, lo, hi) / cnt
+    if agg in ("min", "max"):
+        found = (min if agg == "min" else max)(cols.d(f.value)[lo:hi])
+        return int(found) if f.integral else found
+    if agg in ("var", "std"):
+        var = max(_m2(cols, f, lo, hi, cnt) / cnt, 0.0)
+        return var if agg == "var" else math.sqrt(var)
+    pick = _edge_row(cols, f, lo, hi)
+    if f.value >= 0:
+        v = cols.d(f.value)[pick]
+        return int(v) if f.integral else v
+    if objs is None:
+        objs = decode_objects(group.object_fields, blob, objects_at, n)[0]
+    return objs[f"{f.column}.{agg}"][pick]
+
+
+def _m2(cols: _Columns, f: _Feature, lo: int, hi: int, cnt: int) -> float:
+    """Chan's merge of the window's tiles: sum(M2_i) + sum(n_i * (mean_i - mean)^2)."""
+    counts, sums = cols.q(f.cnt)[lo:hi], cols.d(f.value)[lo:hi]
+    mean = cols.total(f.value, lo, hi) / cnt
+    spread = 0.0
+    for n_i, s_i in zip(counts, sums, strict=True):
+        if n_i:
+            dev = s_i / n_i - mean
+            spread += n_i * dev * dev
+    return sum(cols.d(f.m2)[lo:hi]) + spread
+
+
+def _edge_row(cols: _Columns, f: _Feature, lo: int, hi: int) -> int:
+    """Row of the window's latest (last) or earliest (first) value by (event time, offset)."""
+    ts = cols.q(f.ts)[lo:hi].tolist()
+    off = cols.q(f.off)[lo:hi]
+    if f.agg == "last":
+        best = max(ts)
+        candidates = [i for i, v in enumerate(ts) if v == best]
+        return lo + max(candidates, key=off.__getitem__)
+    best = min(ts)
+    candidates = [i for i, v in enumerate(ts) if v == best]
+    return lo + min(candidates, key=off.__getitem__)
+
+
+def _summary(objs: dict[str, Any], lo: int, hi: int, f: _Feature) -> Any:
+    kind = _SUMMARY_KIND[f.agg]
+    items = objs[f"{f.column}.{kind}"][lo:hi].tolist()
+    k = int(f.param or 0) if kind == "lastk" else 0
+    return sketches.result(kind, sketches.merge_objects(kind, items, k), f.param)
