@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from connectors.avro import SchemaStore, arrow_schema
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.dataflow import FlowPlan, SourcePlan, ViewTarget
+from flows.errors import ConfigError
 from flows.metrics import Metrics
 from flows.spec import Definitions, FeatureView
+from state.layout import ViewLayout
 from state.store import PartitionProgress, ViewStore, open_secondary, partition_dir
 
 
@@ -26,8 +29,13 @@ def choose_targets(
     views: Sequence[FeatureView],
     *,
     rebuild: bool,
+    create: bool = True,
 ) -> list[ViewTarget]:
-    """The version each view is written to; `rebuild` forces a new version (flows.replay)."""
+    """The version each view is written to; `rebuild` forces a new version (flows.replay).
+
+    With `create=False` (every process of a cluster but the first) a needed new version is
+    waited for, not created, so that all processes write the same version.
+    """
     targets: list[ViewTarget] = []
     for view in views:
         layout = view.layout()
@@ -39,16 +47,43 @@ def choose_targets(
         ):
             targets.append(ViewTarget(view, layout, current))
             continue
-        pending = [
-            v
-            for v in store.versions(view.name)
-            if v != current
-            and (store.version_dir(view.name, v) / "layout.json").is_file()
-            and store.layout(view.name, v).same_semantics(layout)
-        ]
-        version = store.create_version(layout) if rebuild or not pending else pending[-1]
+        pending = _pending_versions(store, view.name, layout, current)
+        if not create:
+            version = _wait_for_version(store, view.name, layout, current)
+        elif rebuild or not pending:
+            version = store.create_version(layout)
+        else:
+            version = pending[-1]
         targets.append(ViewTarget(view, layout, version, switch_when_caught_up=True))
     return targets
+
+
+def _pending_versions(
+    store: ViewStore, view: str, layout: ViewLayout, current: int | None
+) -> list[int]:
+    """Versions beside the live one that build exactly this definition (an unfinished build)."""
+    return [
+        v
+        for v in store.versions(view)
+        if v != current
+        and (store.version_dir(view, v) / "layout.json").is_file()
+        and store.layout(view, v).same_semantics(layout)
+    ]
+
+
+def _wait_for_version(
+    store: ViewStore, view: str, layout: ViewLayout, current: int | None, timeout_s: float = 120.0
+) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pending = _pending_versions(store, view, layout, current)
+        if pending:
+            return pending[-1]
+        time.sleep(0.2)
+    raise ConfigError(
+        f"view {view!r}: process 0 of the cluster did not create its new version "
+        f"within {timeout_s:.0f}s; start process 0 (--process-id 0) too"
+    )
 
 
 def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:
@@ -81,9 +116,10 @@ def build_plan(
     until_caught_up: bool,
     rebuild: bool = False,
     metrics: Metrics | None = None,
+    process_id: int = 0,
 ) -> FlowPlan:
     store = ViewStore(state)
-    targets = choose_targets(store, views, rebuild=rebuild)
+    targets = choose_targets(store, views, rebuild=rebuild, create=process_id == 0)
     wh = Warehouse(warehouse)
     sources: dict[str, SourcePlan] = {}
     for name in sorted({t.view.source.name for t in targets}):

@@ -35,7 +35,7 @@ OPTIONS = (
     Option("until-caught-up", False, "stop once the log as it stood at start is applied", bool),
     Option("metrics-port", None, "serve Prometheus metrics on 127.0.0.1:PORT", int),
     Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
-    Option("process-id", None, "bytewax cluster: this process's index in --addresses", int),
+    Option("process-id", None, "bytewax cluster: this process's index in --addresses", int, 0),
     Option("status-interval", 5.0, "seconds between console status lines", float),
 )
 
@@ -50,7 +50,8 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
     defs = load_definitions(settings.features)
     views = defs.select(settings.views.split(",") if settings.views else None)
     warehouse = Warehouse(settings.warehouse)
-    if Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve() and not settings.kafka:
+    embedded_demo = Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve()
+    if embedded_demo and not settings.kafka and not settings.process_id:
         for source in {v.source.name: v.source for v in views}.values():
             report = ensure_demo_data(source, warehouse)
             if report is not None:
@@ -70,6 +71,7 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         kafka=settings.kafka,
         until_caught_up=settings.until_caught_up,
         metrics=metrics,
+        process_id=settings.process_id or 0,
     )
     _print_plan(plan)
     addresses = settings.addresses.split(";") if settings.addresses else None

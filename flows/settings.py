@@ -29,7 +29,7 @@ class Option:
     default: Any
     help: str
     kind: type = str
-    flag_only: bool = False
+    minimum: int = 1  # for int settings
 
     @property
     def env(self) -> str:
@@ -145,8 +145,8 @@ def _convert(opt: Option, raw: Any, where: str) -> Any:
             value = int(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"--{opt.name} from {where}: {raw!r} is not an integer") from None
-        if value < 1:
-            raise ConfigError(f"--{opt.name} from {where}: {raw!r} must be at least 1")
+        if value < opt.minimum:
+            raise ConfigError(f"--{opt.name} from {where}: {raw!r} must be at least {opt.minimum}")
         return value
     if opt.kind is float:
         try:

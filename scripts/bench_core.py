@@ -7,7 +7,8 @@ mean of amount over 30m, 14d and 180d. Measures
     data (state.window.evaluate);
   - DuckDB: the same 9 windows per event with window SQL (RANGE frames), the backfill a user
     would otherwise run in the warehouse;
-  - the read path: decoding one entity's tiles and finalizing its 9 features (p50/p99).
+  - the read path: one entity's 9 features from its stored blob (state.read.evaluate_blob),
+    p50/p99 (the RocksDB get is measured by bench_flow.py).
 
     python scripts/bench_core.py [--events 10000000] [--keys 100000] [--partitions 4]
 """
@@ -27,9 +28,8 @@ import pyarrow.parquet as pq
 from connectors.partitioner import partitions_for
 from flows.aggregate import apply_batch
 from flows.spec import FeatureView, Source, count, mean, sum
-from state.codec import decode_entity
 from state.store import PartitionProgress
-from state.window import evaluate
+from state.read import evaluate_blob
 
 SCHEMA = {
     "type": "record",
@@ -84,8 +84,7 @@ def run_ours(path: Path, partitions: int) -> tuple[float, list[bytes], int]:
             layout, part, PartitionProgress(-1, None, 0, 0), lambda keys: [None] * len(keys)
         )
         for blob in result.puts.values():
-            blocks, _ = decode_entity(layout, blob)
-            evaluate(layout, blocks, end)
+            evaluate_blob(layout, blob, end)
             blobs.append(blob)
     return time.perf_counter() - started, blobs, end
 
@@ -115,8 +114,7 @@ def read_latency(blobs: list[bytes], end: int) -> tuple[float, float]:
     samples = []
     for blob in blobs[:20_000]:
         t0 = time.perf_counter_ns()
-        blocks, _ = decode_entity(layout, blob)
-        evaluate(layout, blocks, end)
+        evaluate_blob(layout, blob, end)
         samples.append(time.perf_counter_ns() - t0)
     arr = np.array(samples) / 1000
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))

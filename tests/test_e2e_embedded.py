@@ -195,3 +195,64 @@ def test_online_read_equals_snapshot_at_now(
             if f.agg == "percentile":
                 continue  # each side is its own sketch; both within the stated bound
             assert same(off[f"spend__{f.name}"], on[f.name]), f.name
+
+
+def test_two_process_cluster_equals_oracle(
+    ingested: tuple[Path, Path, pa.Table], tmp_path: Path
+) -> None:
+    """Two bytewax processes (cluster addresses on loopback) build the same views."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    root, features, _ = ingested
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
+    args = [
+        sys.executable,
+        "-m",
+        "flows.run",
+        "--features",
+        str(features),
+        "--warehouse",
+        str(root / "wh"),
+        "--state",
+        str(tmp_path / "state"),
+        "--until-caught-up",
+        "--addresses",
+        addresses,
+    ]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    procs = [
+        subprocess.Popen(
+            [*args, "--process-id", str(i)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    applied = sum(
+        int(out.split("applied ")[1].split(" events")[0].replace(",", "")) for out, _ in outputs
+    )
+    assert applied == 12_000  # each partition applied by exactly one process
+    log = log_events(root / "wh", "txns", 3)
+    t = int(log.column("ts").cast(pa.int64()).to_numpy().max()) + MINUTE
+    keys = sorted(set(log.column("user_id").to_pylist()))
+    defs = load_definitions(features)
+    with FeatureClient(tmp_path / "state") as client:
+        for name in ("spend", "channels"):
+            layout = defs.layouts[name]
+            spine = pa.table({"row": range(len(keys)), "k": keys, "t": [t] * len(keys)})
+            got = client.get_many(name, keys, at=t / 1e6)
+            assert mismatches(layout, oracle_values(layout, log, spine), got) == []
