@@ -28,13 +28,15 @@ LOG_FIELDS: tuple[pa.Field, ...] = (
     pa.field(ARRIVAL, TIMESTAMP_US),
 )
 
-DEAD_LETTER_SCHEMA = pa.schema([
-    pa.field("reason", pa.string()),
-    pa.field("partition", pa.int32()),
-    pa.field("offset", pa.int64()),
-    pa.field("payload", pa.binary()),
-    pa.field("at", TIMESTAMP_US),
-])
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        pa.field("reason", pa.string()),
+        pa.field("partition", pa.int32()),
+        pa.field("offset", pa.int64()),
+        pa.field("payload", pa.binary()),
+        pa.field("at", TIMESTAMP_US),
+    ]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +60,13 @@ def log_schema(source_schema: pa.Schema) -> pa.Schema:
 
 def dead_letter_table(letters: list[DeadLetter], at_us: int) -> pa.Table:
     """Dead letters as a table of DEAD_LETTER_SCHEMA, all stamped with `at_us` (µs, UTC)."""
-    return pa.table({
-        "reason": [d.reason for d in letters],
-        "partition": [d.partition for d in letters],
-        "offset": [d.offset for d in letters],
-        "payload": [d.payload for d in letters],
-        "at": pa.array([at_us] * len(letters), pa.int64()).cast(TIMESTAMP_US),
-    }, schema=DEAD_LETTER_SCHEMA)
+    return pa.table(
+        {
+            "reason": [d.reason for d in letters],
+            "partition": [d.partition for d in letters],
+            "offset": [d.offset for d in letters],
+            "payload": [d.payload for d in letters],
+            "at": pa.array([at_us] * len(letters), pa.int64()).cast(TIMESTAMP_US),
+        },
+        schema=DEAD_LETTER_SCHEMA,
+    )

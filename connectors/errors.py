@@ -1,11 +1,11 @@
 """Errors at the log's edge (Avro, warehouse segments, Kafka, the dual source).
 
-    ConnectorError
-    ├── SchemaError         an Avro schema is invalid, unknown, or evolved incompatibly
-    ├── DecodeError         a payload is not a single-object Avro record of a known schema
-    ├── SegmentError        a warehouse segment or manifest is missing, corrupt, or inconsistent
-    ├── InputFileError      a history file given to ingest cannot be read as the source's events
-    └── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
+ConnectorError
+├── SchemaError         an Avro schema is invalid, unknown, or evolved incompatibly
+├── DecodeError         a payload is not a single-object Avro record of a known schema
+├── SegmentError        a warehouse segment or manifest is missing, corrupt, or inconsistent
+├── InputFileError      a history file given to ingest cannot be read as the source's events
+└── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.avro import SchemaStore
+from connectors.envelope import DeadLetter
 from connectors.errors import LogGapError
-from connectors.kafka import DeadLetter, KafkaLogReader
+from connectors.kafka import KafkaLogReader
 from connectors.segments import Warehouse
 
 
@@ -57,7 +59,7 @@ class PartitionLog:
     arrow_schema: pa.Schema
     kafka: KafkaTail | None = None
     stop_at: int | None = None
-    batch_rows: int = 100_000
+    batch_rows: int = 1_000_000
     kafka_batch: int = 5_000
     poll_interval_s: float = 0.5
     _next: int = field(init=False)
@@ -161,7 +163,7 @@ def _clip(batch: LogBatch, stop_at: int) -> LogBatch:
     if batch.next_offset <= stop_at:
         return batch
     events = batch.events
-    keep = pa.compute.less(events.column("_offset"), stop_at)
+    keep = pc.less(events.column("_offset"), stop_at)
     dead = tuple(d for d in batch.dead_letters if d.offset is None or d.offset < stop_at)
     return LogBatch(batch.source, batch.partition, events.filter(keep), dead, stop_at,
                     batch.from_kafka)

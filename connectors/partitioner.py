@@ -62,10 +62,54 @@ def partitions_for(keys: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndar
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks() if keys.num_chunks != 1 else keys.chunk(0)
     encoded = pc.dictionary_encode(keys)
-    distinct = encoded.dictionary.to_pylist()
+    hashes = murmur2_many(encoded.dictionary)
     # One slot past the distinct keys stands for null: its partition is -1.
-    lookup = np.fromiter((partition_for(k, partitions) for k in distinct),
-                         dtype=np.int32, count=len(distinct))
-    lookup = np.append(lookup, np.int32(-1))
-    indices = encoded.indices.fill_null(len(distinct)).to_numpy()
-    return lookup[indices]
+    lookup = np.append((hashes & 0x7FFFFFFF) % partitions, -1).astype(np.int32)
+    indices = encoded.indices.fill_null(len(hashes)).to_numpy()
+    partitions_of_rows: np.ndarray = lookup[indices]
+    return partitions_of_rows
+
+
+def murmur2_many(keys: pa.Array) -> np.ndarray:
+    """murmur2 of every UTF-8 string in `keys` (no nulls), vectorized; uint32 (unsigned) hashes."""
+    data, starts, lengths = _string_buffers(keys)
+    # Work in order of decreasing word count, so the keys still hashing words form a prefix.
+    order = np.argsort(-(lengths >> 2), kind="stable")
+    starts, lengths = starts[order], lengths[order]
+    n_words = lengths >> 2
+    m = np.uint32(_M)
+    h = lengths.astype(np.uint32) ^ np.uint32(_SEED)
+    for j in range(int(n_words[0]) if len(n_words) else 0):
+        n = len(n_words) - int(np.searchsorted(n_words[::-1], j, side="right"))
+        at = starts[:n] + 4 * j
+        k = data[at] | data[at + 1] << 8 | data[at + 2] << 16 | data[at + 3] << 24
+        k *= m
+        k ^= k >> 24
+        k *= m
+        h[:n] = (h[:n] * m) ^ k
+    hashes = np.empty_like(h)
+    hashes[order] = _mix_tail(h, data, starts + (n_words << 2), lengths & 3)
+    return hashes
+
+
+def _mix_tail(h: np.ndarray, data: np.ndarray, tail_at: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    m = np.uint32(_M)
+    for size, shift in ((3, 16), (2, 8), (1, 0)):
+        rows = np.nonzero(tail >= size)[0]
+        h[rows] ^= data[tail_at[rows] + size - 1] << shift
+    rows = np.nonzero(tail > 0)[0]
+    h[rows] *= m
+    h ^= h >> 13
+    h *= m
+    h ^= h >> 15
+    return h
+
+
+def _string_buffers(keys: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The UTF-8 bytes (as uint32, for shifting), start positions and byte lengths of `keys`."""
+    offset_type = np.int64 if pa.types.is_large_string(keys.type) else np.int32
+    _, offsets_buf, data_buf = keys.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)
+    offsets = offsets[keys.offset : keys.offset + len(keys) + 1].astype(np.int64)
+    data = np.zeros(0, np.uint8) if data_buf is None else np.frombuffer(data_buf, dtype=np.uint8)
+    return data.astype(np.uint32), offsets[:-1], np.diff(offsets)

@@ -240,7 +240,7 @@ def test_two_process_cluster_equals_oracle(
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
     applied = sum(
         int(out.split("applied ")[1].split(" events")[0].replace(",", "")) for out, _ in outputs
