@@ -147,7 +147,8 @@ class PartitionLog:
                 f"{self.kafka.topic!r} (retention removed them before archiving); restore them "  # type: ignore[union-attr]
                 "into segments with flows.ingest, or raise the topic's retention"
             )
-        got = reader.read_batch(max_records=self.kafka_batch)
+        # Never block the worker: librdkafka prefetches in the background, so take what it has.
+        got = reader.read_batch(max_records=self.kafka_batch, timeout_s=0)
         if got.next_offset <= self._next:
             return None
         return LogBatch(self.source, self.partition, pa.Table.from_batches([got.events]),

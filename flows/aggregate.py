@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from state.codec import decode_entity, encode_entity, encode_key
+from state.codec import decode_words, encode_key, encode_words
 from state.layout import HopGroup, ViewLayout
 from state.store import PartitionProgress
 from state.tiles import (
@@ -189,25 +189,42 @@ def _merge_into_tiles(
 
 @dataclass(slots=True)
 class _OldState:
-    blocks: list[list[TileBlock]]  # per group: one block per key (empty block if absent)
-    key_of_row: list[I64]  # per group: key id of every old row
+    blocks: list[TileBlock | None]  # per group: the stored rows of every touched key, or None
+    key_of_row: list[I64]  # per group: key id of every stored row
     newest: I64
 
 
 def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
-    per_group: list[list[TileBlock]] = [[] for _ in layout.groups]
-    ids: list[list[I64]] = [[] for _ in layout.groups]
+    """The stored tiles of the touched keys, concatenated per group (one copy, no per-key
+    structured arrays)."""
+    words: list[list[npt.NDArray[np.int64]]] = [[] for _ in layout.groups]
+    objs: list[dict[str, list[Any]]] = [{f: [] for f in g.object_fields} for g in layout.groups]
+    kids: list[list[int]] = [[] for _ in layout.groups]
+    counts: list[list[int]] = [[] for _ in layout.groups]
     newest = np.full(len(blobs), np.iinfo(np.int64).min, dtype=np.int64)
     for kid, blob in enumerate(blobs):
         if blob is None:
             continue
-        blocks, newest[kid] = decode_entity(layout, blob)
-        for gi, block in enumerate(blocks):
-            if len(block):
-                per_group[gi].append(block)
-                ids[gi].append(np.full(len(block), kid, dtype=np.int64))
-    key_of_row = [np.concatenate(i) if i else np.zeros(0, dtype=np.int64) for i in ids]
-    return _OldState(per_group, key_of_row, newest)
+        groups, newest[kid] = decode_words(layout, blob)
+        for gi, (w, o) in enumerate(groups):
+            if len(w):
+                words[gi].append(w)
+                kids[gi].append(kid)
+                counts[gi].append(len(w))
+                for f, values in o.items():
+                    objs[gi][f].append(values)
+    blocks: list[TileBlock | None] = []
+    key_of_row: list[I64] = []
+    for gi, group in enumerate(layout.groups):
+        if not words[gi]:
+            blocks.append(None)
+            key_of_row.append(np.zeros(0, dtype=np.int64))
+            continue
+        rows = np.ascontiguousarray(np.concatenate(words[gi])).view(group.dtype).reshape(-1)
+        group_objs = {f: np.concatenate(v) for f, v in objs[gi].items()}
+        blocks.append(TileBlock(rows, group_objs))
+        key_of_row.append(np.repeat(np.asarray(kids[gi], dtype=np.int64), counts[gi]))
+    return _OldState(blocks, key_of_row, newest)
 
 
 def _newest_per_key(key_ids: I64, ts: I64, n_keys: int, old_newest: I64) -> I64:
@@ -229,8 +246,9 @@ def _merge_group(
 ) -> tuple[TileBlock, I64]:
     fresh = unit_block(group, ts, offsets, {c.column: columns[c.column] for c in group.columns})
     row_keys = key_ids
-    if old.blocks[gi]:
-        fresh = concat_blocks(group, [*old.blocks[gi], fresh])
+    stored = old.blocks[gi]
+    if stored is not None:
+        fresh = concat_blocks(group, [stored, fresh])
         row_keys = np.concatenate([old.key_of_row[gi], key_ids])
         order = np.lexsort((fresh.rows["tile"], row_keys))
         fresh, row_keys = fresh.take(order), row_keys[order]
@@ -249,12 +267,17 @@ def _encode_keys(
     layout: ViewLayout, raw_keys: list[bytes], merged: list[tuple[TileBlock, I64]], newest: I64
 ) -> dict[bytes, bytes]:
     n_keys = len(raw_keys)
-    bounds = [np.searchsorted(row_keys, np.arange(n_keys + 1)) for _, row_keys in merged]
+    bounds = [np.searchsorted(row_keys, np.arange(n_keys + 1)).tolist() for _, row_keys in merged]
+    words = []
+    for group, (block, _) in zip(layout.groups, merged, strict=True):
+        rows = np.ascontiguousarray(block.rows)
+        words.append(rows.view(np.int64).reshape(len(rows), len(group.dtype.names or ())))
+    newest_list = newest.tolist()
     puts: dict[bytes, bytes] = {}
     for kid in range(n_keys):
-        blocks = [
-            block.take(slice(int(b[kid]), int(b[kid + 1])))
-            for (block, _), b in zip(merged, bounds, strict=True)
-        ]
-        puts[raw_keys[kid]] = encode_entity(layout, blocks, int(newest[kid]))
+        groups = []
+        for w, (block, _), b in zip(words, merged, bounds, strict=True):
+            a, z = b[kid], b[kid + 1]
+            groups.append((w[a:z], {f: v[a:z] for f, v in block.objs.items()}))
+        puts[raw_keys[kid]] = encode_words(layout, groups, newest_list[kid])
     return puts

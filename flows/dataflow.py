@@ -36,7 +36,7 @@ from flows.validate import validate
 from state.layout import ViewLayout
 from state.store import PartitionStore, ViewStore
 
-_IDLE = timedelta(milliseconds=50)
+_IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
 
 
 @dataclass(frozen=True)

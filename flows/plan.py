@@ -86,6 +86,18 @@ def _wait_for_version(
     )
 
 
+def _switch_if_caught_up(
+    store: ViewStore,
+    target: ViewTarget,
+    caught_up: list[bool],
+) -> ViewTarget:
+    """A new version that already holds the whole log (an empty log, say) goes live now."""
+    if not target.switch_when_caught_up or not all(caught_up):
+        return target
+    store.switch(target.view.name, target.version)
+    return ViewTarget(target.view, target.layout, target.version)
+
+
 def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:
     """A partition's progress, read through a secondary so a running writer is not disturbed."""
     primary = partition_dir(store.version_dir(view, version), partition)
@@ -130,16 +142,22 @@ def build_plan(
             KafkaTail(kafka, source.kafka_topic, SchemaStore(schema), source.key) if kafka else None
         )
         start, ends = {}, {}
+        applied = {
+            (i, p): read_progress(store, t.view.name, t.version, p).applied_offset
+            for i, t in enumerate(src_targets)
+            for p in range(source.partitions)
+        }
         for p in range(source.partitions):
-            start[p] = min(
-                read_progress(store, t.view.name, t.version, p).applied_offset + 1
-                for t in src_targets
-            )
+            start[p] = min(applied[i, p] + 1 for i in range(len(src_targets)))
             log = PartitionLog(wh, name, p, start[p], arrow_schema(schema), kafka=tail)
             try:
                 ends[p] = log.end_offset()
             finally:
                 log.close()
+        src_targets = tuple(
+            _switch_if_caught_up(store, t, [applied[i, p] + 1 >= ends[p] for p in ends])
+            for i, t in enumerate(src_targets)
+        )
         sources[name] = SourcePlan(
             name=name,
             key=source.key,

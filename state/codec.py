@@ -21,6 +21,7 @@ import struct
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from state import sketches
@@ -57,15 +58,29 @@ def decode_int(raw: bytes) -> int:
     return int(_I64.unpack(raw)[0])
 
 
+Words = npt.NDArray[np.int64]  # tile rows as an (n, width) array of 8-byte words
+
+
 def encode_entity(layout: ViewLayout, blocks: list[TileBlock], newest_ts: int) -> bytes:
-    parts = [_HEAD.pack(VALUE_FORMAT, newest_ts)]
+    """One entity's blob from its tiles per hop group."""
+    groups = []
     for group, block in zip(layout.groups, blocks, strict=True):
-        n, width = len(block.rows), len(group.dtype.names or ())
-        parts.append(_U32.pack(n))
-        words = np.ascontiguousarray(block.rows).view(np.int64).reshape(n, width)
+        width = len(group.dtype.names or ())
+        rows = block.rows if block.rows.flags.c_contiguous else np.ascontiguousarray(block.rows)
+        groups.append((rows.view(np.int64).reshape(len(rows), width), block.objs))
+    return encode_words(layout, groups, newest_ts)
+
+
+def encode_words(
+    layout: ViewLayout, groups: list[tuple[Words, dict[str, Any]]], newest_ts: int
+) -> bytes:
+    """One entity's blob from its tile rows as word arrays (the write path's fast form)."""
+    parts = [_HEAD.pack(VALUE_FORMAT, newest_ts)]
+    for group, (words, objs) in zip(layout.groups, groups, strict=True):
+        parts.append(_U32.pack(len(words)))
         parts.append(words.T.tobytes())
         if group.object_fields:
-            section = b"".join(_encode_objects(group.object_fields, block))
+            section = b"".join(_encode_objects(group.object_fields, objs))
             parts.append(_U32.pack(len(section)))
             parts.append(section)
     return b"".join(parts)
@@ -73,6 +88,17 @@ def encode_entity(layout: ViewLayout, blocks: list[TileBlock], newest_ts: int) -
 
 def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int]:
     """The entity's tiles per hop group and its newest event time."""
+    groups, newest = decode_words(layout, blob)
+    blocks = [
+        TileBlock(np.ascontiguousarray(words).view(group.dtype).reshape(len(words)), objs)
+        for group, (words, objs) in zip(layout.groups, groups, strict=True)
+    ]
+    return blocks, newest
+
+
+def decode_words(layout: ViewLayout, blob: bytes) -> tuple[list[tuple[Words, dict[str, Any]]], int]:
+    """The entity's tile rows per hop group as (n, width) word views (no copy), and its newest
+    event time."""
     try:
         version, newest = _HEAD.unpack_from(blob, 0)
     except struct.error as exc:
@@ -86,26 +112,23 @@ def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int
             f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay"
         )
     pos = _HEAD.size
-    blocks: list[TileBlock] = []
+    groups: list[tuple[Words, dict[str, Any]]] = []
     try:
         for group in layout.groups:
             (n,) = _U32.unpack_from(blob, pos)
-            pos += 4
             width = len(group.dtype.names or ())
-            columns = np.frombuffer(blob, dtype=np.int64, count=n * width, offset=pos)
-            rows = np.ascontiguousarray(columns.reshape(width, n).T).view(group.dtype).reshape(n)
-            pos += n * width * 8
+            columns = np.frombuffer(blob, dtype=np.int64, count=n * width, offset=pos + 4)
+            pos += 4 + n * width * 8
             objs: dict[str, Any] = {}
             if group.object_fields:
-                pos += 4
-                objs, pos = decode_objects(group.object_fields, blob, pos, n)
-            blocks.append(TileBlock(rows, objs))
+                objs, pos = decode_objects(group.object_fields, blob, pos + 4, n)
+            groups.append((columns.reshape(width, n).T, objs))
     except (struct.error, ValueError, KeyError, orjson.JSONDecodeError) as exc:
         raise CorruptStateError(
             f"view {layout.view!r}: tile blob is damaged ({exc}); rebuild "
             "the view with flows.replay"
         ) from exc
-    return blocks, int(newest)
+    return groups, int(newest)
 
 
 def _summary_kind(field: str) -> str | None:
@@ -113,17 +136,17 @@ def _summary_kind(field: str) -> str | None:
     return kind if kind in ("kll", "hll", "lastk") else None
 
 
-def _encode_objects(fields: tuple[str, ...], block: TileBlock) -> list[bytes]:
+def _encode_objects(fields: tuple[str, ...], objs: dict[str, Any]) -> list[bytes]:
     """Plain values (first/last of strings, booleans) as one orjson document; summaries as
     length-prefixed bytes (u32 length, 0 = none) per tile row."""
-    plain = {f: block.objs[f].tolist() for f in fields if _summary_kind(f) is None}
+    plain = {f: objs[f].tolist() for f in fields if _summary_kind(f) is None}
     doc = orjson.dumps(plain)
     parts = [_U32.pack(len(doc)), doc]
     for f in fields:
         kind = _summary_kind(f)
         if kind is None:
             continue
-        for item in block.objs[f].tolist():
+        for item in objs[f].tolist():
             raw = sketches.encode(kind, item)
             parts.append(_U32.pack(len(raw)))
             parts.append(raw)
