@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from connectors.partitioner import partitions_for
 from flows.aggregate import apply_batch
 from flows.spec import FeatureView, Source, count, mean, sum
-from state.store import PartitionProgress
 from state.read import evaluate_blob
+from state.store import PartitionProgress
 
 SCHEMA = {
     "type": "record",

@@ -109,7 +109,7 @@ def probes(bootstrap: str, topic: str, state: Path, seconds: float) -> list[floa
                     [{"user_id": key, "ts": time.time_ns() // 1000, "amount": 1.0}],
                     key_field="user_id",
                 )
-                producer._producer.poll(0)  # noqa: SLF001 - push the probe out now
+                producer._producer.poll(0)
                 next_probe = now + 0.02
             if pending:
                 keys = list(pending)
