@@ -66,6 +66,7 @@ class PartitionLog:
     _segments: object = field(init=False, default=None)
     _reader: KafkaLogReader | None = field(init=False, default=None)
     _last_poll: float = field(init=False, default=0.0)
+    _in_kafka: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self._next = self.start_offset
@@ -89,8 +90,12 @@ class PartitionLog:
         """The next batch, or None when nothing new is available right now."""
         if self.done:
             return None
-        batch = self._read_segments()
-        if batch is None and self.kafka is not None:
+        batch = None
+        if not self._in_kafka:
+            batch = self._read_segments()
+            # Segments exhausted: from here on Kafka holds the log (until a gap says otherwise).
+            self._in_kafka = batch is None and self.kafka is not None
+        if batch is None and self._in_kafka:
             batch = self._read_kafka()
         if batch is not None and self.stop_at is not None:
             batch = _clip(batch, self.stop_at)
@@ -135,20 +140,21 @@ class PartitionLog:
         return self._reader
 
     def _read_kafka(self) -> LogBatch | None:
-        archived = self.warehouse.next_offset(self.source, self.partition)
-        if archived > self._next:
-            return self._read_segments()  # the archiver moved more of the topic to segments
-        reader = self._kafka_reader()
-        low = reader.low_watermark()
-        if low > self._next:
+        try:
+            reader = self._kafka_reader()
+            # Never block the worker: librdkafka prefetches in the background; take what it has.
+            got = reader.read_batch(max_records=self.kafka_batch, timeout_s=0)
+        except LogGapError as exc:
+            self.close()
+            if self.warehouse.next_offset(self.source, self.partition) > self._next:
+                self._in_kafka = False
+                return self._read_segments()  # archived before Kafka dropped it: no gap
             raise LogGapError(
-                f"source {self.source!r} partition {self.partition}: offsets "
-                f"[{self._next}, {low - 1}] are neither in warehouse segments nor in Kafka topic "
-                f"{self.kafka.topic!r} (retention removed them before archiving); restore them "  # type: ignore[union-attr]
-                "into segments with flows.ingest, or raise the topic's retention"
-            )
-        # Never block the worker: librdkafka prefetches in the background, so take what it has.
-        got = reader.read_batch(max_records=self.kafka_batch, timeout_s=0)
+                f"source {self.source!r} partition {self.partition}: offset {self._next} "
+                "onwards is neither in warehouse segments nor in Kafka (retention removed it "
+                f"before it was archived): {exc}. Restore the missing records into segments "
+                "with flows.ingest, or raise the topic's retention and archive more often"
+            ) from exc
         if got.next_offset <= self._next:
             return None
         return LogBatch(self.source, self.partition, pa.Table.from_batches([got.events]),
