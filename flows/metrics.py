@@ -31,9 +31,12 @@ class Metrics:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
+        self.to_catch_up = 0  # records to apply before the views are caught up (set at start)
+        self._last_report = (time.monotonic(), 0)
         self._lock = threading.Lock()
         self._stats: dict[tuple[str, int], _PartitionStats] = {}
         self._dead: dict[str, int] = {}
+        self._ends: dict[tuple[str, int], int] = {}
         labels = ["view", "partition"]
         self._events = Counter(
             "featureflow_events_applied", "events applied to a view", labels, registry=self.registry
@@ -50,6 +53,9 @@ class Metrics:
         self._offset = Gauge(
             "featureflow_applied_offset", "last applied log offset", labels, registry=self.registry
         )
+        self._lag = Gauge("featureflow_catch_up_lag_records",
+                          "records of the log as it stood at start not yet applied",
+                          labels, registry=self.registry)
         self._freshness = Gauge(
             "featureflow_freshness_seconds",
             "now minus arrival time of the newest applied record",
@@ -72,6 +78,9 @@ class Metrics:
                 if arrival is not None:
                     stats.newest_arrival_us = int(arrival)
         labels = (view, str(partition))
+        end = self._ends.get((view, partition))
+        if end is not None:
+            self._lag.labels(*labels).set(max(0, end - 1 - result.progress.applied_offset))
         self._events.labels(*labels).inc(result.applied)
         self._late.labels(*labels).inc(result.late.num_rows)
         self._offset.labels(*labels).set(result.progress.applied_offset)
@@ -94,15 +103,35 @@ class Metrics:
                 late += s.late
             return per_view, late, sum(self._dead.values())
 
+    def catch_up_target(self, view: str, partition: int, end_offset: int) -> None:
+        """The log's end as of start, for the lag gauge of a view partition."""
+        with self._lock:
+            self._ends[(view, partition)] = end_offset
+
     def status_line(self) -> str:
+        """One line: progress while catching up (a bar), else the live rate and freshness."""
         per_view, late, dead = self.totals()
-        elapsed = time.monotonic() - self.started
+        now = time.monotonic()
         events = max(per_view.values(), default=0)
-        rate = events / elapsed if elapsed > 0 else 0.0
-        return (
-            f"[featureflow] {elapsed:7.1f}s  events {events:,}  ({rate:,.0f}/s)  "
-            f"late {late:,}  dead letters {dead:,}"
-        )
+        then, before = self._last_report
+        self._last_report = (now, events)
+        rate = (events - before) / (now - then) if now > then else 0.0
+        head = f"[featureflow] {now - self.started:7.1f}s"
+        tail = f"({rate:,.0f} events/s)  late {late:,}  dead letters {dead:,}"
+        if self.to_catch_up and events < self.to_catch_up:
+            done = events / self.to_catch_up
+            bar = "#" * int(done * 30)
+            return (f"{head}  catching up [{bar:<30}] {done:4.0%}  "
+                    f"{events:,}/{self.to_catch_up:,} events  {tail}")
+        fresh = self.freshness_s()
+        freshness = f"  freshness {fresh:.2f}s" if fresh is not None else ""
+        return f"{head}  live  events {events:,}  {tail}{freshness}"
+
+    def freshness_s(self) -> float | None:
+        """Seconds since the arrival of the newest applied record (max over partitions)."""
+        with self._lock:
+            arrivals = [s.newest_arrival_us for s in self._stats.values() if s.newest_arrival_us]
+        return time.time() - max(arrivals) / 1e6 if arrivals else None
 
 
 class ConsoleReporter:

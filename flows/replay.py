@@ -22,7 +22,7 @@ from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.plan import build_plan
-from flows.run import execute
+from flows.run import execute, track_catch_up
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions
 from state.client import to_micros
@@ -61,6 +61,7 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
     for sp in plan.sources.values():
         for t in sp.targets:
             print(f"replaying view {t.view.name!r} into version v{t.version}", flush=True)
+    track_catch_up(plan)
     code = execute(plan, workers=settings.workers, status_interval=settings.status_interval)
     store = ViewStore(settings.state)
     for sp in plan.sources.values():

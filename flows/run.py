@@ -74,6 +74,7 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         process_id=settings.process_id or 0,
     )
     _print_plan(plan)
+    track_catch_up(plan)
     addresses = settings.addresses.split(";") if settings.addresses else None
     return execute(
         plan,
@@ -110,6 +111,17 @@ def execute(
             signal.signal(sig, handler)
     _print_summary(plan, time.perf_counter() - started, plan.stop.is_set())
     return 0
+
+
+def track_catch_up(plan: FlowPlan) -> None:
+    """Tell the metrics how much of the log is to be applied (progress bar, lag gauges)."""
+    total = 0
+    for sp in plan.sources.values():
+        total += sum(max(0, sp.catch_up[p] - sp.start[p]) for p in sp.start)
+        for t in sp.targets:
+            for p, end in sp.catch_up.items():
+                plan.metrics.catch_up_target(t.view.name, p, end)
+    plan.metrics.to_catch_up = total
 
 
 def _print_plan(plan: FlowPlan) -> None:

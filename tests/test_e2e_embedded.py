@@ -256,3 +256,70 @@ def test_two_process_cluster_equals_oracle(
             spine = pa.table({"row": range(len(keys)), "k": keys, "t": [t] * len(keys)})
             got = client.get_many(name, keys, at=t / 1e6)
             assert mismatches(layout, oracle_values(layout, log, spine), got) == []
+
+
+def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
+    """Without --until-caught-up the flow keeps following the log: a later ingest becomes
+    readable, /metrics reports it, and SIGINT ends the flow cleanly with its summary."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.helpers import REPO
+
+    features = write_definitions(tmp_path / "defs")
+    first = make_events(3000, 20, seed=1)
+    later = make_events(500, 5, seed=2, start_us=1_780_000_000_000_000 + 4 * 86_400_000_000)
+    later = later.set_column(0, "user_id", pa.array([f"late{i % 5}" for i in range(500)]))
+    pq.write_table(first, tmp_path / "first.parquet")
+    pq.write_table(later, tmp_path / "later.parquet")
+    common = ["--features", str(features), "--warehouse", str(tmp_path / "wh")]
+    assert run_command("flows.ingest", *common, str(tmp_path / "first.parquet")).returncode == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    flow = subprocess.Popen(
+        [sys.executable, "-m", "flows.run", *common, "--state", str(tmp_path / "state"),
+         "--metrics-port", str(port), "--status-interval", "0.5"],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _count(tmp_path / "state", "user1") > 0)
+        assert run_command("flows.ingest", *common, str(tmp_path / "later.parquet")).returncode == 0
+        wait_for(lambda: _count(tmp_path / "state", "late0") == 100)
+
+        def applied_total() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            return sum(float(line.split()[-1]) for line in text.decode().splitlines()
+                       if line.startswith("featureflow_events_applied_total{"))
+
+        wait_for(lambda: applied_total() == 2 * 3500)  # 2 views, every event once
+    finally:
+        flow.send_signal(signal.SIGINT)
+        out, err = flow.communicate(timeout=60)
+    assert flow.returncode == 0, err
+    assert "stopped by Ctrl-C: applied 3,500 events" in out
+    assert "catching up" in out or "live" in out  # the status line
+    assert "Traceback" not in err and "panicked" not in err
+
+
+def _count(state: Path, key: str) -> int:
+    if not (state / "views" / "spend" / "CURRENT").exists():
+        return 0
+    with FeatureClient(state) as client:
+        value: int = client.get("spend", key, at=2_000_000_000)["count"]
+        return value
+
+
+def wait_for(condition: object, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")

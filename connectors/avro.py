@@ -1,0 +1,425 @@
+"""Avro at the log's edge: source schemas and their Arrow columns, schema fingerprints, and the
+single-object encoding of Kafka values (marker C3 01, the writer schema's 8-byte little-endian
+CRC-64-AVRO fingerprint, then the binary record), decoded one by one or a batch at a time.
+
+Timestamps inside the platform are int64 microseconds since the epoch, UTC: `decode` gives
+them so, `encode_single_object` takes them so (or aware datetimes), whatever the schema's unit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pyarrow as pa
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint as fastavro_fingerprint
+from fastavro.schema import to_parsing_canonical_form
+
+from connectors.avro_columns import PADDING, DecodedRecords, decode_records, resolve
+from connectors.avro_fields import TIMESTAMP_UNITS, FieldSpec, arrow_schema_of, record_fields
+from connectors.errors import DecodeError, SchemaError
+from connectors.evolution import check_compatible
+
+__all__ = [
+    "HEADER_SIZE",
+    "MARKER",
+    "AvroSchema",
+    "ParsedSchema",
+    "SchemaStore",
+    "SingleObjectWriter",
+    "arrow_schema",
+    "check_compatible",
+    "decode_batch",
+    "encode_single_object",
+    "fingerprint",
+    "fingerprint_bytes",
+    "fingerprint_hex",
+    "load_schema",
+    "read_schema",
+]
+
+AvroSchema = Mapping[str, Any] | list[Any] | str
+"""An Avro schema in its JSON form: a record (or other complex type), a union, or a name."""
+ParsedSchema = dict[str, Any]
+"""A schema parsed by fastavro (`fastavro.parse_schema`), ready for its readers and writers."""
+
+MARKER = b"\xc3\x01"
+HEADER_SIZE = 10  # marker + 8-byte fingerprint
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_UNIT_US = {"ms": 1000, "us": 1}
+
+
+def read_schema(path: str | Path) -> dict[str, Any]:
+    """The Avro schema in a `.avsc` file, checked to be a valid record.
+
+    Raises:
+        SchemaError: the file cannot be read, is not JSON, or is not a valid Avro record.
+    """
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SchemaError(
+            f"schema file {str(path)!r} cannot be read as JSON: {exc}; "
+            "give the path of an Avro schema (.avsc)"
+        ) from exc
+    load_schema(schema)
+    return dict(schema)
+
+
+def load_schema(schema: Mapping[str, Any]) -> ParsedSchema:
+    """`schema` parsed by fastavro.
+
+    Raises:
+        SchemaError: fastavro refuses it (the message says why), or it is not a record.
+    """
+    if not isinstance(schema, Mapping) or schema.get("type") != "record":
+        raise SchemaError(
+            f"schema of type {_type_of(schema)!r} is not an Avro record; a "
+            'source schema is {"type": "record", "name": ..., "fields": [...]}'
+        )
+    try:
+        parsed = cast(ParsedSchema, parse_schema(dict(schema)))
+    except Exception as exc:  # fastavro raises SchemaParseException, UnknownType, KeyError, ...
+        raise SchemaError(
+            f"record {schema.get('name', '?')!r} is not a valid Avro schema: "
+            f"{type(exc).__name__}: {exc}; fix the schema JSON"
+        ) from exc
+    return parsed
+
+
+def arrow_schema(avro_schema: Mapping[str, Any]) -> pa.Schema:
+    """The Arrow schema of a source's columns: one nullable column per Avro field.
+
+    boolean->bool, int->int32, long->int64, float->float32, double->float64, string and
+    enum->string, bytes->binary, long timestamp-millis/-micros->timestamp(ms/us, UTC),
+    ["null", T]->T.
+
+    Raises:
+        SchemaError: naming the field whose type has no column type (records, arrays, maps,
+            fixed, unions of several types).
+    """
+    return arrow_schema_of(record_fields(avro_schema))
+
+
+def fingerprint(schema: AvroSchema) -> int:
+    """The CRC-64-AVRO (Rabin) fingerprint of the schema's Parsing Canonical Form, as an
+    unsigned 64-bit int (Java's `SchemaNormalization.parsingFingerprint64` modulo 2**64)."""
+    return int.from_bytes(fingerprint_bytes(schema), "little")
+
+
+def fingerprint_bytes(schema: AvroSchema) -> bytes:
+    """The fingerprint's 8 bytes as single-object encoding writes them (little-endian)."""
+    try:
+        canonical = to_parsing_canonical_form(_plain(schema))
+    except Exception as exc:  # fastavro raises several types for a malformed schema
+        raise SchemaError(
+            f"cannot fingerprint schema {_type_of(schema)!r}: {exc}; fix the schema JSON"
+        ) from exc
+    return bytes.fromhex(fastavro_fingerprint(canonical, "CRC-64-AVRO"))
+
+
+def fingerprint_hex(schema: AvroSchema) -> str:
+    """The fingerprint's 8 bytes in hex, in wire order (as a hex dump of a payload shows them)."""
+    return fingerprint_bytes(schema).hex()
+
+
+class SingleObjectWriter:
+    """Encodes records of one record schema as Avro single-object payloads."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        load_schema(schema)
+        self.schema = dict(schema)
+        self.fingerprint = fingerprint(schema)
+        self._header = MARKER + fingerprint_bytes(schema)
+        self._parsed = parse_schema(_without_logical_types(self.schema))
+        self._units = _timestamp_units(self.schema)
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The payload of `record`; timestamps as int µs since the epoch or aware datetimes.
+
+        Raises:
+            SchemaError: the record does not match the schema (the message names the cause).
+        """
+        values = dict(record)
+        for name, unit in self._units.items():
+            if values.get(name) is not None:
+                values[name] = _to_unit(values[name], unit, name)
+        out = io.BytesIO()
+        out.write(self._header)
+        try:
+            schemaless_writer(out, self._parsed, values)
+        except Exception as exc:  # fastavro raises TypeError, ValueError, KeyError, ...
+            raise SchemaError(
+                f"record does not match schema {self.schema.get('name')!r}: "
+                f"{type(exc).__name__}: {exc}; fix the record"
+            ) from exc
+        return out.getvalue()
+
+
+def encode_single_object(record: Mapping[str, Any], schema: Mapping[str, Any]) -> bytes:
+    """`record` as an Avro single-object payload (see `SingleObjectWriter` to encode many)."""
+    return SingleObjectWriter(schema).encode(record)
+
+
+@dataclass(frozen=True, slots=True)
+class _Writer:
+    schema: dict[str, Any]
+    parsed: ParsedSchema  # without timestamp logical types: the decoder converts units itself
+    fields: tuple[FieldSpec, ...]
+
+
+class SchemaStore:
+    """The writer schemas a source's payloads may carry, by fingerprint, and its reader schema.
+
+    Holds the reader schema (the source's current one, itself a writer schema) and older
+    versions; each must be readable by the reader schema (`check_compatible`). All are flat
+    records, as sources are (see `arrow_schema`).
+    """
+
+    def __init__(
+        self, reader: Mapping[str, Any], writers: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        """Raises SchemaError if a schema is invalid or a writer cannot be read as `reader`."""
+        self.reader = dict(reader)
+        self.fingerprint = fingerprint(reader)
+        self._reader = self._add(reader)
+        self._writers = {self.fingerprint: self._reader}
+        for writer in writers:
+            check_compatible(writer, reader)
+            self._writers[fingerprint(writer)] = self._add(writer)
+
+    @staticmethod
+    def _add(schema: Mapping[str, Any]) -> _Writer:
+        load_schema(schema)
+        fields = record_fields(schema)
+        parsed = cast(ParsedSchema, parse_schema(_without_logical_types(dict(schema))))
+        return _Writer(dict(schema), parsed, fields)
+
+    @property
+    def reader_fields(self) -> tuple[FieldSpec, ...]:
+        return self._reader.fields
+
+    def fingerprints(self) -> list[int]:
+        """The fingerprints of all known writer schemas, the reader's first."""
+        return list(self._writers)
+
+    def writer(self, fp: int) -> dict[str, Any] | None:
+        """The writer schema with fingerprint `fp`, or None if it is unknown."""
+        known = self._writers.get(fp)
+        return None if known is None else known.schema
+
+    def writer_fields(self, fp: int) -> tuple[FieldSpec, ...] | None:
+        known = self._writers.get(fp)
+        return None if known is None else known.fields
+
+    def decode(self, payload: bytes) -> dict[str, Any]:
+        """The record in a single-object payload, resolved to the reader schema.
+
+        Timestamp fields are int µs since the epoch (UTC), whatever the schema's unit.
+
+        Raises:
+            DecodeError: bad marker, unknown fingerprint, truncated or malformed bytes.
+        """
+        writer = self._writers.get(_header_fingerprint(payload))
+        if writer is None:
+            raise DecodeError(_unknown(payload))
+        body = io.BytesIO(payload)
+        body.seek(HEADER_SIZE)
+        reader = None if writer is self._reader else self._reader.parsed
+        try:
+            record = schemaless_reader(body, writer.parsed, reader)
+        except Exception as exc:  # fastavro raises EOFError, IndexError, UnicodeError, ...
+            raise DecodeError(f"malformed record: {type(exc).__name__}: {exc}") from exc
+        if body.tell() != len(payload):
+            raise DecodeError(
+                f"{len(payload) - body.tell()} bytes left over after the last "
+                "field (not a record of this schema)"
+            )
+        if not isinstance(record, dict):
+            raise DecodeError(f"payload decodes to {type(record).__name__}, not a record")
+        return self._timestamps_to_us(record, writer)
+
+    def _timestamps_to_us(self, record: dict[str, Any], writer: _Writer) -> dict[str, Any]:
+        written = {f.name: f for f in writer.fields}
+        for spec in self._reader.fields:
+            if spec.unit and record.get(spec.name) is not None:
+                source = next(
+                    (written[a] for a in (spec.name, *spec.aliases) if a in written), spec
+                )
+                unit = source.unit or spec.unit
+                us = record[spec.name] * _UNIT_US[unit]
+                # A reader in ms truncates, as the batch decoder does.
+                record[spec.name] = us // 1000 * 1000 if spec.unit == "ms" else us
+        return record
+
+
+def decode_batch(
+    store: SchemaStore,
+    payloads: Sequence[bytes],
+    arrow_schema: pa.Schema,
+) -> tuple[pa.RecordBatch, list[tuple[int, str]]]:
+    """Decode many single-object payloads into one record batch of the source's columns.
+
+    Payloads that cannot be decoded are left out of the batch and reported as
+    (index in `payloads`, reason); the batch holds the others in input order. Timestamp
+    columns have the Arrow timestamp types of `arrow_schema`.
+    """
+    n = len(payloads)
+    lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+    data = np.frombuffer(b"".join([*payloads, bytes(PADDING)]), dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    _check_columns(store, arrow_schema)
+    fps, valid, failures = _check_headers(data, starts, lengths, store)
+    parts: list[tuple[np.ndarray, pa.RecordBatch]] = []
+    for fp in np.unique(fps[valid]):
+        rows = np.nonzero(valid & (fps == fp))[0]
+        decoded = _decode_group(
+            store,
+            int(fp),
+            data,
+            starts[rows] + HEADER_SIZE,
+            starts[rows] + lengths[rows],
+            arrow_schema,
+        )
+        failures.update((int(rows[i]), reason) for i, reason in decoded.failures.items())
+        ok = np.ones(len(rows), dtype=bool)
+        ok[list(decoded.failures)] = False
+        batch = pa.RecordBatch.from_arrays(list(decoded.columns.values()), schema=arrow_schema)
+        parts.append((rows[ok], batch.filter(pa.array(ok))))
+    return _in_input_order(parts, arrow_schema), sorted(failures.items())
+
+
+def _check_columns(store: SchemaStore, schema: pa.Schema) -> None:
+    unknown = set(schema.names) - {f.name for f in store.reader_fields}
+    if unknown:
+        raise SchemaError(
+            f"columns {sorted(unknown)} are not fields of the reader schema "
+            f"{store.reader.get('name')!r}; build the Arrow schema with "
+            "arrow_schema(reader schema)"
+        )
+
+
+def _check_headers(
+    data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, store: SchemaStore
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Each payload's writer fingerprint, whether its header is good, and the failures."""
+    failures: dict[int, str] = {}
+    short = lengths < HEADER_SIZE
+    at = np.where(short, 0, starts)
+    header = data[at[:, None] + np.arange(HEADER_SIZE)]
+    marked = ~short & (header[:, 0] == MARKER[0]) & (header[:, 1] == MARKER[1])
+    fps = np.ascontiguousarray(header[:, 2:]).view("<u8").ravel().copy()
+    valid = marked & np.isin(fps, np.array(store.fingerprints(), dtype=np.uint64))
+    for row in np.nonzero(~valid)[0]:
+        payload = data[starts[row] : starts[row] + lengths[row]].tobytes()
+        failures[int(row)] = _unknown(payload)
+    return fps, valid, failures
+
+
+def _decode_group(
+    store: SchemaStore,
+    fp: int,
+    data: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    schema: pa.Schema,
+) -> DecodedRecords:
+    writer = store.writer_fields(fp)
+    assert writer is not None  # _check_headers kept known fingerprints only
+    decoded = decode_records(writer, data, starts, ends)
+    return resolve(decoded, writer, store.reader_fields, schema)
+
+
+def _in_input_order(
+    parts: list[tuple[np.ndarray, pa.RecordBatch]],
+    schema: pa.Schema,
+) -> pa.RecordBatch:
+    if not parts:
+        return pa.RecordBatch.from_pylist([], schema=schema)
+    if len(parts) == 1:
+        return parts[0][1]
+    rows = np.concatenate([r for r, _ in parts])
+    table = pa.Table.from_batches([b for _, b in parts], schema=schema)
+    return table.take(pa.array(np.argsort(rows, kind="stable"))).combine_chunks().to_batches()[0]
+
+
+def _header_fingerprint(payload: bytes) -> int:
+    if len(payload) < HEADER_SIZE or payload[:2] != MARKER:
+        return -1
+    return int.from_bytes(payload[2:HEADER_SIZE], "little")
+
+
+def _unknown(payload: bytes) -> str:
+    """Why a payload's header is refused."""
+    if len(payload) < HEADER_SIZE:
+        return (
+            f"payload of {len(payload)} bytes is shorter than the {HEADER_SIZE}-byte Avro "
+            "single-object header"
+        )
+    if payload[:2] != MARKER:
+        return (
+            f"payload starts with {payload[:2].hex(' ')}, not the Avro single-object marker "
+            "c3 01; producers must write single-object encoded Avro"
+        )
+    return (
+        f"unknown writer schema fingerprint {payload[2:HEADER_SIZE].hex()}; add that schema "
+        "version to the source's schema store"
+    )
+
+
+def _timestamp_units(schema: Mapping[str, Any]) -> dict[str, str]:
+    """The unit ("ms"/"us") of each top-level timestamp field (alone or in a union)."""
+    units = {}
+    for field in schema.get("fields", []):
+        branches = field["type"] if isinstance(field["type"], list) else [field["type"]]
+        for branch in branches:
+            if isinstance(branch, Mapping) and branch.get("type") == "long":
+                unit = TIMESTAMP_UNITS.get(branch.get("logicalType", ""))
+                if unit is not None:
+                    units[field["name"]] = unit
+    return units
+
+
+def _to_unit(value: Any, unit: str, name: str) -> int:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise SchemaError(
+                f"field {name!r} holds a naive datetime {value}; give timestamps "
+                "a timezone (UTC) or as int µs since the epoch"
+            )
+        value = (value - _EPOCH) // timedelta(microseconds=1)
+    if not isinstance(value, int):
+        raise SchemaError(
+            f"field {name!r} holds {value!r}; a timestamp is an int (µs since "
+            "the epoch) or an aware datetime"
+        )
+    return value // _UNIT_US[unit]
+
+
+def _without_logical_types(schema: Any) -> Any:
+    """`schema` without logical types: values pass as their underlying types (timestamps as
+    raw longs, converted to and from µs here), as the Arrow columns hold them."""
+    if isinstance(schema, list):
+        return [_without_logical_types(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    return {
+        k: _without_logical_types(v) if k in ("type", "fields", "items", "values") else v
+        for k, v in schema.items()
+        if k != "logicalType"
+    }
+
+
+def _plain(schema: AvroSchema) -> Any:
+    return dict(schema) if isinstance(schema, Mapping) else schema
+
+
+def _type_of(schema: Any) -> str:
+    return str(schema.get("type")) if isinstance(schema, Mapping) else type(schema).__name__

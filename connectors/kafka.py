@@ -1,0 +1,356 @@
+"""The Kafka tail of the log: reads one partition of a source's topic from an offset, in
+batches decoded to Arrow (source columns plus `_offset`, `_partition`, `_arrival`), with
+undecodable messages as dead letters; and a producer of single-object encoded Avro keyed by
+entity key, partitioned as ingest partitions (murmur2).
+
+Offsets are the log's own: the reader assigns its partition itself and never commits to a
+consumer group. If Kafka no longer holds an offset the log needs, it raises LogGapError
+instead of skipping (the retention-gap rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import pyarrow as pa
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from connectors.avro import SchemaStore, SingleObjectWriter, decode_batch
+from connectors.envelope import TIMESTAMP_US, DeadLetter, log_schema
+from connectors.errors import ConnectorError, LogGapError, SchemaError
+
+__all__ = ["AvroProducer", "DeadLetter", "KafkaBatch", "KafkaLogReader", "list_partitions"]
+
+_LOG = logging.getLogger(__name__)  # librdkafka's own log lines go here, not to stderr
+_GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
+_TOMBSTONE = "message has no value (a tombstone); events need an Avro value"
+_FATAL = {
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaBatch:
+    """What one `read_batch` got: decoded events, dead letters, where to go on, and whether
+    the partition's end (its high watermark when last seen) has been reached."""
+
+    events: pa.RecordBatch
+    failures: list[DeadLetter]
+    next_offset: int
+    at_end: bool
+
+
+class KafkaLogReader:
+    """Reads one partition of a topic from `start_offset`, decoding values with `store`.
+
+    Raises (on construction):
+        LogGapError: `start_offset` is below the partition's low watermark (retention passed).
+        ConnectorError: the broker does not answer, the topic or partition does not exist, or
+            `start_offset` is beyond the partition's end.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        partition: int,
+        start_offset: int,
+        store: SchemaStore,
+        arrow_schema: pa.Schema,
+        *,
+        key_field: str,
+    ) -> None:
+        if key_field not in arrow_schema.names:
+            raise SchemaError(
+                f"key field {key_field!r} is not a column of the source "
+                f"({arrow_schema.names}); name the entity key field"
+            )
+        self.topic, self.partition, self.key_field = topic, partition, key_field
+        self._store, self._schema = store, arrow_schema
+        self._log_schema = log_schema(arrow_schema)
+        self._consumer = Consumer(_consumer_config(bootstrap))
+        self._next, self._at_end = start_offset, False
+        try:
+            self._check_start(start_offset)
+        except ConnectorError:
+            self._consumer.close()
+            raise
+        self._consumer.assign([TopicPartition(topic, partition, start_offset)])
+
+    def _check_start(self, start: int) -> None:
+        low, high = self.watermarks()
+        if start < low:
+            raise LogGapError(
+                f"topic {self.topic!r} partition {self.partition}: offsets [{start}, {low - 1}] "
+                f"are no longer in Kafka (retention passed before they were archived); the log "
+                "has a gap: restore them into warehouse segments, or replay from a later offset"
+            )
+        if start > high:
+            raise ConnectorError(
+                f"topic {self.topic!r} partition {self.partition}: start offset {start} is past "
+                f"the partition's end {high}; the topic may have been recreated since the log "
+                "was written: check --kafka and the topic name"
+            )
+
+    def read_batch(self, max_records: int = 5000, timeout_s: float = 0.1) -> KafkaBatch:
+        """Up to `max_records` records, waiting at most `timeout_s` for the first.
+
+        Raises:
+            LogGapError: Kafka dropped the next offsets while reading (retention passed).
+            ConnectorError: the topic or partition vanished, or the client failed fatally.
+        """
+        messages = self._consumer.consume(max_records, timeout_s)
+        records = self._records(messages)
+        values = [m.value() for m in records]
+        offsets = np.array([m.offset() for m in records], dtype=np.int64)  # never None here
+        arrivals = _arrivals_us(records)
+        if len(records):
+            self._next = int(offsets[-1]) + 1
+        failures: list[DeadLetter] = []
+        if None in values:  # tombstones: no value to decode
+            empty = np.array([v is None for v in values])
+            failures = [
+                DeadLetter(_TOMBSTONE, self.partition, int(o), None) for o in offsets[empty]
+            ]
+            values = [v for v in values if v is not None]
+            offsets, arrivals = offsets[~empty], arrivals[~empty]
+        return self._batch(cast(list[bytes], values), offsets, arrivals, failures)
+
+    def _records(self, messages: list[Message]) -> list[Message]:
+        """The messages that are records; errors and end-of-partition events handled."""
+        errors = [(i, e) for i, e in enumerate([m.error() for m in messages]) if e is not None]
+        if not errors:
+            self._at_end = self._at_end and not messages
+            return messages
+        for i, error in errors:
+            self._on_error(error, messages[i])
+        failed = {i for i, _ in errors}
+        records = [m for i, m in enumerate(messages) if i not in failed]
+        last_eof = max((i for i, e in errors if e.code() == KafkaError._PARTITION_EOF), default=-1)
+        last_record = max((i for i in range(len(messages)) if i not in failed), default=-1)
+        if last_record > last_eof:
+            self._at_end = False
+        return records
+
+    def _on_error(self, error: KafkaError, message: Message) -> None:
+        code = error.code()
+        if code == KafkaError._PARTITION_EOF:
+            self._at_end = True
+            self._next = max(self._next, _offset(message))
+        elif code in _GONE:
+            raise LogGapError(
+                f"topic {self.topic!r} partition {self.partition}: offset {self._next} is no "
+                f"longer in Kafka ({error.str()}); low watermark is now {self.low_watermark()}: "
+                "retention passed before the records were archived"
+            )
+        elif code in _FATAL or error.fatal():
+            raise ConnectorError(
+                f"topic {self.topic!r} partition {self.partition}: "
+                f"{error.str()}; check that the topic exists"
+            )
+        else:  # transient (broker down, ...): librdkafka retries by itself
+            _LOG.warning("topic %r partition %d: %s", self.topic, self.partition, error.str())
+
+    def _batch(
+        self,
+        values: list[bytes],
+        offsets: np.ndarray,
+        arrivals: np.ndarray,
+        failures: list[DeadLetter],
+    ) -> KafkaBatch:
+        decoded, bad = decode_batch(self._store, values, self._schema)
+        failures += [
+            DeadLetter(reason, self.partition, int(offsets[i]), values[i]) for i, reason in bad
+        ]
+        keep = np.ones(len(values), dtype=bool)
+        keep[[i for i, _ in bad]] = False
+        log_columns = [
+            pa.array(offsets[keep], pa.int64()),
+            pa.array(np.full(int(keep.sum()), self.partition, dtype=np.int32)),
+            pa.array(arrivals[keep], pa.int64()).cast(TIMESTAMP_US),
+        ]
+        events = pa.RecordBatch.from_arrays(
+            [*decoded.columns, *log_columns], schema=self._log_schema
+        )
+        failures.sort(key=lambda d: d.offset if d.offset is not None else -1)
+        return KafkaBatch(events, failures, self._next, self._at_end)
+
+    def watermarks(self, timeout_s: float = 10.0) -> tuple[int, int]:
+        """The partition's (low, high) watermarks: first offset held, offset after the last."""
+        tp = TopicPartition(self.topic, self.partition)
+        try:
+            marks = self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+        except KafkaException as exc:
+            raise ConnectorError(
+                f"topic {self.topic!r} partition {self.partition}: cannot get "
+                f"its offsets ({exc.args[0].str()}); check that the broker "
+                "runs and the topic exists"
+            ) from exc
+        if marks is None:
+            raise ConnectorError(
+                f"topic {self.topic!r} partition {self.partition}: the broker "
+                f"did not give its offsets within {timeout_s} s; check --kafka"
+            )
+        return int(marks[0]), int(marks[1])
+
+    def low_watermark(self) -> int:
+        """The first offset Kafka still holds for the partition."""
+        return self.watermarks()[0]
+
+    def high_watermark(self) -> int:
+        """The offset after the last record of the partition, as of now."""
+        return self.watermarks()[1]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> KafkaLogReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _consumer_config(bootstrap: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": "featureflow-log-reader",  # required by librdkafka; never joined or committed
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        "auto.offset.reset": "error",  # a vanished offset is a gap to report, never a skip
+        "logger": _LOG,
+    }
+
+
+def _offset(message: Message) -> int:
+    offset = message.offset()
+    if offset is None:
+        raise ConnectorError(f"topic {message.topic()!r}: a message without an offset")
+    return offset
+
+
+def _arrivals_us(records: list[Message]) -> np.ndarray:
+    """Kafka message times in µs; the time of reading where a message has none."""
+    stamps = np.array([m.timestamp() for m in records], dtype=np.int64).reshape(-1, 2)
+    arrivals: np.ndarray = stamps[:, 1] * 1000
+    arrivals[stamps[:, 0] == TIMESTAMP_NOT_AVAILABLE] = time.time_ns() // 1000
+    return arrivals
+
+
+class AvroProducer:
+    """Produces records of one schema to a topic: key = entity key (UTF-8), value = single-object
+    Avro; partitioned with murmur2 as the warehouse ingest partitions."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        schema: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.topic = topic
+        self._writer = SingleObjectWriter(schema)
+        self._errors: list[str] = []
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "partitioner": "murmur2_random",
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "logger": _LOG,
+                **(config or {}),
+            }
+        )
+
+    def produce(self, records: Sequence[Mapping[str, Any]], key_field: str) -> None:
+        """Queue `records` for sending (see `flush`).
+
+        Raises:
+            ConnectorError: a record has no value for `key_field`.
+            SchemaError: a record does not match the schema.
+        """
+        for i, record in enumerate(records):
+            key = record.get(key_field)
+            if key is None:
+                raise ConnectorError(
+                    f"record {i} has no value for key field {key_field!r}; "
+                    "every event needs its entity key"
+                )
+            self._send(str(key).encode("utf-8"), self._writer.encode(record))
+
+    def _send(self, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic, value=value, key=key, on_delivery=self._delivered
+                )
+                break
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._errors.append(error.str())
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued record is delivered.
+
+        Raises:
+            ConnectorError: records remain undelivered after `timeout_s`, or a delivery failed.
+        """
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            raise ConnectorError(
+                f"{remaining} records to topic {self.topic!r} were not "
+                f"delivered within {timeout_s} s; check that the broker runs"
+            )
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise ConnectorError(
+                f"{len(errors)} records to topic {self.topic!r} failed: {errors[0]}"
+            )
+
+
+def list_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
+    """The number of partitions of `topic`.
+
+    Raises:
+        ConnectorError: the broker does not answer within `timeout_s`, or the topic does not
+            exist.
+    """
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _LOG}
+    admin = AdminClient(config)
+    try:
+        # All topics, not just this one: asking for one may auto-create it on some brokers.
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise ConnectorError(
+            f"Kafka at {bootstrap} did not answer within {timeout_s} s "
+            f"({exc.args[0].str()}); start the broker or fix --kafka"
+        ) from exc
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        raise ConnectorError(
+            f"topic {topic!r} does not exist on Kafka at {bootstrap}; create "
+            "it with the source's number of partitions"
+        )
+    return len(found.partitions)

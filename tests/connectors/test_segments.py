@@ -1,0 +1,227 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from connectors.avro import arrow_schema, fingerprint_hex
+from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
+from connectors.errors import SegmentError
+from connectors.segments import Warehouse, read_dead_letters, write_dead_letters
+
+TS0 = 1_700_000_000_000_000
+US = pa.timestamp("us", tz="UTC")
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Warehouse:
+    return Warehouse(tmp_path / "warehouse")
+
+
+@pytest.fixture
+def log_rows(transaction_schema: dict[str, Any]) -> Any:
+    """Makes a table of n log records of partition p from offset `first`, event times
+    TS0 + offset ms."""
+    schema = arrow_schema(transaction_schema)
+
+    def make(first: int, n: int, partition: int = 0) -> pa.Table:
+        offsets = np.arange(first, first + n, dtype=np.int64)
+        return pa.table(
+            {
+                "user_id": [f"u{o % 13}" for o in offsets],
+                "ts": pa.array(TS0 + offsets * 1000).cast(US),
+                "amount": offsets * 0.5,
+                "merchant": [None if o % 4 == 0 else f"m{o % 3}" for o in offsets],
+                "channel": ["web"] * n,
+                "is_fraud": offsets % 10 == 0,
+                "_offset": offsets,
+                "_partition": pa.array(np.full(n, partition, dtype=np.int32)),
+                "_arrival": pa.array(np.full(n, TS0, dtype=np.int64)).cast(US),
+            }
+        ).cast(
+            pa.schema(
+                [*schema, ("_offset", pa.int64()), ("_partition", pa.int32()), ("_arrival", US)]
+            )
+        )
+
+    return make
+
+
+def append(warehouse: Warehouse, table: pa.Table, partition: int = 0) -> Any:
+    return warehouse.append("tx", partition, table, fingerprint="ab12", ts_column="ts")
+
+
+def offsets_of(batches: Any) -> list[int]:
+    return [o for b in batches for o in b.column("_offset").to_pylist()]
+
+
+def test_append_then_read_round_trips_in_offset_order(
+    warehouse: Warehouse,
+    log_rows: Any,
+) -> None:
+    first, second = log_rows(0, 1000), log_rows(1000, 500)
+    info = append(warehouse, first)
+    assert (info.first_offset, info.last_offset, info.rows) == (0, 999, 1000)
+    assert (info.min_ts, info.max_ts) == (TS0, TS0 + 999_000)
+    assert info.file == "p0000/00000000000000000000-00000000000000000999.parquet"
+    append(warehouse, second)
+    assert warehouse.next_offset("tx", 0) == 1500
+    assert warehouse.next_offset("tx", 1) == 0
+    assert warehouse.partitions("tx") == [0]
+    table = pa.Table.from_batches(list(warehouse.read("tx", 0)))
+    assert table.equals(pa.concat_tables([first, second]))
+
+
+def test_manifest_and_file_metadata_follow_the_format(
+    warehouse: Warehouse, log_rows: Any, transaction_schema: dict[str, Any]
+) -> None:
+    fp = fingerprint_hex(transaction_schema)
+    info = warehouse.append("tx", 3, log_rows(0, 10, partition=3), fingerprint=fp, ts_column="ts")
+    manifest = orjson.loads((warehouse.root / "tx" / "_manifest.json").read_bytes())
+    assert (manifest["format"], manifest["source"]) == (1, "tx")
+    entry = manifest["partitions"]["3"][0]
+    assert entry == {
+        "file": info.file,
+        "first_offset": 0,
+        "last_offset": 9,
+        "rows": 10,
+        "min_ts": TS0,
+        "max_ts": TS0 + 9000,
+        "schema_fingerprint": fp,
+        "bytes": warehouse.path("tx", info).stat().st_size,
+    }
+    meta = pq.ParquetFile(warehouse.path("tx", info)).metadata
+    assert meta.metadata[b"featureflow.segment_format"] == b"1"
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_schema(warehouse.path("tx", info)).field("ts").type == US
+
+
+@pytest.mark.parametrize(("first", "message"), [(5, "from 0 .*got 5"), (-1, "got -1")])
+def test_an_append_must_start_at_the_next_offset(
+    warehouse: Warehouse, log_rows: Any, first: int, message: str
+) -> None:
+    with pytest.raises(SegmentError, match=message):
+        append(warehouse, log_rows(first, 10))
+    append(warehouse, log_rows(0, 10))
+    with pytest.raises(SegmentError, match="contiguous from 10"):
+        append(warehouse, log_rows(11, 10))
+
+
+def test_an_append_must_have_contiguous_offsets_and_one_partition(
+    warehouse: Warehouse, log_rows: Any
+) -> None:
+    gap = pa.concat_tables([log_rows(0, 5), log_rows(6, 5)])
+    with pytest.raises(SegmentError, match="contiguous"):
+        append(warehouse, gap)
+    with pytest.raises(SegmentError, match="holds other partitions"):
+        append(warehouse, log_rows(0, 5, partition=1))
+    with pytest.raises(SegmentError, match="'_arrival' is missing"):
+        append(warehouse, log_rows(0, 5).drop_columns(["_arrival"]))
+    assert warehouse.segments("tx", 0) == []
+
+
+def test_files_the_manifest_does_not_list_are_ignored_and_overwritten(
+    warehouse: Warehouse, log_rows: Any
+) -> None:
+    append(warehouse, log_rows(0, 10))
+    # A crash after writing the next file but before the manifest: the file is an orphan.
+    orphan = warehouse.root / "tx" / "p0000" / f"{10:020d}-{19:020d}.parquet"
+    pq.write_table(log_rows(10, 10).drop_columns(["amount"]), orphan)
+    assert offsets_of(warehouse.read("tx", 0)) == list(range(10))
+    assert warehouse.next_offset("tx", 0) == 10
+    info = append(warehouse, log_rows(10, 10))
+    assert warehouse.path("tx", info) == orphan
+    assert "amount" in pq.read_schema(orphan).names
+    assert offsets_of(warehouse.read("tx", 0)) == list(range(20))
+
+
+def test_a_corrupt_or_missing_file_is_a_segment_error(
+    warehouse: Warehouse,
+    log_rows: Any,
+) -> None:
+    info = append(warehouse, log_rows(0, 100))
+    path = warehouse.path("tx", info)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SegmentError, match=f"{path.name}.*re-ingest"):
+        list(warehouse.read("tx", 0))
+    path.unlink()
+    with pytest.raises(SegmentError, match="is missing; restore it"):
+        list(warehouse.read("tx", 0))
+
+
+def test_a_corrupt_manifest_is_a_segment_error(warehouse: Warehouse, log_rows: Any) -> None:
+    append(warehouse, log_rows(0, 10))
+    (warehouse.root / "tx" / "_manifest.json").write_text("{")
+    with pytest.raises(SegmentError, match=r"_manifest\.json cannot be read"):
+        warehouse.next_offset("tx", 0)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [
+        (0, None),
+        (0, 0),
+        (299, 300),
+        (250, 1234),
+        (17, 899),
+        (900, 5000),
+        (1200, 1199),
+        (2000, None),
+    ],
+)
+def test_reading_an_offset_range_gives_exactly_that_range(
+    warehouse: Warehouse, log_rows: Any, lo: int, hi: int | None
+) -> None:
+    for first, n in ((0, 300), (300, 600), (900, 300)):  # three segments
+        append(warehouse, log_rows(first, n))
+    got = offsets_of(warehouse.read("tx", 0, lo, hi, batch_rows=64))
+    assert got == list(range(lo, min(1199, 10**9 if hi is None else hi) + 1))
+
+
+def test_reading_prunes_files_outside_the_range(warehouse: Warehouse, log_rows: Any) -> None:
+    infos = [append(warehouse, log_rows(first, 100)) for first in (0, 100, 200)]
+    warehouse.path("tx", infos[0]).unlink()  # would fail if opened
+    warehouse.path("tx", infos[2]).unlink()
+    assert offsets_of(warehouse.read("tx", 0, 120, 180)) == list(range(120, 181))
+    rows = list(
+        warehouse.read_time_range("tx", 0, TS0 + 150_000, TS0 + 160_000, columns=["user_id"])
+    )
+    assert [b.column_names for b in rows] == [["user_id"]]
+    assert sum(b.num_rows for b in rows) == 11
+
+
+def test_reading_a_column_subset(warehouse: Warehouse, log_rows: Any) -> None:
+    append(warehouse, log_rows(0, 50))
+    batches = list(warehouse.read("tx", 0, 10, 19, columns=["user_id", "ts"]))
+    table = pa.Table.from_batches(batches)
+    assert table.column_names == ["user_id", "ts"]
+    assert table.column("ts").type == US
+    assert table.column("user_id").to_pylist() == [f"u{o % 13}" for o in range(10, 20)]
+    with pytest.raises(SegmentError, match="no column"):
+        list(warehouse.read("tx", 0, columns=["nope"]))
+
+
+def test_dead_letters_are_appended_as_files(tmp_path: Path) -> None:
+    letters = [
+        DeadLetter("bad marker", 2, 41, b"\x00\x01"),
+        DeadLetter("null key", None, None, b'{"a": 1}'),
+    ]
+    first = write_dead_letters(tmp_path, "tx", dead_letter_table(letters, TS0))
+    second = write_dead_letters(tmp_path, "tx", dead_letter_table(letters[:1], TS0 + 1))
+    assert write_dead_letters(tmp_path, "tx", DEAD_LETTER_SCHEMA.empty_table()) is None
+    assert first is not None
+    assert second is not None
+    assert first != second
+    assert first.parent == tmp_path / "tx" / "_deadletter"
+    table = read_dead_letters(tmp_path, "tx")
+    assert table.schema == DEAD_LETTER_SCHEMA
+    assert table.column("reason").to_pylist() == ["bad marker", "null key", "bad marker"]
+    assert table.column("offset").to_pylist() == [41, None, 41]
+    assert table.column("payload").to_pylist()[1] == b'{"a": 1}'
+    with pytest.raises(SegmentError, match="dead-letter schema"):
+        write_dead_letters(tmp_path, "tx", pa.table({"reason": ["x"]}))
