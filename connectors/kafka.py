@@ -330,6 +330,35 @@ class AvroProducer:
             )
 
 
+def partition_watermarks(
+    bootstrap: str, topic: str, partition: int, timeout_s: float = 10.0
+) -> tuple[int, int]:
+    """(low, high) watermarks of one partition, without reading it.
+
+    Raises:
+        ConnectorError: the broker does not answer, or the topic or partition does not exist.
+    """
+    consumer = Consumer(_consumer_config(bootstrap))
+    try:
+        marks = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=timeout_s, cached=False
+        )
+    except KafkaException as exc:
+        raise ConnectorError(
+            f"topic {topic!r} partition {partition}: cannot get its offsets "
+            f"({exc.args[0].str()}); check that the broker runs and the topic "
+            "exists with the source's number of partitions"
+        ) from exc
+    finally:
+        consumer.close()
+    if marks is None:
+        raise ConnectorError(
+            f"topic {topic!r} partition {partition}: the broker did not give "
+            f"its offsets within {timeout_s} s; check --kafka"
+        )
+    return int(marks[0]), int(marks[1])
+
+
 def list_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
     """The number of partitions of `topic`.
 

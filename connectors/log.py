@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 from connectors.avro import SchemaStore
 from connectors.envelope import DeadLetter
 from connectors.errors import LogGapError
-from connectors.kafka import KafkaLogReader
+from connectors.kafka import KafkaLogReader, partition_watermarks
 from connectors.segments import Warehouse
 
 
@@ -62,11 +63,13 @@ class PartitionLog:
     batch_rows: int = 1_000_000
     kafka_batch: int = 5_000
     poll_interval_s: float = 0.5
+    defaults: dict[str, Any] = field(default_factory=dict)  # reader defaults of added fields
     _next: int = field(init=False)
     _segments: object = field(init=False, default=None)
     _reader: KafkaLogReader | None = field(init=False, default=None)
     _last_poll: float = field(init=False, default=0.0)
     _in_kafka: bool = field(init=False, default=False)
+    _base: int = field(init=False, default=0)  # log offset of Kafka offset 0
 
     def __post_init__(self) -> None:
         self._next = self.start_offset
@@ -83,7 +86,9 @@ class PartitionLog:
         """The offset after the newest record the log holds now (segments and Kafka)."""
         end = self.warehouse.next_offset(self.source, self.partition)
         if self.kafka is not None:
-            end = max(end, self._kafka_reader().high_watermark())
+            base = self.warehouse.kafka_base(self.source, self.partition)
+            _, high = partition_watermarks(self.kafka.bootstrap, self.kafka.topic, self.partition)
+            end = max(end, high + (end if base is None else base))
         return end
 
     def read(self) -> LogBatch | None:
@@ -109,12 +114,20 @@ class PartitionLog:
             archived = self.warehouse.next_offset(self.source, self.partition)
             if archived <= self._next:
                 return None
-            it = self._segments = iter(self.warehouse.read(
-                self.source, self.partition, from_offset=self._next, to_offset=archived - 1,
-                batch_rows=self.batch_rows))
+            it = self._segments = iter(
+                self.warehouse.read(
+                    self.source,
+                    self.partition,
+                    from_offset=self._next,
+                    to_offset=archived - 1,
+                    batch_rows=self.batch_rows,
+                )
+            )
         for record_batch in it:  # type: ignore[attr-defined]
             if record_batch.num_rows:
-                table = pa.Table.from_batches([record_batch])
+                table = conform(
+                    pa.Table.from_batches([record_batch]), self.arrow_schema, self.defaults
+                )
                 last = int(table.column("_offset")[-1].as_py())
                 return LogBatch(self.source, self.partition, table, (), last + 1)
         self._segments = None
@@ -134,9 +147,16 @@ class PartitionLog:
     def _kafka_reader(self) -> KafkaLogReader:
         if self._reader is None:
             assert self.kafka is not None
+            self._base = self.warehouse.fix_kafka_base(self.source, self.partition)
             self._reader = KafkaLogReader(
-                self.kafka.bootstrap, self.kafka.topic, self.partition, self._next,
-                self.kafka.store, self.arrow_schema, key_field=self.kafka.key_field)
+                self.kafka.bootstrap,
+                self.kafka.topic,
+                self.partition,
+                self._next - self._base,
+                self.kafka.store,
+                self.arrow_schema,
+                key_field=self.kafka.key_field,
+            )
         return self._reader
 
     def _read_kafka(self) -> LogBatch | None:
@@ -155,15 +175,56 @@ class PartitionLog:
                 f"before it was archived): {exc}. Restore the missing records into segments "
                 "with flows.ingest, or raise the topic's retention and archive more often"
             ) from exc
-        if got.next_offset <= self._next:
+        base = self._base
+        if got.next_offset + base <= self._next:
             return None
-        return LogBatch(self.source, self.partition, pa.Table.from_batches([got.events]),
-                        tuple(got.failures), got.next_offset, from_kafka=True)
+        return LogBatch(
+            self.source,
+            self.partition,
+            shift_offsets(got.events, base),
+            tuple(shift_letter(d, base) for d in got.failures),
+            got.next_offset + base,
+            from_kafka=True,
+        )
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def shift_offsets(events: pa.RecordBatch, base: int) -> pa.Table:
+    """Kafka records as log records: Kafka offset + the partition's base."""
+    table = pa.Table.from_batches([events])
+    if base == 0:
+        return table
+    i = table.column_names.index("_offset")
+    return table.set_column(i, "_offset", pc.add(table.column(i), pa.scalar(base, pa.int64())))
+
+
+def shift_letter(letter: DeadLetter, base: int) -> DeadLetter:
+    if base == 0 or letter.offset is None:
+        return letter
+    return DeadLetter(letter.reason, letter.partition, letter.offset + base, letter.payload)
+
+
+def conform(table: pa.Table, schema: pa.Schema, defaults: dict[str, Any]) -> pa.Table:
+    """A segment written with an older schema, read as the current one: added fields get their
+    default (or null), removed fields are dropped, promoted types are cast. Log columns stay."""
+    source_names = schema.names
+    if table.schema.names[: len(source_names)] == source_names and all(
+        table.schema.field(f.name).type == f.type for f in schema
+    ):
+        return table
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            columns.append(table.column(f.name).cast(f.type))
+        else:
+            columns.append(pa.array([defaults.get(f.name)] * table.num_rows, f.type))
+    log = [n for n in table.column_names if n.startswith("_")]
+    names = [*source_names, *log]
+    return pa.Table.from_arrays([*columns, *(table.column(n) for n in log)], names=names)
 
 
 def _clip(batch: LogBatch, stop_at: int) -> LogBatch:
@@ -172,5 +233,6 @@ def _clip(batch: LogBatch, stop_at: int) -> LogBatch:
     events = batch.events
     keep = pc.less(events.column("_offset"), stop_at)
     dead = tuple(d for d in batch.dead_letters if d.offset is None or d.offset < stop_at)
-    return LogBatch(batch.source, batch.partition, events.filter(keep), dead, stop_at,
-                    batch.from_kafka)
+    return LogBatch(
+        batch.source, batch.partition, events.filter(keep), dead, stop_at, batch.from_kafka
+    )

@@ -5,6 +5,11 @@ covering a contiguous offset range, listed in a per-source manifest, read back i
     <root>/<source>/p<partition:04d>/<first offset:020d>-<last offset:020d>.parquet
     <root>/<source>/_deadletter/<UTC time>-<uuid>.parquet
 
+Offsets: one offset space per partition. When a partition's log continues in Kafka, the manifest
+records `kafka_base`, the log offset of Kafka offset 0: 0 when the segments were archived from
+the topic itself, or the number of records ingested from history files before the topic was
+first read (history first, then the topic, with no overlap).
+
 The manifest is the truth: a segment file it does not list (left by a crash between writing the
 file and the manifest) is ignored by readers and overwritten by the next append of that range.
 Files and manifest are written to temporary names, fsynced and renamed into place, so a reader
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from connectors.avro import fingerprint_hex
 from connectors.envelope import ARRIVAL, DEAD_LETTER_SCHEMA, OFFSET, PARTITION, TIMESTAMP_US
 from connectors.errors import SegmentError
 
@@ -34,6 +40,7 @@ MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = 1
 SEGMENT_FORMAT = "1"  # Parquet key-value metadata `featureflow.segment_format`
 DEAD_LETTER_DIR = "_deadletter"
+SCHEMA_DIR = "_schemas"
 ROW_GROUP_ROWS = 128 * 1024
 _LOG_TYPES = {OFFSET: pa.int64(), PARTITION: pa.int32(), ARRIVAL: TIMESTAMP_US}
 
@@ -70,6 +77,41 @@ class Warehouse:
 
     def source_dir(self, source: str) -> Path:
         return self.root / source
+
+    def kafka_base(self, source: str, partition: int) -> int | None:
+        """The log offset of Kafka offset 0 in this partition, once Kafka has been read."""
+        base = self._manifest(source).get("kafka_base", {}).get(str(partition))
+        return None if base is None else int(base)
+
+    def fix_kafka_base(self, source: str, partition: int) -> int:
+        """Fix (once) where Kafka's offsets start in the partition's log, and return it: right
+        after the segments that exist when the topic is first read (0 if there are none)."""
+        manifest = self._manifest(source)
+        bases = manifest.setdefault("kafka_base", {})
+        if str(partition) not in bases:
+            listed = manifest["partitions"].get(str(partition), [])
+            bases[str(partition)] = listed[-1]["last_offset"] + 1 if listed else 0
+            self._write_manifest(source, manifest)
+        return int(bases[str(partition)])
+
+    def register_schema(self, source: str, schema: Mapping[str, Any]) -> str:
+        """Keep a writer schema of the source's log (by fingerprint); returns its hex id.
+
+        Every schema that records of the log were written with is kept under
+        `<root>/<source>/_schemas/`, so readers can resolve old segments and Kafka records to
+        the source's current schema.
+        """
+        fp = fingerprint_hex(schema)
+        path = self.source_dir(source) / SCHEMA_DIR / f"{fp}.avsc"
+        if not path.exists():
+            data = orjson.dumps(dict(schema), option=orjson.OPT_INDENT_2)
+            _replace_atomically(path, lambda tmp: tmp.write_bytes(data))
+        return fp
+
+    def schemas(self, source: str) -> list[dict[str, Any]]:
+        """Every writer schema registered for the source's log."""
+        folder = self.source_dir(source) / SCHEMA_DIR
+        return [orjson.loads(p.read_bytes()) for p in sorted(folder.glob("*.avsc"))]
 
     def path(self, source: str, segment: SegmentInfo) -> Path:
         """The absolute path of a segment file."""

@@ -23,12 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.avro import SchemaStore, arrow_schema, fingerprint_hex
+from connectors.avro import arrow_schema, fingerprint_hex
 from connectors.envelope import ARRIVAL, OFFSET, PARTITION, TIMESTAMP_US, log_schema
 from connectors.kafka import KafkaLogReader
+from connectors.log import shift_offsets
 from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.errors import ConfigError
+from flows.schemas import register_current
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 
@@ -86,15 +88,16 @@ def archive_source(
 ) -> ArchiveReport:
     """Archive every partition of a source up to the topic's current end."""
     schema = source.avro_schema()
-    store = SchemaStore(schema)
+    store = register_current(source, warehouse)
     segments = records = 0
     for p in range(source.partitions):
         start = warehouse.next_offset(source.name, p)
+        base = warehouse.fix_kafka_base(source.name, p)  # log offset of Kafka offset 0
         reader = KafkaLogReader(
             bootstrap,
             source.kafka_topic,
             p,
-            start,
+            start - base,
             store,
             arrow_schema(schema),
             key_field=source.key,
@@ -105,7 +108,7 @@ def archive_source(
                 warehouse,
                 reader,
                 p,
-                start,
+                (start, base),
                 segment_rows,
                 max_age_s,
                 fingerprint_hex(schema),
@@ -121,22 +124,24 @@ def _archive_partition(
     warehouse: Warehouse,
     reader: KafkaLogReader,
     p: int,
-    start: int,
+    start_and_base: tuple[int, int],
     segment_rows: int,
     max_age_s: float,
     fp: str,
 ) -> tuple[int, int]:
-    end = reader.high_watermark()
+    """Archive one partition; offsets here are log offsets (Kafka offset + base)."""
+    start, base = start_and_base
+    end = reader.high_watermark() + base
     pending: list[pa.Table] = []
     covered, segments, records = start, 0, 0
     while covered < end:
         batch = reader.read_batch(max_records=min(5000, end - covered))
-        if batch.next_offset <= covered:
+        if batch.next_offset + base <= covered:
             if batch.at_end:
                 break
             continue
-        table = pa.Table.from_batches([batch.events]).cast(log_schema(reader_schema(source)))
-        upto = min(batch.next_offset, end)
+        table = shift_offsets(batch.events, base).cast(log_schema(reader_schema(source)))
+        upto = min(batch.next_offset + base, end)
         pending.append(_fill_gaps(table, source, p, covered, upto))
         covered = upto
         if sum(t.num_rows for t in pending) >= segment_rows:

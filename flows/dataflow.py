@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import bytewax.operators as op
 import pyarrow as pa
@@ -62,6 +63,7 @@ class SourcePlan:
     stop: dict[int, int] | None  # partition -> offset to stop at (exclusive); None = follow
     catch_up: dict[int, int]  # partition -> end of the log when the flow started
     kafka: KafkaTail | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # for fields added to the schema
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             kafka=sp.kafka,
             stop_at=None if sp.stop is None else sp.stop[partition],
             batch_rows=self._plan.batch_rows,
+            defaults=sp.defaults,
         )
         return _LogPartition(for_part, log, self._plan.stop)
 

@@ -20,12 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import arrow_schema, fingerprint_hex
+from connectors.envelope import TIMESTAMP_US
+from connectors.errors import InputFileError
 from connectors.files import read_history
 from connectors.partitioner import partitions_for
 from connectors.segments import Warehouse, write_dead_letters
 from flows.cli import command_main
 from flows.deadletters import DLQ_SCHEMA
 from flows.errors import DefinitionError
+from flows.schemas import register_current
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 
@@ -47,6 +50,7 @@ def ingest_table(
 ) -> IngestReport:
     """Append the rows of `table` (the source's columns) to the source's log, in row order."""
     started = time.perf_counter()
+    register_current(source, warehouse)  # refuses a schema the log's records cannot be read as
     table = table.select(arrow_schema(source.avro_schema()).names)
     bad = pc.or_(pc.is_null(table.column(source.key)), pc.is_null(table.column(source.timestamp)))
     n_bad = int(pc.sum(bad.cast(pa.int64())).as_py() or 0)
@@ -60,6 +64,18 @@ def ingest_table(
     at = pa.scalar(arrival or datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     fp = fingerprint_hex(source.avro_schema())
     written: dict[int, int] = {}
+    continued = [
+        p
+        for p in range(source.partitions)
+        if warehouse.kafka_base(source.name, p) is not None and (parts == p).any()
+    ]
+    if continued:
+        raise InputFileError(
+            f"source {source.name!r}: partitions {continued} already continue in Kafka topic "
+            f"{source.kafka_topic!r}; history files can only be ingested before the topic is "
+            "first read (the log is history, then the topic). Produce these events to the topic "
+            "instead"
+        )
     for p in range(source.partitions):
         rows = table.filter(pa.array(parts == p))
         for start in range(0, rows.num_rows, SEGMENT_ROWS):
@@ -72,7 +88,8 @@ def ingest_table(
                 "_partition", pa.array(np.full(chunk.num_rows, p, dtype=np.int32))
             )
             chunk = chunk.append_column(
-                "_arrival", pa.array([at.as_py()] * chunk.num_rows, pa.timestamp("us", tz="UTC"))
+                "_arrival",
+                pa.array(np.full(chunk.num_rows, at.value), pa.int64()).cast(TIMESTAMP_US),
             )
             warehouse.append(source.name, p, chunk, fingerprint=fp, ts_column=source.timestamp)
         written[p] = rows.num_rows

@@ -53,9 +53,12 @@ class Metrics:
         self._offset = Gauge(
             "featureflow_applied_offset", "last applied log offset", labels, registry=self.registry
         )
-        self._lag = Gauge("featureflow_catch_up_lag_records",
-                          "records of the log as it stood at start not yet applied",
-                          labels, registry=self.registry)
+        self._lag = Gauge(
+            "featureflow_catch_up_lag_records",
+            "records of the log as it stood at start not yet applied",
+            labels,
+            registry=self.registry,
+        )
         self._freshness = Gauge(
             "featureflow_freshness_seconds",
             "now minus arrival time of the newest applied record",
@@ -121,8 +124,10 @@ class Metrics:
         if self.to_catch_up and events < self.to_catch_up:
             done = events / self.to_catch_up
             bar = "#" * int(done * 30)
-            return (f"{head}  catching up [{bar:<30}] {done:4.0%}  "
-                    f"{events:,}/{self.to_catch_up:,} events  {tail}")
+            return (
+                f"{head}  catching up [{bar:<30}] {done:4.0%}  "
+                f"{events:,}/{self.to_catch_up:,} events  {tail}"
+            )
         fresh = self.freshness_s()
         freshness = f"  freshness {fresh:.2f}s" if fresh is not None else ""
         return f"{head}  live  events {events:,}  {tail}{freshness}"

@@ -13,12 +13,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from connectors.avro import SchemaStore, arrow_schema
+from connectors.avro import arrow_schema
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.dataflow import FlowPlan, SourcePlan, ViewTarget
 from flows.errors import ConfigError
 from flows.metrics import Metrics
+from flows.schemas import field_defaults, schema_store
 from flows.spec import Definitions, FeatureView
 from state.layout import ViewLayout
 from state.store import PartitionProgress, ViewStore, open_secondary, partition_dir
@@ -138,9 +139,8 @@ def build_plan(
         src_targets = tuple(t for t in targets if t.view.source.name == name)
         source = src_targets[0].view.source
         schema = source.avro_schema()
-        tail = (
-            KafkaTail(kafka, source.kafka_topic, SchemaStore(schema), source.key) if kafka else None
-        )
+        store_ = schema_store(source, wh)
+        tail = KafkaTail(kafka, source.kafka_topic, store_, source.key) if kafka else None
         start, ends = {}, {}
         applied = {
             (i, p): read_progress(store, t.view.name, t.version, p).applied_offset
@@ -168,6 +168,7 @@ def build_plan(
             stop=dict(ends) if until_caught_up else None,
             catch_up=ends,
             kafka=tail,
+            defaults=field_defaults(source),
         )
     return FlowPlan(
         warehouse=warehouse,

@@ -23,13 +23,14 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from connectors.avro import SchemaStore, arrow_schema
+from connectors.avro import arrow_schema
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import event_times
 from flows.cli import command_main
 from flows.errors import SpineError
 from flows.pointintime import feature_type, kept_events, point_in_time
+from flows.schemas import field_defaults, schema_store
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import FeatureView, Source, load_definitions
 from flows.validate import validate
@@ -117,14 +118,13 @@ def spine_times(spine: pa.Table, source: Source) -> np.ndarray:
 def read_log(source: Source, warehouse: Warehouse, kafka: str | None) -> list[pa.Table]:
     """The whole log of a source as it stands now: one offset-ordered table per partition."""
     schema = arrow_schema(source.avro_schema())
-    tail = (
-        KafkaTail(kafka, source.kafka_topic, SchemaStore(source.avro_schema()), source.key)
-        if kafka
-        else None
-    )
+    store = schema_store(source, warehouse)
+    tail = KafkaTail(kafka, source.kafka_topic, store, source.key) if kafka else None
     out: list[pa.Table] = []
     for p in range(source.partitions):
-        log = PartitionLog(warehouse, source.name, p, 0, schema, kafka=tail)
+        log = PartitionLog(
+            warehouse, source.name, p, 0, schema, kafka=tail, defaults=field_defaults(source)
+        )
         try:
             log.stop_at = log.end_offset()
             parts = []

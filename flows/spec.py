@@ -238,6 +238,7 @@ class Source:
     timestamp: str
     partitions: int = 1
     topic: str | None = None
+    previous_schemas: Sequence[str | Path | Mapping[str, Any]] = ()
     base_dir: Path | None = field(default=None, compare=False)
 
     @property
@@ -246,9 +247,16 @@ class Source:
 
     def avro_schema(self) -> dict[str, Any]:
         """The parsed Avro record schema (loaded from the .avsc path, or given inline)."""
-        if isinstance(self.schema, Mapping):
-            return dict(self.schema)
-        path = _find_schema(Path(self.schema), self.base_dir)
+        return self._load(self.schema)
+
+    def older_schemas(self) -> list[dict[str, Any]]:
+        """Earlier versions of the schema that records in the log may still carry."""
+        return [self._load(s) for s in self.previous_schemas]
+
+    def _load(self, schema: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(schema, Mapping):
+            return dict(schema)
+        path = _find_schema(Path(schema), self.base_dir)
         try:
             loaded = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError as exc:
@@ -492,6 +500,7 @@ def _source_with_base(source: Source, base: Path) -> Source:
         timestamp=source.timestamp,
         partitions=source.partitions,
         topic=source.topic,
+        previous_schemas=source.previous_schemas,
         base_dir=base,
     )
 
