@@ -1,0 +1,176 @@
+"""Benchmark: the whole deployment path against DuckDB, in one run, on the same log.
+
+`python -m flows.run --until-caught-up` over N events (default 10M, 100k keys, 180 days) held in
+warehouse segments, with features count, sum and mean of amount over 30m, 14d and 180d: reading
+segments, the bytewax dataflow, the aggregation core, RocksDB commits. Against DuckDB computing
+the same windows per event with window SQL over the same Parquet segment files. Runs the flow
+with 1 and with 2 workers, reports events/s, wall time, peak memory (max RSS of the flow
+process), and the RocksDB get + read of one entity (p50/p99) through FeatureClient.
+
+    python scripts/bench_flow.py [--events 10000000] [--keys 100000] [--partitions 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from connectors.segments import Warehouse
+from flows.ingest import ingest_table
+from flows.spec import load_definitions
+from state.client import FeatureClient
+
+REPO = Path(__file__).resolve().parent.parent
+DAY_US = 86_400_000_000
+DEFINITIONS = """
+from flows.spec import FeatureView, Source, count, mean, sum
+txn = Source(name="txn", schema={schema!r}, key="user_id", timestamp="ts", partitions={parts})
+spend = FeatureView(name="spend", source=txn, features=[
+    f(window=w) if f is count else f("amount", window=w)
+    for w in ("30m", "14d", "180d") for f in (count, sum, mean)])
+"""
+SCHEMA = {
+    "type": "record",
+    "name": "Txn",
+    "fields": [
+        {"name": "user_id", "type": "string"},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "amount", "type": ["null", "double"], "default": None},
+    ],
+}
+
+
+def make_log(tmp: Path, n: int, keys: int, parts: int) -> tuple[Path, int]:
+    defs = tmp / "defs.py"
+    defs.write_text(DEFINITIONS.format(schema=SCHEMA, parts=parts))
+    rng = np.random.default_rng(42)
+    end = 1_790_000_000_000_000
+    ts = np.sort(rng.integers(end - 180 * DAY_US, end, n))
+    table = pa.table(
+        {
+            "user_id": np.char.add("u", rng.integers(0, keys, n).astype(str)),
+            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+            "amount": np.round(rng.lognormal(3.5, 1.0, n), 2),
+        }
+    )
+    source = load_definitions(defs).sources["txn"]
+    ingest_table(source, table, Warehouse(tmp / "wh"))
+    return defs, int(ts.max())
+
+
+def run_flow(tmp: Path, defs: Path, workers: int) -> tuple[float, float]:
+    state = tmp / f"state-w{workers}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.run",
+            "--features",
+            str(defs),
+            "--warehouse",
+            str(tmp / "wh"),
+            "--state",
+            str(state),
+            "--until-caught-up",
+            "--workers",
+            str(workers),
+            "--status-interval",
+            "30",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    elapsed = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return elapsed, peak_mb
+
+
+def run_duckdb(tmp: Path) -> float:
+    frames = {"30m": "INTERVAL 30 MINUTE", "14d": "INTERVAL 14 DAY", "180d": "INTERVAL 180 DAY"}
+    cols = []
+    for w, iv in frames.items():
+        frame = (
+            f"OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN {iv} PRECEDING AND CURRENT ROW)"
+        )
+        cols += [f"count(*) {frame}", f"sum(amount) {frame}", f"avg(amount) {frame}"]
+    files = str(tmp / "wh" / "txn" / "p*" / "*.parquet")
+    con = duckdb.connect()
+    started = time.perf_counter()
+    con.sql(
+        f"CREATE TABLE out AS SELECT user_id, ts, {', '.join(cols)} FROM read_parquet('{files}')"
+    )
+    return time.perf_counter() - started
+
+
+def read_latency(state: Path, keys: int, newest: int) -> tuple[float, float, float]:
+    with FeatureClient(state) as client:
+        client.get("spend", "u0", at=(newest + 1) / 1e6)  # open the partitions
+        single = []
+        for k in range(5000):
+            t0 = time.perf_counter_ns()
+            client.get("spend", f"u{k % keys}", at=(newest + 1) / 1e6)
+            single.append(time.perf_counter_ns() - t0)
+        t0 = time.perf_counter_ns()
+        for b in range(50):
+            client.get_many(
+                "spend", [f"u{(b * 100 + i) % keys}" for i in range(100)], at=(newest + 1) / 1e6
+            )
+        batch_us = (time.perf_counter_ns() - t0) / 50 / 1000
+    arr = np.array(single) / 1000
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99)), batch_us
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        defs, newest = make_log(tmp, args.events, args.keys, args.partitions)
+        duck = run_duckdb(tmp)
+        one, peak1 = run_flow(tmp, defs, 1)
+        two, peak2 = run_flow(tmp, defs, 2)
+        p50, p99, batch = read_latency(tmp / "state-w1", args.keys, newest)
+    n = args.events
+    print(
+        f"workload: {n:,} events, {args.keys:,} keys, 180 days, 9 features, "
+        f"{args.partitions} partitions, in warehouse segments"
+    )
+    print(
+        f"flows.run --until-caught-up, 1 worker : {one:7.2f} s ({n / one:,.0f} events/s), "
+        f"peak RSS {peak1:,.0f} MB"
+    )
+    print(
+        f"flows.run --until-caught-up, 2 workers: {two:7.2f} s ({n / two:,.0f} events/s), "
+        f"peak RSS {max(peak1, peak2):,.0f} MB (max over both runs)"
+    )
+    print(f"duckdb window SQL over the same segments: {duck:7.2f} s")
+    print(
+        f"ratio ours/duckdb: 1 worker {one / duck:.2f}, 2 workers {two / duck:.2f} (target <= 1.0)"
+    )
+    print(
+        f"FeatureClient.get (RocksDB get + 9 features): p50 {p50:.1f} us, p99 {p99:.1f} us; "
+        f"get_many of 100: {batch:,.0f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
