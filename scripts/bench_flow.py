@@ -102,9 +102,9 @@ def run_flow(tmp: Path, defs: Path, workers: int) -> tuple[float, float]:
 
 
 def run_duckdb(tmp: Path) -> float:
-    frames = {"30m": "INTERVAL 30 MINUTE", "14d": "INTERVAL 14 DAY", "180d": "INTERVAL 180 DAY"}
+    frames = ("INTERVAL 30 MINUTE", "INTERVAL 14 DAY", "INTERVAL 180 DAY")
     cols = []
-    for w, iv in frames.items():
+    for iv in frames:
         frame = (
             f"OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN {iv} PRECEDING AND CURRENT ROW)"
         )
