@@ -181,7 +181,7 @@ def _merge_into_tiles(
     old = _load_old(layout, get_blobs(raw_keys))
     newest = _newest_per_key(key_ids, ts, len(keys), old.newest)
     merged = [
-        _merge_group(g, gi, old, key_ids, ts, offsets, columns, watermark)
+        _merge_group(g, gi, old, newest, key_ids, ts, offsets, columns, watermark)
         for gi, g in enumerate(layout.groups)
     ]
     return _encode_keys(layout, raw_keys, merged, newest)
@@ -192,6 +192,7 @@ class _OldState:
     blocks: list[TileBlock | None]  # per group: the stored rows of every touched key, or None
     key_of_row: list[I64]  # per group: key id of every stored row
     newest: I64
+    last_of_key: list[npt.NDArray[np.bool_]]  # per group: the row is its key's boundary row
 
 
 def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
@@ -215,7 +216,12 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
                     objs[gi][f].append(values)
     blocks: list[TileBlock | None] = []
     key_of_row: list[I64] = []
+    last_of_key: list[npt.NDArray[np.bool_]] = []
     for gi, group in enumerate(layout.groups):
+        total = sum(counts[gi])
+        last = np.zeros(total, dtype=bool)
+        last[np.cumsum(counts[gi], dtype=np.int64) - 1] = True
+        last_of_key.append(last)
         if not words[gi]:
             blocks.append(None)
             key_of_row.append(np.zeros(0, dtype=np.int64))
@@ -224,7 +230,7 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
         group_objs = {f: np.concatenate(v) for f, v in objs[gi].items()}
         blocks.append(TileBlock(rows, group_objs))
         key_of_row.append(np.repeat(np.asarray(kids[gi], dtype=np.int64), counts[gi]))
-    return _OldState(blocks, key_of_row, newest)
+    return _OldState(blocks, key_of_row, newest, last_of_key)
 
 
 def _newest_per_key(key_ids: I64, ts: I64, n_keys: int, old_newest: I64) -> I64:
@@ -238,21 +244,32 @@ def _merge_group(
     group: HopGroup,
     gi: int,
     old: _OldState,
+    newest: I64,
     key_ids: I64,
     ts: I64,
     offsets: I64,
     columns: dict[str, ColumnValues],
     watermark: int | None,
 ) -> tuple[TileBlock, I64]:
+    """Merge a batch's events into the touched keys' stored tiles of one hop group.
+
+    Every key's tiles end with a boundary row: the events at exactly its newest event time,
+    kept apart from the rest of their tile, so that a read as of exactly that time can leave
+    them out (the window is exclusive of t). Rows sort by (key, tile, boundary).
+    """
     fresh = unit_block(group, ts, offsets, {c.column: columns[c.column] for c in group.columns})
     row_keys = key_ids
+    boundary = ts == newest[key_ids]
     stored = old.blocks[gi]
     if stored is not None:
+        old_keys = old.key_of_row[gi]
+        still = old.last_of_key[gi] & (old.newest[old_keys] == newest[old_keys])
         fresh = concat_blocks(group, [stored, fresh])
-        row_keys = np.concatenate([old.key_of_row[gi], key_ids])
-        order = np.lexsort((fresh.rows["tile"], row_keys))
-        fresh, row_keys = fresh.take(order), row_keys[order]
-    starts = run_starts(row_keys, fresh.rows["tile"])
+        row_keys = np.concatenate([old_keys, key_ids])
+        boundary = np.concatenate([still, boundary])
+        order = np.lexsort((boundary, fresh.rows["tile"], row_keys))
+        fresh, row_keys, boundary = fresh.take(order), row_keys[order], boundary[order]
+    starts = run_starts(row_keys, fresh.rows["tile"], boundary)
     block = combine(group, fresh, starts)
     row_keys = row_keys[starts]
     if group.hop_us and watermark is not None:

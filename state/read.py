@@ -131,7 +131,7 @@ class _Columns:
 def evaluate_blob(layout: ViewLayout, blob: bytes, t: int) -> dict[str, Any]:
     """Every feature of one entity as of t, from its stored blob (events assumed < t)."""
     try:
-        version, _newest = _HEAD.unpack_from(blob, 0)
+        version, newest = _HEAD.unpack_from(blob, 0)
     except struct.error as exc:
         raise CorruptStateError(
             f"view {layout.view!r}: damaged tile blob; rebuild the view with flows.replay"
@@ -153,7 +153,10 @@ def evaluate_blob(layout: ViewLayout, blob: bytes, t: int) -> dict[str, Any]:
         if plan.has_objects:
             (size,) = _U32.unpack_from(blob, pos)
             objects_at, pos = pos + 4, pos + 4 + size
-        _group_values(plan, group, cols, n, t, blob, objects_at, values)
+        # The last row of a group holds the events at exactly the newest event time; a read
+        # as of that very time leaves them out (windows end before t).
+        hi_limit = n - 1 if t <= newest and n else n
+        _group_values(plan, group, cols, n, hi_limit, t, blob, objects_at, values)
     return {f.name: values[f.name] for f in layout.features}
 
 
@@ -162,6 +165,7 @@ def _group_values(
     group: HopGroup,
     cols: _Columns,
     n: int,
+    hi_limit: int,
     t: int,
     blob: bytes,
     objects_at: int,
@@ -170,10 +174,10 @@ def _group_values(
     if plan.hop and n:
         tiles = cols.q(0)
         head = t // plan.hop
-        hi = bisect_right(tiles, head)
+        hi = min(bisect_right(tiles, head), hi_limit)
         bounds = [bisect_left(tiles, head - w // plan.hop, 0, hi) for w in plan.windows]
     else:
-        hi, bounds = n, [0] * len(plan.windows)
+        hi, bounds = hi_limit, [0] * len(plan.windows)
     objs: dict[str, Any] | None = None
     for lo, feats in zip(bounds, plan.features, strict=True):
         counts: dict[int, int] = {}

@@ -93,7 +93,7 @@ def test_run_then_client_equals_oracle(ingested: tuple[Path, Path, pa.Table], wo
     newest = int(log.column("ts").cast(pa.int64()).to_numpy().max())
     keys = [*sorted(set(log.column("user_id").to_pylist())), "nobody"]
     with FeatureClient(state) as client:  # this test process is not the writer
-        for t in (newest + 1, newest + 17 * MINUTE):
+        for t in (newest, newest + 1, newest + 17 * MINUTE):
             for name in ("spend", "channels"):
                 layout = defs.layouts[name]
                 spine = pa.table({"row": range(len(keys)), "k": keys, "t": [t] * len(keys)})
@@ -265,7 +265,6 @@ def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
     import socket
     import subprocess
     import sys
-    import time
     import urllib.request
 
     from tests.helpers import REPO
@@ -282,10 +281,23 @@ def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     flow = subprocess.Popen(
-        [sys.executable, "-m", "flows.run", *common, "--state", str(tmp_path / "state"),
-         "--metrics-port", str(port), "--status-interval", "0.5"],
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "flows.run",
+            *common,
+            "--state",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            str(port),
+            "--status-interval",
+            "0.5",
+        ],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: _count(tmp_path / "state", "user1") > 0)
         assert run_command("flows.ingest", *common, str(tmp_path / "later.parquet")).returncode == 0
@@ -293,8 +305,11 @@ def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
 
         def applied_total() -> float:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-            return sum(float(line.split()[-1]) for line in text.decode().splitlines()
-                       if line.startswith("featureflow_events_applied_total{"))
+            return sum(
+                float(line.split()[-1])
+                for line in text.decode().splitlines()
+                if line.startswith("featureflow_events_applied_total{")
+            )
 
         wait_for(lambda: applied_total() == 2 * 3500)  # 2 views, every event once
     finally:
