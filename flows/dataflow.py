@@ -15,6 +15,7 @@ not used: the view store holds the applied offsets, and sources restart from the
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ from state.layout import ViewLayout
 from state.store import PartitionStore, ViewStore
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
+_VERSION_CHECK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class FlowPlan:
     batch_rows: int = 100_000
     metrics: Metrics = field(default_factory=Metrics)
     stop: threading.Event = field(default_factory=threading.Event)  # set = end cleanly now
+    restart: threading.Event = field(default_factory=threading.Event)  # set = rebuild the plan
+    watch_versions: bool = False  # follow mode: restart when a replay switches a live view
 
     def part_keys(self) -> list[str]:
         return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
@@ -91,12 +95,33 @@ def split_part_key(key: str) -> tuple[str, int]:
     return source, int(part)
 
 
+class _VersionWatch:
+    """Notices when a replay made another version of a view live than the one this flow writes,
+    so the flow restarts on the new version instead of keeping the old one fresh."""
+
+    def __init__(self, plan: FlowPlan, source: SourcePlan) -> None:
+        self._plan, self._store = plan, ViewStore(plan.state)
+        self._targets = source.targets
+        self._next_check = time.monotonic() + _VERSION_CHECK_S
+
+    def check(self) -> None:
+        if not self._plan.watch_versions or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + _VERSION_CHECK_S
+        for target in self._targets:
+            live = self._store.current_version(target.view.name)
+            if live is not None and live > target.version:
+                self._plan.restart.set()
+                self._plan.stop.set()
+
+
 class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
-    def __init__(self, key: str, log: PartitionLog, stop: threading.Event) -> None:
-        self._key, self._log, self._stop = key, log, stop
+    def __init__(self, key: str, log: PartitionLog, plan: FlowPlan, watch: _VersionWatch) -> None:
+        self._key, self._log, self._stop, self._watch = key, log, plan.stop, watch
         self._awake: datetime | None = None
 
     def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
+        self._watch.check()
         if self._stop.is_set():
             raise StopIteration
         batch = self._log.read()
@@ -141,7 +166,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             batch_rows=self._plan.batch_rows,
             defaults=sp.defaults,
         )
-        return _LogPartition(for_part, log, self._plan.stop)
+        return _LogPartition(for_part, log, self._plan, _VersionWatch(self._plan, sp))
 
 
 class _ViewPartition(StatefulSinkPartition[LogBatch, None]):

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from connectors.segments import Warehouse
@@ -63,26 +64,31 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    plan = build_plan(
-        defs,
-        views,
-        warehouse=Path(settings.warehouse),
-        state=Path(settings.state),
-        kafka=settings.kafka,
-        until_caught_up=settings.until_caught_up,
-        metrics=metrics,
-        process_id=settings.process_id or 0,
-    )
-    _print_plan(plan)
-    track_catch_up(plan)
-    addresses = settings.addresses.split(";") if settings.addresses else None
-    return execute(
-        plan,
-        workers=settings.workers,
-        addresses=addresses,
-        process_id=settings.process_id or 0,
-        status_interval=settings.status_interval,
-    )
+    while True:
+        plan = build_plan(
+            defs,
+            views,
+            warehouse=Path(settings.warehouse),
+            state=Path(settings.state),
+            kafka=settings.kafka,
+            until_caught_up=settings.until_caught_up,
+            metrics=metrics,
+            process_id=settings.process_id or 0,
+        )
+        plan = replace(plan, watch_versions=not settings.until_caught_up)
+        _print_plan(plan)
+        track_catch_up(plan)
+        addresses = settings.addresses.split(";") if settings.addresses else None
+        code = execute(
+            plan,
+            workers=settings.workers,
+            addresses=addresses,
+            process_id=settings.process_id or 0,
+            status_interval=settings.status_interval,
+        )
+        if not plan.restart.is_set():
+            return code
+        print("a replay made a new version of a view live: continuing on it", flush=True)
 
 
 def execute(
@@ -109,7 +115,8 @@ def execute(
         reporter.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    _print_summary(plan, time.perf_counter() - started, plan.stop.is_set())
+    interrupted = plan.stop.is_set() and not plan.restart.is_set()
+    _print_summary(plan, time.perf_counter() - started, interrupted)
     return 0
 
 
