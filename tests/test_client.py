@@ -78,7 +78,7 @@ def test_value_format_mismatch(state: Path, tmp_path: Path) -> None:
     for p in range(3):
         path = partition_dir(store.version_dir("spend", version), p)
         db = Rdict(str(path), rocks_options())
-        for key in db.keys():
+        for key in db.keys():  # noqa: SIM118 - an Rdict, not a dict
             if key.startswith(b"k"):
                 db[key] = b"\x63" + db[key][1:]  # a future value format
                 found = key[1:].decode()
