@@ -29,6 +29,21 @@ def command_main(
     except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:  # a known error wrapped by bytewax (BytewaxRuntimeError)
+        known = _known_cause(exc)
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _known_cause(exc: BaseException) -> BaseException | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KNOWN_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

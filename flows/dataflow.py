@@ -28,18 +28,22 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from connectors.errors import ConnectorError
 from connectors.log import KafkaTail, LogBatch, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import apply_batch
 from flows.deadletters import DeadLetterWriter
+from flows.errors import FlowError
 from flows.metrics import Metrics
 from flows.spec import FeatureView
 from flows.validate import validate
+from state.errors import StateError
 from state.layout import ViewLayout
 from state.store import PartitionStore, ViewStore
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
 _VERSION_CHECK_S = 2.0
+KNOWN_ERRORS = (ConnectorError, FlowError, StateError)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,12 @@ class FlowPlan:
     stop: threading.Event = field(default_factory=threading.Event)  # set = end cleanly now
     restart: threading.Event = field(default_factory=threading.Event)  # set = rebuild the plan
     watch_versions: bool = False  # follow mode: restart when a replay switches a live view
+    failures: list[Exception] = field(default_factory=list)  # known errors that ended the flow
+
+    def fail(self, exc: Exception) -> None:
+        """End the flow cleanly because of a known error; `run_dataflow` raises it after."""
+        self.failures.append(exc)
+        self.stop.set()
 
     def part_keys(self) -> list[str]:
         return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
@@ -118,13 +128,18 @@ class _VersionWatch:
 class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
     def __init__(self, key: str, log: PartitionLog, plan: FlowPlan, watch: _VersionWatch) -> None:
         self._key, self._log, self._stop, self._watch = key, log, plan.stop, watch
+        self._plan = plan
         self._awake: datetime | None = None
 
     def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
         self._watch.check()
         if self._stop.is_set():
             raise StopIteration
-        batch = self._log.read()
+        try:
+            batch = self._log.read()
+        except KNOWN_ERRORS as exc:  # e.g. a retention gap: stop the flow, report it after
+            self._plan.fail(exc)
+            raise StopIteration from exc
         if batch is None:
             if self._log.done:
                 raise StopIteration
@@ -182,9 +197,14 @@ class _ViewPartition(StatefulSinkPartition[LogBatch, None]):
         self._switcher.check([p.applied_offset for p in self._progress])
 
     def write_batch(self, items: list[LogBatch]) -> None:
-        for batch in items:
-            self._apply(batch)
-        self._switcher.check([p.applied_offset for p in self._progress])
+        if self._plan.failures:
+            return  # the flow is ending on an error: apply nothing more (a rerun resumes here)
+        try:
+            for batch in items:
+                self._apply(batch)
+            self._switcher.check([p.applied_offset for p in self._progress])
+        except KNOWN_ERRORS as exc:
+            self._plan.fail(exc)
 
     def _apply(self, batch: LogBatch) -> None:
         floor = min(p.applied_offset for p in self._progress)
@@ -285,3 +305,5 @@ def run_dataflow(
         cluster_main(  # type: ignore[no-untyped-call]
             flow, addresses or [], process_id, worker_count_per_proc=workers
         )
+    if plan.failures:
+        raise plan.failures[0]

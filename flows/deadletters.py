@@ -7,6 +7,7 @@ reason, partition, offset); without Kafka, to Parquet files under
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,12 @@ class DeadLetterWriter:
             from confluent_kafka import Producer
 
             self._producer = Producer(
-                {"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5}
+                {
+                    "bootstrap.servers": kafka_bootstrap,
+                    "enable.idempotence": True,
+                    "linger.ms": 5,
+                    "logger": logging.getLogger("connectors.kafka"),
+                }
             )
 
     def write(self, letters: Sequence[DeadLetter]) -> None:
