@@ -251,12 +251,9 @@ class _Switcher:
                 continue
             self._pending.discard(i)
             target = self._source.targets[i]
-            vdir = self._store.version_dir(target.view.name, target.version)
-            (vdir / "caught_up").mkdir(exist_ok=True)
-            (vdir / "caught_up" / f"p{self._partition:04d}").touch()
-            done = {p.name for p in (vdir / "caught_up").iterdir()}
-            if all(f"p{p:04d}" in done for p in self._source.start):
-                self._store.switch(target.view.name, target.version)
+            name, version = target.view.name, target.version
+            if self._store.mark_caught_up(name, version, self._partition, self._source.start):
+                self._store.switch(name, version)
 
 
 class ViewSink(FixedPartitionedSink[LogBatch, None]):

@@ -92,11 +92,18 @@ def _switch_if_caught_up(
     target: ViewTarget,
     caught_up: list[bool],
 ) -> ViewTarget:
-    """A new version that already holds the whole log (an empty log, say) goes live now."""
-    if not target.switch_when_caught_up or not all(caught_up):
+    """Mark the partitions of a new version that already hold the log as it stands (nothing to
+    read: empty, or a crash came after their last commit); if that is every partition, the
+    version goes live now, as no partition will ever report it."""
+    if not target.switch_when_caught_up:
         return target
-    store.switch(target.view.name, target.version)
-    return ViewTarget(target.view, target.layout, target.version)
+    name, version = target.view.name, target.version
+    done = [p for p, ok in enumerate(caught_up) if ok]
+    for p in done:
+        if store.mark_caught_up(name, version, p, range(len(caught_up))):
+            store.switch(name, version)
+            return ViewTarget(target.view, target.layout, target.version)
+    return target
 
 
 def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:

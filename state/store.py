@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,13 +171,31 @@ class ViewStore:
         return sorted(int(m.group(1)) for m in found if m)
 
     def create_version(self, layout: ViewLayout) -> int:
-        """A new, empty version of the view beside the live one (not yet switched to)."""
+        """A new, empty version of the view beside the live one (not yet switched to).
+
+        Built under a temporary name and renamed into place, so a crash never leaves a
+        version directory without its layout.
+        """
         version = max(self.versions(layout.view), default=0) + 1
         vdir = self.version_dir(layout.view, version)
-        vdir.mkdir(parents=True, exist_ok=False)
+        tmp = vdir.with_name(f".{vdir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         payload = {"format": STORE_FORMAT, "layout": layout.to_json()}
-        _write_atomic(vdir / "layout.json", orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+        _write_atomic(tmp / "layout.json", orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+        os.rename(tmp, vdir)
         return version
+
+    def mark_caught_up(
+        self, view: str, version: int, partition: int, partitions: Iterable[int]
+    ) -> bool:
+        """Record that a partition of a new version has caught up with the log as it stood
+        when the flow started; True once every one of `partitions` has."""
+        marks = self.version_dir(view, version) / "caught_up"
+        marks.mkdir(exist_ok=True)
+        (marks / f"p{partition:04d}").touch()
+        done = {p.name for p in marks.iterdir()}
+        return all(f"p{p:04d}" in done for p in partitions)
 
     def switch(self, view: str, version: int) -> None:
         """Make `version` the live one, atomically; readers pick it up on their next refresh."""
@@ -207,6 +225,9 @@ def check_store(root: Path, *, create: bool) -> None:
     """
     marker = root / _FORMAT_FILE
     if not marker.is_file():
+        leftovers = root.glob(f".{_FORMAT_FILE}.tmp-*") if root.exists() else []
+        for leftover in leftovers:  # a crash while the marker was being created
+            leftover.unlink(missing_ok=True)
         if create and (not root.exists() or not any(root.iterdir())):
             root.mkdir(parents=True, exist_ok=True)
             _write_atomic(marker, _FORMAT_TEXT.encode())
