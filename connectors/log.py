@@ -60,7 +60,7 @@ class PartitionLog:
     arrow_schema: pa.Schema
     kafka: KafkaTail | None = None
     stop_at: int | None = None
-    batch_rows: int = 1_000_000
+    batch_rows: int = 4_000_000  # records per replay batch from segments
     kafka_batch: int = 5_000
     poll_interval_s: float = 0.5
     defaults: dict[str, Any] = field(default_factory=dict)  # reader defaults of added fields
@@ -123,14 +123,23 @@ class PartitionLog:
                     batch_rows=self.batch_rows,
                 )
             )
+        # Coalesce row groups (and segment files) into batches of up to batch_rows: replay
+        # cost is per batch and per touched key, so few large batches are the fast path.
+        tables: list[pa.Table] = []
+        rows = 0
         for record_batch in it:  # type: ignore[attr-defined]
             if record_batch.num_rows:
-                table = conform(
-                    pa.Table.from_batches([record_batch]), self.arrow_schema, self.defaults
-                )
-                last = int(table.column("_offset")[-1].as_py())
-                return LogBatch(self.source, self.partition, table, (), last + 1)
-        self._segments = None
+                tables.append(conform(pa.Table.from_batches([record_batch]), self.arrow_schema,
+                                      self.defaults))
+                rows += record_batch.num_rows
+                if rows >= self.batch_rows:
+                    break
+        else:
+            self._segments = None
+        if tables:
+            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            last = int(table.column("_offset")[-1].as_py())
+            return LogBatch(self.source, self.partition, table, (), last + 1)
         if self.kafka is None:
             return self._poll_new_segments()
         return None

@@ -80,7 +80,7 @@ class FlowPlan:
     state: Path
     sources: dict[str, SourcePlan]
     kafka_bootstrap: str | None = None
-    batch_rows: int = 100_000
+    batch_rows: int = 4_000_000  # records per replay batch from segments (memory vs speed)
     metrics: Metrics = field(default_factory=Metrics)
     stop: threading.Event = field(default_factory=threading.Event)  # set = end cleanly now
     restart: threading.Event = field(default_factory=threading.Event)  # set = rebuild the plan
