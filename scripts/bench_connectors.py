@@ -40,7 +40,8 @@ from connectors.kafka import AvroProducer, KafkaLogReader  # noqa: E402
 from connectors.partitioner import murmur2, partitions_for  # noqa: E402
 from connectors.segments import Warehouse  # noqa: E402
 
-SCHEMA: dict[str, Any] = json.loads((ROOT / "flows" / "examples" / "schemas" / "transaction.avsc").read_text())
+SCHEMA_FILE = ROOT / "flows" / "examples" / "schemas" / "transaction.avsc"
+SCHEMA: dict[str, Any] = json.loads(SCHEMA_FILE.read_text())
 TS0 = 1_700_000_000_000_000
 
 

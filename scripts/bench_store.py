@@ -3,8 +3,8 @@
 Writes N entity blobs of a realistic size into one RocksDB per option set (in batches, as the
 flow commits), flushes and compacts, then opens it as a secondary (as FeatureClient does) and
 times random point gets of existing keys and of missing keys (unknown entities). Compares
-RocksDB's defaults with the store's options (`state.store.rocks_options`: bloom filters, a
-shared block cache with index and filter blocks cached, LZ4).
+RocksDB's defaults with the store's options (`state.store.rocks_options`: bloom filters, LZ4,
+a shared block cache). Misses are keys between existing ones (unknown entities).
 
     python scripts/bench_store.py [--entities 300000] [--value-bytes 1500]
 """
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(1)
     hits = [b"ku%08d" % i for i in rng.integers(0, args.entities, 20_000)]
-    misses = [b"kx%08d" % i for i in rng.integers(0, args.entities, 20_000)]
+    misses = [b"ku%08d-" % i for i in rng.integers(0, args.entities, 20_000)]
     print(f"{args.entities:,} entities x {args.value_bytes} B; 20k random gets each")
     for name, make in (("rocksdb defaults", default_options), ("store options", rocks_options)):
         with tempfile.TemporaryDirectory() as tmp:

@@ -307,3 +307,34 @@ def test_sketch_error_within_bound_on_1m_values() -> None:
     estimate = result("hll", merge_objects("hll", hll_tiles), None)
     true = len(np.unique(ids))
     assert abs(estimate - true) / true <= 3 * HLL_RSE
+
+
+@pytest.mark.slow
+def test_one_million_events_online_and_offline_equal_oracle() -> None:
+    """Seeded large case: 1M events over 10k keys, every key read online against DuckDB, and a
+    20k-row point-in-time snapshot against DuckDB."""
+    layout = VIEW.layout()
+    events = make_events(1_000_000, 10_000, seed=99)
+    store: dict[bytes, bytes] = {}
+    progress = PartitionProgress(-1, None, 0, 0)
+    for start in range(0, events.num_rows, 250_000):  # replay-sized batches
+        result = apply_batch(layout, events.slice(start, 250_000), progress,
+                             lambda keys: [store.get(k) for k in keys])
+        store.update(result.puts)
+        progress = result.progress
+    ts_max = int(events.column("ts").cast(pa.int64()).to_numpy().max())
+    keys = sorted(set(events.column("user_id").to_pylist()))
+    t = ts_max + 3 * MINUTE
+    spine = pa.table({"row": list(range(len(keys))), "k": keys, "t": [t] * len(keys)})
+    expected = oracle_values(layout, events, spine)
+    got = [evaluate_blob(layout, store[encode_key(k)], t) for k in keys]
+    assert_rows_equal(layout, expected, got)
+    rng = np.random.default_rng(7)
+    ts = events.column("ts").cast(pa.int64()).to_numpy()
+    times = rng.choice(ts, 20_000) + rng.integers(-MINUTE, MINUTE, 20_000)
+    qkeys = [f"u{k}" for k in rng.integers(0, 10_000, 20_000)]
+    values = point_in_time(layout, events, pa.array(qkeys), times)
+    spine = pa.table({"row": list(range(20_000)), "k": qkeys, "t": times})
+    expected = oracle_values(layout, events, spine)
+    assert_rows_equal(layout, expected,
+                      [{f.name: values[f.name][i] for f in layout.features} for i in range(20_000)])
