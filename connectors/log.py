@@ -129,8 +129,9 @@ class PartitionLog:
         rows = 0
         for record_batch in it:  # type: ignore[attr-defined]
             if record_batch.num_rows:
-                tables.append(conform(pa.Table.from_batches([record_batch]), self.arrow_schema,
-                                      self.defaults))
+                tables.append(
+                    conform(pa.Table.from_batches([record_batch]), self.arrow_schema, self.defaults)
+                )
                 rows += record_batch.num_rows
                 if rows >= self.batch_rows:
                     break

@@ -37,7 +37,7 @@ def fill(path: Path, opts: Options, n: int, size: int) -> None:
         batch = WriteBatch(raw_mode=True)
         for i in range(start, min(n, start + 10_000)):
             off = i % (size * 3)
-            batch.put(b"ku%08d" % i, payload[off:off + size])
+            batch.put(b"ku%08d" % i, payload[off : off + size])
         db.write(batch)
     db.flush()
     db.compact_range(None, None)
@@ -75,8 +75,10 @@ def main() -> None:
             size_mb = sum(f.stat().st_size for f in path.iterdir()) / 2**20
             hit = time_gets(path, make(), hits)
             miss = time_gets(path, make(), misses)
-        print(f"{name:17s}: hit p50 {hit[0]:5.1f} us p99 {hit[1]:6.1f} us | miss p50 "
-              f"{miss[0]:5.1f} us p99 {miss[1]:6.1f} us | {size_mb:,.0f} MB on disk")
+        print(
+            f"{name:17s}: hit p50 {hit[0]:5.1f} us p99 {hit[1]:6.1f} us | miss p50 "
+            f"{miss[0]:5.1f} us p99 {miss[1]:6.1f} us | {size_mb:,.0f} MB on disk"
+        )
 
 
 if __name__ == "__main__":

@@ -318,8 +318,12 @@ def test_one_million_events_online_and_offline_equal_oracle() -> None:
     store: dict[bytes, bytes] = {}
     progress = PartitionProgress(-1, None, 0, 0)
     for start in range(0, events.num_rows, 250_000):  # replay-sized batches
-        result = apply_batch(layout, events.slice(start, 250_000), progress,
-                             lambda keys: [store.get(k) for k in keys])
+        result = apply_batch(
+            layout,
+            events.slice(start, 250_000),
+            progress,
+            lambda keys: [store.get(k) for k in keys],
+        )
         store.update(result.puts)
         progress = result.progress
     ts_max = int(events.column("ts").cast(pa.int64()).to_numpy().max())
@@ -336,5 +340,8 @@ def test_one_million_events_online_and_offline_equal_oracle() -> None:
     values = point_in_time(layout, events, pa.array(qkeys), times)
     spine = pa.table({"row": list(range(20_000)), "k": qkeys, "t": times})
     expected = oracle_values(layout, events, spine)
-    assert_rows_equal(layout, expected,
-                      [{f.name: values[f.name][i] for f in layout.features} for i in range(20_000)])
+    assert_rows_equal(
+        layout,
+        expected,
+        [{f.name: values[f.name][i] for f in layout.features} for i in range(20_000)],
+    )

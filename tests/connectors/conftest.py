@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "flows" / "examples" / "schemas" / "transaction.avsc"
+SCHEMA_FILE = (
+    Path(__file__).resolve().parents[2] / "flows" / "examples" / "schemas" / "transaction.avsc"
+)
 TS0 = 1_700_000_000_000_000  # µs, 2023-11-14T22:13:20Z
 
 

@@ -29,7 +29,9 @@ from connectors.avro import (
 )
 from connectors.errors import DecodeError, SchemaError
 
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "flows" / "examples" / "schemas" / "transaction.avsc"
+SCHEMA_FILE = (
+    Path(__file__).resolve().parents[2] / "flows" / "examples" / "schemas" / "transaction.avsc"
+)
 TS0 = 1_700_000_000_000_000
 Records = Callable[[int], list[dict[str, Any]]]
 
