@@ -34,6 +34,12 @@ OPTIONS = (
     Option("from-time", None, "only apply events at or after this ISO-8601 UTC time"),
     Option("keep-versions", 2, "how many versions of each view to keep (live included)", int),
     Option("status-interval", 5.0, "seconds between console status lines", float),
+    Option(
+        "batch-rows",
+        4_000_000,
+        "records per batch when replaying segments (larger is faster, uses more memory)",
+        int,
+    ),
 )
 
 
@@ -61,6 +67,7 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
     for sp in plan.sources.values():
         for t in sp.targets:
             print(f"replaying view {t.view.name!r} into version v{t.version}", flush=True)
+    plan = replace(plan, batch_rows=settings.batch_rows)
     track_catch_up(plan)
     code = execute(plan, workers=settings.workers, status_interval=settings.status_interval)
     store = ViewStore(settings.state)

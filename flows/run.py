@@ -38,6 +38,12 @@ OPTIONS = (
     Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
     Option("process-id", None, "bytewax cluster: this process's index in --addresses", int, 0),
     Option("status-interval", 5.0, "seconds between console status lines", float),
+    Option(
+        "batch-rows",
+        4_000_000,
+        "records per batch when replaying segments (larger is faster, uses more memory)",
+        int,
+    ),
 )
 
 
@@ -75,7 +81,9 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
             metrics=metrics,
             process_id=settings.process_id or 0,
         )
-        plan = replace(plan, watch_versions=not settings.until_caught_up)
+        plan = replace(
+            plan, watch_versions=not settings.until_caught_up, batch_rows=settings.batch_rows
+        )
         _print_plan(plan)
         track_catch_up(plan)
         addresses = settings.addresses.split(";") if settings.addresses else None

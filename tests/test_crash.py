@@ -402,6 +402,8 @@ def segment_args(log: SegmentLog, state: Path) -> list[str]:
     return [
         *("--features", str(log.features), "--warehouse", str(log.warehouse)),
         *("--state", str(state), "--until-caught-up"),
+        # Small replay batches: many commits per partition, so kills land between them.
+        *("--batch-rows", "1000"),
     ]
 
 
