@@ -14,6 +14,7 @@ from flows.spec import (
     max,
     mean,
     min,
+    percentile,
     std,
     sum,
 )
@@ -36,6 +37,7 @@ user_spend = FeatureView(
         std("amount", window="7d"),  # amount_std_7d
         min("amount", window="1h"),  # amount_min_1h
         max("amount", window="1h"),  # amount_max_1h
+        percentile("amount", 0.95, window="1h"),  # amount_p95_1h (KLL sketch)
         count(window="1d"),  # count_1d
         last("channel"),  # channel_last (lifetime)
         last("merchant", window="1d"),  # merchant_last_1d
