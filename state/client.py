@@ -1,9 +1,9 @@
 """FeatureClient: the embedded read client that serves feature values from the view store.
 
 It runs inside the serving process, opens each view partition as a RocksDB secondary (a
-read-only follower, safe while `flows.run` writes) and catches up with the writer at most every
-`refresh_s` seconds. A read is one RocksDB get of the entity's tile blob plus a vectorized merge
-of the tiles in each window.
+read-only follower, safe while `flows.run` writes). A background thread catches the open
+partitions up with the writer every `refresh_s` seconds, so a read never pays for it. A read is
+one RocksDB get of the entity's tile blob plus the merge of the tiles in each window.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +51,6 @@ class _OpenView:
     version: int
     layout: ViewLayout
     dbs: dict[int, Rdict | None] = field(default_factory=dict)
-    caught_up: dict[int, float] = field(default_factory=dict)
 
 
 class FeatureClient:
@@ -72,6 +72,9 @@ class FeatureClient:
         self._views: dict[str, _OpenView] = {}
         self._checked: dict[str, float] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="featureflow-client-"))
+        self._lock = threading.Lock()  # open/close vs the catch-up thread; reads never take it
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def views(self) -> list[str]:
         base = self.root / "views"
@@ -139,26 +142,39 @@ class FeatureClient:
             known = ", ".join(self.views()) or "(none yet)"
             raise UnknownViewError(f"unknown view {view!r} in {self.root}; views: {known}")
         if opened is None or opened.version != version:
-            if opened is not None:
-                self._close_view(opened)
-            opened = _OpenView(version, read_layout(view_dir / f"v{version}"))
-            self._views[view] = opened
+            fresh = _OpenView(version, read_layout(view_dir / f"v{version}"))
+            with self._lock:
+                if opened is not None:
+                    self._close_view(opened)
+                self._views[view] = opened = fresh
         return opened
 
     def _db(self, opened: _OpenView, view: str, partition: int) -> Rdict | None:
-        now = time.monotonic()
         db = opened.dbs.get(partition)
         if db is None:
             primary = partition_dir(self.root / "views" / view / f"v{opened.version}", partition)
             if not (primary / "CURRENT").is_file():
                 return None  # nothing applied to this partition yet
             secondary = self._tmp / f"{view}-v{opened.version}-p{partition}"
-            db = opened.dbs[partition] = open_secondary(primary, secondary)
-            opened.caught_up[partition] = now
-        elif now - opened.caught_up.get(partition, 0.0) >= self.refresh_s:
-            db.try_catch_up_with_primary()
-            opened.caught_up[partition] = now
+            with self._lock:
+                db = opened.dbs[partition] = open_secondary(primary, secondary)
+            self._start_refresher()
         return db
+
+    def _start_refresher(self) -> None:
+        if self._refresher is None and self.refresh_s > 0:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, daemon=True, name="featureflow-client-refresh"
+            )
+            self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            with self._lock:
+                for opened in self._views.values():
+                    for db in opened.dbs.values():
+                        if db is not None:
+                            db.try_catch_up_with_primary()
 
     @staticmethod
     def _close_view(opened: _OpenView) -> None:
@@ -167,9 +183,14 @@ class FeatureClient:
                 db.close()
 
     def close(self) -> None:
-        for opened in self._views.values():
-            self._close_view(opened)
-        self._views.clear()
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
+            self._refresher = None
+        with self._lock:
+            for opened in self._views.values():
+                self._close_view(opened)
+            self._views.clear()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> FeatureClient:
