@@ -218,6 +218,15 @@ class KafkaLogReader:
         """The offset after the last record of the partition, as of now."""
         return self.watermarks()[1]
 
+    def cached_high_watermark(self) -> int | None:
+        """The high watermark from the latest fetch response (no broker round trip)."""
+        tp = TopicPartition(self.topic, self.partition)
+        try:
+            marks = self._consumer.get_watermark_offsets(tp, cached=True)
+        except KafkaException:
+            return None
+        return None if marks is None or marks[1] < 0 else int(marks[1])
+
     def close(self) -> None:
         self._consumer.close()
 

@@ -91,6 +91,13 @@ class PartitionLog:
             end = max(end, high + (end if base is None else base))
         return end
 
+    def kafka_lag(self) -> int | None:
+        """Records in Kafka not yet read (from the latest fetch; None before Kafka is read)."""
+        if self._reader is None:
+            return None
+        high = self._reader.cached_high_watermark()
+        return None if high is None else max(0, high + self._base - self._next)
+
     def read(self) -> LogBatch | None:
         """The next batch, or None when nothing new is available right now."""
         if self.done:

@@ -129,6 +129,7 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
     def __init__(self, key: str, log: PartitionLog, plan: FlowPlan, watch: _VersionWatch) -> None:
         self._key, self._log, self._stop, self._watch = key, log, plan.stop, watch
         self._plan = plan
+        self._next_lag_report = 0.0
         self._awake: datetime | None = None
 
     def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
@@ -144,9 +145,19 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
             if self._log.done:
                 raise StopIteration
             self._awake = datetime.now(UTC) + _IDLE
+            self._report_lag()
             return []
         self._awake = None
+        self._report_lag()
         return [(self._key, batch)]
+
+    def _report_lag(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_lag_report:
+            self._next_lag_report = now + 1.0
+            lag = self._log.kafka_lag()
+            if lag is not None:
+                self._plan.metrics.kafka_lag(self._log.source, self._log.partition, lag)
 
     def next_awake(self) -> datetime | None:
         return self._awake

@@ -59,6 +59,12 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self._kafka_lag = Gauge(
+            "featureflow_kafka_lag_records",
+            "records in Kafka not yet read, per source partition",
+            ["source", "partition"],
+            registry=self.registry,
+        )
         self._freshness = Gauge(
             "featureflow_freshness_seconds",
             "now minus arrival time of the newest applied record",
@@ -89,6 +95,9 @@ class Metrics:
         self._offset.labels(*labels).set(result.progress.applied_offset)
         if stats.newest_arrival_us is not None:
             self._freshness.labels(*labels).set(time.time() - stats.newest_arrival_us / 1e6)
+
+    def kafka_lag(self, source: str, partition: int, lag: int) -> None:
+        self._kafka_lag.labels(source, str(partition)).set(lag)
 
     def dead_letters(self, source: str, n: int) -> None:
         if n:

@@ -283,6 +283,19 @@ def applied_per_view(metrics_port: int) -> dict[str, float]:
     return totals
 
 
+def kafka_lag(metrics_port: int) -> dict[str, float]:
+    """featureflow_kafka_lag_records per partition, from the flow's metrics endpoint."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        sample.labels["partition"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "featureflow_kafka_lag_records"
+        for sample in family.samples
+    }
+
+
 def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
     own_broker: OwnBroker, tmp_path: Path
 ) -> None:
@@ -319,6 +332,12 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
             lambda: live_progress(state, partitions) == done, proc, log, "the whole log applied"
         )
         per_view = applied_per_view(metrics_port)
+        wait_until(  # the live lag gauge of every partition reports the caught-up tail
+            lambda: kafka_lag(metrics_port) == {str(p): 0.0 for p in range(partitions)},
+            proc,
+            log,
+            "a zero Kafka lag on every partition",
+        )
         proc.send_signal(signal.SIGINT)
         exit_code = proc.wait(timeout=60)
     finally:
