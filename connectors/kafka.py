@@ -392,3 +392,59 @@ def list_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
             "it with the source's number of partitions"
         )
     return len(found.partitions)
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float = 10.0) -> bool:
+    """Make sure `topic` exists with exactly `partitions` partitions; True if it was created.
+
+    The partition count is part of the log's identity: keys are placed by murmur2 modulo the
+    count, so a topic with another count would scatter a key's events.
+
+    Raises:
+        ConnectorError: the broker does not answer, or the topic has another partition count.
+    """
+    try:
+        found = list_partitions(bootstrap, topic, timeout_s)
+    except ConnectorError as exc:
+        if "does not exist" not in str(exc):
+            raise
+        found = 0
+    if found and found != partitions:
+        raise ConnectorError(
+            f"topic {topic!r} has {found} partitions but its source declares {partitions}; "
+            "keys are placed by murmur2 modulo the partition count, so they must agree: fix "
+            "Source(partitions=...) or use another topic"
+        )
+    if found:
+        return False
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _LOG}
+    admin = AdminClient(config)
+    future = admin.create_topics([NewTopic(topic, partitions, 1)])[topic]
+    try:
+        future.result(timeout_s)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise ConnectorError(f"cannot create topic {topic!r}: {exc.args[0].str()}") from exc
+    _wait_for_leaders(admin, topic, timeout_s)
+    return True
+
+
+def _wait_for_leaders(admin: AdminClient, topic: str, timeout_s: float) -> None:
+    """A new topic serves reads only once every partition has a leader."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = admin.list_topics(timeout=timeout_s).topics.get(topic)
+        if (
+            found is not None
+            and found.error is None
+            and found.partitions
+            and all(p.leader >= 0 and p.error is None for p in found.partitions.values())
+        ):
+            return
+        time.sleep(0.1)
+    raise ConnectorError(
+        f"topic {topic!r} was created but its partitions got no leader within "
+        f"{timeout_s} s; check the broker"
+    )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from connectors.avro import arrow_schema
+from connectors.kafka import ensure_topic
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.dataflow import FlowPlan, SourcePlan, ViewTarget
@@ -146,6 +147,12 @@ def build_plan(
         src_targets = tuple(t for t in targets if t.view.source.name == name)
         source = src_targets[0].view.source
         schema = source.avro_schema()
+        if kafka and process_id == 0 and ensure_topic(kafka, source.kafka_topic, source.partitions):
+            print(
+                f"created topic {source.kafka_topic!r} with {source.partitions} partitions "
+                f"on {kafka}",
+                flush=True,
+            )
         store_ = schema_store(source, wh)
         tail = KafkaTail(kafka, source.kafka_topic, store_, source.key) if kafka else None
         start, ends = {}, {}

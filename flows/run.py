@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from connectors.kafka import ensure_topic, partition_watermarks
 from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.dataflow import FlowPlan, run_dataflow
@@ -25,7 +26,7 @@ from flows.demo import ensure_demo_data
 from flows.metrics import ConsoleReporter, Metrics
 from flows.plan import build_plan
 from flows.settings import COMMON, EXAMPLE_FEATURES, Option, Settings, build_parser
-from flows.spec import load_definitions
+from flows.spec import Source, load_definitions
 from state.client import FeatureClient
 from state.codec import WATERMARK, decode_entity, decode_int, decode_key
 from state.store import ViewStore, iter_entities, open_secondary, partition_dir
@@ -58,8 +59,10 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
     views = defs.select(settings.views.split(",") if settings.views else None)
     warehouse = Warehouse(settings.warehouse)
     embedded_demo = Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve()
-    if embedded_demo and not settings.kafka and not settings.process_id:
+    if embedded_demo and not settings.process_id:
         for source in {v.source.name: v.source for v in views}.values():
+            if settings.kafka and _topic_has_records(settings.kafka, source):
+                continue  # real events are flowing: no made-up history in front of them
             report = ensure_demo_data(source, warehouse)
             if report is not None:
                 print(
@@ -97,6 +100,14 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         if not plan.restart.is_set():
             return code
         print("a replay made a new version of a view live: continuing on it", flush=True)
+
+
+def _topic_has_records(bootstrap: str, source: Source) -> bool:
+    ensure_topic(bootstrap, source.kafka_topic, source.partitions)
+    return any(
+        partition_watermarks(bootstrap, source.kafka_topic, p)[1] > 0
+        for p in range(source.partitions)
+    )
 
 
 def execute(

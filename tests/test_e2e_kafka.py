@@ -119,3 +119,34 @@ def test_segments_then_kafka_equals_oracle(
         assert b"fingerprint" in headers["reason"]  # names the cause: an unknown writer schema
         assert int(headers["partition"]) in range(3)
         assert int(headers["offset"]) >= 0
+
+
+def test_topic_partition_count_must_match_the_source(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """Keys are placed by murmur2 modulo the partition count: a mismatch is refused, a missing
+    topic is created with the source's count."""
+    topic = kafka_topic(2)
+    features = write_definitions(tmp_path / "defs", partitions=3, topic=topic)
+    common = [
+        "--features",
+        str(features),
+        "--warehouse",
+        str(tmp_path / "wh"),
+        "--state",
+        str(tmp_path / "st"),
+        "--kafka",
+        kafka_bootstrap,
+        "--until-caught-up",
+    ]
+    result = run_command("flows.run", *common)
+    assert result.returncode == 2
+    assert f"topic {topic!r} has 2 partitions but its source declares 3" in result.stderr
+    fresh = f"{topic}-new"
+    features = write_definitions(tmp_path / "defs2", partitions=3, topic=fresh)
+    result = run_command("flows.run", "--features", str(features), *common[2:])
+    assert result.returncode == 0, result.stderr
+    assert f"created topic {fresh!r} with 3 partitions" in result.stdout
+    from confluent_kafka.admin import AdminClient
+
+    AdminClient({"bootstrap.servers": kafka_bootstrap}).delete_topics([fresh])
