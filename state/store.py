@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,9 +229,9 @@ def check_store(root: Path, *, create: bool) -> None:
     """
     marker = root / _FORMAT_FILE
     if not marker.is_file():
-        leftovers = root.glob(f".{_FORMAT_FILE}.tmp-*") if root.exists() else []
-        for leftover in leftovers:  # a crash while the marker was being created
-            leftover.unlink(missing_ok=True)
+        in_progress = _clear_marker_leftovers(root)
+        if in_progress and _wait_for(marker):  # another process of a cluster is creating it
+            return check_store(root, create=create)
         if create and (not root.exists() or not any(root.iterdir())):
             root.mkdir(parents=True, exist_ok=True)
             _write_atomic(marker, _FORMAT_TEXT.encode())
@@ -248,6 +249,38 @@ def check_store(root: Path, *, create: bool) -> None:
             f"view store {str(root)!r} has on-disk format {match.group(1)}, this code reads "
             f"format {STORE_FORMAT}; rebuild it with flows.replay into a new --state directory"
         )
+
+
+def _clear_marker_leftovers(root: Path) -> bool:
+    """Remove temporary FORMAT files of processes that died writing them; True if a live
+    process is writing one now."""
+    in_progress = False
+    for tmp in root.glob(f".{_FORMAT_FILE}.tmp-*") if root.exists() else []:
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and _alive(int(pid)):
+            in_progress = True
+        else:
+            tmp.unlink(missing_ok=True)
+    return in_progress
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_for(path: Path, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def read_current(view_dir: Path) -> int | None:
