@@ -339,3 +339,24 @@ def wait_for(condition: object, timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("condition not reached in time")
+
+
+def test_history_sorted_by_key_is_not_late(tmp_path: Path) -> None:
+    """Ingest puts history in event-time order: a file sorted by key (months of one user, then
+    the next) does not make the next users' events look late; --keep-order keeps file order,
+    and then the lateness rule rejects (and counts) them."""
+    events = make_events(4000, 20, seed=12)
+    by_key = events.take(
+        pa.compute.sort_indices(events, [("user_id", "ascending"), ("ts", "ascending")])
+    )
+    pq.write_table(by_key, tmp_path / "by_key.parquet")
+    for flag, expect_late in (([], False), (["--keep-order"], True)):
+        root = tmp_path / ("kept" if flag else "sorted")
+        features = write_definitions(root / "defs")
+        common = ["--features", str(features), "--warehouse", str(root / "wh")]
+        result = run_command("flows.ingest", *common, *flag, str(tmp_path / "by_key.parquet"))
+        assert result.returncode == 0, result.stderr
+        result = run_command("flows.run", *common, "--state", str(root / "st"), "--until-caught-up")
+        assert result.returncode == 0, result.stderr
+        late = int(result.stdout.split("late ")[1].split(";")[0].replace(",", ""))
+        assert (late > 0) == expect_late, result.stdout
