@@ -24,6 +24,7 @@ from state.tiles import (
     ColumnValues,
     TileBlock,
     combine,
+    empty_block,
     finalize,
     merge_pairwise,
     reduce_ranges,
@@ -115,12 +116,13 @@ def _group_values(
     tile_kid = ev.kid[starts]
     for window_us in sorted({f.window_us for f in group.features}):
         feats = [f for f in group.features if f.window_us == window_us]
+        additive = all(f.agg in ADDITIVE for f in feats)
         span = window_us // hop + 1 if window_us else _max_tiles_per_key(tile_kid)
-        chunk = max(1, ROW_BUDGET // max(span, 1))
+        chunk = max(1, len(q_t) if additive else ROW_BUDGET // max(span, 1))
         for a in range(0, len(q_t), chunk):
             sl = slice(a, a + chunk)
             merged = _window_rows(
-                group, tiles, tile_kid, units, ev, hop, window_us, q_kid[sl], q_t[sl]
+                group, tiles, tile_kid, units, ev, hop, window_us, q_kid[sl], q_t[sl], additive
             )
             for f in feats:
                 out = finalize(f, column_stats(group, f), merged)
@@ -145,6 +147,7 @@ def _window_rows(
     window_us: int,
     q_kid: I64,
     q_t: I64,
+    additive: bool = False,
 ) -> TileBlock:
     head = q_t // hop
     tile_idx = tiles.rows["tile"]
@@ -156,11 +159,52 @@ def _window_rows(
         )
     lo = _search(tile_kid, tile_idx, q_kid, first_tile)
     hi = _search(tile_kid, tile_idx, q_kid, head)
-    full = reduce_ranges(group, tiles, lo, hi)
     elo = _search(ev.kid, ev.ts, q_kid, head * hop)
     ehi = _search(ev.kid, ev.ts, q_kid, q_t)
+    if additive:
+        return _additive_rows(group, tiles, units, (lo, hi), (elo, ehi))
+    full = reduce_ranges(group, tiles, lo, hi)
     partial = reduce_ranges(group, units, elo, ehi)
     return merge_pairwise(group, full, partial)
+
+
+ADDITIVE = frozenset({"count", "sum", "mean", "min", "max"})
+_REDUCE = {"n": np.add, "cnt": np.add, "sum": np.add, "min": np.minimum, "max": np.maximum}
+_IDENTITY = {"n": 0, "cnt": 0, "sum": 0.0, "min": np.inf, "max": -np.inf}
+
+
+def _additive_rows(
+    group: HopGroup,
+    tiles: TileBlock,
+    units: TileBlock,
+    full: tuple[I64, I64],
+    head: tuple[I64, I64],
+) -> TileBlock:
+    """The merged window rows for count/sum/mean/min/max features: each field reduced over its
+    contiguous ranges in place (`reduceat`), with no gathered copy of the tile rows. Same
+    values as `reduce_ranges` + `merge_pairwise`; fields other aggregations need stay empty."""
+    out = empty_block(group, len(full[0]))
+    for name in group.dtype.names or ():
+        stat = name.rpartition(".")[2] if "." in name else name
+        if stat not in _REDUCE:
+            continue
+        ufunc, identity = _REDUCE[stat], _IDENTITY[stat]
+        a = _range_reduce(ufunc, tiles.rows[name], *full, identity)
+        b = _range_reduce(ufunc, units.rows[name], *head, identity)
+        out.rows[name] = ufunc(a, b)
+    return out
+
+
+def _range_reduce(
+    ufunc: np.ufunc, values: npt.NDArray[Any], lo: I64, hi: I64, identity: float
+) -> npt.NDArray[Any]:
+    """ufunc over values[lo[i]:hi[i]] for every i (identity where the range is empty)."""
+    padded = np.append(values, np.array([identity], dtype=values.dtype))
+    bounds = np.empty(2 * len(lo), dtype=np.int64)
+    bounds[0::2], bounds[1::2] = lo, hi
+    out = ufunc.reduceat(padded, bounds)[0::2]
+    out[hi <= lo] = identity
+    return out
 
 
 def _search(kid: I64, val: I64, q_kid: I64, q_val: I64) -> I64:
