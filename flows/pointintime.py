@@ -223,7 +223,7 @@ def _search(kid: I64, val: I64, q_kid: I64, q_val: I64) -> I64:
         span = len(uniq) + 1
         data = kid * span + np.searchsorted(uniq, val)
         query = q_kid * span + np.searchsorted(uniq, q_val)
-    return np.searchsorted(data, query, side="left").astype(np.int64)
+    return np.searchsorted(data, query, side="left").astype(np.int64, copy=False)
 
 
 def feature_type(feature: FeatureDef, layout: ViewLayout) -> pa.DataType:

@@ -163,7 +163,7 @@ def run_starts(*keys: npt.NDArray[Any]) -> I64:
     change[0] = True
     for key in keys:
         change[1:] |= key[1:] != key[:-1]
-    return np.flatnonzero(change).astype(np.int64)
+    return np.flatnonzero(change).astype(np.int64, copy=False)
 
 
 def combine(group: HopGroup, block: TileBlock, starts: I64) -> TileBlock:
@@ -240,7 +240,7 @@ def _edge_pick(c: str, edge: str, src: npt.NDArray[Any], starts: I64, gid: I64) 
     best_off = np.maximum.reduceat(np.where(on_best, off, TS_MIN), starts)
     chosen = np.flatnonzero(on_best & (off == best_off[gid]))
     _, first_of_run = np.unique(gid[chosen], return_index=True)
-    return chosen[first_of_run].astype(np.int64)
+    return chosen[first_of_run].astype(np.int64, copy=False)
 
 
 def range_indices(lo: I64, hi: I64) -> tuple[I64, I64, npt.NDArray[np.bool_]]:
@@ -250,7 +250,7 @@ def range_indices(lo: I64, hi: I64) -> tuple[I64, I64, npt.NDArray[np.bool_]]:
     lengths = lengths[nonempty]
     offsets = np.cumsum(lengths) - lengths
     idx = np.repeat(lo[nonempty] - offsets, lengths) + np.arange(int(lengths.sum()))
-    return idx.astype(np.int64), offsets.astype(np.int64), nonempty
+    return idx.astype(np.int64, copy=False), offsets.astype(np.int64, copy=False), nonempty
 
 
 def reduce_ranges(group: HopGroup, block: TileBlock, lo: I64, hi: I64) -> TileBlock:

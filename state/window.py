@@ -26,7 +26,7 @@ def window_bounds(tiles: I64, hop_us: int, window_us: int, t: I64) -> tuple[I64,
     head = t // hop_us
     lo = np.searchsorted(tiles, head - window_us // hop_us, side="left")
     hi = np.searchsorted(tiles, head, side="right")
-    return lo.astype(np.int64), hi.astype(np.int64)
+    return lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
 
 
 def column_stats(group: HopGroup, feature: FeatureDef) -> ColumnStats | None:
