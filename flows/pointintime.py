@@ -25,7 +25,7 @@ from state.tiles import (
     TileBlock,
     combine,
     empty_block,
-    finalize,
+    finalize_array,
     merge_pairwise,
     reduce_ranges,
     run_starts,
@@ -60,11 +60,11 @@ class _Sorted:
 
 def point_in_time(
     layout: ViewLayout, events: pa.Table, keys: pa.Array | pa.ChunkedArray, times: I64
-) -> dict[str, list[Any]]:
+) -> dict[str, pa.Array]:
     """Feature values of `layout` for each (keys[i], times[i]) row, in row order."""
     n = len(times)
     if n == 0:
-        return {f.name: [] for f in layout.features}
+        return {f.name: pa.array([]) for f in layout.features}
     spine_keys = keys.cast(pa.string()) if not pa.types.is_string(keys.type) else keys
     ev_keys = (
         key_strings(events, layout.key)
@@ -78,10 +78,13 @@ def point_in_time(
     ev_kid, q_kid = ids[: events.num_rows], ids[events.num_rows :]
     ev = _sorted_events(layout, events, ev_kid)
     q_order = np.lexsort((times, q_kid))
-    values: dict[str, list[Any]] = {f.name: [None] * n for f in layout.features}
+    chunks: dict[str, list[pa.Array]] = {f.name: [] for f in layout.features}
+    types = {f.name: feature_type(f, layout) for f in layout.features}
     for group in layout.groups:
-        _group_values(group, ev, q_kid[q_order], times[q_order], q_order, values)
-    return values
+        _group_values(group, ev, q_kid[q_order], times[q_order], chunks, types)
+    back = np.empty(n, dtype=np.int64)
+    back[q_order] = np.arange(n)  # sorted position of each original row
+    return {name: pa.concat_arrays(parts).take(pa.array(back)) for name, parts in chunks.items()}
 
 
 def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
@@ -104,7 +107,12 @@ def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> _Sorted:
 
 
 def _group_values(
-    group: HopGroup, ev: _Sorted, q_kid: I64, q_t: I64, q_order: I64, values: dict[str, list[Any]]
+    group: HopGroup,
+    ev: _Sorted,
+    q_kid: I64,
+    q_t: I64,
+    chunks: dict[str, list[pa.Array]],
+    types: dict[str, pa.DataType],
 ) -> None:
     hop = group.hop_us or LIFETIME_TILE_US
     tile_group = HopGroup(hop, group.features, group.columns, group.last_k)
@@ -125,10 +133,8 @@ def _group_values(
                 group, tiles, tile_kid, units, ev, hop, window_us, q_kid[sl], q_t[sl], additive
             )
             for f in feats:
-                out = finalize(f, column_stats(group, f), merged)
-                target = values[f.name]
-                for pos, v in zip(q_order[sl].tolist(), out, strict=True):
-                    target[pos] = v
+                part = finalize_array(f, column_stats(group, f), merged)
+                chunks[f.name].append(part.cast(types[f.name]))
 
 
 def _max_tiles_per_key(tile_kid: I64) -> int:

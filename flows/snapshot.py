@@ -173,9 +173,8 @@ def build_snapshot(
         values = point_in_time(layout, events, keys, times)
         for feature in layout.features:
             name = f"{view.name}__{feature.name}"
-            result = result.append_column(
-                name, pa.array(values[feature.name], type=feature_type(feature, layout))
-            )
+            column = values[feature.name]
+            result = result.append_column(name, column.cast(feature_type(feature, layout)))
     meta = dict(result.schema.metadata or {})
     meta[b"featureflow.snapshot_format"] = SNAPSHOT_FORMAT.encode()
     return result.replace_schema_metadata(meta)

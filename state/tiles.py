@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from state.layout import ColumnStats, FeatureDef, HopGroup
 from state.sketches import merge_objects
@@ -323,6 +324,34 @@ def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) ->
 
 
 _SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
+
+
+def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) -> pa.Array:
+    """`finalize` as an Arrow array, vectorized for numeric results (the snapshot's path)."""
+    rows = merged.rows
+    if feature.column is None:
+        return pa.array(rows["n"], pa.int64())
+    assert col is not None
+    c, agg = feature.column, feature.agg
+    cnt = rows[f"{c}.cnt"]
+    if agg == "count":
+        return pa.array(cnt, pa.int64())
+    if agg == "sum":
+        sums = rows[f"{c}.sum"]
+        return pa.array(np.round(sums).astype(np.int64) if col.integral else sums)
+    empty = cnt == 0
+    if agg == "mean":
+        values = _safe_div(rows[f"{c}.sum"], cnt)
+    elif agg in ("var", "std"):
+        values = np.maximum(_safe_div(rows[f"{c}.m2"], cnt), 0.0)
+        values = np.sqrt(values) if agg == "std" else values
+    elif agg in ("min", "max", "first", "last") and col.numeric:
+        values = rows[f"{c}.{agg}"]
+        if col.integral:
+            return pa.array(np.where(empty, 0, values).astype(np.int64), mask=empty)
+    else:
+        return pa.array(finalize(feature, col, merged))
+    return pa.array(values, pa.float64(), mask=empty | np.isnan(values))
 
 
 def _safe_div(num: F64, den: npt.NDArray[Any]) -> F64:

@@ -151,7 +151,9 @@ def test_point_in_time_equals_oracle(seed: int) -> None:
         ]
     ).astype(np.int64)
     keys = [f"u{k}" for k in rng.integers(0, 27, n)]  # includes keys without events
-    values = point_in_time(layout, events, pa.array(keys), times)
+    values = {
+        k: v.to_pylist() for k, v in point_in_time(layout, events, pa.array(keys), times).items()
+    }
     spine = pa.table({"row": list(range(n)), "k": keys, "t": times})
     expected = oracle_values(layout, events, spine)
     got = [{f.name: values[f.name][i] for f in layout.features} for i in range(n)]
@@ -278,7 +280,9 @@ def test_sketches_and_last_k_online_and_offline() -> None:
     ts = events.column("ts").cast(pa.int64()).to_numpy()
     times = rng.integers(int(ts.min()), int(ts.max()), 300)
     qkeys = [keys[i] for i in rng.integers(0, len(keys), 300)]
-    values = point_in_time(layout, events, pa.array(qkeys), times)
+    values = {
+        k: v.to_pylist() for k, v in point_in_time(layout, events, pa.array(qkeys), times).items()
+    }
     spine = pa.table({"row": list(range(300)), "k": qkeys, "t": times})
     expected = oracle_values(layout, events, spine)
     offline = [{f.name: values[f.name][i] for f in layout.features} for i in range(300)]
@@ -337,7 +341,9 @@ def test_one_million_events_online_and_offline_equal_oracle() -> None:
     ts = events.column("ts").cast(pa.int64()).to_numpy()
     times = rng.choice(ts, 20_000) + rng.integers(-MINUTE, MINUTE, 20_000)
     qkeys = [f"u{k}" for k in rng.integers(0, 10_000, 20_000)]
-    values = point_in_time(layout, events, pa.array(qkeys), times)
+    values = {
+        k: v.to_pylist() for k, v in point_in_time(layout, events, pa.array(qkeys), times).items()
+    }
     spine = pa.table({"row": list(range(20_000)), "k": qkeys, "t": times})
     expected = oracle_values(layout, events, spine)
     assert_rows_equal(
