@@ -1,0 +1,1 @@
+"""The log's edge: Avro envelope, partitioner, warehouse segments, input files, Kafka."""

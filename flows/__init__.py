@@ -1,0 +1,1 @@
+"""The application: feature definitions, the aggregation core, the dataflow and the commands."""

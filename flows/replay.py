@@ -23,7 +23,7 @@ from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.plan import build_plan
 from flows.run import execute, track_catch_up
-from flows.settings import COMMON, Option, Settings, build_parser
+from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions
 from state.client import to_micros
 from state.store import ViewStore
@@ -33,13 +33,7 @@ OPTIONS = (
     Option("views", None, "comma-separated views to rebuild (default: all)"),
     Option("from-time", None, "only apply events at or after this ISO-8601 UTC time"),
     Option("keep-versions", 2, "how many versions of each view to keep (live included)", int),
-    Option("status-interval", 5.0, "seconds between console status lines", float),
-    Option(
-        "batch-rows",
-        4_000_000,
-        "records per batch when replaying segments (larger is faster, uses more memory)",
-        int,
-    ),
+    *DATAFLOW,
 )
 
 

@@ -25,7 +25,7 @@ from flows.dataflow import FlowPlan, run_dataflow
 from flows.demo import ensure_demo_data
 from flows.metrics import ConsoleReporter, Metrics
 from flows.plan import build_plan
-from flows.settings import COMMON, EXAMPLE_FEATURES, Option, Settings, build_parser
+from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 from state.client import FeatureClient
 from state.codec import WATERMARK, decode_entity, decode_int, decode_key
@@ -38,13 +38,7 @@ OPTIONS = (
     Option("metrics-port", None, "serve Prometheus metrics on 127.0.0.1:PORT", int),
     Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
     Option("process-id", None, "bytewax cluster: this process's index in --addresses", int, 0),
-    Option("status-interval", 5.0, "seconds between console status lines", float),
-    Option(
-        "batch-rows",
-        4_000_000,
-        "records per batch when replaying segments (larger is faster, uses more memory)",
-        int,
-    ),
+    *DATAFLOW,
 )
 
 

@@ -48,6 +48,17 @@ COMMON = (
     Option("workers", 1, "bytewax worker threads in this process", int),
 )
 
+# Settings of every command that runs the dataflow (flows.run, flows.replay).
+DATAFLOW = (
+    Option("status-interval", 5.0, "seconds between console status lines", float),
+    Option(
+        "batch-rows",
+        4_000_000,
+        "records per batch when replaying segments (larger is faster, uses more memory)",
+        int,
+    ),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:

@@ -24,54 +24,22 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from workload import spend_view, transactions
 
 from connectors.partitioner import partitions_for
 from flows.aggregate import apply_batch
-from flows.spec import FeatureView, Source, count, mean, sum
 from state.read import evaluate_blob
 from state.store import PartitionProgress
 
-SCHEMA = {
-    "type": "record",
-    "name": "Txn",
-    "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-    ],
-}
-WINDOWS = ("30m", "14d", "180d")
-DAY_US = 86_400_000_000
-
 
 def make_file(path: Path, n: int, keys: int, partitions: int) -> None:
-    rng = np.random.default_rng(42)
-    end = 1_790_000_000_000_000
-    ts = np.sort(rng.integers(end - 180 * DAY_US, end, n))
-    user = np.char.add("u", rng.integers(0, keys, n).astype(str))
-    table = pa.table(
-        {
-            "user_id": user,
-            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-            "amount": np.round(rng.lognormal(3.5, 1.0, n), 2),
-        }
-    )
-    table = table.append_column(
-        "_partition", pa.array(partitions_for(table.column("user_id"), partitions))
-    )
-    pq.write_table(table, path)
-
-
-def view() -> FeatureView:
-    source = Source(name="txn", schema=SCHEMA, key="user_id", timestamp="ts")
-    feats = []
-    for w in WINDOWS:
-        feats += [count(window=w), sum("amount", window=w), mean("amount", window=w)]
-    return FeatureView(name="spend", source=source, features=feats)
+    table = transactions(n, keys)
+    parts = partitions_for(table.column("user_id"), partitions)
+    pq.write_table(table.append_column("_partition", pa.array(parts)), path)
 
 
 def run_ours(path: Path, partitions: int) -> tuple[float, list[bytes], int]:
-    layout = view().layout()
+    layout = spend_view().layout()
     started = time.perf_counter()
     table = pq.read_table(path)
     end = int(table.column("ts").cast(pa.int64()).to_numpy().max()) + 1
@@ -110,7 +78,7 @@ def run_duckdb(path: Path) -> float:
 
 
 def read_latency(blobs: list[bytes], end: int) -> tuple[float, float]:
-    layout = view().layout()
+    layout = spend_view().layout()
     samples = []
     for blob in blobs[:20_000]:
         t0 = time.perf_counter_ns()

@@ -24,6 +24,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+from workload import SCHEMA, transactions
 
 from connectors.segments import Warehouse
 from flows.ingest import ingest_table
@@ -39,30 +40,13 @@ spend = FeatureView(name="spend", source=txn, features=[
     f(window=w) if f is count else f("amount", window=w)
     for w in ("30m", "14d", "180d") for f in (count, sum, mean)])
 """
-SCHEMA = {
-    "type": "record",
-    "name": "Txn",
-    "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-    ],
-}
 
 
 def make_log(tmp: Path, n: int, keys: int, parts: int) -> tuple[Path, int]:
     defs = tmp / "defs.py"
     defs.write_text(DEFINITIONS.format(schema=SCHEMA, parts=parts))
-    rng = np.random.default_rng(42)
-    end = 1_790_000_000_000_000
-    ts = np.sort(rng.integers(end - 180 * DAY_US, end, n))
-    table = pa.table(
-        {
-            "user_id": np.char.add("u", rng.integers(0, keys, n).astype(str)),
-            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-            "amount": np.round(rng.lognormal(3.5, 1.0, n), 2),
-        }
-    )
+    table = transactions(n, keys)
+    ts = table.column("ts").cast(pa.int64()).to_numpy()
     source = load_definitions(defs).sources["txn"]
     ingest_table(source, table, Warehouse(tmp / "wh"))
     return defs, int(ts.max())

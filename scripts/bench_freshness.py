@@ -24,21 +24,13 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from workload import SCHEMA
 
 from connectors.kafka import AvroProducer
 from state.client import FeatureClient
 from state.errors import StateError
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMA = {
-    "type": "record",
-    "name": "Txn",
-    "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-    ],
-}
 DEFINITIONS = """
 from flows.spec import FeatureView, Source, count, mean, sum
 src = Source(name="fresh", schema={schema!r}, key="user_id", timestamp="ts",

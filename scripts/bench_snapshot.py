@@ -17,20 +17,11 @@ import time
 import duckdb
 import numpy as np
 import pyarrow as pa
+from workload import DAY_US, spend_view, transactions
 
 from flows.pointintime import point_in_time
-from flows.spec import FeatureView, Source, count, mean, sum
 
-SCHEMA = {
-    "type": "record",
-    "name": "Txn",
-    "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-    ],
-}
-DAY = 86_400_000_000
+DAY = DAY_US
 WINDOWS = {"30m": 30 * 60_000_000, "14d": 14 * DAY, "180d": 180 * DAY}
 HOPS = {"30m": 60_000_000, "14d": 3_600_000_000, "180d": DAY}
 
@@ -42,24 +33,13 @@ def main() -> None:
     parser.add_argument("--spine", type=int, default=1_000_000)
     args = parser.parse_args()
     rng = np.random.default_rng(3)
-    end = 1_790_000_000_000_000
     n, s = args.events, args.spine
-    ts = np.sort(rng.integers(end - 180 * DAY, end, n))
-    events = pa.table(
-        {
-            "user_id": np.char.add("u", rng.integers(0, args.keys, n).astype(str)),
-            "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
-            "amount": np.round(rng.lognormal(3.5, 1.0, n), 2),
-            "_offset": np.arange(n, dtype=np.int64),
-        }
-    )
+    events = transactions(n, args.keys)
+    events = events.append_column("_offset", pa.array(np.arange(n, dtype=np.int64)))
+    end = int(events.column("ts").cast(pa.int64()).to_numpy().max())
     keys = np.char.add("u", rng.integers(0, args.keys, s).astype(str))
     times = rng.integers(end - 180 * DAY, end, s)
-    feats = []
-    for w in WINDOWS:
-        feats += [count(window=w), sum("amount", window=w), mean("amount", window=w)]
-    source = Source(name="txn", schema=SCHEMA, key="user_id", timestamp="ts")
-    layout = FeatureView(name="spend", source=source, features=feats).layout()
+    layout = spend_view().layout()
 
     started = time.perf_counter()
     point_in_time(layout, events, pa.array(keys), times)

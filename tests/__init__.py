@@ -1,0 +1,1 @@
+"""The test suite (pytest); run it with scripts/test."""
