@@ -32,6 +32,7 @@ from state.layout import ViewLayout
 from state.read import evaluate_blob
 from state.sketches import HLL_RSE, KLL_RANK_ERROR
 from state.store import PartitionProgress
+from state.tiles import empty_block
 from state.window import evaluate
 from tests.oracle import oracle_values, same
 
@@ -350,4 +351,61 @@ def test_one_million_events_online_and_offline_equal_oracle() -> None:
         layout,
         expected,
         [{f.name: values[f.name][i] for f in layout.features} for i in range(20_000)],
+    )
+
+
+def drop_small_and_double(table: pa.Table) -> pa.Table:
+    """A view transform: keep amounts over 40 (or null), doubled."""
+    amount = table.column("amount")
+    keep = pa.compute.or_kleene(pa.compute.greater(amount, 40.0), pa.compute.is_null(amount))
+    table = table.filter(keep)
+    i = table.column_names.index("amount")
+    return table.set_column(i, "amount", pa.compute.multiply(table.column("amount"), 2.0))
+
+
+def test_transform_applies_online_and_offline() -> None:
+    view = FeatureView(
+        name="t",
+        source=SOURCE,
+        transform=drop_small_and_double,
+        features=[count(window="1h"), sum("amount", window="1d"), max("amount"), last("channel")],
+    )
+    layout = view.layout()
+    events = make_events(4000, 15, seed=31)
+    store: dict[bytes, bytes] = {}
+    progress = PartitionProgress(-1, None, 0, 0)
+    for start in range(0, events.num_rows, 700):
+        result = apply_batch(
+            layout,
+            events.slice(start, 700),
+            progress,
+            lambda keys: [store.get(k) for k in keys],
+            drop_small_and_double,
+        )
+        store.update(result.puts)
+        progress = result.progress
+    transformed = drop_small_and_double(events)
+    keys = sorted(set(events.column("user_id").to_pylist()))
+    t = int(events.column("ts").cast(pa.int64()).to_numpy().max()) + MINUTE
+    spine = pa.table({"row": list(range(len(keys))), "k": keys, "t": [t] * len(keys)})
+    expected = oracle_values(layout, transformed, spine)
+    got = [
+        evaluate_blob(layout, store[encode_key(k)], t)
+        if encode_key(k) in store
+        else evaluate(layout, [empty_block(g) for g in layout.groups], t)
+        for k in keys
+    ]
+    assert_rows_equal(layout, expected, got)
+    from flows.pointintime import kept_events
+
+    offline = point_in_time(
+        layout,
+        kept_events(layout, [events], drop_small_and_double),
+        pa.array(keys),
+        np.full(len(keys), t, dtype=np.int64),
+    )
+    assert_rows_equal(
+        layout,
+        expected,
+        [{f.name: offline[f.name][i].as_py() for f in layout.features} for i in range(len(keys))],
     )
