@@ -133,6 +133,7 @@ def main() -> None:
         one, peak1 = run_flow(tmp, defs, 1)
         two, peak2 = run_flow(tmp, defs, 2)
         p50, p99, batch = read_latency(tmp / "state-w1", args.keys, newest)
+        state_bytes = sum(f.stat().st_size for f in (tmp / "state-w1").rglob("*") if f.is_file())
     n = args.events
     print(
         f"workload: {n:,} events, {args.keys:,} keys, 180 days, 9 features, "
@@ -149,6 +150,10 @@ def main() -> None:
     print(f"duckdb window SQL over the same segments: {duck:7.2f} s")
     print(
         f"ratio ours/duckdb: 1 worker {one / duck:.2f}, 2 workers {two / duck:.2f} (target <= 1.0)"
+    )
+    print(
+        f"view store on disk: {state_bytes / 2**20:,.0f} MB for {args.keys:,} entities "
+        f"({state_bytes / args.keys:,.0f} bytes per entity, RocksDB with LZ4)"
     )
     print(
         f"FeatureClient.get (RocksDB get + 9 features): p50 {p50:.1f} us, p99 {p99:.1f} us; "
