@@ -252,7 +252,3 @@ def feature_type(feature: FeatureDef, layout: ViewLayout) -> pa.DataType:
     if feature.agg == "last_k":
         return pa.list_(base)
     return base
-
-
-def as_micros(values: npt.NDArray[Any]) -> I64:
-    return np.asarray(values, dtype=np.int64)

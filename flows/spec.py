@@ -7,7 +7,6 @@ snapshots, the read client) is derived from these objects through `FeatureView.l
 
 from __future__ import annotations
 
-import builtins
 import importlib.util
 import re
 import sys
@@ -513,7 +512,3 @@ def _with_base(view: FeatureView, base: Path) -> FeatureView:
         transform=view.transform,
         allowed_lateness=view.allowed_lateness,
     )
-
-
-# Keep the builtins reachable for code in this module that needs them despite the shadowing.
-_builtin_sum = builtins.sum

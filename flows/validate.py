@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import orjson
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.envelope import DeadLetter
@@ -48,7 +47,3 @@ def _reason(row: dict[str, object], key: str, timestamp: str, source: str) -> st
 
 def _payload(row: dict[str, object]) -> bytes:
     return orjson.dumps({k: v for k, v in row.items() if not k.startswith("_")}, default=str)
-
-
-def empty_like(table: pa.Table) -> pa.Table:
-    return table.slice(0, 0)

@@ -45,10 +45,3 @@ def evaluate(layout: ViewLayout, blocks: list[TileBlock], t: int) -> dict[str, A
     from state.read import evaluate_blob
 
     return evaluate_blob(layout, encode_entity(layout, blocks, 0), t)
-
-
-def empty_values(layout: ViewLayout) -> dict[str, Any]:
-    """Feature values of an entity with no events (0 for count and sum, None otherwise)."""
-    from state.tiles import empty_block
-
-    return evaluate(layout, [empty_block(g) for g in layout.groups], 0)
