@@ -75,6 +75,27 @@ def column_values(table: pa.Table, layout: ViewLayout) -> dict[str, ColumnValues
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class SortedEvents:
+    """A batch's events sorted by (key id, event time, offset), with their aggregated columns."""
+
+    kid: I64
+    ts: I64
+    off: I64
+    columns: dict[str, ColumnValues]
+
+
+def sort_events(table: pa.Table, layout: ViewLayout, key_ids: I64, ts: I64) -> SortedEvents:
+    """The events of `table` in (key, event time, offset) order: the order tiles are built in."""
+    offsets = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
+    order = np.lexsort((offsets, ts, key_ids))
+    columns = {
+        name: ColumnValues(cv.values[order], cv.valid[order])
+        for name, cv in column_values(table, layout).items()
+    }
+    return SortedEvents(key_ids[order], ts[order], offsets[order], columns)
+
+
 def late_mask(
     ts: I64, watermark: int | None, retention_us: int | None
 ) -> tuple[npt.NDArray[np.bool_], int | None]:
@@ -150,10 +171,10 @@ def apply_batch(
         last_offset = max(last_offset, int(pc.max(table.column(OFFSET)).as_py()))
     ts = event_times(table, layout.timestamp)
     late, watermark = late_mask(ts, progress.watermark, layout.retention_us)
-    rejected = table.filter(pa.array(late)) if late.any() else table.slice(0, 0)
+    rejected = table.slice(0, 0)
     if late.any():
-        keep = ~late
-        table, ts = table.filter(pa.array(keep)), ts[keep]
+        rejected = table.filter(pa.array(late))
+        table, ts = table.filter(pa.array(~late)), ts[~late]
     puts = _merge_into_tiles(layout, table, ts, watermark, get_blobs) if table.num_rows else {}
     new_progress = PartitionProgress(
         applied_offset=last_offset,
@@ -170,20 +191,11 @@ def _merge_into_tiles(
     encoded = key_strings(table, layout.key).combine_chunks().dictionary_encode()
     key_ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
     keys: list[str] = encoded.dictionary.to_pylist()
-    offsets = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
-    order = np.lexsort((offsets, ts, key_ids))
-    key_ids, ts, offsets = key_ids[order], ts[order], offsets[order]
-    columns = {
-        name: ColumnValues(cv.values[order], cv.valid[order])
-        for name, cv in column_values(table, layout).items()
-    }
+    ev = sort_events(table, layout, key_ids, ts)
     raw_keys = [encode_key(k) for k in keys]
     old = _load_old(layout, get_blobs(raw_keys))
-    newest = _newest_per_key(key_ids, ts, len(keys), old.newest)
-    merged = [
-        _merge_group(g, gi, old, newest, key_ids, ts, offsets, columns, watermark)
-        for gi, g in enumerate(layout.groups)
-    ]
+    newest = _newest_per_key(ev.kid, ev.ts, old.newest)
+    merged = [_merge_group(g, gi, old, newest, ev, watermark) for gi, g in enumerate(layout.groups)]
     return _encode_keys(layout, raw_keys, merged, newest)
 
 
@@ -233,7 +245,7 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
     return _OldState(blocks, key_of_row, newest, last_of_key)
 
 
-def _newest_per_key(key_ids: I64, ts: I64, n_keys: int, old_newest: I64) -> I64:
+def _newest_per_key(key_ids: I64, ts: I64, old_newest: I64) -> I64:
     newest = old_newest.copy()
     starts = run_starts(key_ids)
     newest[key_ids[starts]] = np.maximum(newest[key_ids[starts]], np.maximum.reduceat(ts, starts))
@@ -245,10 +257,7 @@ def _merge_group(
     gi: int,
     old: _OldState,
     newest: I64,
-    key_ids: I64,
-    ts: I64,
-    offsets: I64,
-    columns: dict[str, ColumnValues],
+    ev: SortedEvents,
     watermark: int | None,
 ) -> tuple[TileBlock, I64]:
     """Merge a batch's events into the touched keys' stored tiles of one hop group.
@@ -257,15 +266,17 @@ def _merge_group(
     kept apart from the rest of their tile, so that a read as of exactly that time can leave
     them out (the window is exclusive of t). Rows sort by (key, tile, boundary).
     """
-    fresh = unit_block(group, ts, offsets, {c.column: columns[c.column] for c in group.columns})
-    row_keys = key_ids
-    boundary = ts == newest[key_ids]
+    fresh = unit_block(
+        group, ev.ts, ev.off, {c.column: ev.columns[c.column] for c in group.columns}
+    )
+    row_keys = ev.kid
+    boundary = ev.ts == newest[ev.kid]
     stored = old.blocks[gi]
     if stored is not None:
         old_keys = old.key_of_row[gi]
         still = old.last_of_key[gi] & (old.newest[old_keys] == newest[old_keys])
         fresh = concat_blocks(group, [stored, fresh])
-        row_keys = np.concatenate([old_keys, key_ids])
+        row_keys = np.concatenate([old_keys, ev.kid])
         boundary = np.concatenate([still, boundary])
         order = np.lexsort((boundary, fresh.rows["tile"], row_keys))
         fresh, row_keys, boundary = fresh.take(order), row_keys[order], boundary[order]

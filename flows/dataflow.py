@@ -262,9 +262,9 @@ class _Switcher:
                 continue
             self._pending.discard(i)
             target = self._source.targets[i]
-            name, version = target.view.name, target.version
-            if self._store.mark_caught_up(name, version, self._partition, self._source.start):
-                self._store.switch(name, version)
+            self._store.finish_catch_up(
+                target.view.name, target.version, self._partition, self._source.start
+            )
 
 
 class ViewSink(FixedPartitionedSink[LogBatch, None]):
@@ -273,12 +273,13 @@ class ViewSink(FixedPartitionedSink[LogBatch, None]):
     def __init__(self, plan: FlowPlan) -> None:
         self._plan = plan
         self._parts = plan.part_keys()
+        self._index = {key: i for i, key in enumerate(self._parts)}
 
     def list_parts(self) -> list[str]:
         return self._parts
 
     def part_fn(self, item_key: str) -> int:
-        return self._parts.index(item_key)
+        return self._index[item_key]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _ViewPartition:
         source, partition = split_part_key(for_part)

@@ -7,8 +7,6 @@ the same code path) and becomes live when it has caught up: that is the Kappa ba
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +19,9 @@ from flows.dataflow import FlowPlan, SourcePlan, ViewTarget
 from flows.errors import ConfigError
 from flows.metrics import Metrics
 from flows.schemas import field_defaults, schema_store
-from flows.spec import Definitions, FeatureView
+from flows.spec import FeatureView
 from state.layout import ViewLayout
-from state.store import PartitionProgress, ViewStore, open_secondary, partition_dir
+from state.store import PartitionProgress, ViewStore, partition_dir, read_partition_progress
 
 
 def choose_targets(
@@ -99,36 +97,19 @@ def _switch_if_caught_up(
     if not target.switch_when_caught_up:
         return target
     name, version = target.view.name, target.version
-    done = [p for p, ok in enumerate(caught_up) if ok]
-    for p in done:
-        if store.mark_caught_up(name, version, p, range(len(caught_up))):
-            store.switch(name, version)
+    every = range(len(caught_up))
+    for p in [p for p, ok in enumerate(caught_up) if ok]:
+        if store.finish_catch_up(name, version, p, every):
             return ViewTarget(target.view, target.layout, target.version)
     return target
 
 
 def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:
-    """A partition's progress, read through a secondary so a running writer is not disturbed."""
-    primary = partition_dir(store.version_dir(view, version), partition)
-    if not (primary / "CURRENT").is_file():
-        return PartitionProgress(-1, None, 0, 0)
-    tmp = Path(tempfile.mkdtemp(prefix="featureflow-progress-"))
-    try:
-        db = open_secondary(primary, tmp)
-        try:
-            from state.codec import APPLIED_OFFSET, decode_int
-
-            raw = db.get(APPLIED_OFFSET)
-            applied = decode_int(raw) if raw is not None else -1
-        finally:
-            db.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return PartitionProgress(applied, None, 0, 0)
+    """A view partition's progress, read beside a running writer."""
+    return read_partition_progress(partition_dir(store.version_dir(view, version), partition))
 
 
 def build_plan(
-    defs: Definitions,
     views: Sequence[FeatureView],
     *,
     warehouse: Path,
@@ -138,7 +119,11 @@ def build_plan(
     rebuild: bool = False,
     metrics: Metrics | None = None,
     process_id: int = 0,
+    batch_rows: int = 4_000_000,
 ) -> FlowPlan:
+    """The versions to write and the offsets to read for `views`.
+
+    Follow mode (not `until_caught_up`) also watches for replays that switch a view."""
     store = ViewStore(state)
     targets = choose_targets(store, views, rebuild=rebuild, create=process_id == 0)
     wh = Warehouse(warehouse)
@@ -146,7 +131,6 @@ def build_plan(
     for name in sorted({t.view.source.name for t in targets}):
         src_targets = tuple(t for t in targets if t.view.source.name == name)
         source = src_targets[0].view.source
-        schema = source.avro_schema()
         if kafka and process_id == 0 and ensure_topic(kafka, source.kafka_topic, source.partitions):
             print(
                 f"created topic {source.kafka_topic!r} with {source.partitions} partitions "
@@ -161,9 +145,10 @@ def build_plan(
             for i, t in enumerate(src_targets)
             for p in range(source.partitions)
         }
+        columns = arrow_schema(source.avro_schema())
         for p in range(source.partitions):
             start[p] = min(applied[i, p] + 1 for i in range(len(src_targets)))
-            log = PartitionLog(wh, name, p, start[p], arrow_schema(schema), kafka=tail)
+            log = PartitionLog(wh, name, p, start[p], columns, kafka=tail)
             try:
                 ends[p] = log.end_offset()
             finally:
@@ -176,7 +161,7 @@ def build_plan(
             name=name,
             key=source.key,
             timestamp=source.timestamp,
-            arrow_schema=arrow_schema(schema),
+            arrow_schema=columns,
             targets=src_targets,
             start=start,
             stop=dict(ends) if until_caught_up else None,
@@ -189,5 +174,7 @@ def build_plan(
         state=state,
         sources=sources,
         kafka_bootstrap=kafka,
+        batch_rows=batch_rows,
         metrics=metrics or Metrics(),
+        watch_versions=not until_caught_up,
     )

@@ -10,14 +10,20 @@ are the online read's own functions, so offline equals online by construction.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from flows.aggregate import OFFSET, column_values, event_times, key_strings, late_mask, prepare
+from flows.aggregate import (
+    SortedEvents,
+    event_times,
+    key_strings,
+    late_mask,
+    prepare,
+    sort_events,
+)
 from state.layout import FeatureDef, HopGroup, ViewLayout
 from state.tiles import (
     I64,
@@ -48,14 +54,6 @@ def kept_events(
         late, _ = late_mask(event_times(table, layout.timestamp), None, layout.retention_us)
         kept.append(table.filter(pa.array(~late)) if late.any() else table)
     return pa.concat_tables(kept) if kept else pa.table({})
-
-
-@dataclass(frozen=True, slots=True)
-class _Sorted:
-    kid: I64
-    ts: I64
-    off: I64
-    columns: dict[str, ColumnValues]
 
 
 def point_in_time(
@@ -91,24 +89,17 @@ def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
     return list(arr.chunks) if isinstance(arr, pa.ChunkedArray) else [arr]
 
 
-def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> _Sorted:
+def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> SortedEvents:
     if events.num_rows == 0:
         empty = np.zeros(0, dtype=np.int64)
         cols = {c: ColumnValues(np.zeros(0), np.zeros(0, dtype=bool)) for c in layout.columns}
-        return _Sorted(empty, empty, empty, cols)
-    ts = event_times(events, layout.timestamp)
-    off = np.asarray(events.column(OFFSET).to_numpy(), dtype=np.int64)
-    order = np.lexsort((off, ts, kid))
-    cols = {
-        k: ColumnValues(v.values[order], v.valid[order])
-        for k, v in column_values(events, layout).items()
-    }
-    return _Sorted(kid[order], ts[order], off[order], cols)
+        return SortedEvents(empty, empty, empty, cols)
+    return sort_events(events, layout, kid, event_times(events, layout.timestamp))
 
 
 def _group_values(
     group: HopGroup,
-    ev: _Sorted,
+    ev: SortedEvents,
     q_kid: I64,
     q_t: I64,
     chunks: dict[str, list[pa.Array]],
@@ -148,7 +139,7 @@ def _window_rows(
     tiles: TileBlock,
     tile_kid: I64,
     units: TileBlock,
-    ev: _Sorted,
+    ev: SortedEvents,
     hop: int,
     window_us: int,
     q_kid: I64,

@@ -18,11 +18,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.plan import build_plan
-from flows.run import execute, track_catch_up
+from flows.run import execute
 from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions
 from state.client import to_micros
@@ -48,21 +47,18 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
     views = defs.select(settings.views.split(",") if settings.views else None)
     if settings.from_time:
         views = [_from_time(v, settings.from_time) for v in views]
-    Warehouse(settings.warehouse)
     plan = build_plan(
-        defs,
         views,
         warehouse=Path(settings.warehouse),
         state=Path(settings.state),
         kafka=settings.kafka,
         until_caught_up=True,
         rebuild=True,
+        batch_rows=settings.batch_rows,
     )
     for sp in plan.sources.values():
         for t in sp.targets:
             print(f"replaying view {t.view.name!r} into version v{t.version}", flush=True)
-    plan = replace(plan, batch_rows=settings.batch_rows)
-    track_catch_up(plan)
     code = execute(plan, workers=settings.workers, status_interval=settings.status_interval)
     store = ViewStore(settings.state)
     for sp in plan.sources.values():

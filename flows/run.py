@@ -9,13 +9,10 @@ the log for new data until Ctrl-C (or stops once caught up with --until-caught-u
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from connectors.kafka import ensure_topic, partition_watermarks
@@ -28,8 +25,8 @@ from flows.plan import build_plan
 from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 from state.client import FeatureClient
-from state.codec import WATERMARK, decode_entity, decode_int, decode_key
-from state.store import ViewStore, iter_entities, open_secondary, partition_dir
+from state.codec import decode_key, entity_newest
+from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
 
 OPTIONS = (
     *COMMON,
@@ -69,7 +66,6 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         metrics.serve(settings.metrics_port)
     while True:
         plan = build_plan(
-            defs,
             views,
             warehouse=Path(settings.warehouse),
             state=Path(settings.state),
@@ -77,12 +73,9 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
             until_caught_up=settings.until_caught_up,
             metrics=metrics,
             process_id=settings.process_id or 0,
-        )
-        plan = replace(
-            plan, watch_versions=not settings.until_caught_up, batch_rows=settings.batch_rows
+            batch_rows=settings.batch_rows,
         )
         _print_plan(plan)
-        track_catch_up(plan)
         addresses = settings.addresses.split(";") if settings.addresses else None
         code = execute(
             plan,
@@ -113,6 +106,7 @@ def execute(
     status_interval: float = 5.0,
 ) -> int:
     """Run the dataflow, then print the summary (also after Ctrl-C)."""
+    track_catch_up(plan)
     reporter = ConsoleReporter(plan.metrics, status_interval)
     reporter.start()
     started = time.perf_counter()
@@ -204,27 +198,20 @@ def _newest_entity(
 ) -> tuple[str, int, int] | None:
     """(key, its newest event time, the partition's watermark) among the first `scan` keys."""
     store = ViewStore(plan.state)
-    primary = partition_dir(store.version_dir(view, version), p)
-    if not (primary / "CURRENT").is_file():
-        return None
-    layout = store.layout(view, version)
-    tmp = Path(tempfile.mkdtemp(prefix="featureflow-sample-"))
-    db = open_secondary(primary, tmp)
-    try:
-        raw = db.get(WATERMARK)
+    with peek(partition_dir(store.version_dir(view, version), p)) as db:
+        if db is None:
+            return None
+        watermark = progress_of(db).watermark
         best: tuple[str, int] | None = None
         for i, (raw_key, blob) in enumerate(iter_entities(db)):
-            _, newest = decode_entity(layout, blob)
+            newest = entity_newest(blob)
             if best is None or newest > best[1]:
                 best = (decode_key(raw_key), newest)
             if i >= scan:
                 break
-        if best is None or raw is None:
-            return None
-        return best[0], best[1], decode_int(raw)
-    finally:
-        db.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    if best is None or watermark is None:
+        return None
+    return best[0], best[1], watermark
 
 
 if __name__ == "__main__":

@@ -26,7 +26,14 @@ from state.codec import encode_entity, encode_key
 from state.errors import UnknownViewError
 from state.layout import ViewLayout
 from state.read import evaluate_blob
-from state.store import check_store, open_secondary, partition_dir, read_current, read_layout
+from state.store import (
+    check_store,
+    list_views,
+    open_secondary,
+    partition_dir,
+    read_current,
+    read_layout,
+)
 from state.tiles import empty_block
 
 Timestamp = datetime | int | float
@@ -77,12 +84,8 @@ class FeatureClient:
         self._refresher: threading.Thread | None = None
 
     def views(self) -> list[str]:
-        base = self.root / "views"
-        return (
-            sorted(p.name for p in base.iterdir() if (p / "CURRENT").is_file())
-            if base.is_dir()
-            else []
-        )
+        """The views with a live version."""
+        return list_views(self.root)
 
     def layout(self, view: str) -> ViewLayout:
         return self._view(view).layout

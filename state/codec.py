@@ -86,6 +86,11 @@ def encode_words(
     return b"".join(parts)
 
 
+def entity_newest(blob: bytes) -> int:
+    """The newest event time of an entity, from its blob's header alone."""
+    return int(_HEAD.unpack_from(blob, 0)[1])
+
+
 def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int]:
     """The entity's tiles per hop group and its newest event time."""
     groups, newest = decode_words(layout, blob)

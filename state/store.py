@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from rocksdict import (
 
 from state.codec import (
     APPLIED_OFFSET,
+    ENTITY_PREFIX,
     EVENTS_APPLIED,
     LATE_EVENTS,
     WATERMARK,
@@ -117,14 +120,7 @@ class PartitionStore:
         return result
 
     def progress(self) -> PartitionProgress:
-        raw = self._db.get([APPLIED_OFFSET, WATERMARK, EVENTS_APPLIED, LATE_EVENTS])
-        assert isinstance(raw, list)
-        return PartitionProgress(
-            applied_offset=decode_int(raw[0]) if raw[0] is not None else -1,
-            watermark=decode_int(raw[1]) if raw[1] is not None else None,
-            events_applied=decode_int(raw[2]) if raw[2] is not None else 0,
-            late_events=decode_int(raw[3]) if raw[3] is not None else 0,
-        )
+        return progress_of(self._db)
 
     def commit(self, puts: dict[bytes, bytes], progress: PartitionProgress) -> None:
         """Write changed entities and the new progress atomically (one WriteBatch)."""
@@ -156,10 +152,7 @@ class ViewStore:
         return self.view_dir(view) / f"v{version}"
 
     def views(self) -> list[str]:
-        base = self.root / "views"
-        if not base.is_dir():
-            return []
-        return sorted(p.name for p in base.iterdir() if (p / "CURRENT").is_file())
+        return list_views(self.root)
 
     def current_version(self, view: str) -> int | None:
         return read_current(self.view_dir(view))
@@ -190,16 +183,23 @@ class ViewStore:
         os.rename(tmp, vdir)
         return version
 
-    def mark_caught_up(
+    def finish_catch_up(
         self, view: str, version: int, partition: int, partitions: Iterable[int]
     ) -> bool:
         """Record that a partition of a new version has caught up with the log as it stood
-        when the flow started; True once every one of `partitions` has."""
+        when the flow started; once every one of `partitions` has, make the version live.
+
+        Returns:
+            True if this call made the version live.
+        """
         marks = self.version_dir(view, version) / "caught_up"
         marks.mkdir(exist_ok=True)
         (marks / f"p{partition:04d}").touch()
         done = {p.name for p in marks.iterdir()}
-        return all(f"p{p:04d}" in done for p in partitions)
+        if not all(f"p{p:04d}" in done for p in partitions):
+            return False
+        self.switch(view, version)
+        return True
 
     def switch(self, view: str, version: int) -> None:
         """Make `version` the live one, atomically; readers pick it up on their next refresh."""
@@ -307,6 +307,48 @@ def read_layout(version_dir: Path) -> ViewLayout:
     return ViewLayout.from_json(payload["layout"])
 
 
+def list_views(root: Path) -> list[str]:
+    """The views of a store that have a live version."""
+    base = root / "views"
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / "CURRENT").is_file())
+
+
+def progress_of(db: Rdict) -> PartitionProgress:
+    """The progress a partition's RocksDB records (nothing applied if it records none)."""
+    raw = db.get([APPLIED_OFFSET, WATERMARK, EVENTS_APPLIED, LATE_EVENTS])
+    assert isinstance(raw, list)
+    return PartitionProgress(
+        applied_offset=decode_int(raw[0]) if raw[0] is not None else -1,
+        watermark=decode_int(raw[1]) if raw[1] is not None else None,
+        events_applied=decode_int(raw[2]) if raw[2] is not None else 0,
+        late_events=decode_int(raw[3]) if raw[3] is not None else 0,
+    )
+
+
+@contextmanager
+def peek(primary: Path) -> Iterator[Rdict | None]:
+    """A short-lived secondary of a partition's RocksDB (None if it does not exist yet), for
+    reading beside a running writer; its scratch directory is removed afterwards."""
+    if not (primary / "CURRENT").is_file():
+        yield None
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="featureflow-peek-"))
+    db = open_secondary(primary, scratch)
+    try:
+        yield db
+    finally:
+        db.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_partition_progress(primary: Path) -> PartitionProgress:
+    """A partition's progress, read without disturbing its writer."""
+    with peek(primary) as db:
+        return progress_of(db) if db is not None else PartitionProgress(-1, None, 0, 0)
+
+
 def open_secondary(primary: Path, secondary: Path) -> Rdict:
     """A read-only follower of a writer's RocksDB (safe while the writer runs)."""
     secondary.mkdir(parents=True, exist_ok=True)
@@ -319,10 +361,10 @@ def open_secondary(primary: Path, secondary: Path) -> Rdict:
 
 def iter_entities(db: Rdict) -> Iterator[tuple[bytes, bytes]]:
     it = db.iter()
-    it.seek(b"k")
+    it.seek(ENTITY_PREFIX)
     while it.valid():
         key = it.key()
-        if not key.startswith(b"k"):
+        if not key.startswith(ENTITY_PREFIX):
             break
         yield key, it.value()
         it.next()
