@@ -14,7 +14,6 @@ The write path (apply a batch), the read path (one key as of t) and the offline 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -281,53 +280,15 @@ def merge_pairwise(group: HopGroup, a: TileBlock, b: TileBlock) -> TileBlock:
 
 def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) -> list[Any]:
     """Feature values (Python objects, None for null) of merged window rows."""
-    rows = merged.rows
-    if feature.column is None:
-        return [int(v) for v in rows["n"]]
-    assert col is not None
-    c = feature.column
-    cnt = rows[f"{c}.cnt"]
-    agg = feature.agg
-    if agg == "count":
-        return [int(v) for v in cnt]
-    if agg == "sum":
-        sums = rows[f"{c}.sum"]
-        return [round(v) if col.integral else float(v) for v in sums]
-    empty = cnt == 0
-    if agg == "mean":
-        values = _safe_div(rows[f"{c}.sum"], cnt)
-    elif agg in ("var", "std"):
-        values = np.maximum(_safe_div(rows[f"{c}.m2"], cnt), 0.0)
-        if agg == "std":
-            values = np.sqrt(values)
-    elif agg in _SUMMARY_KIND:
-        kind = _SUMMARY_KIND[agg]
-        objs = merged.objs[f"{c}.{kind}"]
-        return [
-            None
-            if e
-            else summary_result(
-                kind, merge_objects(kind, [o], int(feature.param or 0)), feature.param
-            )
-            for e, o in zip(empty, objs, strict=True)
-        ]
-    elif agg in ("min", "max", "first", "last"):
-        if not col.numeric:
-            objs = merged.objs[f"{c}.{agg}"]
-            return [None if e else v for e, v in zip(empty, objs, strict=True)]
-        values = rows[f"{c}.{agg}"]
-        if col.integral:
-            return [None if e else int(v) for e, v in zip(empty, values, strict=True)]
-    else:
-        raise NotImplementedError(f"aggregation {agg!r}")
-    return [None if e or math.isnan(v) else float(v) for e, v in zip(empty, values, strict=True)]
+    return list(finalize_array(feature, col, merged).to_pylist())
 
 
 _SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
 
 
 def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) -> pa.Array:
-    """`finalize` as an Arrow array, vectorized for numeric results (the snapshot's path)."""
+    """Feature values of merged window rows as an Arrow array (null where the window has no
+    value): vectorized for numeric results, per row only for strings and summaries."""
     rows = merged.rows
     if feature.column is None:
         return pa.array(rows["n"], pa.int64())
@@ -350,8 +311,25 @@ def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlo
         if col.integral:
             return pa.array(np.where(empty, 0, values).astype(np.int64), mask=empty)
     else:
-        return pa.array(finalize(feature, col, merged))
+        return pa.array(_object_values(feature, merged, empty))
     return pa.array(values, pa.float64(), mask=empty | np.isnan(values))
+
+
+def _object_values(
+    feature: FeatureDef, merged: TileBlock, empty: npt.NDArray[np.bool_]
+) -> list[Any]:
+    """Values of string first/last and of summaries (percentile, distinct count, last_k)."""
+    c, agg = feature.column, feature.agg
+    if agg in ("min", "max", "first", "last"):
+        return [None if e else v for e, v in zip(empty, merged.objs[f"{c}.{agg}"], strict=True)]
+    if agg not in _SUMMARY_KIND:
+        raise NotImplementedError(f"aggregation {agg!r}")
+    kind = _SUMMARY_KIND[agg]
+    k = int(feature.param or 0)
+    return [
+        None if e else summary_result(kind, merge_objects(kind, [o], k), feature.param)
+        for e, o in zip(empty, merged.objs[f"{c}.{kind}"], strict=True)
+    ]
 
 
 def _safe_div(num: F64, den: npt.NDArray[Any]) -> F64:
