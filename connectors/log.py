@@ -42,7 +42,6 @@ class LogBatch:
     events: pa.Table  # source columns + _offset, _partition, _arrival
     dead_letters: tuple[DeadLetter, ...] = ()
     next_offset: int = 0  # the first offset after this batch
-    from_kafka: bool = False
 
 
 @dataclass
@@ -73,10 +72,6 @@ class PartitionLog:
 
     def __post_init__(self) -> None:
         self._next = self.start_offset
-
-    @property
-    def next_offset(self) -> int:
-        return self._next
 
     @property
     def done(self) -> bool:
@@ -201,7 +196,6 @@ class PartitionLog:
             shift_offsets(got.events, base),
             tuple(shift_letter(d, base) for d in got.failures),
             got.next_offset + base,
-            from_kafka=True,
         )
 
     def close(self) -> None:
@@ -250,6 +244,4 @@ def _clip(batch: LogBatch, stop_at: int) -> LogBatch:
     events = batch.events
     keep = pc.less(events.column("_offset"), stop_at)
     dead = tuple(d for d in batch.dead_letters if d.offset is None or d.offset < stop_at)
-    return LogBatch(
-        batch.source, batch.partition, events.filter(keep), dead, stop_at, batch.from_kafka
-    )
+    return LogBatch(batch.source, batch.partition, events.filter(keep), dead, stop_at)

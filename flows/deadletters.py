@@ -16,10 +16,8 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
+from connectors.envelope import DeadLetter, dead_letter_table
 from connectors.segments import write_dead_letters
-
-DLQ_SCHEMA = DEAD_LETTER_SCHEMA
 
 
 def dlq_topic(source: str) -> str:

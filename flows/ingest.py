@@ -16,17 +16,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import arrow_schema, fingerprint_hex
-from connectors.envelope import TIMESTAMP_US
+from connectors.envelope import TIMESTAMP_US, DeadLetter
 from connectors.errors import InputFileError
 from connectors.files import read_history
 from connectors.partitioner import partitions_for
-from connectors.segments import Warehouse, write_dead_letters
+from connectors.segments import Warehouse
 from flows.cli import command_main
-from flows.deadletters import DLQ_SCHEMA
+from flows.deadletters import DeadLetterWriter
 from flows.errors import DefinitionError
 from flows.schemas import register_current
 from flows.settings import COMMON, Option, Settings, build_parser
@@ -109,25 +110,14 @@ def ingest_table(
 
 
 def _dead_letter_rows(source: Source, rows: pa.Table, warehouse: Warehouse) -> None:
-    import orjson
-
-    now = datetime.now(UTC)
-    payloads = [orjson.dumps(r, default=str) for r in rows.to_pylist()]
     reason = (
         f"source {source.name!r}: null {source.key!r} or {source.timestamp!r}; "
         "events need an entity key and an event time"
     )
-    table = pa.table(
-        {
-            "reason": [reason] * rows.num_rows,
-            "partition": pa.nulls(rows.num_rows, pa.int32()),
-            "offset": pa.nulls(rows.num_rows, pa.int64()),
-            "payload": payloads,
-            "at": [now] * rows.num_rows,
-        },
-        schema=DLQ_SCHEMA,
-    )
-    write_dead_letters(warehouse.root, source.name, table)
+    letters = [
+        DeadLetter(reason, None, None, orjson.dumps(r, default=str)) for r in rows.to_pylist()
+    ]
+    DeadLetterWriter(warehouse.root, source.name, None).write(letters)
 
 
 OPTIONS = (

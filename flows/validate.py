@@ -33,7 +33,6 @@ def validate(batch: LogBatch, key: str, timestamp: str) -> LogBatch:
         events.filter(pc.invert(bad)),
         (*batch.dead_letters, *letters),
         batch.next_offset,
-        batch.from_kafka,
     )
 
 
