@@ -9,9 +9,23 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from confluent_kafka import KafkaException
+from hypothesis import HealthCheck, settings
 
 # The stubs of some confluent-kafka releases do not re-export NewTopic from its documented home.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined, unused-ignore]
+
+# Property tests: random exploration on developers' machines, reproducible in CI (derandomized,
+# no example database, no deadline: a slow shared runner must not turn into a failure).
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 TopicFactory = Callable[[int], str]
 """Creates a fresh topic with the given number of partitions and returns its name."""
