@@ -23,7 +23,13 @@ from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 from connectors.avro_columns import PADDING, DecodedRecords, decode_records, resolve
-from connectors.avro_fields import TIMESTAMP_UNITS, FieldSpec, arrow_schema_of, record_fields
+from connectors.avro_fields import (
+    TIMESTAMP_UNITS,
+    FieldSpec,
+    arrow_schema_of,
+    check_field_names,
+    record_fields,
+)
 from connectors.errors import DecodeError, SchemaError
 from connectors.evolution import check_compatible
 
@@ -36,12 +42,14 @@ __all__ = [
     "SingleObjectWriter",
     "arrow_schema",
     "check_compatible",
+    "check_same_logical_types",
     "decode_batch",
     "encode_single_object",
     "fingerprint",
     "fingerprint_bytes",
     "fingerprint_hex",
     "load_schema",
+    "logical_types",
     "read_schema",
 ]
 
@@ -84,6 +92,7 @@ def load_schema(schema: Mapping[str, Any]) -> ParsedSchema:
             f"schema of type {_type_of(schema)!r} is not an Avro record; a "
             'source schema is {"type": "record", "name": ..., "fields": [...]}'
         )
+    check_field_names(schema)
     try:
         parsed = cast(ParsedSchema, parse_schema(dict(schema)))
     except Exception as exc:  # fastavro raises SchemaParseException, UnknownType, KeyError, ...
@@ -123,6 +132,48 @@ def fingerprint_bytes(schema: AvroSchema) -> bytes:
             f"cannot fingerprint schema {_type_of(schema)!r}: {exc}; fix the schema JSON"
         ) from exc
     return bytes.fromhex(fastavro_fingerprint(canonical, "CRC-64-AVRO"))
+
+
+def logical_types(schema: AvroSchema, path: str = "") -> dict[str, str]:
+    """Every logical type in `schema`, by the path of the type that carries it (`field`,
+    `field[]` for array items, `field{}` for map values, `field|2` for union branch 2)."""
+    found: dict[str, str] = {}
+    if isinstance(schema, list):
+        for i, branch in enumerate(schema):
+            found.update(logical_types(branch, f"{path}|{i}"))
+    elif isinstance(schema, Mapping):
+        if isinstance(schema.get("logicalType"), str):
+            found[path or "<schema>"] = schema["logicalType"]
+        for field in schema.get("fields", ()) if schema.get("type") == "record" else ():
+            found.update(logical_types(field["type"], f"{path}.{field['name']}".lstrip(".")))
+        for key, mark in (("type", ""), ("items", "[]"), ("values", "{}")):
+            if isinstance(schema.get(key), (list, Mapping)):
+                found.update(logical_types(schema[key], path + mark))
+    return found
+
+
+def check_same_logical_types(known: AvroSchema, other: AvroSchema) -> None:
+    """Refuse two schemas with one fingerprint whose logical types differ.
+
+    The CRC-64-AVRO fingerprint is taken over the Parsing Canonical Form, which drops logical
+    types: a writer that changed `timestamp-micros` to `timestamp-millis` keeps its
+    fingerprint, so records of the two are indistinguishable on the wire and one would be read
+    with the other's unit.
+
+    Raises:
+        SchemaError: naming the first field whose logical type differs and both types.
+    """
+    mine, theirs = logical_types(known), logical_types(other)
+    for path in sorted(set(mine) | set(theirs)):
+        if mine.get(path) != theirs.get(path):
+            raise SchemaError(
+                f"field {path.split('|')[0]!r} is {mine.get(path) or 'without logical type'} in "
+                f"one schema and {theirs.get(path) or 'without logical type'} in another, and "
+                f"the two schemas share fingerprint {fingerprint_hex(known)}: the single-object "
+                "fingerprint ignores logical types, so their records cannot be told apart and "
+                "one unit would be read as the other; keep the field's logical type, or write "
+                "the new unit into a new field with another name"
+            )
 
 
 def fingerprint_hex(schema: AvroSchema) -> str:
@@ -192,8 +243,13 @@ class SchemaStore:
         self._reader = self._add(reader)
         self._writers = {self.fingerprint: self._reader}
         for writer in writers:
+            fp = fingerprint(writer)
+            known = self._writers.get(fp)
+            if known is not None:  # the same wire identity: it must be the same schema
+                check_same_logical_types(known.schema, writer)
+                continue
             check_compatible(writer, reader)
-            self._writers[fingerprint(writer)] = self._add(writer)
+            self._writers[fp] = self._add(writer)
 
     @staticmethod
     def _add(schema: Mapping[str, Any]) -> _Writer:

@@ -73,7 +73,31 @@ def record_fields(schema: Mapping[str, Any]) -> tuple[FieldSpec, ...]:
             'a record: {"type": "record", "name": ..., "fields": [...]}'
         )
     record = schema.get("name", "?")
+    check_field_names(schema)
     return tuple(_field_spec(record, field) for field in schema.get("fields", []))
+
+
+def check_field_names(schema: Mapping[str, Any]) -> None:
+    """Refuse a record whose fields do not each have a distinct name.
+
+    Raises:
+        SchemaError: naming the first field name that occurs twice (or a field with no name).
+    """
+    record = schema.get("name", "?")
+    seen: set[str] = set()
+    for field in schema.get("fields", []):
+        name = field.get("name") if isinstance(field, Mapping) else None
+        if not isinstance(name, str):
+            raise SchemaError(
+                f"record {record!r}: field {_short(field)} has no name; every field of a "
+                'record needs "name" and "type"'
+            )
+        if name in seen:
+            raise SchemaError(
+                f"record {record!r}: field name {name!r} occurs twice; Avro field names are "
+                "unique within a record: rename or remove one of them"
+            )
+        seen.add(name)
 
 
 def _field_spec(record: str, field: Mapping[str, Any]) -> FieldSpec:

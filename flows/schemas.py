@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from connectors.avro import SchemaStore, fingerprint
+from connectors.avro import SchemaStore
 from connectors.avro_fields import record_fields
 from connectors.errors import SchemaError
 from connectors.segments import Warehouse
@@ -26,13 +26,9 @@ def schema_store(source: Source, warehouse: Warehouse) -> SchemaStore:
         SchemaError: a writer schema cannot be read as the current schema (names the field).
     """
     reader = source.avro_schema()
-    seen = {fingerprint(reader)}
-    writers = []
-    for schema in [*source.older_schemas(), *warehouse.schemas(source.name)]:
-        fp = fingerprint(schema)
-        if fp not in seen:
-            seen.add(fp)
-            writers.append(schema)
+    # Writers are not deduplicated here by fingerprint: the store refuses two schemas that
+    # share one but differ in a logical type (e.g. timestamp-millis vs -micros).
+    writers = [*source.older_schemas(), *warehouse.schemas(source.name)]
     try:
         return SchemaStore(reader, writers)
     except SchemaError as exc:

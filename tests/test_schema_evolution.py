@@ -170,3 +170,73 @@ def test_incompatible_schema_is_refused(tmp_path: Path) -> None:
 
 
 pytestmark = pytest.mark.kafka
+
+
+V2_MICROS: dict[str, Any] = {
+    **V2,
+    "fields": [
+        V2["fields"][0],
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        *V2["fields"][2:],
+    ],
+}  # the same CRC-64-AVRO fingerprint as V2: the canonical form drops logical types
+
+
+def run_flow(defs: Path, tmp_path: Path, kafka: str) -> Any:
+    return run_command(
+        "flows.run",
+        "--features",
+        str(defs),
+        "--warehouse",
+        str(tmp_path / "wh"),
+        "--kafka",
+        kafka,
+        "--state",
+        str(tmp_path / "state"),
+        "--until-caught-up",
+    )
+
+
+def test_writer_that_changed_the_timestamp_unit_is_refused(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """Issue 14 item 8: records written with timestamp-millis read as -micros land in 1970."""
+    topic = kafka_topic(2)
+    producer = AvroProducer(kafka_bootstrap, topic, V2)  # a millis writer
+    producer.produce(
+        [{"user": "a", "ts": 1_790_000_000_000_000, "amount": 1, "page": "p"}], key_field="user"
+    )
+    producer.flush()
+    defs = definitions(tmp_path / "micros.py", V2_MICROS, topic, [V2])
+    result = run_flow(defs, tmp_path, kafka_bootstrap)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "'ts'" in result.stderr
+    assert "timestamp-millis" in result.stderr
+    assert "timestamp-micros" in result.stderr
+    assert "applied" not in result.stdout  # refused at load, before any event
+
+
+def test_warehouse_schema_with_another_unit_is_refused(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """The log was archived with the millis writer; a source that now says micros (same
+    fingerprint) is refused instead of reading the segments' schema as its own."""
+    topic = kafka_topic(2)
+    producer = AvroProducer(kafka_bootstrap, topic, V2)
+    producer.produce(
+        [
+            {"user": f"u{i}", "ts": 1_790_000_000_000_000 + i, "amount": i, "page": "p"}
+            for i in range(9)
+        ],
+        key_field="user",
+    )
+    producer.flush()
+    millis = definitions(tmp_path / "millis.py", V2, topic, [])
+    common = ["--warehouse", str(tmp_path / "wh"), "--kafka", kafka_bootstrap]
+    archived = run_command("flows.archive", "--features", str(millis), *common, "--max-age", "0")
+    assert archived.returncode == 0, archived.stderr
+    micros = definitions(tmp_path / "micros.py", V2_MICROS, topic, [])
+    result = run_flow(micros, tmp_path, kafka_bootstrap)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "'ts'" in result.stderr
+    assert "timestamp-millis" in result.stderr

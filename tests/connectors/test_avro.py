@@ -408,3 +408,28 @@ def test_corrupted_payloads_agree_with_fastavro(
             continue
         # Stricter than fastavro is allowed only for overlong varints or non-0/1 booleans.
         assert "varint longer" in dict(failures)[i] or "boolean byte" in dict(failures)[i]
+
+
+def test_duplicated_field_name_is_refused_naming_it() -> None:
+    """Issue 8 item 9: a duplicated field name raised KeyError deep in decoding."""
+    schema = {
+        "type": "record",
+        "name": "Dup",
+        "fields": [{"name": "a", "type": "long"}, {"name": "a", "type": "string"}],
+    }
+    for load in (load_schema, arrow_schema, SchemaStore):
+        with pytest.raises(SchemaError, match="field name 'a' occurs twice"):
+            load(schema)
+
+
+def test_schemas_differing_only_in_a_logical_type_are_not_merged(
+    transaction_schema: dict[str, Any],
+) -> None:
+    """They share the CRC-64-AVRO fingerprint (the canonical form drops logical types)."""
+    millis = json.loads(json.dumps(transaction_schema))
+    ts = next(f for f in millis["fields"] if f["name"] == "ts")
+    ts["type"]["logicalType"] = "timestamp-millis"
+    assert fingerprint(millis) == fingerprint(transaction_schema)
+    with pytest.raises(SchemaError, match="'ts' is timestamp-micros in one schema"):
+        SchemaStore(transaction_schema, [millis])
+    SchemaStore(transaction_schema, [json.loads(json.dumps(transaction_schema))])  # same: fine
