@@ -1,26 +1,55 @@
 """The warehouse log: the cold history of each source partition as Parquet segment files, each
-covering a contiguous offset range, listed in a per-source manifest, read back in offset order.
+covering an offset range, listed in a per-source manifest, read back in offset order.
 
     <root>/<source>/_manifest.json
+    <root>/<source>/_manifest.lock      flock(2) lock serializing every manifest change
     <root>/<source>/p<partition:04d>/<first offset:020d>-<last offset:020d>.parquet
     <root>/<source>/_deadletter/<UTC time>-<uuid>.parquet
+
+Manifest (JSON, `format` 1; every key but `format`, `source` and `partitions` is optional, so
+manifests written before a key existed still read):
+
+    {"format": 1, "source": "tx", "ts_column": "ts",
+     "partitions": {"0": [entry, ...]},          entries in offset order, no overlap, no hole
+     "kafka_base": {"0": 1200},                 log offset of Kafka offset 0, per partition
+     "ingested": {"<sha256 of an input file>": {"file": "...", "rows": 10, "at": "<ISO UTC>"}}}
+
+    segment entry: {"file": "p0000/...parquet", "first_offset": 0, "last_offset": 9, "rows": 10,
+                    "min_ts": µs, "max_ts": µs, "schema_fingerprint": "...", "bytes": 1234}
+    gap entry:     {"file": null, "first_offset": 0, "last_offset": 2074, "rows": 0,
+                    "gap": "<reason>"}
+
+Entries cover the partition's offsets from 0 without a hole between them. A segment entry covers
+[first_offset, last_offset]; its file holds `rows` records with strictly increasing `_offset`
+inside that span. `rows` may be fewer than the span: offsets that hold no data record (Kafka
+control records, aborted transactions, records that became dead letters) are covered but absent.
+A gap entry covers offsets with no records at all (a log that starts past Kafka retention).
+Readers and `next_offset` treat both as covered; only files are read.
 
 Offsets: one offset space per partition. When a partition's log continues in Kafka, the manifest
 records `kafka_base`, the log offset of Kafka offset 0: 0 when the segments were archived from
 the topic itself, or the number of records ingested from history files before the topic was
 first read (history first, then the topic, with no overlap).
 
-The manifest is the truth: a segment file it does not list (left by a crash between writing the
-file and the manifest) is ignored by readers and overwritten by the next append of that range.
+Commits: every change of a source's manifest (append, append_many, append_gap, fix_kafka_base)
+is one transaction under an exclusive lock on `_manifest.lock`, held across "read manifest ->
+write segment files -> write manifest", so concurrent writers (two ingests, ingest and archive)
+serialize instead of losing each other's entries. A transaction writes all its segment files
+first, then the manifest once: the manifest is the truth, and a file it does not list (left by a
+crash before the manifest write) is ignored by readers and removed by the next transaction.
 Files and manifest are written to temporary names, fsynced and renamed into place, so a reader
-never sees half a file. One writer per source at a time (the ingest or archive run).
+never sees half a file. A full disk is a SegmentError naming the path, with nothing committed.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,17 +66,21 @@ from connectors.envelope import ARRIVAL, DEAD_LETTER_SCHEMA, OFFSET, PARTITION, 
 from connectors.errors import SegmentError
 
 MANIFEST = "_manifest.json"
+MANIFEST_LOCK = "_manifest.lock"
 MANIFEST_FORMAT = 1
 SEGMENT_FORMAT = "1"  # Parquet key-value metadata `featureflow.segment_format`
 DEAD_LETTER_DIR = "_deadletter"
 SCHEMA_DIR = "_schemas"
 ROW_GROUP_ROWS = 128 * 1024
 _LOG_TYPES = {OFFSET: pa.int64(), PARTITION: pa.int32(), ARRIVAL: TIMESTAMP_US}
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True, slots=True)
 class SegmentInfo:
-    """One segment file as the manifest lists it; offsets inclusive, times in µs (UTC)."""
+    """One segment file as the manifest lists it; offsets inclusive, times in µs (UTC).
+
+    `rows` may be fewer than the offset span: offsets without a data record are holes."""
 
     partition: int
     file: str  # relative to the source's directory
@@ -59,6 +92,10 @@ class SegmentInfo:
     schema_fingerprint: str
     bytes: int
 
+    @property
+    def has_holes(self) -> bool:
+        return self.rows != self.last_offset - self.first_offset + 1
+
     def to_json(self) -> dict[str, Any]:
         entry = asdict(self)
         del entry["partition"]
@@ -67,6 +104,38 @@ class SegmentInfo:
     @classmethod
     def from_json(cls, partition: int, entry: dict[str, Any]) -> SegmentInfo:
         return cls(partition=partition, **entry)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Offsets of a partition covered by the log that hold no record (no file)."""
+
+    partition: int
+    first_offset: int
+    last_offset: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": None,
+            "first_offset": self.first_offset,
+            "last_offset": self.last_offset,
+            "rows": 0,
+            "gap": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IngestedFile:
+    """An input file whose rows are in the log, known by the sha256 of its content."""
+
+    sha256: str
+    file: str
+    rows: int
+    at: str  # ISO-8601, UTC: when its rows were committed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "rows": self.rows, "at": self.at}
 
 
 class Warehouse:
@@ -78,6 +147,36 @@ class Warehouse:
     def source_dir(self, source: str) -> Path:
         return self.root / source
 
+    @contextmanager
+    def lock(self, source: str) -> Iterator[None]:
+        """Hold the source's exclusive manifest lock (blocking; re-entrant in a thread).
+
+        Every manifest read-modify-write takes it; hold it yourself around a read of
+        `next_offset` and the appends that depend on it."""
+        path = self.source_dir(source) / MANIFEST_LOCK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _held(os.path.abspath(path)):
+            yield
+
+    @contextmanager
+    def transaction(self, source: str) -> Iterator[LogTransaction]:
+        """One atomic change of the source's log: under the lock, segment files are written as
+        they are added, and the manifest once, when the block ends without an exception.
+
+        Raises:
+            SegmentError: the manifest cannot be read or written, or the disk is full (nothing
+                of the transaction is then committed).
+        """
+        with self.lock(source):
+            manifest = self._manifest(source)
+            _sweep_unlisted(self.source_dir(source), manifest)
+            tx = LogTransaction(self, source, manifest)
+            try:
+                yield tx
+                tx.commit()
+            finally:
+                tx.discard_uncommitted()
+
     def kafka_base(self, source: str, partition: int) -> int | None:
         """The log offset of Kafka offset 0 in this partition, once Kafka has been read."""
         base = self._manifest(source).get("kafka_base", {}).get(str(partition))
@@ -85,14 +184,17 @@ class Warehouse:
 
     def fix_kafka_base(self, source: str, partition: int) -> int:
         """Fix (once) where Kafka's offsets start in the partition's log, and return it: right
-        after the segments that exist when the topic is first read (0 if there are none)."""
-        manifest = self._manifest(source)
-        bases = manifest.setdefault("kafka_base", {})
-        if str(partition) not in bases:
-            listed = manifest["partitions"].get(str(partition), [])
-            bases[str(partition)] = listed[-1]["last_offset"] + 1 if listed else 0
-            self._write_manifest(source, manifest)
-        return int(bases[str(partition)])
+        after the entries (segments and gaps) that exist when the topic is first read (0 if
+        there are none)."""
+        base = self.kafka_base(source, partition)
+        if base is not None:
+            return base
+        with self.transaction(source) as tx:
+            return tx.fix_kafka_base(partition)
+
+    def ingested(self, source: str, sha256: str) -> IngestedFile | None:
+        """The record of an input file already ingested into the source's log, by content."""
+        return _ingested(self._manifest(source), sha256)
 
     def register_schema(self, source: str, schema: Mapping[str, Any]) -> str:
         """Keep a writer schema of the source's log (by fingerprint); returns its hex id.
@@ -118,45 +220,96 @@ class Warehouse:
         return self.source_dir(source) / segment.file
 
     def segments(self, source: str, partition: int) -> list[SegmentInfo]:
-        """The segments of a partition in offset order (empty if it has none)."""
+        """The segment files of a partition in offset order (empty if it has none); gaps are
+        not listed (see `gaps`)."""
         entries = self._manifest(source)["partitions"].get(str(partition), [])
-        return [SegmentInfo.from_json(partition, e) for e in entries]
+        return [SegmentInfo.from_json(partition, e) for e in entries if e.get("file")]
+
+    def gaps(self, source: str, partition: int) -> list[Gap]:
+        """The partition's offset ranges covered without records, in offset order."""
+        entries = self._manifest(source)["partitions"].get(str(partition), [])
+        return [_gap(partition, e) for e in entries if not e.get("file")]
 
     def partitions(self, source: str) -> list[int]:
         """The partitions that hold at least one segment, ascending."""
         return sorted(int(p) for p, e in self._manifest(source)["partitions"].items() if e)
 
     def next_offset(self, source: str, partition: int) -> int:
-        """The offset the next appended record of the partition must have."""
-        segments = self.segments(source, partition)
-        return segments[-1].last_offset + 1 if segments else 0
+        """The offset the next appended record of the partition must have: right after the
+        last segment or gap."""
+        return _next_offset(self._manifest(source), partition)
 
     def append(
-        self, source: str, partition: int, table: pa.Table, *, fingerprint: str, ts_column: str
+        self,
+        source: str,
+        partition: int,
+        table: pa.Table,
+        *,
+        fingerprint: str,
+        ts_column: str,
+        first_offset: int | None = None,
+        last_offset: int | None = None,
     ) -> SegmentInfo:
         """Write `table` as the partition's next segment and list it in the manifest.
 
-        `table` holds the source's columns plus `_offset` (int64, contiguous, starting at
-        `next_offset`), `_partition` (int32, all `partition`) and `_arrival` (timestamp[us,
-        UTC]); `ts_column` is its event-time column, `fingerprint` the hex fingerprint of the
-        Avro schema its columns follow.
+        `table` holds the source's columns plus `_offset` (int64, strictly increasing),
+        `_partition` (int32, all `partition`) and `_arrival` (timestamp[us, UTC]); `ts_column`
+        is its event-time column, `fingerprint` the hex fingerprint of the Avro schema its
+        columns follow. The segment covers [first_offset, last_offset] (default: the first and
+        last `_offset`), and must start at `next_offset`. Without an explicit span, offsets
+        must be contiguous; with one, offsets missing inside it are holes (records that are
+        not data: Kafka control records, aborted transactions, dead letters).
 
         Raises:
-            SegmentError: the table breaks one of those rules (the message says which).
+            SegmentError: the table breaks one of those rules (the message says which), or the
+                disk is full (nothing is then committed).
         """
-        manifest = self._manifest(source)
-        listed = manifest["partitions"].get(str(partition), [])
-        expected = listed[-1]["last_offset"] + 1 if listed else 0
-        first, last, min_ts, max_ts = _check_table(table, partition, expected, ts_column)
-        name = f"p{partition:04d}/{first:020d}-{last:020d}.parquet"
-        size = _write_parquet(self.source_dir(source) / name, _with_metadata(table, fingerprint))
-        info = SegmentInfo(
-            partition, name, first, last, table.num_rows, min_ts, max_ts, fingerprint, size
-        )
-        manifest["ts_column"] = ts_column
-        manifest["partitions"].setdefault(str(partition), []).append(info.to_json())
-        self._write_manifest(source, manifest)
-        return info
+        with self.transaction(source) as tx:
+            return tx.append(
+                partition,
+                table,
+                fingerprint=fingerprint,
+                ts_column=ts_column,
+                first_offset=first_offset,
+                last_offset=last_offset,
+            )
+
+    def append_many(
+        self,
+        source: str,
+        tables: Mapping[int, Sequence[pa.Table]],
+        *,
+        fingerprint: str,
+        ts_column: str,
+        ingested: Sequence[IngestedFile] = (),
+    ) -> list[SegmentInfo]:
+        """Append contiguous tables to several partitions in ONE manifest commit: all of them
+        become visible at once, or none (a crash or full disk leaves the log as it was).
+
+        `tables` maps a partition to its tables in offset order, each following `append`'s
+        rules; `ingested` records input files by content hash in the same commit.
+        """
+        with self.transaction(source) as tx:
+            infos = [
+                tx.append(p, t, fingerprint=fingerprint, ts_column=ts_column)
+                for p, ts in tables.items()
+                for t in ts
+            ]
+            for f in ingested:
+                tx.record_ingested(f)
+            return infos
+
+    def append_gap(
+        self, source: str, partition: int, first_offset: int, last_offset: int, reason: str
+    ) -> Gap:
+        """List [first_offset, last_offset] as covered without records (no file, 0 rows); it
+        must start at `next_offset`. Readers skip it; `next_offset` moves past it.
+
+        Raises:
+            SegmentError: the range does not start at `next_offset` or is empty.
+        """
+        with self.transaction(source) as tx:
+            return tx.append_gap(partition, first_offset, last_offset, reason)
 
     def read(
         self,
@@ -169,7 +322,8 @@ class Warehouse:
     ) -> Iterator[pa.RecordBatch]:
         """The records with `from_offset <= _offset <= to_offset`, in offset order.
 
-        Only the files (and row groups) overlapping the range are read.
+        Only the files (and row groups) overlapping the range are read; holes and gaps yield
+        nothing.
 
         Raises:
             SegmentError: a segment file is missing, corrupt, or disagrees with the manifest.
@@ -177,9 +331,10 @@ class Warehouse:
         last = to_offset if to_offset is not None else np.iinfo(np.int64).max
         for seg in self.segments(source, partition):
             if seg.last_offset >= from_offset and seg.first_offset <= last:
-                lo = max(from_offset, seg.first_offset) - seg.first_offset
-                hi = min(last, seg.last_offset) - seg.first_offset
-                yield from _read_rows(self.path(source, seg), seg, lo, hi, columns, batch_rows)
+                path = self.path(source, seg)
+                lo, hi = _row_range(path, seg, from_offset, last)
+                if lo <= hi:
+                    yield from _read_rows(path, seg, lo, hi, columns, batch_rows)
 
     def read_time_range(
         self,
@@ -221,9 +376,151 @@ class Warehouse:
             )
         return manifest
 
-    def _write_manifest(self, source: str, manifest: dict[str, Any]) -> None:
-        data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
-        _replace_atomically(self.source_dir(source) / MANIFEST, lambda tmp: tmp.write_bytes(data))
+
+class LogTransaction:
+    """A pending change of one source's manifest, made by `Warehouse.transaction`: segment
+    files are written as they are added; the manifest lists them only at commit."""
+
+    def __init__(self, warehouse: Warehouse, source: str, manifest: dict[str, Any]) -> None:
+        self._warehouse, self._source, self._manifest = warehouse, source, manifest
+        self._written: list[Path] = []
+        self._changed = self._committed = False
+
+    def next_offset(self, partition: int) -> int:
+        """The next offset of the partition, counting what this transaction added."""
+        return _next_offset(self._manifest, partition)
+
+    def kafka_base(self, partition: int) -> int | None:
+        base = self._manifest.get("kafka_base", {}).get(str(partition))
+        return None if base is None else int(base)
+
+    def ingested(self, sha256: str) -> IngestedFile | None:
+        return _ingested(self._manifest, sha256)
+
+    def append(
+        self,
+        partition: int,
+        table: pa.Table,
+        *,
+        fingerprint: str,
+        ts_column: str,
+        first_offset: int | None = None,
+        last_offset: int | None = None,
+    ) -> SegmentInfo:
+        """Write a segment file now and list it at commit (see `Warehouse.append`)."""
+        expected = self.next_offset(partition)
+        span = _check_table(table, partition, expected, ts_column, (first_offset, last_offset))
+        first, last, min_ts, max_ts = span
+        name = f"p{partition:04d}/{first:020d}-{last:020d}.parquet"
+        path = self._warehouse.source_dir(self._source) / name
+        self._written.append(path)
+        size = _write_parquet(path, _with_metadata(table, fingerprint))
+        info = SegmentInfo(
+            partition, name, first, last, table.num_rows, min_ts, max_ts, fingerprint, size
+        )
+        self._manifest["ts_column"] = ts_column
+        self._entries(partition).append(info.to_json())
+        return info
+
+    def append_gap(self, partition: int, first_offset: int, last_offset: int, reason: str) -> Gap:
+        """List a range without records at commit (see `Warehouse.append_gap`)."""
+        expected = self.next_offset(partition)
+        if first_offset != expected or last_offset < first_offset:
+            raise SegmentError(
+                f"source {self._source!r} partition {partition}: a gap must start at the next "
+                f"offset of the log, {expected}, and end at or after it; got "
+                f"[{first_offset}, {last_offset}]"
+            )
+        gap = Gap(partition, first_offset, last_offset, reason)
+        self._entries(partition).append(gap.to_json())
+        return gap
+
+    def fix_kafka_base(self, partition: int) -> int:
+        bases = self._manifest.setdefault("kafka_base", {})
+        if str(partition) not in bases:
+            bases[str(partition)] = self.next_offset(partition)
+            self._changed = True
+        return int(bases[str(partition)])
+
+    def record_ingested(self, file: IngestedFile) -> None:
+        """Record an input file (by content hash) as part of the log, at commit."""
+        self._manifest.setdefault("ingested", {})[file.sha256] = file.to_json()
+        self._changed = True
+
+    def commit(self) -> None:
+        """Write the manifest once (nothing to do if nothing changed)."""
+        if not self._changed:
+            return
+        data = orjson.dumps(self._manifest, option=orjson.OPT_INDENT_2)
+        path = self._warehouse.source_dir(self._source) / MANIFEST
+        _replace_atomically(path, lambda tmp: tmp.write_bytes(data), self._mark_committed)
+
+    def discard_uncommitted(self) -> None:
+        """Remove the files written by a transaction that did not commit."""
+        if not self._committed:
+            for path in self._written:
+                path.unlink(missing_ok=True)
+
+    def _mark_committed(self) -> None:
+        self._committed = True
+
+    def _entries(self, partition: int) -> list[dict[str, Any]]:
+        self._changed = True
+        entries: list[dict[str, Any]] = self._manifest["partitions"].setdefault(str(partition), [])
+        return entries
+
+
+_LOCKS_GUARD = threading.Lock()
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_FLOCKS: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth)
+
+
+@contextmanager
+def _held(path: str) -> Iterator[None]:
+    """An exclusive flock on `path`, re-entrant in the thread that holds it; threads of one
+    process serialize on a thread lock first (flock does not exclude them from each other)."""
+    with _LOCKS_GUARD:
+        thread_lock = _THREAD_LOCKS.setdefault(path, threading.RLock())
+    with thread_lock:
+        fd, depth = _FLOCKS.get(path, (-1, 0))
+        if depth == 0:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _FLOCKS[path] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _FLOCKS.pop(path)
+            if depth > 1:
+                _FLOCKS[path] = (fd, depth - 1)
+            else:
+                os.close(fd)  # releases the flock
+
+
+def _next_offset(manifest: dict[str, Any], partition: int) -> int:
+    listed = manifest["partitions"].get(str(partition), [])
+    return int(listed[-1]["last_offset"]) + 1 if listed else 0
+
+
+def _ingested(manifest: dict[str, Any], sha256: str) -> IngestedFile | None:
+    entry = manifest.get("ingested", {}).get(sha256)
+    return None if entry is None else IngestedFile(sha256=sha256, **entry)
+
+
+def _gap(partition: int, entry: dict[str, Any]) -> Gap:
+    return Gap(partition, entry["first_offset"], entry["last_offset"], str(entry.get("gap", "")))
+
+
+def _sweep_unlisted(source_dir: Path, manifest: dict[str, Any]) -> None:
+    """Remove segment files and temporary files the manifest does not list: leftovers of a
+    writer killed before its commit (only called under the lock, so no writer is running)."""
+    listed = {e["file"] for es in manifest["partitions"].values() for e in es if e.get("file")}
+    for folder in source_dir.glob("p[0-9][0-9][0-9][0-9]"):
+        for path in folder.iterdir():
+            if f"{folder.name}/{path.name}" not in listed:
+                path.unlink(missing_ok=True)
+    for tmp in source_dir.glob(f".{MANIFEST}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _check_table(
@@ -231,19 +528,18 @@ def _check_table(
     partition: int,
     expected: int,
     ts_column: str,
+    span: tuple[int | None, int | None],
 ) -> tuple[int, int, int, int]:
-    """The first and last offsets and the event-time range of a table to append."""
+    """The first and last offsets covered and the event-time range of a table to append."""
     if table.num_rows == 0:
-        raise SegmentError(f"partition {partition}: no rows to append; skip empty tables")
+        raise SegmentError(
+            f"partition {partition}: no rows to append; skip empty tables, or list offsets "
+            "without records with append_gap"
+        )
     for name, arrow_type in (*_LOG_TYPES.items(), (ts_column, None)):
         _check_column(table, name, arrow_type, partition)
     offsets = table.column(OFFSET).to_numpy()
-    if offsets[0] != expected or (len(offsets) > 1 and np.any(np.diff(offsets) != 1)):
-        raise SegmentError(
-            f"partition {partition}: offsets must be contiguous from {expected} (the next offset "
-            f"of the log), got {offsets[0]}..{offsets[-1]} over {len(offsets)} rows; number the "
-            "records from Warehouse.next_offset()"
-        )
+    first, last = _check_offsets(offsets, partition, expected, span)
     if pc.any(pc.not_equal(table.column(PARTITION), partition)).as_py():
         raise SegmentError(
             f"partition {partition}: column {PARTITION} holds other partitions; "
@@ -251,7 +547,35 @@ def _check_table(
         )
     ts = table.column(ts_column).cast(TIMESTAMP_US).cast(pa.int64())
     extremes = pc.min_max(ts)
-    return int(offsets[0]), int(offsets[-1]), extremes["min"].as_py(), extremes["max"].as_py()
+    return first, last, extremes["min"].as_py(), extremes["max"].as_py()
+
+
+def _check_offsets(
+    offsets: np.ndarray, partition: int, expected: int, span: tuple[int | None, int | None]
+) -> tuple[int, int]:
+    if span == (None, None):
+        if offsets[0] != expected or (len(offsets) > 1 and np.any(np.diff(offsets) != 1)):
+            raise SegmentError(
+                f"partition {partition}: offsets must be contiguous from {expected} (the next "
+                f"offset of the log), got {offsets[0]}..{offsets[-1]} over {len(offsets)} rows; "
+                "number the records from Warehouse.next_offset(), or give first_offset/"
+                "last_offset to cover offsets without records"
+            )
+        return int(offsets[0]), int(offsets[-1])
+    first = int(offsets[0]) if span[0] is None else span[0]
+    last = int(offsets[-1]) if span[1] is None else span[1]
+    if first != expected or offsets[0] < first or offsets[-1] > last:
+        raise SegmentError(
+            f"partition {partition}: a segment covering [{first}, {last}] must start at "
+            f"{expected} (the next offset of the log) and hold offsets inside it, got "
+            f"{offsets[0]}..{offsets[-1]}; cover the offsets from Warehouse.next_offset()"
+        )
+    if len(offsets) > 1 and np.any(np.diff(offsets) <= 0):
+        raise SegmentError(
+            f"partition {partition}: offsets must be strictly increasing inside a segment; "
+            "sort the records by offset and drop duplicates before appending"
+        )
+    return first, last
 
 
 def _check_column(
@@ -299,17 +623,34 @@ def _write_parquet(path: Path, table: pa.Table) -> int:
     return path.stat().st_size
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` for a temporary file beside `path`, fsync it, rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def _replace_atomically(
+    path: Path, write: Callable[[Path], object], on_replaced: Callable[[], None] | None = None
+) -> None:
+    """Call `write(tmp)` for a temporary file beside `path`, fsync it, rename it onto `path`
+    (then `on_replaced()`: the rename is the commit point).
+
+    Raises:
+        SegmentError: the disk is full (naming the path); the temporary file is removed.
+    """
     try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            write(tmp)
+            _fsync(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if on_replaced is not None:
+            on_replaced()
+        _fsync(path.parent)
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise SegmentError(
+            f"no space left on the device holding {path.parent} (writing {path}); nothing "
+            "was committed: free space there (or move the warehouse) and run the command again"
+        ) from exc
 
 
 def _fsync(path: Path) -> None:
@@ -318,6 +659,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _row_range(path: Path, seg: SegmentInfo, from_offset: int, last: int) -> tuple[int, int]:
+    """Rows (0-based, inclusive) of a segment file holding offsets from_offset..last: by row
+    index when the segment has no holes, else by searching its `_offset` column."""
+    if not seg.has_holes:
+        lo = max(from_offset, seg.first_offset) - seg.first_offset
+        return lo, min(last, seg.last_offset) - seg.first_offset
+    try:
+        offsets = pq.read_table(path, columns=[OFFSET]).column(OFFSET).to_numpy()
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(path, seg, exc) from exc
+    lo = int(np.searchsorted(offsets, from_offset, side="left"))
+    return lo, int(np.searchsorted(offsets, last, side="right")) - 1
 
 
 def _read_rows(

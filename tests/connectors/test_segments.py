@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -225,3 +226,85 @@ def test_dead_letters_are_appended_as_files(tmp_path: Path) -> None:
     assert table.column("payload").to_pylist()[1] == b'{"a": 1}'
     with pytest.raises(SegmentError, match="dead-letter schema"):
         write_dead_letters(tmp_path, "tx", pa.table({"reason": ["x"]}))
+
+
+def _at(log_rows: Any, offsets: list[int]) -> pa.Table:
+    """Log rows at exactly these offsets (the others are holes)."""
+    full = log_rows(min(offsets), max(offsets) - min(offsets) + 1)
+    return full.filter(pc.is_in(full.column("_offset"), pa.array(offsets, pa.int64())))
+
+
+def _holes_and_gaps(warehouse: Warehouse, log_rows: Any) -> list[int]:
+    """A partition of: a gap [0, 99], a segment [100, 119] with holes inside and at its end,
+    a contiguous segment [120, 129], a gap [130, 139], a segment [140, 149] with holes at
+    both ends; the offsets it holds."""
+    holed = [100, 101, 104, 105, 106, 109]
+    warehouse.append_gap("tx", 0, 0, 99, "before retention at onboarding")
+    append_span(warehouse, _at(log_rows, holed), 100, 119)
+    append(warehouse, log_rows(120, 10))
+    warehouse.append_gap("tx", 0, 130, 139, "aborted transaction")
+    append_span(warehouse, _at(log_rows, [141, 145]), 140, 149)
+    return [*holed, *range(120, 130), 141, 145]
+
+
+def append_span(warehouse: Warehouse, table: pa.Table, first: int, last: int) -> Any:
+    return warehouse.append(
+        "tx", 0, table, fingerprint="ab12", ts_column="ts", first_offset=first, last_offset=last
+    )
+
+
+def test_segments_with_holes_and_gaps_read_from_any_offset(
+    warehouse: Warehouse, log_rows: Any
+) -> None:
+    held = _holes_and_gaps(warehouse, log_rows)
+    assert warehouse.next_offset("tx", 0) == 150
+    assert [(g.first_offset, g.last_offset, g.reason) for g in warehouse.gaps("tx", 0)] == [
+        (0, 99, "before retention at onboarding"),
+        (130, 139, "aborted transaction"),
+    ]
+    segs = warehouse.segments("tx", 0)
+    assert [(s.first_offset, s.last_offset, s.rows) for s in segs] == [
+        (100, 119, 6),
+        (120, 129, 10),
+        (140, 149, 2),
+    ]
+    for lo in range(0, 152):
+        for hi in (lo, lo + 3, 125, 149, None):
+            top = 10**9 if hi is None else hi
+            want = [o for o in held if lo <= o <= top]
+            assert offsets_of(warehouse.read("tx", 0, lo, hi, batch_rows=4)) == want, (lo, hi)
+    rows = pa.Table.from_batches(list(warehouse.read("tx", 0, 104, 106)))
+    assert rows.column("user_id").to_pylist() == [f"u{o % 13}" for o in (104, 105, 106)]
+
+
+def test_a_span_must_start_at_the_next_offset_and_hold_increasing_offsets(
+    warehouse: Warehouse, log_rows: Any
+) -> None:
+    with pytest.raises(SegmentError, match="must start at 0"):
+        append_span(warehouse, log_rows(1, 3), 1, 5)
+    with pytest.raises(SegmentError, match="hold offsets inside it"):
+        append_span(warehouse, log_rows(0, 6), 0, 4)
+    backwards = log_rows(0, 3).take([0, 2, 1])
+    with pytest.raises(SegmentError, match="strictly increasing"):
+        append_span(warehouse, backwards, 0, 5)
+    with pytest.raises(SegmentError, match="gap must start at the next offset of the log, 0"):
+        warehouse.append_gap("tx", 0, 3, 9, "x")
+    assert warehouse.next_offset("tx", 0) == 0
+    assert not (warehouse.root / "tx" / "p0000").exists() or not list(
+        (warehouse.root / "tx" / "p0000").iterdir()
+    )
+
+
+def test_a_manifest_without_gaps_or_ingest_records_still_reads(
+    warehouse: Warehouse, log_rows: Any
+) -> None:
+    append(warehouse, log_rows(0, 10))
+    path = warehouse.root / "tx" / "_manifest.json"
+    manifest = orjson.loads(path.read_bytes())
+    assert set(manifest) == {"format", "source", "partitions", "ts_column"}
+    assert warehouse.gaps("tx", 0) == []
+    assert warehouse.ingested("tx", "0" * 64) is None
+    assert warehouse.fix_kafka_base("tx", 0) == 10
+    warehouse.append_gap("tx", 0, 10, 19, "control records")
+    assert warehouse.kafka_base("tx", 0) == 10  # fixed once, a later gap does not move it
+    assert warehouse.next_offset("tx", 0) == 20
