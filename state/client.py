@@ -1,31 +1,40 @@
 """FeatureClient: the embedded read client that serves feature values from the view store.
 
-It runs inside the serving process, opens each view partition as a RocksDB secondary (a
+It runs inside the serving process and opens each view partition as a RocksDB secondary (a
 read-only follower, safe while `flows.run` writes). A background thread catches the open
-partitions up with the writer every `refresh_s` seconds, so a read never pays for it. A read is
-one RocksDB get of the entity's tile blob plus the merge of the tiles in each window.
+partitions up with the writer every `refresh_s` seconds and follows version switches, so a
+read never pays for either. A read is one RocksDB get of the entity's tile blob plus the merge
+of the tiles in each window (`state.read`).
+
+Threads: any number of threads may share one client. Each read pins the `_OpenView` it uses (a
+reference count); a switch to a new version swaps in a fully opened new `_OpenView` and closes
+the old one only when its last reader is done, so a switch never fails a read. rocksdict allows
+`get` and `try_catch_up_with_primary` on one handle from several threads at once; only `close`
+conflicts with them ("Already borrowed"), and the reference count keeps it apart. Opening
+secondaries is serialized by a lock that reads never take.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
-from state.codec import encode_entity, encode_key
-from state.errors import UnknownViewError
+from state.codec import WATERMARK, decode_int, encode_entity, encode_key
+from state.errors import ClientClosedError, KeyTypeError, StateError, UnknownViewError
 from state.layout import ViewLayout
-from state.read import evaluate_blob
+from state.lock import VersionLease, use_version
+from state.read import AsOf, evaluate_blob
 from state.store import (
     check_store,
     list_views,
@@ -33,10 +42,16 @@ from state.store import (
     partition_dir,
     read_current,
     read_layout,
+    scratch_dir,
 )
 from state.tiles import empty_block
 
 Timestamp = datetime | int | float
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RECHECK_S = 1.0  # a reader looks at CURRENT itself when the catch-up thread has not for this long
+_MAX_BACKOFF_S = 2.0
 
 
 def to_micros(t: Timestamp) -> int:
@@ -47,21 +62,59 @@ def to_micros(t: Timestamp) -> int:
                 f"timestamp {t!r} has no timezone; pass an aware datetime "
                 "(e.g. datetime.now(timezone.utc))"
             )
-        return int(t.timestamp()) * 1_000_000 + t.microsecond
+        return (t - _EPOCH) // timedelta(microseconds=1)  # exact before 1970 too
     if isinstance(t, bool) or not isinstance(t, int | float):
         raise TypeError(f"timestamp {t!r} must be an aware datetime or epoch seconds")
     return round(t * 1_000_000)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class ClientHealth:
+    """The state of a client's catch-up thread.
+
+    Attributes:
+        refreshing: the catch-up thread is running.
+        last_catch_up: wall-clock time (epoch seconds) of the last round in which every open
+            partition caught up with its writer; None before the first.
+        errors: failed catch-ups and version opens since the client started (each logged).
+        last_error: the message of the latest failure, None if there was none.
+        versions: the version read of each open view.
+    """
+
+    refreshing: bool
+    last_catch_up: float | None
+    errors: int
+    last_error: str | None
+    versions: dict[str, int]
+
+
 class _OpenView:
-    version: int
-    layout: ViewLayout
-    dbs: dict[int, Rdict | None] = field(default_factory=dict)
+    """One version of a view, open for reading, and how many reads use it now.
+
+    `version`, `layout` and `directory` never change; partitions join `dbs` as their
+    writer creates them. The client closes it after it is retired and its last reader left."""
+
+    __slots__ = ("absent", "dbs", "directory", "layout", "lease", "readers", "retired", "version")
+
+    def __init__(self, version: int, layout: ViewLayout, directory: Path) -> None:
+        self.version, self.layout, self.directory = version, layout, directory
+        self.dbs: dict[int, Rdict] = {}
+        self.absent: dict[int, float] = {}  # partition -> when it was last found not created
+        self.lease: VersionLease | None = None
+        self.readers = 0
+        self.retired = False
+
+    def close(self) -> None:
+        for db in self.dbs.values():
+            with contextlib.suppress(Exception):
+                db.close()
+        self.dbs.clear()
+        if self.lease is not None:
+            self.lease.release()
 
 
 class FeatureClient:
-    """Read feature values of materialized views.
+    """Read feature values of materialized views; safe to share between threads.
 
     Args:
         state_dir: the `--state` directory of `flows.run` (default `data/state`).
@@ -77,123 +130,266 @@ class FeatureClient:
         check_store(self.root, create=False)
         self.refresh_s = refresh_s
         self._views: dict[str, _OpenView] = {}
-        self._checked: dict[str, float] = {}
-        self._tmp = Path(tempfile.mkdtemp(prefix="featureflow-client-"))
-        self._lock = threading.Lock()  # open/close vs the catch-up thread; reads never take it
+        self._checked: dict[str, float] = {}  # view -> monotonic time CURRENT was last read
+        self._tmp = scratch_dir("client")
+        self._pins = threading.Lock()  # reference counts and the view table; held for µs
+        self._opening = threading.Lock()  # opening versions and partitions; reads never wait
         self._stop = threading.Event()
+        self._closed = False
         self._refresher: threading.Thread | None = None
+        self._errors = 0
+        self._last_error: str | None = None
+        self._last_catch_up: float | None = None
 
     def views(self) -> list[str]:
         """The views with a live version."""
         return list_views(self.root)
 
     def layout(self, view: str) -> ViewLayout:
-        return self._view(view).layout
+        opened = self._pin(view)
+        try:
+            return opened.layout
+        finally:
+            self._unpin(opened)
 
-    def get(self, view: str, key: Any, at: Timestamp | None = None) -> dict[str, Any]:
+    def health(self) -> ClientHealth:
+        """How the catch-up thread is doing (last successful round, failures)."""
+        refresher = self._refresher
+        return ClientHealth(
+            refreshing=refresher is not None and refresher.is_alive(),
+            last_catch_up=self._last_catch_up,
+            errors=self._errors,
+            last_error=self._last_error,
+            versions={name: v.version for name, v in list(self._views.items())},
+        )
+
+    def get(self, view: str, key: str | int, at: Timestamp | None = None) -> dict[str, Any]:
         """Feature values of one entity as of `at` (default: now).
 
         An unknown key gives the empty-window values (0 for count and sum, None otherwise).
-        `at` must not be earlier than the view's newest applied event.
+        A key is a str (an int is read as its decimal text).
 
         Raises:
             UnknownViewError: no view of that name in the store.
+            KeyTypeError: the key is not a str or int.
+            InexactReadError: the stored tiles cannot answer exactly as of `at` (see README).
+            ClientClosedError: the client was closed.
         """
         return self.get_many(view, [key], at)[0]
 
     def get_many(
         self,
         view: str,
-        keys: Sequence[Any],
+        keys: Sequence[str | int],
         at: Timestamp | None = None,
     ) -> list[dict[str, Any]]:
-        """Feature values of many entities, in the order of `keys`."""
-        opened = self._view(view)
+        """Feature values of many entities, in the order of `keys` (a list, not one string)."""
         t = to_micros(at) if at is not None else time.time_ns() // 1000
+        opened = self._pin(view)
+        try:
+            return self._read(opened, _key_texts(view, opened.layout, keys), t, at is not None)
+        finally:
+            self._unpin(opened)
+
+    def _read(
+        self, opened: _OpenView, keys: list[str], t: int, strict: bool
+    ) -> list[dict[str, Any]]:
         layout = opened.layout
         by_partition: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
-            by_partition.setdefault(partition_for(str(key), layout.partitions), []).append(i)
+            by_partition.setdefault(partition_for(key, layout.partitions), []).append(i)
         out: list[dict[str, Any]] = [{} for _ in keys]
         for partition, positions in by_partition.items():
-            db = self._db(opened, view, partition)
-            blobs = (
-                db.get([encode_key(str(keys[i])) for i in positions])
-                if db
-                else [None] * len(positions)
-            )
-            assert isinstance(blobs, list)
-            for i, blob in zip(positions, blobs, strict=True):
-                out[i] = self._evaluate(layout, blob, t)
+            db = opened.dbs.get(partition) or self._open_partition(opened, partition)
+            wanted: list[str | int | float | bytes | bool] = [
+                encode_key(keys[i]) for i in positions
+            ]
+            if strict:
+                wanted.append(WATERMARK)  # bounds how far back the writer pruned tiles
+            blobs = db.get(wanted) if db else None
+            assert blobs is None or isinstance(blobs, list)
+            watermark = _watermark(blobs.pop()) if strict and blobs else None
+            for j, i in enumerate(positions):
+                blob = blobs[j] if blobs else None
+                as_of = AsOf(keys[i], watermark) if strict else None
+                out[i] = _evaluate(layout, blob, t, as_of)
         return out
 
-    @staticmethod
-    def _evaluate(layout: ViewLayout, blob: bytes | None, t: int) -> dict[str, Any]:
-        if blob is None:  # an unknown key: the values of empty windows
-            blob = encode_entity(layout, [empty_block(g) for g in layout.groups], 0)
-        return evaluate_blob(layout, blob, t)
+    # --- pinning: which open version a read uses -------------------------------------------
 
-    def _view(self, view: str) -> _OpenView:
-        now = time.monotonic()
-        opened = self._views.get(view)
-        if opened is not None and now - self._checked.get(view, 0.0) < 1.0:
-            return opened
-        self._checked[view] = now
-        view_dir = self.root / "views" / view
-        version = read_current(view_dir)
-        if version is None:
-            known = ", ".join(self.views()) or "(none yet)"
-            raise UnknownViewError(f"unknown view {view!r} in {self.root}; views: {known}")
-        if opened is None or opened.version != version:
-            fresh = _OpenView(version, read_layout(view_dir / f"v{version}"))
-            with self._lock:
-                if opened is not None:
-                    self._close_view(opened)
-                self._views[view] = opened = fresh
+    def _pin(self, view: str) -> _OpenView:
+        opened = self._try_pin(view, _RECHECK_S)
+        if opened is None:  # not open yet, or CURRENT not looked at for a while
+            self._follow(view)
+            opened = self._try_pin(view, float("inf"))
+        if opened is None:
+            raise UnknownViewError(f"view {view!r} in {self.root} could not be opened; retry")
         return opened
 
-    def _db(self, opened: _OpenView, view: str, partition: int) -> Rdict | None:
-        db = opened.dbs.get(partition)
-        if db is None:
-            primary = partition_dir(self.root / "views" / view / f"v{opened.version}", partition)
-            if not (primary / "CURRENT").is_file():
-                return None  # nothing applied to this partition yet
-            secondary = self._tmp / f"{view}-v{opened.version}-p{partition}"
-            with self._lock:
-                db = opened.dbs[partition] = open_secondary(primary, secondary)
-            self._start_refresher()
+    def _try_pin(self, view: str, max_age_s: float) -> _OpenView | None:
+        with self._pins:
+            if self._closed:
+                raise ClientClosedError(
+                    f"FeatureClient({str(self.root)!r}) is closed; open a new FeatureClient"
+                )
+            opened = self._views.get(view)
+            if opened is None or time.monotonic() - self._checked[view] >= max_age_s:
+                return None
+            opened.readers += 1
+            return opened
+
+    def _unpin(self, opened: _OpenView) -> None:
+        with self._pins:
+            opened.readers -= 1
+            done = opened.retired and opened.readers == 0
+        if done:
+            opened.close()
+
+    def _follow(self, view: str) -> None:
+        """Read the view's CURRENT and, if another version is live, swap to it."""
+        for _ in range(5):  # a switch and a cleanup can both happen between two looks
+            if self._follow_once(view):
+                break
+            time.sleep(0.01)
+        self._start_refresher()
+
+    def _follow_once(self, view: str) -> bool:
+        with self._opening:
+            version = read_current(self.root / "views" / view)
+            if version is None:
+                known = ", ".join(self.views()) or "(none yet)"
+                raise UnknownViewError(f"unknown view {view!r} in {self.root}; views: {known}")
+            opened = self._views.get(view)
+            if opened is None or opened.version != version:
+                fresh = self._open_version(view, version)
+                if fresh is None:
+                    return False
+                self._swap(view, fresh)
+            self._checked[view] = time.monotonic()
+        return True
+
+    def _open_version(self, view: str, version: int) -> _OpenView | None:
+        directory = self.root / "views" / view / f"v{version}"
+        lease = use_version(directory)  # held while open: a replay's cleanup skips it
+        if lease is None and not (directory / "layout.json").is_file():
+            return None
+        opened = _OpenView(version, read_layout(directory), directory)
+        opened.lease = lease
+        for partition in range(opened.layout.partitions):
+            self._open_partition(opened, partition, locked=True)
+        return opened
+
+    def _swap(self, view: str, fresh: _OpenView) -> None:
+        with self._pins:
+            if self._closed:
+                old: _OpenView | None = fresh  # close() ran meanwhile: drop what we opened
+            else:
+                old, self._views[view] = self._views.get(view), fresh
+            if old is not None:
+                old.retired = True
+            idle = old is not None and old.readers == 0
+        if old is not None and idle:
+            old.close()
+
+    def _open_partition(
+        self, opened: _OpenView, partition: int, locked: bool = False
+    ) -> Rdict | None:
+        """The partition's secondary, opened on first use (None while nothing is applied)."""
+        if time.monotonic() - opened.absent.get(partition, -_RECHECK_S) < _RECHECK_S:
+            return None
+        with contextlib.nullcontext() if locked else self._opening:
+            db = opened.dbs.get(partition)
+            if db is None:
+                db = self._open_secondary(opened, partition)
         return db
 
+    def _open_secondary(self, opened: _OpenView, partition: int) -> Rdict | None:
+        primary = partition_dir(opened.directory, partition)
+        if not (primary / "CURRENT").is_file():
+            opened.absent[partition] = time.monotonic()
+            return None
+        name = f"{opened.layout.view}-v{opened.version}-p{partition}"
+        db = opened.dbs[partition] = open_secondary(primary, self._tmp / name)
+        opened.absent.pop(partition, None)
+        return db
+
+    # --- the catch-up thread ---------------------------------------------------------------
+
     def _start_refresher(self) -> None:
-        if self._refresher is None and self.refresh_s > 0:
+        with self._pins:
+            if self._refresher is not None or self.refresh_s <= 0 or self._closed:
+                return
             self._refresher = threading.Thread(
                 target=self._refresh_loop, daemon=True, name="featureflow-client-refresh"
             )
             self._refresher.start()
 
     def _refresh_loop(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            with self._lock:
-                for opened in self._views.values():
-                    for db in opened.dbs.values():
-                        if db is not None:
-                            db.try_catch_up_with_primary()
+        """Catch up every open partition and follow switches; never dies on an error."""
+        failures = 0
+        while not self._stop.wait(min(self.refresh_s * 2**failures, _MAX_BACKOFF_S)):
+            try:
+                ok = self._refresh_once()
+            except Exception as exc:  # logged, counted, retried: never fatal
+                ok = self._failed("catch-up round", exc)
+            failures = 0 if ok else min(failures + 1, 8)
 
-    @staticmethod
-    def _close_view(opened: _OpenView) -> None:
-        for db in opened.dbs.values():
-            if db is not None:
-                db.close()
+    def _refresh_once(self) -> bool:
+        ok = True
+        for view in list(self._views):
+            try:
+                self._follow(view)
+            except Exception as exc:  # e.g. a removed view: keep the others fresh
+                ok = self._failed(f"view {view!r}: following its live version", exc)
+                continue
+            ok = self._catch_up(view) and ok
+        if ok:
+            self._last_catch_up = time.time()
+        return ok
+
+    def _catch_up(self, view: str) -> bool:
+        try:
+            opened = self._pin(view)
+        except StateError:
+            return True  # closed meanwhile
+        try:
+            for partition, db in list(opened.dbs.items()):
+                try:
+                    db.try_catch_up_with_primary()
+                except Exception as exc:  # logged; retried next round
+                    where = f"view {view!r} v{opened.version} partition {partition}: catch-up"
+                    return self._failed(where, exc)
+            for partition in range(opened.layout.partitions):
+                if partition not in opened.dbs:
+                    self._open_partition(opened, partition)
+            return True
+        finally:
+            self._unpin(opened)
+
+    def _failed(self, what: str, exc: Exception) -> bool:
+        self._errors += 1
+        self._last_error = f"{what}: {exc}"
+        log.warning(
+            "FeatureClient(%r): %s failed (%s); retrying", str(self.root), what, exc, exc_info=exc
+        )
+        return False
+
+    # --- closing ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close every open view; later calls raise ClientClosedError. Idempotent."""
         self._stop.set()
-        if self._refresher is not None:
-            self._refresher.join()
-            self._refresher = None
-        with self._lock:
-            for opened in self._views.values():
-                self._close_view(opened)
-            self._views.clear()
+        refresher = self._refresher
+        if refresher is not None and refresher is not threading.current_thread():
+            refresher.join()
+        with self._opening, self._pins:
+            self._closed = True
+            views, self._views = list(self._views.values()), {}
+            for opened in views:
+                opened.retired = True
+            idle = [v for v in views if v.readers == 0]
+        for opened in idle:
+            opened.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> FeatureClient:
@@ -205,3 +401,40 @@ class FeatureClient:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _key_texts(view: str, layout: ViewLayout, keys: Sequence[str | int]) -> list[str]:
+    if isinstance(keys, str | bytes):
+        raise KeyTypeError(
+            f"view {view!r}: get_many takes a list of keys, got the single key {keys!r}; "
+            f"use get({view!r}, key) or get_many({view!r}, [key])"
+        )
+    return [_key_text(view, layout, key) for key in keys]
+
+
+def _key_text(view: str, layout: ViewLayout, key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)  # an Avro int/long key is stored as its decimal text
+    if isinstance(key, tuple):
+        raise KeyTypeError(
+            f"view {view!r}: key {key!r} is a tuple (a composite key); views keyed by several "
+            f"columns are not supported by this client yet; {view!r} is keyed by "
+            f"{layout.key!r}: pass one str"
+        )
+    raise KeyTypeError(
+        f"view {view!r}: key {key!r} is a {type(key).__name__}; the view is keyed by "
+        f"{layout.key!r}, a str (or an int for an integer key field): pass the key as a str"
+    )
+
+
+def _watermark(raw: bytes | None) -> int | None:
+    return decode_int(raw) if raw is not None else None
+
+
+def _evaluate(layout: ViewLayout, blob: bytes | None, t: int, as_of: AsOf | None) -> dict[str, Any]:
+    if blob is None:  # an unknown key: the values of empty windows
+        blob = encode_entity(layout, [empty_block(g) for g in layout.groups], 0)
+        as_of = None
+    return evaluate_blob(layout, blob, t, as_of)

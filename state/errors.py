@@ -4,7 +4,12 @@ StateError
 ├── NotAViewStoreError     the directory holds no view store
 ├── FormatVersionError     on-disk data written by an incompatible format version
 ├── UnknownViewError       the view is not in the store
-└── CorruptStateError      a stored value cannot be decoded
+├── CorruptStateError      a stored value cannot be decoded
+├── ClientClosedError      a FeatureClient was used after close()
+├── KeyTypeError           a key of a type that no view is keyed by (also a TypeError)
+├── InexactReadError       a read as of a time the retained tiles cannot answer exactly
+├── StaleVersionError      a switch would make an older view version live over a newer one
+└── StateLockedError       another process writes the same view version
 """
 
 from __future__ import annotations
@@ -31,3 +36,23 @@ class UnknownViewError(StateError, KeyError):
 
 class CorruptStateError(StateError):
     """A stored value is damaged."""
+
+
+class ClientClosedError(StateError):
+    """The read client was closed; open a new one."""
+
+
+class KeyTypeError(StateError, TypeError):
+    """An entity key of a type the view is not keyed by."""
+
+
+class InexactReadError(StateError):
+    """The stored tiles cannot give exact values as of the asked time (use flows.snapshot)."""
+
+
+class StaleVersionError(StateError):
+    """Making this version live would replace a newer live version."""
+
+
+class StateLockedError(StateError):
+    """Another process writes this view version."""

@@ -14,15 +14,17 @@ import math
 import struct
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from state import sketches
 from state.codec import VALUE_FORMAT, decode_objects
-from state.errors import CorruptStateError, FormatVersionError
+from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import FeatureDef, HopGroup, ViewLayout
 
 _HEAD = struct.Struct("<Bq")
 _U32 = struct.Struct("<I")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
 
 
@@ -128,8 +130,29 @@ class _Columns:
         return view
 
 
-def evaluate_blob(layout: ViewLayout, blob: bytes, t: int) -> dict[str, Any]:
-    """Every feature of one entity as of t, from its stored blob (events assumed < t)."""
+@dataclass(frozen=True, slots=True)
+class AsOf:
+    """A read as of a time the caller chose: check that the stored tiles answer it exactly.
+
+    `watermark` is the partition's newest event time (µs), which bounds how far back the
+    writer has pruned tiles; None when nothing is recorded."""
+
+    key: str
+    watermark: int | None
+
+
+def evaluate_blob(
+    layout: ViewLayout, blob: bytes, t: int, as_of: AsOf | None = None
+) -> dict[str, Any]:
+    """Every feature of one entity as of t, from its stored blob.
+
+    With `as_of`, values are exact or refused: a window at t is exact when its tiles hold no
+    event at or after t (t on the group's hop boundary, no stored row in the tile around t, or
+    t after the entity's newest event) and the writer has not pruned any tile it covers.
+
+    Raises:
+        InexactReadError: with `as_of`, a window at t cannot be answered exactly.
+    """
     try:
         version, newest = _HEAD.unpack_from(blob, 0)
     except struct.error as exc:
@@ -156,8 +179,73 @@ def evaluate_blob(layout: ViewLayout, blob: bytes, t: int) -> dict[str, Any]:
         # The last row of a group holds the events at exactly the newest event time; a read
         # as of that very time leaves them out (windows end before t).
         hi_limit = n - 1 if t <= newest and n else n
+        if as_of is not None:
+            _check_exact(layout, group, plan, cols, n, t, newest, as_of)
         _group_values(plan, group, cols, n, hi_limit, t, blob, objects_at, values)
     return {f.name: values[f.name] for f in layout.features}
+
+
+def _check_exact(
+    layout: ViewLayout,
+    group: HopGroup,
+    plan: _Plan,
+    cols: _Columns,
+    n: int,
+    t: int,
+    newest: int,
+    as_of: AsOf,
+) -> None:
+    # Rows before the last are the entity's events before its newest event time (the last
+    # row is its boundary row: the events at exactly that time, which every read leaves out).
+    mixed = False
+    if t < newest and n > 1:
+        if not plan.hop:
+            mixed = True  # one lifetime row holds every earlier event
+        elif t % plan.hop:
+            head = t // plan.hop
+            mixed = bisect_left(cols.q(0), head, 0, n - 1) < bisect_right(cols.q(0), head, 0, n - 1)
+    pruned: list[str] = []
+    wm = as_of.watermark
+    if plan.hop and wm is not None and t < wm:
+        oldest_kept = wm // plan.hop - group.max_window_us // plan.hop
+        pruned = [
+            f.name
+            for w, feats in zip(plan.windows, plan.features, strict=True)
+            if t // plan.hop - w // plan.hop < oldest_kept
+            for f in feats
+        ]
+    if mixed or pruned:
+        raise InexactReadError(_inexact_message(layout, group, t, newest, as_of, mixed, pruned))
+
+
+def _inexact_message(
+    layout: ViewLayout,
+    group: HopGroup,
+    t: int,
+    newest: int,
+    as_of: AsOf,
+    mixed: bool,
+    pruned: list[str],
+) -> str:
+    if mixed:
+        names = ", ".join(f.name for f in group.features)
+        hop = f"{group.hop_us // 1_000_000}s hop" if group.hop_us else "lifetime"
+        cause = f"the stored tiles of {names} ({hop}) hold events before and after it together"
+    else:
+        cause = (
+            f"the tiles of {', '.join(pruned)} that far back were pruned (retention ends "
+            f"behind the partition's newest event, {_iso(as_of.watermark or 0)})"
+        )
+    return (
+        f"view {layout.view!r}, key {as_of.key!r}: no exact value as of {_iso(t)}: {cause}; "
+        f"the key's newest event is at {_iso(newest)}. An online read is exact after the "
+        "key's newest event, or on a hop boundary within retention; for past points in time "
+        "use flows.snapshot"
+    )
+
+
+def _iso(us: int) -> str:
+    return (_EPOCH + timedelta(microseconds=us)).isoformat().replace("+00:00", "Z")
 
 
 def _group_values(
@@ -174,7 +262,8 @@ def _group_values(
     if plan.hop and n:
         tiles = cols.q(0)
         head = t // plan.hop
-        hi = min(bisect_right(tiles, head), hi_limit)
+        # tiles that start before t: at a hop boundary the tile at t holds only later events
+        hi = min(bisect_left(tiles, -(-t // plan.hop)), hi_limit)
         bounds = [bisect_left(tiles, head - w // plan.hop, 0, hi) for w in plan.windows]
     else:
         hi, bounds = hi_limit, [0] * len(plan.windows)

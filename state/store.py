@@ -5,6 +5,9 @@ Directory layout (STORE_FORMAT 1):
     <state>/FORMAT                          "featureflow-state <n>"
     <state>/views/<view>/CURRENT            the live version number (replaced atomically)
     <state>/views/<view>/v<N>/layout.json   the view's ViewLayout (features, hops, types)
+    <state>/views/<view>/v<N>/CREATOR       pid of the process that created the version
+    <state>/views/<view>/v<N>/WAS_LIVE      present once the version has been live
+    <state>/views/<view>/v<N>/*.lock        who uses and who writes the version (state.lock)
     <state>/views/<view>/v<N>/p<PPPP>/      one RocksDB per source partition
 
 A source partition is the unit of sharding: the key space is already hashed into partitions by
@@ -15,6 +18,7 @@ offset and watermark in one WriteBatch, so a crash never separates tiles from th
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -45,13 +49,23 @@ from state.codec import (
     decode_int,
     encode_int,
 )
-from state.errors import FormatVersionError, NotAViewStoreError, StateError, UnknownViewError
+from state.errors import (
+    FormatVersionError,
+    NotAViewStoreError,
+    StaleVersionError,
+    StateError,
+    UnknownViewError,
+)
 from state.layout import ViewLayout
+from state.lock import USE_LOCK, claim_unused
 
 STORE_FORMAT = 1
 _FORMAT_FILE = "FORMAT"
 _FORMAT_TEXT = f"featureflow-state {STORE_FORMAT}\n"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+_CREATOR = "CREATOR"  # pid of the process that created a version
+_WAS_LIVE = "WAS_LIVE"  # marker: the version has been live (a complete build)
+_SWITCH_LOCK = "SWITCH.lock"  # serializes switches of one view
 
 
 def rocks_options(*, read_only: bool = False) -> Options:
@@ -138,6 +152,26 @@ class PartitionStore:
         self._db.close()
 
 
+@dataclass(frozen=True, slots=True)
+class VersionCleanup:
+    """What `drop_versions_except` did: versions deleted and versions skipped as in use."""
+
+    view: str
+    dropped: tuple[int, ...]
+    busy: tuple[int, ...]
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """A blocking exclusive flock on `path` for the duration of the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class ViewStore:
     """The state directory: views, their versions and partitions. Writer-side handle."""
 
@@ -171,7 +205,8 @@ class ViewStore:
         """A new, empty version of the view beside the live one (not yet switched to).
 
         Built under a temporary name and renamed into place, so a crash never leaves a
-        version directory without its layout.
+        version directory without its layout. The creating process's pid is kept in CREATOR:
+        an unfinished version is abandoned (and may be cleaned up) only once it is dead.
         """
         version = max(self.versions(layout.view), default=0) + 1
         vdir = self.version_dir(layout.view, version)
@@ -180,6 +215,8 @@ class ViewStore:
         tmp.mkdir(parents=True)
         payload = {"format": STORE_FORMAT, "layout": layout.to_json()}
         _write_atomic(tmp / "layout.json", orjson.dumps(payload, option=orjson.OPT_INDENT_2))
+        (tmp / _CREATOR).write_text(f"{os.getpid()}\n")
+        (tmp / USE_LOCK).touch()
         os.rename(tmp, vdir)
         return version
 
@@ -191,6 +228,9 @@ class ViewStore:
 
         Returns:
             True if this call made the version live.
+
+        Raises:
+            StaleVersionError: a newer version of the view is live already.
         """
         marks = self.version_dir(view, version) / "caught_up"
         marks.mkdir(exist_ok=True)
@@ -201,16 +241,91 @@ class ViewStore:
         self.switch(view, version)
         return True
 
-    def switch(self, view: str, version: int) -> None:
-        """Make `version` the live one, atomically; readers pick it up on their next refresh."""
-        if not (self.version_dir(view, version) / "layout.json").is_file():
-            raise StateError(f"view {view!r} has no version {version} to switch to")
-        _write_atomic(self.view_dir(view) / "CURRENT", f"{version}\n".encode())
+    def switch(self, view: str, version: int, *, rollback: bool = False) -> None:
+        """Make `version` the live one, atomically; readers pick it up on their next refresh.
 
-    def drop_versions_except(self, view: str, keep: Sequence[int]) -> None:
+        Versions only move forward: a version older than the live one is refused unless
+        `rollback` asks for it, so a flow still running an old definition can never undo a
+        newer deployment.
+
+        Raises:
+            StateError: the version does not exist.
+            StaleVersionError: `version` is older than the live one and `rollback` is False.
+        """
+        vdir = self.version_dir(view, version)
+        if not (vdir / "layout.json").is_file():
+            raise StateError(f"view {view!r} has no version {version} to switch to")
+        with _exclusive(self.view_dir(view) / _SWITCH_LOCK):
+            live = self.current_version(view)
+            if live is not None and version < live and not rollback:
+                raise StaleVersionError(
+                    f"view {view!r}: not making v{version} live: v{live}, a newer version, is "
+                    "live already (a newer deployment or replay built it); a flow running an "
+                    "older definition never goes back over it. Restart that flow with the new "
+                    "definitions, or roll back on purpose with ViewStore.switch(..., "
+                    "rollback=True)"
+                )
+            (vdir / _WAS_LIVE).touch()
+            _write_atomic(self.view_dir(view) / "CURRENT", f"{version}\n".encode())
+
+    def is_complete(self, view: str, version: int) -> bool:
+        """True when the version is or was live, or every partition of it has caught up."""
+        vdir = self.version_dir(view, version)
+        if (vdir / _WAS_LIVE).is_file() or self.current_version(view) == version:
+            return True
+        try:
+            partitions = read_layout(vdir).partitions
+            done = {p.name for p in (vdir / "caught_up").iterdir()}
+        except (OSError, StateError):
+            return False
+        return all(f"p{p:04d}" in done for p in range(partitions))
+
+    def is_abandoned(self, view: str, version: int) -> bool:
+        """An unfinished version whose creating process is gone (a killed replay's leftover)."""
+        if self.is_complete(view, version):
+            return False
+        try:
+            pid = int((self.version_dir(view, version) / _CREATOR).read_text())
+        except (OSError, ValueError):
+            return True  # made before creators were recorded: nobody will finish it
+        return pid != os.getpid() and not _alive(pid)
+
+    def keep_versions(self, view: str, count: int) -> VersionCleanup:
+        """Keep the live version and the newest complete ones, `count` in all; delete the
+        rest that no process uses, and every abandoned unfinished version (never counted)."""
+        live = self.current_version(view)
+        done = [v for v in self.versions(view) if v != live and self.is_complete(view, v)]
+        keep = {*([live] if live is not None else []), *done[::-1][: max(count - 1, 0)]}
+        keep |= {v for v in self.versions(view) if v not in done and not self.is_abandoned(view, v)}
+        return self.drop_versions_except(view, sorted(keep))
+
+    def drop_versions_except(self, view: str, keep: Sequence[int]) -> VersionCleanup:
+        """Delete every version but `keep` and the live one, skipping versions in use.
+
+        A version is deleted only under an exclusive lock on its USE.lock, which every writer
+        and reader of it holds shared: a version in use is skipped and reported, never deleted.
+        """
+        live = self.current_version(view)
+        dropped, busy = [], []
         for version in self.versions(view):
-            if version not in keep:
-                shutil.rmtree(self.version_dir(view, version), ignore_errors=True)
+            if version in keep or version == live:
+                continue
+            if self._delete_version(view, version):
+                dropped.append(version)
+            else:
+                busy.append(version)
+        return VersionCleanup(view, tuple(dropped), tuple(busy))
+
+    def _delete_version(self, view: str, version: int) -> bool:
+        vdir = self.version_dir(view, version)
+        lease = claim_unused(vdir)
+        if lease is None:
+            return not vdir.exists()
+        with lease:
+            doomed = vdir.with_name(f".{vdir.name}.deleting-{os.getpid()}")
+            os.rename(vdir, doomed)  # readers see it gone at once; the files go next
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     def open_partition(self, view: str, version: int, partition: int) -> PartitionStore:
         return PartitionStore(partition_dir(self.version_dir(view, version), partition))
@@ -334,7 +449,7 @@ def peek(primary: Path) -> Iterator[Rdict | None]:
     if not (primary / "CURRENT").is_file():
         yield None
         return
-    scratch = Path(tempfile.mkdtemp(prefix="featureflow-peek-"))
+    scratch = scratch_dir("peek")
     db = open_secondary(primary, scratch)
     try:
         yield db
@@ -347,6 +462,32 @@ def read_partition_progress(primary: Path) -> PartitionProgress:
     """A partition's progress, read without disturbing its writer."""
     with peek(primary) as db:
         return progress_of(db) if db is not None else PartitionProgress(-1, None, 0, 0)
+
+
+_SCRATCH = re.compile(r"^featureflow-(?:client|peek)-(\d+)-")
+_SCRATCH_SWEPT: list[bool] = []
+
+
+def scratch_dir(kind: str) -> Path:
+    """A new temporary directory for secondaries, named `featureflow-<kind>-<pid>-*`.
+
+    The first call of a process removes the ones that dead processes left behind (a kill -9
+    skips every cleanup), found by the pid in their names."""
+    if not _SCRATCH_SWEPT:
+        _SCRATCH_SWEPT.append(True)
+        sweep_scratch(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"featureflow-{kind}-{os.getpid()}-"))
+
+
+def sweep_scratch(tmp: Path) -> list[Path]:
+    """Remove secondary scratch directories of dead processes under `tmp`; returns them."""
+    removed = []
+    for entry in tmp.iterdir():
+        match = _SCRATCH.match(entry.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def open_secondary(primary: Path, secondary: Path) -> Rdict:
