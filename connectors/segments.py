@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -74,6 +75,9 @@ SCHEMA_DIR = "_schemas"
 ROW_GROUP_ROWS = 128 * 1024
 _LOG_TYPES = {OFFSET: pa.int64(), PARTITION: pa.int32(), ARRIVAL: TIMESTAMP_US}
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Crash tests kill a writer at a named step of a transaction (segment:<n> after its n-th file,
+# commit before the manifest write, committed after it); see _crash_point.
+CRASH_AT_ENV = "FEATUREFLOW_TEST_CRASH_AT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +419,7 @@ class LogTransaction:
         path = self._warehouse.source_dir(self._source) / name
         self._written.append(path)
         size = _write_parquet(path, _with_metadata(table, fingerprint))
+        _crash_point(f"segment:{len(self._written)}")
         info = SegmentInfo(
             partition, name, first, last, table.num_rows, min_ts, max_ts, fingerprint, size
         )
@@ -453,7 +458,9 @@ class LogTransaction:
             return
         data = orjson.dumps(self._manifest, option=orjson.OPT_INDENT_2)
         path = self._warehouse.source_dir(self._source) / MANIFEST
+        _crash_point("commit")
         _replace_atomically(path, lambda tmp: tmp.write_bytes(data), self._mark_committed)
+        _crash_point("committed")
 
     def discard_uncommitted(self) -> None:
         """Remove the files written by a transaction that did not commit."""
@@ -468,6 +475,13 @@ class LogTransaction:
         self._changed = True
         entries: list[dict[str, Any]] = self._manifest["partitions"].setdefault(str(partition), [])
         return entries
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for crash tests: SIGKILL this process at `step` when the environment
+    variable FEATUREFLOW_TEST_CRASH_AT names it (never set in production)."""
+    if os.environ.get(CRASH_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _LOCKS_GUARD = threading.Lock()
@@ -745,9 +759,13 @@ def _in_time_range(
     return batch if columns is None else batch.select(list(columns))
 
 
-def write_dead_letters(root: str | Path, source: str, table: pa.Table) -> Path | None:
+def write_dead_letters(
+    root: str | Path, source: str, table: pa.Table, name: str | None = None
+) -> Path | None:
     """Append dead letters (columns reason, partition, offset, payload, at) as a new file
-    under `<root>/<source>/_deadletter/`; its path, or None if `table` is empty.
+    under `<root>/<source>/_deadletter/`; its path, or None if `table` is empty. `name` (a
+    file name without extension) replaces the file of that name, so that a retried writer
+    (an ingest rerun after a crash) does not write its dead letters twice.
 
     Raises:
         SegmentError: a column is missing or cannot be cast to the dead-letter schema.
@@ -762,7 +780,8 @@ def write_dead_letters(root: str | Path, source: str, table: pa.Table) -> Path |
             f"({exc}); give columns {DEAD_LETTER_SCHEMA}"
         ) from exc
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    path = Path(root) / source / DEAD_LETTER_DIR / f"{stamp}-{uuid.uuid4().hex}.parquet"
+    name = name or f"{stamp}-{uuid.uuid4().hex}"
+    path = Path(root) / source / DEAD_LETTER_DIR / f"{name}.parquet"
     _write_parquet(path, _with_metadata(table, ""))
     return path
 

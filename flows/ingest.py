@@ -1,17 +1,24 @@
 """`python -m flows.ingest`: load history files of a source into warehouse log segments.
 
-Files (Parquet, CSV, JSON lines; a directory means every such file in it) are read with the
-source's Arrow schema, checked completely before anything is written, partitioned by entity key
-with Kafka's default partitioner (murmur2), and appended to each partition's log with the next
-offsets, in file order. Records without a key or event time go to the dead-letter output.
+Files (Parquet, CSV, JSON lines, compressed or not; a directory means every such file in it) are
+read with the source's schema (connectors/files.py states the one rule for every format), so
+each row either becomes an event or a dead letter that keeps the original record. Events are
+partitioned by entity key with Kafka's default partitioner (murmur2) and appended to each
+partition's log with the next offsets.
+
+One ingest is one warehouse transaction: under the source's manifest lock, every segment file is
+written first and the manifest once, so an ingest commits all of its rows or none (a kill or a
+full disk leaves the log as it was), and concurrent ingests serialize. The manifest records the
+sha256 of every ingested file: ingesting the same content again is refused unless `--force`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,13 +28,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import arrow_schema, fingerprint_hex
-from connectors.envelope import TIMESTAMP_US, DeadLetter
+from connectors.envelope import TIMESTAMP_US, DeadLetter, dead_letter_table
 from connectors.errors import InputFileError
-from connectors.files import read_history
+from connectors.files import (
+    TIME_UNITS,
+    HistoryFile,
+    file_sha256,
+    history_files,
+    non_finite_as_null,
+    read_history,
+)
 from connectors.partitioner import partitions_for
-from connectors.segments import Warehouse
+from connectors.segments import IngestedFile, LogTransaction, Warehouse, write_dead_letters
 from flows.cli import command_main
-from flows.deadletters import DeadLetterWriter
 from flows.errors import DefinitionError
 from flows.schemas import register_current
 from flows.settings import COMMON, Option, Settings, build_parser
@@ -38,12 +51,38 @@ SEGMENT_ROWS = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class IngestReport:
-    """What an ingest wrote."""
+    """What an ingest read and wrote: rows_read = rows + dead_letters."""
 
-    rows: int
+    rows: int  # events written to the log
     dead_letters: int
     per_partition: dict[int, int]
     seconds: float
+    rows_read: int = 0
+    non_finite: dict[str, int] = field(default_factory=dict)  # column -> values read as null
+
+    def summary(self) -> str:
+        nulls = "".join(
+            f"; {n:,} non-finite value{'s' if n != 1 else ''} read as null in column {c!r}"
+            for c, n in self.non_finite.items()
+        )
+        return (
+            f"{self.rows_read:,} rows read, {self.rows:,} written, {self.dead_letters:,} dead "
+            f"letters{nulls}; per partition: {self.per_partition}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Rows to commit in one transaction, the rows refused, and the files they came from."""
+
+    table: pa.Table
+    letters: tuple[DeadLetter, ...]
+    non_finite: dict[str, int]
+    files: tuple[HistoryFile, ...] = ()
+
+    @property
+    def rows_read(self) -> int:
+        return int(self.table.num_rows) + len(self.letters)
 
 
 def ingest_table(
@@ -54,34 +93,138 @@ def ingest_table(
     *,
     keep_order: bool = False,
 ) -> IngestReport:
-    """Append the rows of `table` (the source's columns) to the source's log.
+    """Append the rows of `table` (the source's columns) to the source's log, in one commit.
 
-    History has no arrival order of its own, so by default the rows enter the log in event-time
-    order (stable): a file sorted by key would otherwise make most of its events look late to
-    the views. `keep_order=True` keeps the file's order (for a file that is an arrival log).
+    Rows without a key or event time become dead letters (a JSON rendering of the row);
+    non-finite floats are read as null. History has no arrival order of its own, so by default
+    the rows enter the log in event-time order (stable): a file sorted by key would otherwise
+    make most of its events look late to the views. `keep_order=True` keeps the table's order
+    (for a table that is an arrival log).
+
+    Raises:
+        InputFileError: a partition of the rows already continues in Kafka.
+        SegmentError: the warehouse cannot be written (a full disk names the path); nothing of
+            the table is then committed.
     """
-    started = time.perf_counter()
-    register_current(source, warehouse)  # refuses a schema the log's records cannot be read as
     table = table.select(arrow_schema(source.avro_schema()).names)
     bad = pc.or_(pc.is_null(table.column(source.key)), pc.is_null(table.column(source.timestamp)))
-    n_bad = int(pc.sum(bad.cast(pa.int64())).as_py() or 0)
-    if n_bad:
-        _dead_letter_rows(source, table.filter(bad), warehouse)
-        table = table.filter(pc.invert(bad))
+    letters = tuple(_null_key_letters(source, table.filter(bad)))
+    table, non_finite = non_finite_as_null(table.filter(pc.invert(bad)))
+    return _ingest(source, _Batch(table, letters, non_finite), warehouse, arrival, keep_order)
+
+
+def ingest_files(
+    source: Source,
+    files: Sequence[HistoryFile],
+    warehouse: Warehouse,
+    arrival: datetime | None = None,
+    *,
+    keep_order: bool = False,
+    force: bool = False,
+) -> IngestReport:
+    """Append the rows of history files read by `read_history` to the source's log in one
+    commit, with their dead letters, recording each file's content hash.
+
+    Raises:
+        InputFileError: a file's content was already ingested (unless `force`) or is given
+            twice; a partition already continues in Kafka.
+        SegmentError: as `ingest_table`.
+    """
+    _refuse_repeats(files)
+    tables = [f.table for f in files]
+    non_finite: dict[str, int] = {}
+    for f in files:
+        for column, n in f.non_finite.items():
+            non_finite[column] = non_finite.get(column, 0) + n
+    batch = _Batch(
+        pa.concat_tables(tables) if len(tables) != 1 else tables[0],
+        tuple(d for f in files for d in f.rejected),
+        non_finite,
+        tuple(files),
+    )
+    return _ingest(source, batch, warehouse, arrival, keep_order, force)
+
+
+def _ingest(
+    source: Source,
+    batch: _Batch,
+    warehouse: Warehouse,
+    arrival: datetime | None,
+    keep_order: bool,
+    force: bool = False,
+) -> IngestReport:
+    started = time.perf_counter()
+    register_current(source, warehouse)  # refuses a schema the log's records cannot be read as
+    table = batch.table
     if not keep_order and table.num_rows:
         table = table.take(pc.sort_indices(table, [(source.timestamp, "ascending")]))
     keys = table.column(source.key)
-    if not pa.types.is_string(keys.type):
-        keys = keys.cast(pa.string())
-    parts = partitions_for(keys, source.partitions)
-    at = pa.scalar(arrival or datetime.now(UTC), pa.timestamp("us", tz="UTC"))
+    parts = partitions_for(
+        keys if pa.types.is_string(keys.type) else keys.cast(pa.string()), source.partitions
+    )
+    by_partition = {p: table.filter(pa.array(parts == p)) for p in np.unique(parts).tolist()}
+    at = arrival or datetime.now(UTC)
+    with warehouse.transaction(source.name) as tx:
+        _refuse_continued(tx, source, sorted(by_partition))
+        _refuse_ingested(tx, batch.files, force)
+        for p, rows in by_partition.items():
+            _append_partition(tx, source, p, rows, at)
+        _write_letters(warehouse, source, batch)
+        for f in batch.files:
+            tx.record_ingested(IngestedFile(f.sha256, str(f.path), f.rows_read, at.isoformat()))
+    written = {
+        p: by_partition[p].num_rows if p in by_partition else 0 for p in range(source.partitions)
+    }
+    return IngestReport(
+        table.num_rows,
+        len(batch.letters),
+        written,
+        time.perf_counter() - started,
+        batch.rows_read,
+        batch.non_finite,
+    )
+
+
+def _append_partition(
+    tx: LogTransaction, source: Source, p: int, rows: pa.Table, at: datetime
+) -> None:
     fp = fingerprint_hex(source.avro_schema())
-    written: dict[int, int] = {}
-    continued = [
-        p
-        for p in range(source.partitions)
-        if warehouse.kafka_base(source.name, p) is not None and (parts == p).any()
-    ]
+    at_us = pa.scalar(at, TIMESTAMP_US).value
+    for start in range(0, rows.num_rows, SEGMENT_ROWS):
+        chunk = rows.slice(start, SEGMENT_ROWS)
+        first, n = tx.next_offset(p), chunk.num_rows
+        chunk = chunk.append_column("_offset", pa.array(np.arange(first, first + n)))
+        chunk = chunk.append_column("_partition", pa.array(np.full(n, p, dtype=np.int32)))
+        chunk = chunk.append_column(
+            "_arrival", pa.array(np.full(n, at_us), pa.int64()).cast(TIMESTAMP_US)
+        )
+        tx.append(p, chunk, fingerprint=fp, ts_column=source.timestamp)
+
+
+def _write_letters(warehouse: Warehouse, source: Source, batch: _Batch) -> None:
+    """The batch's dead letters as one file, named after the files' content when there are
+    files: a rerun after a crash before the commit replaces it instead of doubling it."""
+    if not batch.letters:
+        return
+    name = None
+    if batch.files:
+        digest = hashlib.sha256("".join(sorted(f.sha256 for f in batch.files)).encode())
+        name = f"ingest-{digest.hexdigest()[:32]}"
+    now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
+    table = dead_letter_table(list(batch.letters), now_us)
+    write_dead_letters(warehouse.root, source.name, table, name=name)
+
+
+def _null_key_letters(source: Source, rows: pa.Table) -> list[DeadLetter]:
+    reason = (
+        f"source {source.name!r}: null {source.key!r} or {source.timestamp!r}; "
+        "events need an entity key and an event time"
+    )
+    return [DeadLetter(reason, None, None, orjson.dumps(r, default=str)) for r in rows.to_pylist()]
+
+
+def _refuse_continued(tx: LogTransaction, source: Source, partitions: Sequence[int]) -> None:
+    continued = [p for p in partitions if tx.kafka_base(p) is not None]
     if continued:
         raise InputFileError(
             f"source {source.name!r}: partitions {continued} already continue in Kafka topic "
@@ -89,35 +232,33 @@ def ingest_table(
             "first read (the log is history, then the topic). Produce these events to the topic "
             "instead"
         )
-    for p in range(source.partitions):
-        rows = table.filter(pa.array(parts == p))
-        for start in range(0, rows.num_rows, SEGMENT_ROWS):
-            chunk = rows.slice(start, SEGMENT_ROWS)
-            first = warehouse.next_offset(source.name, p)
-            chunk = chunk.append_column(
-                "_offset", pa.array(np.arange(first, first + chunk.num_rows, dtype=np.int64))
-            )
-            chunk = chunk.append_column(
-                "_partition", pa.array(np.full(chunk.num_rows, p, dtype=np.int32))
-            )
-            chunk = chunk.append_column(
-                "_arrival",
-                pa.array(np.full(chunk.num_rows, at.value), pa.int64()).cast(TIMESTAMP_US),
-            )
-            warehouse.append(source.name, p, chunk, fingerprint=fp, ts_column=source.timestamp)
-        written[p] = rows.num_rows
-    return IngestReport(table.num_rows, n_bad, written, time.perf_counter() - started)
 
 
-def _dead_letter_rows(source: Source, rows: pa.Table, warehouse: Warehouse) -> None:
-    reason = (
-        f"source {source.name!r}: null {source.key!r} or {source.timestamp!r}; "
-        "events need an entity key and an event time"
+def _refuse_ingested(tx: LogTransaction, files: Sequence[HistoryFile], force: bool) -> None:
+    for f in files:
+        done = tx.ingested(f.sha256)
+        if done is not None and not force:
+            raise InputFileError(_already_ingested(f.path, done.file, done.at, done.rows))
+
+
+def _already_ingested(path: Path, first: str, at: str, rows: int) -> str:
+    same = "" if Path(first) == path else f" (as {first})"
+    return (
+        f"history file {path} was already ingested{same} at {at}: its {rows:,} rows are in "
+        "the log, and ingesting it again would double them. Nothing was ingested; pass "
+        "--force to ingest this content again anyway"
     )
-    letters = [
-        DeadLetter(reason, None, None, orjson.dumps(r, default=str)) for r in rows.to_pylist()
-    ]
-    DeadLetterWriter(warehouse.root, source.name, None).write(letters)
+
+
+def _refuse_repeats(files: Sequence[HistoryFile]) -> None:
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.sha256 in seen:
+            raise InputFileError(
+                f"history file {f.path} has the same content as {seen[f.sha256]}; give each "
+                "file once (nothing was ingested)"
+            )
+        seen[f.sha256] = f.path
 
 
 OPTIONS = (
@@ -130,6 +271,19 @@ OPTIONS = (
         "order, so that history sorted by key does not look late)",
         bool,
     ),
+    Option(
+        "force",
+        False,
+        "ingest files whose content was already ingested (by sha256; default: refuse them, "
+        "since their rows would be in the log twice)",
+        bool,
+    ),
+    Option(
+        "time-unit",
+        None,
+        f"unit of integer epoch times in the files: {'|'.join(TIME_UNITS)} (default: the "
+        "event-time field's Avro unit, millis or micros)",
+    ),
 )
 
 
@@ -139,29 +293,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         "files",
         nargs="+",
         metavar="FILE",
-        help="Parquet, CSV or JSON-lines files, or directories of them",
+        help="Parquet, CSV or JSON-lines files (gzip/zstd/bzip2 data too), or directories",
     )
-    return command_main(parser, OPTIONS, argv, _ingest)
+    return command_main(parser, OPTIONS, argv, _ingest_command)
 
 
-def _ingest(settings: Settings, args: object) -> int:
+def _ingest_command(settings: Settings, args: object) -> int:
     defs = load_definitions(settings.features)
     source = _pick_source(defs.sources, settings.source)
+    warehouse = Warehouse(settings.warehouse)
+    paths = [p for f in args.files for p in history_files(f)]  # type: ignore[attr-defined]
+    if not settings.force:
+        _refuse_known(warehouse, source, paths)
     schema = arrow_schema(source.avro_schema())
-    tables = [read_history(Path(f), schema) for f in args.files]  # type: ignore[attr-defined]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    report = ingest_table(
-        source, table, Warehouse(settings.warehouse), keep_order=settings.keep_order
+    required = (source.key, source.timestamp)
+    files = [
+        f
+        for p in paths
+        for f in read_history(p, schema, required=required, time_unit=settings.time_unit)
+    ]
+    report = ingest_files(
+        source, files, warehouse, keep_order=settings.keep_order, force=settings.force
     )
     print(
-        f"ingested {report.rows:,} events of source {source.name!r} into "
-        f"{settings.warehouse} ({report.dead_letters:,} dead letters) in "
-        f"{report.seconds:.1f}s; per partition: {report.per_partition}"
+        f"ingested source {source.name!r} into {settings.warehouse} in "
+        f"{report.seconds:.1f}s: {report.summary()}"
     )
     return 0
 
 
-def _pick_source(sources: dict[str, Source], name: str | None) -> Source:
+def _refuse_known(warehouse: Warehouse, source: Source, paths: Sequence[Path]) -> None:
+    """Refuse early (before reading) files already ingested; the commit checks again."""
+    for path in paths:
+        done = warehouse.ingested(source.name, file_sha256(path))
+        if done is not None:
+            raise InputFileError(_already_ingested(path, done.file, done.at, done.rows))
+
+
+def _pick_source(sources: Mapping[str, Source], name: str | None) -> Source:
     if name is None:
         if len(sources) != 1:
             raise DefinitionError(

@@ -10,7 +10,15 @@ import pytest
 
 from connectors.avro import arrow_schema
 from connectors.errors import InputFileError
-from connectors.files import read_history
+from connectors.files import read_history as read_files
+
+
+def read_history(path: Path, schema: pa.Schema) -> pa.Table:
+    """The rows of every file read, all of which must be good."""
+    files = read_files(path, schema, required=("user_id", "ts"))
+    assert [f.rejected for f in files] == [()] * len(files)
+    tables = [f.table for f in files]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 TS0 = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z
 
@@ -132,14 +140,21 @@ def test_a_corrupt_parquet_file_names_the_file_and_the_cause(
     assert isinstance(info.value.__cause__, pa.ArrowException)
 
 
-def test_bad_values_name_the_column(tmp_path: Path, schema: pa.Schema) -> None:
+def test_a_bad_value_is_a_dead_letter_naming_line_column_and_value(
+    tmp_path: Path, schema: pa.Schema
+) -> None:
     path = tmp_path / "tx.jsonl"
-    path.write_text(
-        '{"user_id": "u1", "ts": "yesterday", "amount": 1, "merchant": null, '
-        '"channel": null, "is_fraud": null}\n'
+    bad = (
+        b'{"user_id": "u1", "ts": "yesterday", "amount": 1, "merchant": null, '
+        b'"channel": null, "is_fraud": null}'
     )
-    with pytest.raises(InputFileError, match=r"column 'ts'.*yesterday"):
-        read_history(path, schema)
+    good = b'{"user_id": "u2", "ts": "2023-11-14T22:13:20Z", "amount": 2}'
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    [read] = read_files(path, schema, required=("user_id", "ts"))
+    assert read.table.column("user_id").to_pylist() == ["u2"]
+    [letter] = read.rejected
+    assert letter.payload == bad
+    assert "tx.jsonl line 2: column 'ts': value 'yesterday' cannot be read" in letter.reason
 
 
 def test_unknown_extension_and_missing_file(tmp_path: Path, schema: pa.Schema) -> None:
