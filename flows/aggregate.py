@@ -19,9 +19,10 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from connectors.envelope import DeadLetter
 from state.codec import decode_words, encode_key, encode_words
 from state.layout import HopGroup, ViewLayout
-from state.store import PartitionProgress
+from state.store import LogPosition, PartitionProgress
 from state.tiles import (
     I64,
     ColumnValues,
@@ -45,6 +46,7 @@ class ApplyResult:
     progress: PartitionProgress
     late: pa.Table  # rows rejected as too late (for the dead-letter output)
     applied: int
+    poison: tuple[DeadLetter, ...] = ()  # records that failed on their own (flows.quarantine)
 
 
 def event_times(table: pa.Table, column: str) -> I64:
@@ -96,32 +98,54 @@ def sort_events(table: pa.Table, layout: ViewLayout, key_ids: I64, ts: I64) -> S
     return SortedEvents(key_ids[order], ts[order], offsets[order], columns)
 
 
-def late_mask(
-    ts: I64, watermark: int | None, retention_us: int | None
-) -> tuple[npt.NDArray[np.bool_], int | None]:
-    """Which events (in offset order) are too late, and the watermark after the batch.
+def running_watermarks(ts: I64, watermark: int | None) -> tuple[I64, int | None]:
+    """The partition's watermark at each event (in offset order) and after the last one.
 
-    The watermark is the newest event time seen on the partition so far; an event is late when
-    it is older than watermark - retention. A pure function of the log order, so replays and
-    snapshots reject exactly the same events as the live run.
+    The watermark is the newest event time seen on the source partition so far, the event
+    itself included. A pure function of the log order, so the live run, replays and snapshots
+    reject exactly the same events as late.
     """
     if len(ts) == 0:
-        return np.zeros(0, dtype=bool), watermark
+        return np.zeros(0, dtype=np.int64), watermark
     running = np.maximum.accumulate(ts)
     if watermark is not None:
         running = np.maximum(running, watermark)
-    new_watermark = int(running[-1])
-    if retention_us is None:
-        return np.zeros(len(ts), dtype=bool), new_watermark
-    return ts < running - retention_us, new_watermark
+    return running, int(running[-1])
 
 
-def prepare(
-    table: pa.Table, layout: ViewLayout, applied_offset: int, transform: Transform | None
-) -> pa.Table:
-    """Drop records at or below the applied offset, then run the view's transform."""
-    if applied_offset >= 0 and table.num_rows:
-        table = table.filter(pc.greater(table.column(OFFSET), applied_offset))
+def late_mask(ts: I64, watermarks: I64, retention_us: int | None) -> npt.NDArray[np.bool_]:
+    """Which events are older than their partition's watermark minus the view's retention."""
+    if retention_us is None or len(ts) == 0:
+        return np.zeros(len(ts), dtype=bool)
+    return ts < watermarks - retention_us
+
+
+@dataclass(frozen=True, slots=True)
+class LogSlice:
+    """Records of one source partition bound for one view shard (the shard their keys hash
+    to), in offset order, with the partition's watermark at each record."""
+
+    partition: int
+    shard: int
+    events: pa.Table  # source columns + _offset (+ _partition, _arrival)
+    watermarks: I64
+    through_offset: int  # the last log offset covered (other shards' records included)
+    end_watermark: int | None  # the partition's watermark after through_offset
+
+
+def whole_partition(
+    table: pa.Table, layout: ViewLayout, progress: PartitionProgress, through: int | None = None
+) -> LogSlice:
+    """A whole partition's batch as the slice of the shard that owns every key in it (the
+    partition itself): the form of a log partitioned by entity key, and of tests."""
+    ts = event_times(table, layout.timestamp)
+    marks, end = running_watermarks(ts, progress.watermark)
+    last = int(pc.max(table.column(OFFSET)).as_py()) if table.num_rows else -1
+    return LogSlice(0, 0, table, marks, max(last, through if through is not None else -1), end)
+
+
+def prepare(table: pa.Table, layout: ViewLayout, transform: Transform | None) -> pa.Table:
+    """Run the view's transform (if any) on records that passed the lateness check."""
     if transform is not None and table.num_rows:
         table = _transformed(table, layout, transform)
     return table
@@ -148,39 +172,51 @@ def _transformed(table: pa.Table, layout: ViewLayout, transform: Transform) -> p
 
 def apply_batch(
     layout: ViewLayout,
-    table: pa.Table,
+    batch: LogSlice | pa.Table,
     progress: PartitionProgress,
     get_blobs: BlobGetter,
     transform: Transform | None = None,
     through_offset: int | None = None,
 ) -> ApplyResult:
-    """Apply one offset-ordered batch of a partition's records to a view.
+    """Apply one offset-ordered slice of a source partition's records to a view shard.
+
+    Records at or below the shard's applied offset in that partition are skipped (exactly-once
+    effect after a restart); records older than the partition's watermark minus the view's
+    retention are rejected as late; the rest go through the view's transform into tiles.
 
     Args:
         layout: the view.
-        table: records of one source partition in offset order: source columns plus `_offset`.
-        progress: the partition's progress before the batch (from the view store).
+        batch: the slice; a bare table is a whole partition's batch (`whole_partition`).
+        progress: the shard's progress before the batch (from the view store).
         get_blobs: reads the stored blobs of entity keys (one multi-get).
         transform: the view's optional row filter/transform.
-        through_offset: the last log offset the batch covers (records that became dead letters
-            included); defaults to the highest `_offset` in the table.
+        through_offset: for a bare table, the last log offset it covers (records that became
+            dead letters included); defaults to its highest `_offset`.
     """
-    table = prepare(table, layout, progress.applied_offset, transform)
-    last_offset = max(progress.applied_offset, through_offset if through_offset is not None else -1)
-    if table.num_rows:
-        last_offset = max(last_offset, int(pc.max(table.column(OFFSET)).as_py()))
+    if isinstance(batch, pa.Table):
+        batch = whole_partition(batch, layout, progress, through_offset)
+    position = progress.position(batch.partition, batch.shard)
+    table, marks = batch.events, batch.watermarks
+    if position.offset >= 0 and table.num_rows:
+        fresh = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64) > position.offset
+        if not fresh.all():
+            table, marks = table.filter(pa.array(fresh)), marks[fresh]
     ts = event_times(table, layout.timestamp)
-    late, watermark = late_mask(ts, progress.watermark, layout.retention_us)
+    late = late_mask(ts, marks, layout.retention_us)
     rejected = table.slice(0, 0)
     if late.any():
-        rejected = table.filter(pa.array(late))
-        table, ts = table.filter(pa.array(~late)), ts[~late]
-    puts = _merge_into_tiles(layout, table, ts, watermark, get_blobs) if table.num_rows else {}
-    new_progress = PartitionProgress(
-        applied_offset=last_offset,
-        watermark=watermark,
-        events_applied=progress.events_applied + table.num_rows,
-        late_events=progress.late_events + rejected.num_rows,
+        rejected, table = table.filter(pa.array(late)), table.filter(pa.array(~late))
+    table = prepare(table, layout, transform)
+    newest = max((w for w in (progress.newest(), batch.end_watermark) if w is not None), default=None)
+    puts = {}
+    if table.num_rows:
+        puts = _merge_into_tiles(
+            layout, table, event_times(table, layout.timestamp), newest, get_blobs
+        )
+    moved = batch.through_offset > position.offset
+    reached = LogPosition(batch.through_offset, batch.end_watermark) if moved else position
+    new_progress = progress.advanced(
+        batch.partition, batch.shard, reached, table.num_rows, rejected.num_rows
     )
     return ApplyResult(puts, new_progress, rejected, table.num_rows)
 

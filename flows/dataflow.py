@@ -1,15 +1,21 @@
-"""The one bytewax dataflow: log -> validate -> aggregate -> view store (+ dead letters).
+"""The one bytewax dataflow: log -> validate -> route -> aggregate -> view store (+ dead letters).
 
-    op.input("log")        LogSource: one bytewax partition per (source, log partition), each a
-                           PartitionLog (segments, then Kafka); items are whole batches
-    op.map("validate")     null keys / event times -> dead letters
-    op.output("views")     ViewSink: the partition's owner applies each batch to every view
-                           version of the source (flows.aggregate) and commits tiles + offsets in
-                           one RocksDB WriteBatch per view
+    op.input("log")            LogSource: one bytewax partition per (source, log partition), each
+                               a PartitionLog (segments, then Kafka); items are whole batches
+    op.stateful_map("validate") per log partition: bad records -> dead letters
+                               (flows.validate), then each event marked with the partition's
+                               watermark (flows.shards.PartitionMark)
+    op.flat_map("route")       split by view shard: murmur2 of the entity key, the function the
+                               read client uses to find a key (flows.shards.split)
+    op.output("views")         ViewSink: a shard's owner applies each slice to every view version
+                               of the source (flows.aggregate, guarded by flows.quarantine) and
+                               commits tiles + its position in the slice's partition in one
+                               RocksDB WriteBatch per view
 
-A source partition is the shard: every event of a key lives in one partition, so the worker
-that owns a partition owns its keys' tiles and no per-key exchange is needed. bytewax recovery is
-not used: the view store holds the applied offsets, and sources restart from them.
+Shards are the partitions of the key space (as many as the source has log partitions). A log
+partitioned by entity key with murmur2 sends each batch whole to one shard; another partitioner
+costs a split and an exchange, not correctness. bytewax recovery is not used: each shard's store
+holds its applied offset per source partition, and sources restart from the lowest of them.
 """
 
 from __future__ import annotations
@@ -31,15 +37,16 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from connectors.errors import ConnectorError
 from connectors.log import KafkaTail, LogBatch, PartitionLog
 from connectors.segments import Warehouse
-from flows.aggregate import apply_batch
 from flows.deadletters import DeadLetterWriter
 from flows.errors import FlowError
 from flows.metrics import Metrics
+from flows.quarantine import apply_guarded, validate_guarded
+from flows.shards import PartitionMark, Routed
 from flows.spec import FeatureView
-from flows.validate import validate
+from flows.validate import EventRules
 from state.errors import StateError
 from state.layout import ViewLayout
-from state.store import PartitionStore, ViewStore
+from state.store import LogPosition, PartitionProgress, PartitionStore, ViewStore
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
 _VERSION_CHECK_S = 2.0
@@ -70,6 +77,12 @@ class SourcePlan:
     catch_up: dict[int, int]  # partition -> end of the log when the flow started
     kafka: KafkaTail | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # for fields added to the schema
+    start_watermark: dict[int, int | None] = field(default_factory=dict)  # at start, per partition
+    rules: EventRules | None = None  # what records must satisfy (default: key and time present)
+
+    @property
+    def event_rules(self) -> EventRules:
+        return self.rules or EventRules(self.name, self.key, self.timestamp)
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,11 @@ def split_part_key(key: str) -> tuple[str, int]:
 
 
 class _VersionWatch:
-    """Notices when a replay made another version of a view live than the one this flow writes,
-    so the flow restarts on the new version instead of keeping the old one fresh."""
+    """Notices when another version of a view went live than the one this flow writes.
+
+    Built from the same definition (a flows.replay), the flow restarts on it instead of keeping
+    the old one fresh. Built from another definition (a newer deployment), the flow stops with
+    an error: it must never write, or make live again, an older definition over a newer one."""
 
     def __init__(self, plan: FlowPlan, source: SourcePlan) -> None:
         self._plan, self._store = plan, ViewStore(plan.state)
@@ -119,10 +135,21 @@ class _VersionWatch:
             return
         self._next_check = time.monotonic() + _VERSION_CHECK_S
         for target in self._targets:
-            live = self._store.current_version(target.view.name)
-            if live is not None and live > target.version:
+            name = target.view.name
+            live = self._store.current_version(name)
+            if live is None or live <= target.version:
+                continue
+            if self._store.layout(name, live).same_semantics(target.layout):
                 self._plan.restart.set()
                 self._plan.stop.set()
+            else:
+                self._plan.fail(
+                    FlowError(
+                        f"view {name!r}: the deployed definition changed (v{live} is live, built "
+                        f"from another definition); this flows.run runs v{target.version}'s "
+                        "definition: restart it with the new definitions"
+                    )
+                )
 
 
 class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
@@ -195,47 +222,56 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
         return _LogPartition(for_part, log, self._plan, _VersionWatch(self._plan, sp))
 
 
-class _ViewPartition(StatefulSinkPartition[LogBatch, None]):
-    def __init__(self, plan: FlowPlan, source: SourcePlan, partition: int) -> None:
-        self._plan, self._source, self._partition = plan, source, partition
+class _ViewPartition(StatefulSinkPartition[Routed, None]):
+    """One view shard of one source: applies what every source partition routes to it."""
+
+    def __init__(self, plan: FlowPlan, source: SourcePlan, shard: int) -> None:
+        self._plan, self._source, self._shard = plan, source, shard
         store = ViewStore(plan.state)
         self._stores: list[PartitionStore] = [
-            store.open_partition(t.view.name, t.version, partition) for t in source.targets
+            store.open_partition(t.view.name, t.version, shard) for t in source.targets
         ]
         self._progress = [s.progress() for s in self._stores]
-        self._dead = DeadLetterWriter(plan.warehouse, source.name, plan.kafka_bootstrap)
-        self._switcher = _Switcher(store, source, partition)
-        self._switcher.check([p.applied_offset for p in self._progress])
+        self._dead = DeadLetterWriter(
+            plan.warehouse,
+            source.name,
+            plan.kafka_bootstrap,
+            schema=source.targets[0].view.source.avro_schema(),
+        )
+        self._switcher = _Switcher(store, source, shard)
+        self._switcher.check(self._progress)
 
-    def write_batch(self, items: list[LogBatch]) -> None:
+    def write_batch(self, items: list[Routed]) -> None:
         if self._plan.failures:
             return  # the flow is ending on an error: apply nothing more (a rerun resumes here)
         try:
-            for batch in items:
-                self._apply(batch)
-            self._switcher.check([p.applied_offset for p in self._progress])
+            for item in items:
+                self._apply(item)
+            self._switcher.check(self._progress)
         except KNOWN_ERRORS as exc:
             self._plan.fail(exc)
 
-    def _apply(self, batch: LogBatch) -> None:
-        floor = min(p.applied_offset for p in self._progress)
-        self._dead.write([d for d in batch.dead_letters if d.offset is None or d.offset > floor])
+    def _apply(self, item: Routed) -> None:
+        part = item.slice
+        positions = [p.position(part.partition, self._shard) for p in self._progress]
+        _check_contiguous(item, positions, self._source.name)
+        floor = min(pos.offset for pos in positions)
+        self._dead.write([d for d in item.dead_letters if d.offset is None or d.offset > floor])
         for i, target in enumerate(self._source.targets):
-            store = self._stores[i]
-            result = apply_batch(
-                target.layout,
-                batch.events,
-                self._progress[i],
-                store.get_many,
-                target.view.transform,
-                through_offset=batch.next_offset - 1,
+            result = apply_guarded(
+                target.view, target.layout, part, self._progress[i], self._stores[i].get_many
             )
-            if result.late.num_rows:
-                self._dead.write_late(result.late, target.view.name, self._partition)
-            store.commit(result.puts, result.progress)
+            late = result.late
+            if late.num_rows:
+                self._dead.write_late(
+                    late, target.view.name, part.partition, version=target.version
+                )
+            if result.poison:
+                self._dead.write(list(result.poison))
+            self._stores[i].commit(result.puts, result.progress)
             self._progress[i] = result.progress
-            self._plan.metrics.applied(target.view.name, self._partition, result, batch)
-        self._plan.metrics.dead_letters(self._source.name, len(batch.dead_letters))
+            self._plan.metrics.applied(target.view.name, self._shard, result, part)
+        self._plan.metrics.dead_letters(self._source.name, len(item.dead_letters))
 
     def snapshot(self) -> None:
         return None
@@ -246,29 +282,45 @@ class _ViewPartition(StatefulSinkPartition[LogBatch, None]):
             store.close()
 
 
-class _Switcher:
-    """Makes rebuilt view versions live once every partition has caught up with the log."""
+def _check_contiguous(item: Routed, positions: list[LogPosition], source: str) -> None:
+    """Slices of a partition reach a shard in offset order; a hole means a lost item."""
+    behind = [pos.offset for pos in positions if pos.offset < item.after]
+    if behind:
+        raise FlowError(
+            f"source {source!r} partition {item.slice.partition}: shard {item.slice.shard} "
+            f"received records after offset {item.after} but has applied only up to "
+            f"{min(behind)}; records between were lost in transit. Restart flows.run: it "
+            "resumes from the applied offsets"
+        )
 
-    def __init__(self, store: ViewStore, source: SourcePlan, partition: int) -> None:
-        self._store, self._source, self._partition = store, source, partition
+
+class _Switcher:
+    """Makes rebuilt view versions live once every shard has caught up with the log."""
+
+    def __init__(self, store: ViewStore, source: SourcePlan, shard: int) -> None:
+        self._store, self._source, self._shard = store, source, shard
         self._pending = {i for i, t in enumerate(source.targets) if t.switch_when_caught_up}
 
-    def check(self, applied: list[int]) -> None:
+    def check(self, progress: list[PartitionProgress]) -> None:
         if not self._pending:
             return
-        target_end = self._source.catch_up[self._partition]
         for i in sorted(self._pending):
-            if applied[i] + 1 < target_end:
+            if not caught_up(progress[i], self._shard, self._source.catch_up):
                 continue
             self._pending.discard(i)
             target = self._source.targets[i]
             self._store.finish_catch_up(
-                target.view.name, target.version, self._partition, self._source.start
+                target.view.name, target.version, self._shard, self._source.start
             )
 
 
-class ViewSink(FixedPartitionedSink[LogBatch, None]):
-    """Routes each source partition's batches to the worker that owns its view stores."""
+def caught_up(progress: PartitionProgress, shard: int, ends: dict[int, int]) -> bool:
+    """A shard has applied every source partition up to the log's end as of the start."""
+    return all(progress.position(p, shard).offset + 1 >= end for p, end in ends.items())
+
+
+class ViewSink(FixedPartitionedSink[Routed, None]):
+    """Routes each view shard's slices to the worker that owns the shard's view stores."""
 
     def __init__(self, plan: FlowPlan) -> None:
         self._plan = plan
@@ -282,8 +334,8 @@ class ViewSink(FixedPartitionedSink[LogBatch, None]):
         return self._index[item_key]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _ViewPartition:
-        source, partition = split_part_key(for_part)
-        return _ViewPartition(self._plan, self._plan.sources[source], partition)
+        source, shard = split_part_key(for_part)
+        return _ViewPartition(self._plan, self._plan.sources[source], shard)
 
 
 def build_dataflow(plan: FlowPlan) -> Dataflow:
@@ -291,13 +343,22 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
     flow = Dataflow("featureflow")
     log = op.input("log", flow, LogSource(plan))
 
-    def check(item: tuple[str, LogBatch]) -> tuple[str, LogBatch]:
-        key, batch = item
+    def mark(
+        state: PartitionMark | None, batch: LogBatch
+    ) -> tuple[PartitionMark, list[tuple[str, Routed]]]:
         sp = plan.sources[batch.source]
-        return key, validate(batch, sp.key, sp.timestamp)
+        if state is None:
+            p = batch.partition
+            state = PartitionMark(sp.start[p], sp.start_watermark.get(p))
+        plan.metrics.records_read(batch.source, batch.events.num_rows + len(batch.dead_letters))
+        checked = validate_guarded(batch, sp.event_rules)
+        marked = state.mark(checked, sp.timestamp, sp.catch_up[batch.partition], time.monotonic())
+        parts = state.route(marked, sp.key, len(sp.start))
+        return state, [(part_key(sp.name, shard), routed) for shard, routed in parts]
 
-    checked = op.map("validate", log, check)
-    op.output("views", checked, ViewSink(plan))
+    marked = op.stateful_map("validate", log, mark)
+    routed = op.flat_map("route", marked, lambda item: item[1])
+    op.output("views", routed, ViewSink(plan))
     return flow
 
 

@@ -36,6 +36,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._stats: dict[tuple[str, int], _PartitionStats] = {}
         self._dead: dict[str, int] = {}
+        self._read: dict[str, int] = {}
         self._ends: dict[tuple[str, int], int] = {}
         labels = ["view", "partition"]
         self._events = Counter(
@@ -95,6 +96,15 @@ class Metrics:
         self._offset.labels(*labels).set(result.progress.applied_offset)
         if stats.newest_arrival_us is not None:
             self._freshness.labels(*labels).set(time.time() - stats.newest_arrival_us / 1e6)
+
+    def records_read(self, source: str, n: int) -> None:
+        """Records read from the log (events and records that became dead letters)."""
+        with self._lock:
+            self._read[source] = self._read.get(source, 0) + n
+
+    def read_totals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._read)
 
     def kafka_lag(self, source: str, partition: int, lag: int) -> None:
         self._kafka_lag.labels(source, str(partition)).set(lag)

@@ -15,13 +15,20 @@ from connectors.avro import arrow_schema
 from connectors.kafka import ensure_topic
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
-from flows.dataflow import FlowPlan, SourcePlan, ViewTarget
+from flows.dataflow import FlowPlan, SourcePlan, ViewTarget, caught_up
 from flows.errors import ConfigError
 from flows.metrics import Metrics
 from flows.schemas import field_defaults, schema_store
 from flows.spec import FeatureView
 from state.layout import ViewLayout
-from state.store import PartitionProgress, ViewStore, partition_dir, read_partition_progress
+from flows.validate import EventRules
+from state.store import (
+    LogPosition,
+    PartitionProgress,
+    ViewStore,
+    partition_dir,
+    read_partition_progress,
+)
 
 
 def choose_targets(
@@ -89,7 +96,7 @@ def _wait_for_version(
 def _switch_if_caught_up(
     store: ViewStore,
     target: ViewTarget,
-    caught_up: list[bool],
+    done: list[bool],
 ) -> ViewTarget:
     """Mark the partitions of a new version that already hold the log as it stands (nothing to
     read: empty, or a crash came after their last commit); if that is every partition, the
@@ -97,8 +104,8 @@ def _switch_if_caught_up(
     if not target.switch_when_caught_up:
         return target
     name, version = target.view.name, target.version
-    every = range(len(caught_up))
-    for p in [p for p, ok in enumerate(caught_up) if ok]:
+    every = range(len(done))
+    for p in [p for p, ok in enumerate(done) if ok]:
         if store.finish_catch_up(name, version, p, every):
             return ViewTarget(target.view, target.layout, target.version)
     return target
@@ -107,6 +114,20 @@ def _switch_if_caught_up(
 def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:
     """A view partition's progress, read beside a running writer."""
     return read_partition_progress(partition_dir(store.version_dir(view, version), partition))
+
+
+def resume_points(
+    progress: list[list[PartitionProgress]], partitions: int
+) -> tuple[dict[int, int], dict[int, int | None]]:
+    """Where each source partition resumes: after the lowest offset any view shard has applied
+    (shards skip what they already hold), with the partition's watermark at that offset."""
+    start: dict[int, int] = {}
+    marks: dict[int, int | None] = {}
+    for p in range(partitions):
+        positions = [pr.position(p, h) for per in progress for h, pr in enumerate(per)]
+        lowest = min(positions, key=lambda pos: pos.offset, default=LogPosition(-1, None))
+        start[p], marks[p] = lowest.offset + 1, lowest.watermark
+    return start, marks
 
 
 def build_plan(
@@ -139,23 +160,22 @@ def build_plan(
             )
         store_ = schema_store(source, wh)
         tail = KafkaTail(kafka, source.kafka_topic, store_, source.key) if kafka else None
-        start, ends = {}, {}
-        applied = {
-            (i, p): read_progress(store, t.view.name, t.version, p).applied_offset
-            for i, t in enumerate(src_targets)
-            for p in range(source.partitions)
-        }
+        shards = range(source.partitions)
+        progress = [
+            [read_progress(store, t.view.name, t.version, h) for h in shards] for t in src_targets
+        ]
+        start, marks = resume_points(progress, source.partitions)
         columns = arrow_schema(source.avro_schema())
+        ends = {}
         for p in range(source.partitions):
-            start[p] = min(applied[i, p] + 1 for i in range(len(src_targets)))
             log = PartitionLog(wh, name, p, start[p], columns, kafka=tail)
             try:
                 ends[p] = log.end_offset()
             finally:
                 log.close()
         src_targets = tuple(
-            _switch_if_caught_up(store, t, [applied[i, p] + 1 >= ends[p] for p in ends])
-            for i, t in enumerate(src_targets)
+            _switch_if_caught_up(store, t, [caught_up(pr, h, ends) for h, pr in enumerate(per)])
+            for t, per in zip(src_targets, progress, strict=True)
         )
         sources[name] = SourcePlan(
             name=name,
@@ -168,6 +188,8 @@ def build_plan(
             catch_up=ends,
             kafka=tail,
             defaults=field_defaults(source),
+            start_watermark=marks,
+            rules=EventRules.of(source),
         )
     return FlowPlan(
         warehouse=warehouse,

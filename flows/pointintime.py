@@ -22,6 +22,7 @@ from flows.aggregate import (
     key_strings,
     late_mask,
     prepare,
+    running_watermarks,
     sort_events,
 )
 from state.layout import FeatureDef, HopGroup, ViewLayout
@@ -46,13 +47,13 @@ ROW_BUDGET = 4_000_000  # tile rows gathered per chunk of spine rows (bounds mem
 def kept_events(
     layout: ViewLayout, partitions: list[pa.Table], transform: Callable[[pa.Table], pa.Table] | None
 ) -> pa.Table:
-    """The events the live flow applies: per partition in offset order, transformed, minus the
-    ones too late for the view (same watermark rule as `flows.aggregate.apply_batch`)."""
+    """The events the live flow applies: per partition in offset order, minus the ones too late
+    for the view (the partition's watermark rule of `flows.aggregate.apply_batch`), transformed."""
     kept: list[pa.Table] = []
     for table in partitions:
-        table = prepare(table, layout, -1, transform)
-        late, _ = late_mask(event_times(table, layout.timestamp), None, layout.retention_us)
-        kept.append(table.filter(pa.array(~late)) if late.any() else table)
+        ts = event_times(table, layout.timestamp)
+        late = late_mask(ts, running_watermarks(ts, None)[0], layout.retention_us)
+        kept.append(prepare(table.filter(pa.array(~late)) if late.any() else table, layout, transform))
     return pa.concat_tables(kept) if kept else pa.table({})
 
 

@@ -9,6 +9,7 @@ the log for new data until Ctrl-C (or stops once caught up with --until-caught-u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -77,13 +78,14 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         )
         _print_plan(plan)
         addresses = settings.addresses.split(";") if settings.addresses else None
-        code = execute(
-            plan,
-            workers=settings.workers,
-            addresses=addresses,
-            process_id=settings.process_id or 0,
-            status_interval=settings.status_interval,
-        )
+        with claim_versions(plan, settings.process_id or 0):
+            code = execute(
+                plan,
+                workers=settings.workers,
+                addresses=addresses,
+                process_id=settings.process_id or 0,
+                status_interval=settings.status_interval,
+            )
         if not plan.restart.is_set():
             return code
         print("a replay made a new version of a view live: continuing on it", flush=True)
@@ -95,6 +97,23 @@ def _topic_has_records(bootstrap: str, source: Source) -> bool:
         partition_watermarks(bootstrap, source.kafka_topic, p)[1] > 0
         for p in range(source.partitions)
     )
+
+
+def claim_versions(plan: FlowPlan, process_id: int) -> contextlib.ExitStack:
+    """Hold every view version the plan writes, as this cluster process, until the block ends:
+    a second writer of one of them is refused (with this process's pid), a replay's cleanup
+    never deletes them; a flows.replay building new versions runs beside.
+
+    Raises:
+        StateLockedError: another process writes one of these versions as `process_id`.
+    """
+    store = ViewStore(plan.state)
+    with contextlib.ExitStack() as stack:
+        for sp in plan.sources.values():
+            for t in sp.targets:
+                for lease in store.claim(t.view.name, t.version, process_id):
+                    stack.enter_context(lease)
+        return stack.pop_all()
 
 
 def execute(
@@ -112,18 +131,21 @@ def execute(
     started = time.perf_counter()
     # Ctrl-C / SIGTERM end the flow cleanly: the sources stop at their next batch, the sinks
     # finish what they hold and close. Every commit is atomic, so any stop point is safe.
-    previous = {
-        sig: signal.signal(sig, lambda *_: plan.stop.set())
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        plan.stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         run_dataflow(plan, workers, addresses, process_id)
     finally:
         reporter.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    interrupted = plan.stop.is_set() and not plan.restart.is_set()
-    _print_summary(plan, time.perf_counter() - started, interrupted)
+    stopped_by = _signal_name(received[0]) if received and not plan.restart.is_set() else None
+    _print_summary(plan, time.perf_counter() - started, stopped_by)
     return 0
 
 
@@ -155,15 +177,21 @@ def _print_plan(plan: FlowPlan) -> None:
             )
 
 
-def _print_summary(plan: FlowPlan, elapsed: float, interrupted: bool) -> None:
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _print_summary(plan: FlowPlan, elapsed: float, stopped_by: str | None) -> None:
     per_view, late, dead = plan.metrics.totals()
+    read = sum(plan.metrics.read_totals().values())
     events = max(per_view.values(), default=0)
-    rate = events / elapsed if elapsed > 0 else 0.0
-    how = "stopped by Ctrl-C" if interrupted else "done"
-    n_views = len(per_view) or sum(len(sp.targets) for sp in plan.sources.values())
+    rate = read / elapsed if elapsed > 0 else 0.0
+    how = f"stopped by {stopped_by}" if stopped_by else "done"
+    views = [t.view.name for sp in plan.sources.values() for t in sp.targets]
+    each = ", ".join(f"{v} {per_view.get(v, 0):,}" for v in views)
     print(
-        f"{how}: applied {events:,} events to {n_views} view(s) "
-        f"in {elapsed:.1f}s ({rate:,.0f} events/s); late {late:,}; dead letters {dead:,}",
+        f"{how}: applied {events:,} events (per view: {each or 'none'}) from {read:,} records "
+        f"read in {elapsed:.1f}s ({rate:,.0f} records/s); late {late:,}; dead letters {dead:,}",
         flush=True,
     )
     sample = _sample_read(plan)

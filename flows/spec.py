@@ -7,11 +7,13 @@ snapshots, the read client) is derived from these objects through `FeatureView.l
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ __all__ = [
 _UNITS_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _SIX_HOURS = 6 * _UNITS_US["h"]
+_MAX_DURATION_US = 36_525 * _UNITS_US["d"]  # 100 years: beyond it int64 µs arithmetic overflows
 _THIRTY_DAYS = 30 * _UNITS_US["d"]
 _NUMERIC = {"int", "long", "float", "double"}
 _STRINGY = {"string", "enum", "boolean"}
@@ -54,14 +57,20 @@ def parse_duration(text: str | int, what: str = "duration") -> int:
     if isinstance(text, int):
         if text <= 0:
             raise DefinitionError(f"{what} {text!r} must be positive; write e.g. '30m', '14d'")
-        return text * _UNITS_US["s"]
+        text = f"{text}s"
     match = _DURATION.match(str(text))
     if not match or int(match.group(1)) == 0:
         raise DefinitionError(
             f"{what} {text!r} is not a duration; write a positive number and a unit s, m, h or d,"
             " e.g. '30m', '14d'"
         )
-    return int(match.group(1)) * _UNITS_US[match.group(2)]
+    us = int(match.group(1)) * _UNITS_US[match.group(2)]
+    if us > _MAX_DURATION_US:
+        raise DefinitionError(
+            f"{what} {text!r} is longer than 100 years; for all of history leave the window "
+            "out (a lifetime feature)"
+        )
+    return us
 
 
 def format_duration(us: int) -> str:
@@ -94,7 +103,7 @@ class Aggregation:
 
     def resolve(self, view: str) -> FeatureDef:
         where = f"view {view!r}, feature {self.name or self.agg!r}"
-        window_us = parse_duration(self.window, f"{where}: window") if self.window else 0
+        window_us = parse_duration(self.window, f"{where}: window") if self.window is not None else 0
         if window_us == 0 and self.hop is not None:
             raise DefinitionError(
                 f"{where}: hop={self.hop!r} given for a lifetime feature; "
@@ -229,7 +238,13 @@ def percentile(
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """A named event stream: Avro record schema, entity key field, event-time field, partitions."""
+    """A named event stream: Avro record schema, entity key field, event-time field, partitions.
+
+    `max_future` bounds how far an event time may lie ahead of its record's arrival time (the
+    Kafka message time, or the ingest time): beyond it the record is a dead letter, so one wrong
+    clock cannot move the partition's watermark and make every later event look late.
+    `min_time` (optional) refuses event times before it, e.g. zeros written for a missing time.
+    """
 
     name: str
     schema: str | Path | Mapping[str, Any]
@@ -238,7 +253,32 @@ class Source:
     partitions: int = 1
     topic: str | None = None
     previous_schemas: Sequence[str | Path | Mapping[str, Any]] = ()
+    max_future: str | int | None = "5m"
+    min_time: str | datetime | None = None
     base_dir: Path | None = field(default=None, compare=False)
+
+    def max_future_us(self) -> int | None:
+        """How far an event time may lie ahead of its record's arrival time (None: any)."""
+        if self.max_future is None:
+            return None
+        return parse_duration(self.max_future, f"source {self.name!r}: max_future")
+
+    def min_time_us(self) -> int | None:
+        """The earliest event time accepted (µs since the epoch; None: any)."""
+        if self.min_time is None:
+            return None
+        when = self.min_time
+        if isinstance(when, str):
+            try:
+                when = datetime.fromisoformat(when)
+            except ValueError as exc:
+                raise DefinitionError(
+                    f"source {self.name!r}: min_time {self.min_time!r} is not an ISO-8601 "
+                    "time; write e.g. '2000-01-01T00:00:00Z'"
+                ) from exc
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return int(when.timestamp()) * 1_000_000 + when.microsecond
 
     @property
     def kafka_topic(self) -> str:
@@ -299,6 +339,8 @@ class Source:
                 f"{types[self.timestamp]!r}; declare it as Avro long with logicalType "
                 "timestamp-millis or timestamp-micros"
             )
+        self.max_future_us()
+        self.min_time_us()
         if types[self.key] not in ("string", "long", "int"):
             raise DefinitionError(
                 f"source {self.name!r}: key field {self.key!r} has type "
@@ -492,16 +534,7 @@ def load_definitions(path: str | Path) -> Definitions:
 def _source_with_base(source: Source, base: Path) -> Source:
     if source.base_dir is not None:
         return source
-    return Source(
-        name=source.name,
-        schema=source.schema,
-        key=source.key,
-        timestamp=source.timestamp,
-        partitions=source.partitions,
-        topic=source.topic,
-        previous_schemas=source.previous_schemas,
-        base_dir=base,
-    )
+    return dataclasses.replace(source, base_dir=base)
 
 
 def _with_base(view: FeatureView, base: Path) -> FeatureView:

@@ -1,6 +1,9 @@
 """Key and value codecs of the view store (on-disk format, versioned).
 
-Keys: b"k" + UTF-8 entity key for tiles; b"m" + name for metadata (applied offset, watermark).
+Keys: b"k" + UTF-8 entity key for tiles; b"m" + name for metadata (applied offset, watermark):
+b"mapplied_offset" / b"mwatermark" for the shard's own source partition, and
+b"mapplied_offset/" / b"mwatermark/" + u32 big-endian partition for records routed to the shard
+from other partitions (a producer that did not partition by the entity key).
 Values: one blob per entity holding every hop group's tiles, so a read is one RocksDB get:
 
     u8  format version (VALUE_FORMAT)
@@ -40,6 +43,20 @@ APPLIED_OFFSET = META_PREFIX + b"applied_offset"
 WATERMARK = META_PREFIX + b"watermark"
 EVENTS_APPLIED = META_PREFIX + b"events_applied"
 LATE_EVENTS = META_PREFIX + b"late_events"
+# A view shard's position in another source partition than its own (records routed to it from
+# a partition other than the one its keys hash to): the prefix, then the partition, big-endian.
+FOREIGN_OFFSET = META_PREFIX + b"applied_offset/"
+FOREIGN_WATERMARK = META_PREFIX + b"watermark/"
+_U32_BE = struct.Struct(">I")
+
+
+def foreign_key(prefix: bytes, partition: int) -> bytes:
+    """The metadata key of a shard's applied offset or watermark in source partition `partition`."""
+    return prefix + _U32_BE.pack(partition)
+
+
+def foreign_partition(raw: bytes, prefix: bytes) -> int:
+    return int(_U32_BE.unpack(raw[len(prefix) :])[0])
 
 
 def encode_key(key: str) -> bytes:

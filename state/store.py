@@ -24,9 +24,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -44,10 +44,14 @@ from state.codec import (
     APPLIED_OFFSET,
     ENTITY_PREFIX,
     EVENTS_APPLIED,
+    FOREIGN_OFFSET,
+    FOREIGN_WATERMARK,
     LATE_EVENTS,
     WATERMARK,
     decode_int,
     encode_int,
+    foreign_key,
+    foreign_partition,
 )
 from state.errors import (
     FormatVersionError,
@@ -57,7 +61,7 @@ from state.errors import (
     UnknownViewError,
 )
 from state.layout import ViewLayout
-from state.lock import USE_LOCK, claim_unused
+from state.lock import USE_LOCK, VersionLease, claim_unused, claim_writer, use_version
 
 STORE_FORMAT = 1
 _FORMAT_FILE = "FORMAT"
@@ -109,13 +113,53 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class LogPosition:
+    """How far a view shard has applied one source partition's log."""
+
+    offset: int  # highest applied log offset; -1 = nothing applied
+    watermark: int | None  # the source partition's newest event time through `offset` (µs)
+
+
+NOTHING_APPLIED = LogPosition(-1, None)
+
+
+@dataclass(frozen=True, slots=True)
 class PartitionProgress:
-    """How far a view partition has applied its log."""
+    """How far a view shard (the partition of the key space its keys hash to) has applied the
+    log: its own source partition (`applied_offset`, `watermark`), and, in `others`, every
+    other source partition that routed records to it."""
 
     applied_offset: int  # -1 = nothing applied
-    watermark: int | None  # newest event time seen on the partition (µs)
+    watermark: int | None  # the own partition's newest event time through applied_offset (µs)
     events_applied: int
     late_events: int
+    others: Mapping[int, LogPosition] = field(default_factory=dict)
+
+    def position(self, partition: int, shard: int) -> LogPosition:
+        """The shard's position in source partition `partition`."""
+        if partition == shard:
+            return LogPosition(self.applied_offset, self.watermark)
+        return self.others.get(partition, NOTHING_APPLIED)
+
+    def newest(self) -> int | None:
+        """The newest event time over every source partition the shard has applied."""
+        marks = [
+            w
+            for w in (self.watermark, *(o.watermark for o in self.others.values()))
+            if w is not None
+        ]
+        return max(marks) if marks else None
+
+    def advanced(
+        self, partition: int, shard: int, position: LogPosition, applied: int, late: int
+    ) -> PartitionProgress:
+        """The progress after applying `applied` events (and rejecting `late` ones) of
+        `partition` up to `position`."""
+        events, late = self.events_applied + applied, self.late_events + late
+        if partition == shard:
+            return PartitionProgress(position.offset, position.watermark, events, late, self.others)
+        others = {**self.others, partition: position}
+        return PartitionProgress(self.applied_offset, self.watermark, events, late, others)
 
 
 class PartitionStore:
@@ -146,6 +190,10 @@ class PartitionStore:
             batch.put(WATERMARK, encode_int(progress.watermark))
         batch.put(EVENTS_APPLIED, encode_int(progress.events_applied))
         batch.put(LATE_EVENTS, encode_int(progress.late_events))
+        for partition, position in progress.others.items():
+            batch.put(foreign_key(FOREIGN_OFFSET, partition), encode_int(position.offset))
+            if position.watermark is not None:
+                batch.put(foreign_key(FOREIGN_WATERMARK, partition), encode_int(position.watermark))
         self._db.write(batch)
 
     def close(self) -> None:
@@ -316,6 +364,27 @@ class ViewStore:
                 busy.append(version)
         return VersionCleanup(view, tuple(dropped), tuple(busy))
 
+    def claim(self, view: str, version: int, process_id: int) -> list[VersionLease]:
+        """Hold `version` as its writer for cluster process `process_id`: in use (never
+        deleted) and written by this process alone. Release the leases when done.
+
+        Raises:
+            StateLockedError: another live process writes it as the same process id.
+            StateError: the version was deleted before it could be held.
+        """
+        vdir = self.version_dir(view, version)
+        use = use_version(vdir)
+        if use is None:
+            raise StateError(
+                f"view {view!r} v{version} was removed (a flows.replay cleanup) before this "
+                "flow could hold it; run the command again"
+            )
+        try:
+            return [use, claim_writer(self.root, view, version, vdir, process_id)]
+        except BaseException:
+            use.release()
+            raise
+
     def _delete_version(self, view: str, version: int) -> bool:
         vdir = self.version_dir(view, version)
         lease = claim_unused(vdir)
@@ -439,7 +508,22 @@ def progress_of(db: Rdict) -> PartitionProgress:
         watermark=decode_int(raw[1]) if raw[1] is not None else None,
         events_applied=decode_int(raw[2]) if raw[2] is not None else 0,
         late_events=decode_int(raw[3]) if raw[3] is not None else 0,
+        others=_foreign_positions(db),
     )
+
+
+def _foreign_positions(db: Rdict) -> dict[int, LogPosition]:
+    offsets = dict(_scan(db, FOREIGN_OFFSET))
+    marks = dict(_scan(db, FOREIGN_WATERMARK))
+    return {p: LogPosition(off, marks.get(p)) for p, off in offsets.items()}
+
+
+def _scan(db: Rdict, prefix: bytes) -> Iterator[tuple[int, int]]:
+    it = db.iter()
+    it.seek(prefix)
+    while it.valid() and it.key().startswith(prefix):
+        yield foreign_partition(it.key(), prefix), decode_int(it.value())
+        it.next()
 
 
 @contextmanager
