@@ -3,8 +3,9 @@
 Each named view (default: all) gets a new version built from the start of the log (or from
 --from-time) beside the live one; when every partition has caught up with the log as it stood at
 start, the new version becomes live atomically and readers switch on their next refresh. Older
-versions beyond --keep-versions are removed. A running `flows.run` keeps writing the version it
-started with: restart it after a replay so it continues the new version.
+complete versions beyond --keep-versions are removed, except those a running writer or reader
+still uses; unfinished versions that a killed run left behind are removed and never counted. A
+following `flows.run` of the same definitions continues on the new version by itself.
 """
 
 from __future__ import annotations
@@ -21,17 +22,23 @@ import pyarrow.compute as pc
 from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.plan import build_plan
-from flows.run import execute
+from flows.run import claim_versions, execute
 from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions
 from state.client import to_micros
-from state.store import ViewStore
+from state.store import VersionCleanup, ViewStore
 
 OPTIONS = (
     *COMMON,
     Option("views", None, "comma-separated views to rebuild (default: all)"),
     Option("from-time", None, "only apply events at or after this ISO-8601 UTC time"),
-    Option("keep-versions", 2, "how many versions of each view to keep (live included)", int),
+    Option(
+        "keep-versions",
+        2,
+        "how many complete versions of each view to keep (live included); versions in use "
+        "are never removed, unfinished ones of killed runs are",
+        int,
+    ),
     *DATAFLOW,
 )
 
@@ -59,15 +66,26 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
     for sp in plan.sources.values():
         for t in sp.targets:
             print(f"replaying view {t.view.name!r} into version v{t.version}", flush=True)
-    code = execute(plan, workers=settings.workers, status_interval=settings.status_interval)
+    with claim_versions(plan, 0):
+        code = execute(plan, workers=settings.workers, status_interval=settings.status_interval)
     store = ViewStore(settings.state)
     for sp in plan.sources.values():
         for t in sp.targets:
-            live = store.current_version(t.view.name)
-            keep = sorted(store.versions(t.view.name))[-settings.keep_versions :]
-            store.drop_versions_except(t.view.name, [*keep, *([live] if live else [])])
-            print(f"view {t.view.name!r}: live version v{live}", flush=True)
+            _report(store.keep_versions(t.view.name, settings.keep_versions))
+            print(f"view {t.view.name!r}: live version v{store.current_version(t.view.name)}")
     return code
+
+
+def _report(cleanup: VersionCleanup) -> None:
+    if cleanup.dropped:
+        removed = ", ".join(f"v{v}" for v in cleanup.dropped)
+        print(f"view {cleanup.view!r}: removed {removed}", flush=True)
+    for v in cleanup.busy:
+        print(
+            f"view {cleanup.view!r}: kept v{v}: a running flows.run, flows.replay or reader "
+            "uses it; the next replay removes it once it is free",
+            flush=True,
+        )
 
 
 def _from_time(view: FeatureView, text: str) -> FeatureView:
