@@ -11,6 +11,9 @@ instead of skipping (the retention-gap rule).
 from __future__ import annotations
 
 import logging
+import math
+import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +39,17 @@ from connectors.errors import ConnectorError, LogGapError, SchemaError
 __all__ = ["AvroProducer", "DeadLetter", "KafkaBatch", "KafkaLogReader", "list_partitions"]
 
 _LOG = logging.getLogger(__name__)  # librdkafka's own log lines go here, not to stderr
+_DIGITS = re.compile(r"\d+")
+# Retriable while a new topic's partitions get their leaders (or its metadata spreads).
+_NOT_READY = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError.FENCED_LEADER_EPOCH,
+    KafkaError.UNKNOWN_LEADER_EPOCH,
+}
 _GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
 _TOMBSTONE = "message has no value (a tombstone); events need an Avro value"
 _FATAL = {
@@ -44,6 +58,40 @@ _FATAL = {
     KafkaError._UNKNOWN_TOPIC,
     KafkaError.TOPIC_AUTHORIZATION_FAILED,
 }
+
+
+class RateLimitFilter(logging.Filter):
+    """Lets one log line per distinct message through every `interval_s` seconds (messages that
+    differ only in numbers count as one); the next line let through says how many like it were
+    suppressed. librdkafka repeats a failing connect ~20 times a second per client during a
+    broker outage."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}  # message -> (time let through, suppressed)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = _DIGITS.sub("#", record.getMessage()), time.monotonic()
+        with self._lock:
+            since, suppressed = self._seen.get(key, (-math.inf, 0))
+            if now - since < self.interval_s:
+                self._seen[key] = (since, suppressed + 1)
+                return False
+            if len(self._seen) > 1000:  # forget messages that went quiet
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
+            self._seen[key] = (now, 0)
+        if suppressed:
+            record.msg = (
+                f"{record.getMessage()} ({suppressed} more like it in the last "
+                f"{now - since:.0f} s suppressed)"
+            )
+            record.args = ()
+        return True
+
+
+_LOG.addFilter(RateLimitFilter())
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,21 +242,20 @@ class KafkaLogReader:
 
     def watermarks(self, timeout_s: float = 10.0) -> tuple[int, int]:
         """The partition's (low, high) watermarks: first offset held, offset after the last."""
-        tp = TopicPartition(self.topic, self.partition)
+        return _watermarks(self._consumer, self.topic, self.partition, timeout_s)
+
+    def partition_count(self, timeout_s: float = 1.0) -> int | None:
+        """The topic's number of partitions now: 0 if the broker no longer knows the topic,
+        None if the broker did not answer within `timeout_s` (an outage: ask again later)."""
         try:
-            marks = self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-        except KafkaException as exc:
-            raise ConnectorError(
-                f"topic {self.topic!r} partition {self.partition}: cannot get "
-                f"its offsets ({exc.args[0].str()}); check that the broker "
-                "runs and the topic exists"
-            ) from exc
-        if marks is None:
-            raise ConnectorError(
-                f"topic {self.topic!r} partition {self.partition}: the broker "
-                f"did not give its offsets within {timeout_s} s; check --kafka"
-            )
-        return int(marks[0]), int(marks[1])
+            metadata = self._consumer.list_topics(self.topic, timeout=timeout_s)
+        except KafkaException:
+            return None
+        found = metadata.topics.get(self.topic)
+        if found is None or found.error is not None:
+            unknown = found is None or found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            return 0 if unknown else None
+        return len(found.partitions)
 
     def low_watermark(self) -> int:
         """The first offset Kafka still holds for the partition."""
@@ -349,17 +396,32 @@ def partition_watermarks(
     """
     consumer = Consumer(_consumer_config(bootstrap))
     try:
-        marks = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=timeout_s, cached=False
-        )
-    except KafkaException as exc:
-        raise ConnectorError(
-            f"topic {topic!r} partition {partition}: cannot get its offsets "
-            f"({exc.args[0].str()}); check that the broker runs and the topic "
-            "exists with the source's number of partitions"
-        ) from exc
+        return _watermarks(consumer, topic, partition, timeout_s)
     finally:
         consumer.close()
+
+
+def _watermarks(
+    consumer: Consumer, topic: str, partition: int, timeout_s: float
+) -> tuple[int, int]:
+    """(low, high) of a partition; retried while its leader is not known yet (a topic just
+    created answers "Not leader for partition" for a moment)."""
+    deadline = time.monotonic() + timeout_s
+    tp = TopicPartition(topic, partition)
+    while True:
+        try:
+            marks = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            break
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() in _NOT_READY and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise ConnectorError(
+                f"topic {topic!r} partition {partition}: cannot get its offsets "
+                f"({error.str()}); check that the broker runs and the topic "
+                "exists with the source's number of partitions"
+            ) from exc
     if marks is None:
         raise ConnectorError(
             f"topic {topic!r} partition {partition}: the broker did not give "

@@ -18,19 +18,23 @@ import pyarrow.compute as pc
 
 from connectors.avro import SchemaStore
 from connectors.envelope import DeadLetter
-from connectors.errors import LogGapError
+from connectors.errors import ConnectorError, LogGapError
 from connectors.kafka import KafkaLogReader, partition_watermarks
 from connectors.segments import Warehouse
+
+TOPIC_CHECK_S = 2.0  # how often a following flow checks its topic's shape
 
 
 @dataclass(frozen=True, slots=True)
 class KafkaTail:
-    """Where the hot tail of a source lives."""
+    """Where the hot tail of a source lives; `partitions` is the count the source declares
+    (None: the count the topic has when first read)."""
 
     bootstrap: str
     topic: str
     store: SchemaStore
     key_field: str
+    partitions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ class PartitionLog:
     _last_poll: float = field(init=False, default=0.0)
     _in_kafka: bool = field(init=False, default=False)
     _base: int = field(init=False, default=0)  # log offset of Kafka offset 0
+    _next_topic_check: float = field(init=False, default=0.0)
+    _partitions: int | None = field(init=False, default=None)  # the topic's, when first read
 
     def __post_init__(self) -> None:
         self._next = self.start_offset
@@ -181,12 +187,14 @@ class PartitionLog:
             if self.warehouse.next_offset(self.source, self.partition) > self._next:
                 self._in_kafka = False
                 return self._read_segments()  # archived before Kafka dropped it: no gap
+            self._check_end(_high_watermark(self.kafka, self.partition))  # or re-created?
             raise LogGapError(
                 f"source {self.source!r} partition {self.partition}: offset {self._next} "
                 "onwards is neither in warehouse segments nor in Kafka (retention removed it "
                 f"before it was archived): {exc}. Restore the missing records into segments "
                 "with flows.ingest, or raise the topic's retention and archive more often"
             ) from exc
+        self._check_topic(reader)
         base = self._base
         if got.next_offset + base <= self._next:
             return None
@@ -198,10 +206,70 @@ class PartitionLog:
             got.next_offset + base,
         )
 
+    def _check_topic(self, reader: KafkaLogReader) -> None:
+        """Every TOPIC_CHECK_S: partition 0 checks that the topic still exists with the same
+        partition count; every partition, that its end did not move back (a topic deleted
+        and created again restarts its offsets at 0).
+
+        Raises:
+            ConnectorError: the topic was deleted, re-created, or its partitions changed.
+        """
+        now = time.monotonic()
+        if now < self._next_topic_check:
+            return
+        self._next_topic_check = now + TOPIC_CHECK_S
+        assert self.kafka is not None
+        if self.partition == 0:
+            count = reader.partition_count()
+            if count is not None:
+                expected = self.kafka.partitions or self._partitions or count
+                self._partitions = expected
+                if count != expected:
+                    raise ConnectorError(_topic_changed(self.kafka.topic, expected, count))
+        self._check_end(reader.cached_high_watermark())
+
+    def _check_end(self, high: int | None) -> None:
+        if high is not None and self.kafka is not None and high + self._base < self._next:
+            raise ConnectorError(
+                f"topic {self.kafka.topic!r} partition {self.partition}: its end moved back "
+                f"to Kafka offset {high} after the flow read up to {self._next - self._base - 1}"
+                ": the topic was deleted and created again, so its offsets no longer continue "
+                "the log; restore the old topic, or point the source at a new topic with a "
+                "fresh --warehouse and --state (its offsets start again at 0)"
+            )
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+def _high_watermark(kafka: KafkaTail | None, partition: int) -> int | None:
+    if kafka is None:
+        return None
+    try:
+        return partition_watermarks(kafka.bootstrap, kafka.topic, partition)[1]
+    except ConnectorError:
+        return None
+
+
+def _topic_changed(topic: str, expected: int, count: int) -> str:
+    if count == 0:
+        return (
+            f"topic {topic!r} was deleted while the flow was following it (the broker no "
+            "longer knows it): nothing more can be read; if that was a mistake, restore the "
+            f"topic with {expected} partitions and its records, else point the source at a new "
+            "topic (and a fresh --warehouse and --state, as its offsets start again at 0)"
+        )
+    what = "added" if count > expected else "removed (the topic was re-created)"
+    return (
+        f"topic {topic!r} now has {count} partitions, not the {expected} the flow reads: "
+        f"partitions were {what} while the flow was following it; keys are placed by murmur2 "
+        "modulo the partition count, so events of one key now go to another partition and "
+        f"partitions past {expected - 1} would never be read. Kafka cannot remove partitions: "
+        f"recreate the topic with {expected} partitions (and re-produce), or declare "
+        f"Source(partitions={count}) with a new topic and replay the views"
+    )
 
 
 def shift_offsets(events: pa.RecordBatch, base: int) -> pa.Table:
