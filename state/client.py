@@ -30,7 +30,7 @@ from typing import Any
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
-from state.codec import WATERMARK, decode_int, encode_entity, encode_key
+from state.codec import encode_entity, encode_key
 from state.errors import ClientClosedError, KeyTypeError, StateError, UnknownViewError
 from state.layout import ViewLayout
 from state.lock import VersionLease, use_version
@@ -40,6 +40,7 @@ from state.store import (
     list_views,
     open_secondary,
     partition_dir,
+    progress_of,
     read_current,
     read_layout,
     scratch_dir,
@@ -204,11 +205,10 @@ class FeatureClient:
             wanted: list[str | int | float | bytes | bool] = [
                 encode_key(keys[i]) for i in positions
             ]
-            if strict:
-                wanted.append(WATERMARK)  # bounds how far back the writer pruned tiles
             blobs = db.get(wanted) if db else None
             assert blobs is None or isinstance(blobs, list)
-            watermark = _watermark(blobs.pop()) if strict and blobs else None
+            # read after the blobs, so never older than what pruned them
+            watermark = progress_of(db).newest() if strict and db else None
             for j, i in enumerate(positions):
                 blob = blobs[j] if blobs else None
                 as_of = AsOf(keys[i], watermark) if strict else None
@@ -427,10 +427,6 @@ def _key_text(view: str, layout: ViewLayout, key: object) -> str:
         f"view {view!r}: key {key!r} is a {type(key).__name__}; the view is keyed by "
         f"{layout.key!r}, a str (or an int for an integer key field): pass the key as a str"
     )
-
-
-def _watermark(raw: bytes | None) -> int | None:
-    return decode_int(raw) if raw is not None else None
 
 
 def _evaluate(layout: ViewLayout, blob: bytes | None, t: int, as_of: AsOf | None) -> dict[str, Any]:

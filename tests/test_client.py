@@ -106,3 +106,63 @@ def test_get_many_keeps_order(state: Path) -> None:
         single = [client.get("spend", k, at=1_790_000_000) for k in keys]
     assert many == single
     assert many[1]["count"] == 0
+
+
+def test_pre_1970_times_keep_their_microseconds() -> None:
+    from state.client import to_micros
+
+    t = datetime(1969, 12, 31, 23, 59, 59, 250_000, tzinfo=UTC)
+    assert to_micros(t) == -750_000
+    assert to_micros(datetime(1960, 1, 1, 0, 0, 0, 1, tzinfo=UTC)) == -315_619_200_000_000 + 1
+    assert to_micros(-0.75) == -750_000
+
+
+def test_keys_of_the_wrong_type_are_refused(state: Path) -> None:
+    from state.errors import KeyTypeError
+
+    with FeatureClient(state) as client:
+        with pytest.raises(KeyTypeError, match="a list of keys, got the single key 'u1'"):
+            client.get_many("spend", "u1")
+        for bad in (None, b"user1", ["user1"], 1.5):
+            with pytest.raises(KeyTypeError, match="keyed by 'user_id'"):
+                client.get("spend", bad)  # type: ignore[arg-type]
+        with pytest.raises(KeyTypeError, match="composite key"):
+            client.get("spend", ("user1", "web"))  # type: ignore[arg-type]
+        assert client.get("spend", 7, at=1_790_000_000) == client.get(
+            "spend", "7", at=1_790_000_000
+        )
+
+
+def test_a_closed_client_refuses_reads(state: Path) -> None:
+    from state.errors import ClientClosedError
+
+    client = FeatureClient(state)
+    client.get("spend", "user1")
+    client.close()
+    client.close()  # idempotent
+    with pytest.raises(ClientClosedError, match="is closed; open a new FeatureClient"):
+        client.get("spend", "user1")
+
+
+def test_scratch_folders_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from state.store import sweep_scratch
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = tmp_path / f"featureflow-client-{int(dead.stdout)}-abc"
+    stale_peek = tmp_path / f"featureflow-peek-{int(dead.stdout)}-def"
+    mine = tmp_path / f"featureflow-client-{os.getpid()}-ghi"
+    other = tmp_path / "featureflow-unrelated"
+    for d in (stale, stale_peek, mine, other):
+        (d / "sub").mkdir(parents=True)
+    assert sorted(sweep_scratch(tmp_path)) == sorted([stale, stale_peek])
+    assert mine.is_dir()
+    assert other.is_dir()
