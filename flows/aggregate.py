@@ -207,7 +207,9 @@ def apply_batch(
     if late.any():
         rejected, table = table.filter(pa.array(late)), table.filter(pa.array(~late))
     table = prepare(table, layout, transform)
-    newest = max((w for w in (progress.newest(), batch.end_watermark) if w is not None), default=None)
+    newest = max(
+        (w for w in (progress.newest(), batch.end_watermark) if w is not None), default=None
+    )
     puts = {}
     if table.num_rows:
         puts = _merge_into_tiles(

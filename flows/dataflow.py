@@ -268,6 +268,7 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
                 )
             if result.poison:
                 self._dead.write(list(result.poison))
+                self._plan.metrics.dead_letters(self._source.name, len(result.poison))
             self._stores[i].commit(result.puts, result.progress)
             self._progress[i] = result.progress
             self._plan.metrics.applied(target.view.name, self._shard, result, part)

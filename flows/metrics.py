@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 if TYPE_CHECKING:
-    from connectors.log import LogBatch
-    from flows.aggregate import ApplyResult
+    from flows.aggregate import ApplyResult, LogSlice
 
 
 @dataclass
@@ -77,7 +76,7 @@ class Metrics:
         """Expose /metrics in Prometheus text format on 127.0.0.1:port."""
         start_http_server(port, addr="127.0.0.1", registry=self.registry)
 
-    def applied(self, view: str, partition: int, result: ApplyResult, batch: LogBatch) -> None:
+    def applied(self, view: str, partition: int, result: ApplyResult, batch: LogSlice) -> None:
         with self._lock:
             stats = self._stats.setdefault((view, partition), _PartitionStats())
             stats.applied += result.applied

@@ -20,8 +20,8 @@ from flows.errors import ConfigError
 from flows.metrics import Metrics
 from flows.schemas import field_defaults, schema_store
 from flows.spec import FeatureView
-from state.layout import ViewLayout
 from flows.validate import EventRules
+from state.layout import ViewLayout
 from state.store import (
     LogPosition,
     PartitionProgress,

@@ -53,7 +53,9 @@ def kept_events(
     for table in partitions:
         ts = event_times(table, layout.timestamp)
         late = late_mask(ts, running_watermarks(ts, None)[0], layout.retention_us)
-        kept.append(prepare(table.filter(pa.array(~late)) if late.any() else table, layout, transform))
+        kept.append(
+            prepare(table.filter(pa.array(~late)) if late.any() else table, layout, transform)
+        )
     return pa.concat_tables(kept) if kept else pa.table({})
 
 

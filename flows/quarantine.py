@@ -40,7 +40,7 @@ def validate_guarded(batch: LogBatch, rules: EventRules) -> LogBatch:
         return validate(batch, rules)
     except _INFRA:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of one record is that record's
+    except Exception as exc:
         return _validate_halves(batch, rules, exc)
 
 
@@ -57,7 +57,9 @@ def _validate_halves(batch: LogBatch, rules: EventRules, exc: Exception) -> LogB
         )
     mid = events.num_rows // 2
     parts = [
-        validate_guarded(LogBatch(batch.source, batch.partition, half, (), batch.next_offset), rules)
+        validate_guarded(
+            LogBatch(batch.source, batch.partition, half, (), batch.next_offset), rules
+        )
         for half in (events.slice(0, mid), events.slice(mid))
     ]
     return LogBatch(
@@ -90,7 +92,7 @@ class _Bisection:
             result = apply_batch(layout, piece, self.progress, self.get, self.view.transform)
         except _INFRA:
             raise
-        except Exception as exc:  # noqa: BLE001 - bisected by the caller
+        except Exception as exc:
             return exc
         self.overlay.update(result.puts)
         self.progress = result.progress
@@ -130,7 +132,9 @@ def _halves(
     if error is None:
         return
     if hi - lo == 1:
-        run.poison.append(_letter(f"view {run.view.name!r}", part.events, lo, part.partition, error))
+        run.poison.append(
+            _letter(f"view {run.view.name!r}", part.events, lo, part.partition, error)
+        )
         if len(run.poison) > MAX_POISON:
             raise FlowError(
                 f"view {run.view.name!r}: more than {MAX_POISON} records of source partition "

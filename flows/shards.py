@@ -82,7 +82,6 @@ class PartitionMark:
         self.next_offset, self.watermark = batch.next_offset, end
         return MarkedBatch(batch, first, marks, end, broadcast)
 
-
     def route(self, marked: MarkedBatch, key: str, shards: int) -> list[tuple[int, Routed]]:
         """The parts of a marked batch per view shard (`split`), each knowing where the previous
         part sent to its shard ended."""

@@ -33,7 +33,8 @@ from flows.pointintime import feature_type, kept_events, point_in_time
 from flows.schemas import field_defaults, schema_store
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import FeatureView, Source, load_definitions
-from flows.validate import validate
+from flows.quarantine import validate_guarded
+from flows.validate import EventRules
 
 SPINE_TS = "ts"
 SNAPSHOT_FORMAT = "1"
@@ -132,7 +133,7 @@ def read_log(source: Source, warehouse: Warehouse, kafka: str | None) -> list[pa
                 batch = log.read()
                 if batch is None:
                     break
-                parts.append(validate(batch, source.key, source.timestamp).events)
+                parts.append(validate_guarded(batch, EventRules.of(source)).events)
         finally:
             log.close()
         out.append(pa.concat_tables(parts) if parts else _empty_log(schema))

@@ -103,7 +103,9 @@ class Aggregation:
 
     def resolve(self, view: str) -> FeatureDef:
         where = f"view {view!r}, feature {self.name or self.agg!r}"
-        window_us = parse_duration(self.window, f"{where}: window") if self.window is not None else 0
+        window_us = (
+            parse_duration(self.window, f"{where}: window") if self.window is not None else 0
+        )
         if window_us == 0 and self.hop is not None:
             raise DefinitionError(
                 f"{where}: hop={self.hop!r} given for a lifetime feature; "

@@ -171,9 +171,10 @@ def _times(events: pa.Table, name: str) -> np.ndarray:
 
 
 def _future_reason(rules: EventRules, ahead_us: int) -> str:
+    bound = rules.max_future_us or 0
     return (
         f"event time {rules.timestamp!r} is {ahead_us / 1e6:,.0f}s ahead of the record's arrival "
-        f"time, more than the source's max_future ({rules.max_future_us / 1e6:,.0f}s); fix the "
+        f"time, more than the source's max_future ({bound / 1e6:,.0f}s); fix the "
         "producer's clock or time unit, or raise Source(max_future=...)"
     )
 

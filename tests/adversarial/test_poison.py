@@ -1,0 +1,179 @@
+"""No record that reaches the dataflow can stop it or poison its partition: an event 50 years
+ahead (issue 14 item 3), text that is not UTF-8 in a segment, a record the view's transform
+fails on (issue 8 item 3). Each becomes a dead letter with its reason; everything else is
+applied, and the accounting holds: records in the log = applied + late + dead letters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from connectors.avro import fingerprint_hex
+from connectors.log import LogBatch
+from connectors.segments import Warehouse, read_dead_letters
+from flows.ingest import ingest_table
+from flows.snapshot import read_log
+from flows.spec import load_definitions
+from flows.validate import EventRules, validate
+from state.client import FeatureClient
+from tests.helpers import DAY, MINUTE, make_events, run_command, write_definitions
+from tests.oracle import mismatches, oracle_values
+
+FIFTY_YEARS = 50 * 365 * DAY
+
+
+def _run(features: Path, tmp: Path, *extra: str) -> str:
+    result = run_command(
+        "flows.run",
+        *("--features", str(features), "--warehouse", str(tmp / "wh")),
+        *("--state", str(tmp / "state"), "--until-caught-up", *extra),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _check_views(features: Path, tmp: Path, events: pa.Table) -> None:
+    """Every view equals the oracle over `events`, which must be what the log holds once its
+    dead letters are taken out."""
+    defs = load_definitions(features)
+    log = pa.concat_tables(read_log(defs.sources["txns"], Warehouse(tmp / "wh"), None))
+    assert log.num_rows == events.num_rows
+    keys = sorted(set(events.column("user_id").to_pylist()))
+    t = int(events.column("ts").cast(pa.int64()).to_numpy().max()) + 5 * MINUTE
+    spine = pa.table({"row": range(len(keys)), "k": keys, "t": [t] * len(keys)})
+    with FeatureClient(tmp / "state") as client:
+        for name in ("spend", "channels"):
+            expected = oracle_values(defs.layouts[name], log, spine)
+            assert (
+                mismatches(defs.layouts[name], expected, client.get_many(name, keys, t / 1e6)) == []
+            )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_event_from_the_far_future_is_a_dead_letter_not_a_watermark(
+    tmp_path: Path, workers: int
+) -> None:
+    features = write_definitions(tmp_path / "defs", partitions=3)
+    source = load_definitions(features).sources["txns"]
+    events = make_events(3000, 30, seed=5)
+    future = events.slice(0, 1).to_pylist()[0]
+    future["ts"] = datetime.fromtimestamp(
+        (events.column("ts")[0].value + FIFTY_YEARS) / 1e6, tz=UTC
+    )
+    # The future event comes first in its partition's log: every later event would look late.
+    log = pa.concat_tables([pa.Table.from_pylist([future], schema=events.schema), events])
+    ingest_table(source, log, Warehouse(tmp_path / "wh"), keep_order=True)
+
+    out = _run(features, tmp_path, "--workers", str(workers))
+    for part in ("applied 3,000 events", "late 0;", "dead letters 1"):
+        assert part in out, out
+    _check_views(features, tmp_path, events)
+    letters = read_dead_letters(tmp_path / "wh", "txns")
+    reasons = letters.column("reason").to_pylist()
+    assert len(reasons) == 1, reasons
+    assert "max_future" in reasons[0], reasons
+
+
+def test_validate_applies_the_source_time_bounds() -> None:
+    ts = pa.array([0, 1_700_000_000_000_000, 1_700_000_000_000_000 + 3_600_000_000], pa.int64())
+    events = pa.table(
+        {
+            "user_id": ["a", "b", "c"],
+            "ts": ts.cast(pa.timestamp("us", tz="UTC")),
+            "_offset": pa.array([0, 1, 2], pa.int64()),
+            "_arrival": pa.array([1_700_000_000_000_000] * 3, pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")
+            ),
+        }
+    )
+    rules = EventRules("s", "user_id", "ts", max_future_us=5 * MINUTE, min_time_us=1)
+    checked = validate(LogBatch("s", 0, events, (), 3), rules)
+    assert checked.events.column("user_id").to_pylist() == ["b"]
+    reasons = {d.offset: d.reason for d in checked.dead_letters}
+    assert "min_time" in reasons[0]
+    assert "max_future" in reasons[2]
+
+
+def test_text_that_is_not_utf8_in_a_segment_is_a_dead_letter(tmp_path: Path) -> None:
+    features = write_definitions(tmp_path / "defs", partitions=1)
+    source = load_definitions(features).sources["txns"]
+    events = make_events(500, 10, seed=9)
+    wh = Warehouse(tmp_path / "wh")
+    ingest_table(source, events, wh)
+    # A segment written by another tool: one channel holds bytes that are not UTF-8.
+    bad = events.slice(events.num_rows - 3)
+    raw = pa.array([b"web", b"p\xffs", b"app"], pa.binary()).view(pa.string())
+    bad = bad.set_column(bad.column_names.index("channel"), "channel", raw)
+    n = wh.next_offset("txns", 0)
+    bad = bad.append_column("_offset", pa.array(np.arange(n, n + 3), pa.int64()))
+    bad = bad.append_column("_partition", pa.array([0, 0, 0], pa.int32()))
+    bad = bad.append_column("_arrival", bad.column("ts").cast(pa.timestamp("us", tz="UTC")))
+    wh.append("txns", 0, bad, fingerprint=fingerprint_hex(source.avro_schema()), ts_column="ts")
+    out = _run(features, tmp_path)
+    assert "applied 502 events" in out, out
+    assert "dead letters 1" in out, out
+    letters = read_dead_letters(tmp_path / "wh", "txns")
+    assert letters.num_rows == 1
+    assert "UTF-8" in letters.column("reason")[0].as_py()
+    record = orjson.loads(letters.column("payload")[0].as_py())
+    assert record["channel"] == "p\\xffs"  # the original bytes, escaped
+
+
+TRANSFORM = """
+
+def explode_on_1337(table):
+    import pyarrow.compute as pc
+    if pc.any(pc.equal(table.column("amount"), -13.37)).as_py():
+        raise ValueError("a negative amount is cursed")
+    return table
+
+cursed = FeatureView(name="cursed", source=txns, transform=explode_on_1337,
+                     features=[count(), sum("amount", window="1d")])
+"""
+
+
+def test_a_record_the_transform_fails_on_is_a_dead_letter(tmp_path: Path) -> None:
+    features = write_definitions(tmp_path / "defs", partitions=2)
+    features.write_text(features.read_text() + TRANSFORM)
+    source = load_definitions(features).sources["txns"]
+    events = make_events(4000, 40, seed=12)
+    cursed = np.zeros(events.num_rows, dtype=bool)
+    cursed[[10, 1999, 3998]] = True
+    amount = pc.if_else(pa.array(cursed), -13.37, events.column("amount"))
+    events = events.set_column(events.column_names.index("amount"), "amount", amount)
+    ingest_table(source, events, Warehouse(tmp_path / "wh"))
+
+    out = _run(features, tmp_path, "--views", "cursed,spend")
+    for part in ("cursed 3,997", "spend 4,000", "dead letters 3"):
+        assert part in out, out
+    letters = read_dead_letters(tmp_path / "wh", "txns")
+    assert letters.num_rows == 3
+    assert all("cursed" in r for r in letters.column("reason").to_pylist())
+    keys = sorted(set(events.column("user_id").to_pylist()))
+    t = int(events.column("ts").cast(pa.int64()).to_numpy().max()) + MINUTE
+    with FeatureClient(tmp_path / "state") as client:
+        rows = client.get_many("cursed", keys, at=t / 1e6)
+    assert sum(r["count"] for r in rows) == 3997
+
+
+def test_a_transform_that_fails_on_everything_stops_the_flow_clearly(tmp_path: Path) -> None:
+    features = write_definitions(tmp_path / "defs", partitions=1)
+    features.write_text(
+        features.read_text() + TRANSFORM.replace("-13.37)", "table.column('amount'))")
+    )
+    source = load_definitions(features).sources["txns"]
+    ingest_table(source, make_events(1000, 10, seed=1), Warehouse(tmp_path / "wh"))
+    result = run_command(
+        "flows.run",
+        *("--features", str(features), "--warehouse", str(tmp_path / "wh")),
+        *("--state", str(tmp_path / "state"), "--until-caught-up", "--views", "cursed"),
+    )
+    assert result.returncode != 0
+    assert "bug in the view's transform" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
