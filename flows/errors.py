@@ -4,7 +4,8 @@ FlowError
 ├── DefinitionError   a feature-definitions module or one of its objects is invalid
 ├── ConfigError       a command-line flag, config file or environment setting is invalid
 ├── DeadLetterError   dead letters could not be written whole and confirmed (the flow stops)
-└── SpineError        a snapshot spine file is missing, unreadable, or lacks a column
+├── SpineError        a snapshot spine file is missing, unreadable, or lacks a column
+└── SnapshotError     a snapshot cannot be made as asked (an empty source, a full disk)
 """
 
 from __future__ import annotations
@@ -29,3 +30,7 @@ class DeadLetterError(FlowError):
 
 class SpineError(FlowError):
     """A snapshot spine cannot be used as given."""
+
+
+class SnapshotError(FlowError):
+    """A snapshot cannot be made or written as asked; the message says why and what to do."""

@@ -10,10 +10,11 @@ live flow reads it (segments, then Kafka with --kafka), through the same aggrega
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import event_times
 from flows.cli import command_main
-from flows.errors import SpineError
+from flows.errors import SnapshotError, SpineError
 from flows.pointintime import feature_type, kept_events, point_in_time
 from flows.schemas import field_defaults, schema_store
 from flows.settings import COMMON, Option, Settings, build_parser
@@ -44,6 +45,13 @@ OPTIONS = (
     Option("spine", None, "spine file: entity key column + ts column (Parquet/CSV/JSONL)"),
     Option("out", None, "output Parquet file"),
     Option("views", None, "comma-separated views (default: all)"),
+    Option(
+        "allow-empty",
+        False,
+        "make the snapshot even when a view's source has no events in the log (every "
+        "feature then comes out empty: count 0, nulls); default: refuse",
+        bool,
+    ),
 )
 
 
@@ -58,8 +66,9 @@ def _snapshot(settings: Settings, _args: argparse.Namespace) -> int:
     started = time.perf_counter()
     defs = load_definitions(settings.features)
     views = defs.select(settings.views.split(",") if settings.views else None)
-    spine = read_spine(Path(settings.spine))
-    result = build_snapshot(views, spine, Warehouse(settings.warehouse), settings.kafka)
+    spine = read_spine(Path(settings.spine), spine_key_types(views))
+    wh = Warehouse(settings.warehouse)
+    result = build_snapshot(views, spine, wh, settings.kafka, allow_empty=settings.allow_empty)
     write_parquet_atomic(result, Path(settings.out))
     print(
         f"snapshot: {result.num_rows:,} rows x {result.num_columns - spine.num_columns} "
@@ -68,23 +77,57 @@ def _snapshot(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def read_spine(path: Path) -> pa.Table:
-    """Read a spine file by extension; raises SpineError naming the file and the cause."""
+def spine_key_types(views: Sequence[FeatureView]) -> dict[str, pa.DataType]:
+    """The Arrow type of each spine key column: the type of the source's key field."""
+    types: dict[str, pa.DataType] = {}
+    for view in views:
+        source = view.source
+        types.setdefault(source.key, arrow_schema(source.avro_schema()).field(source.key).type)
+    return types
+
+
+def read_spine(path: Path, key_types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
+    """Read a spine file by extension, its key columns as `key_types` (the sources' key types:
+    the CSV key `00123` of a string key stays "00123"); a file with no rows gives 0 rows.
+
+    Raises:
+        SpineError: naming the file and the cause.
+    """
     if not path.is_file():
         raise SpineError(f"spine file {str(path)!r} not found")
+    key_types = dict(key_types or {})
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            return pq.read_table(path)
+            return _typed_spine(pq.read_table(path), key_types, path)
         if suffix == ".csv":
-            return pacsv.read_csv(path)
+            convert = pacsv.ConvertOptions(column_types=key_types)
+            return _typed_spine(pacsv.read_csv(path, convert_options=convert), key_types, path)
         if suffix in (".jsonl", ".json", ".ndjson"):
-            return pajson.read_json(path)
+            return _typed_spine(pajson.read_json(path), key_types, path)
     except (pa.ArrowException, OSError) as exc:
         raise SpineError(f"spine file {str(path)!r} cannot be read: {exc}") from exc
     raise SpineError(
         f"spine file {str(path)!r}: unknown extension {suffix!r}; use .parquet, .csv or .jsonl"
     )
+
+
+def _typed_spine(spine: pa.Table, key_types: dict[str, pa.DataType], path: Path) -> pa.Table:
+    """Key columns cast to the sources' key types; an all-null `ts` (a file without rows)
+    typed as timestamps."""
+    wanted = {**key_types, SPINE_TS: pa.timestamp("us", tz="UTC")}
+    for i, f in enumerate(spine.schema):
+        target = wanted.get(f.name)
+        if target is None or f.type == target or (f.name == SPINE_TS and f.type != pa.null()):
+            continue
+        try:
+            spine = spine.set_column(i, pa.field(f.name, target), spine.column(i).cast(target))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SpineError(
+                f"spine file {str(path)!r}: key column {f.name!r} of type {f.type} cannot be "
+                f"read as the source key's type {target}: {exc}; fix the spine's keys"
+            ) from exc
+    return spine
 
 
 def spine_times(spine: pa.Table, source: Source) -> np.ndarray:
@@ -151,9 +194,18 @@ def _empty_log(schema: pa.Schema) -> pa.Table:
 
 
 def build_snapshot(
-    views: Sequence[FeatureView], spine: pa.Table, warehouse: Warehouse, kafka: str | None = None
+    views: Sequence[FeatureView],
+    spine: pa.Table,
+    warehouse: Warehouse,
+    kafka: str | None = None,
+    *,
+    allow_empty: bool = False,
 ) -> pa.Table:
-    """The spine plus one column per feature of each view, point-in-time correct."""
+    """The spine plus one column per feature of each view, point-in-time correct.
+
+    Raises:
+        SnapshotError: a view's source has no events in the log (unless `allow_empty`).
+    """
     result = spine
     logs: dict[str, list[pa.Table]] = {}
     for view in views:
@@ -166,6 +218,8 @@ def build_snapshot(
         times = spine_times(spine, source)
         if source.name not in logs:
             logs[source.name] = read_log(source, warehouse, kafka)
+            if not allow_empty and not any(t.num_rows for t in logs[source.name]):
+                raise _empty_source(source, views, warehouse, kafka)
         layout = view.layout()
         keys = spine.column(source.key)
         events = _only_keys(
@@ -191,16 +245,60 @@ def _only_keys(events: pa.Table, key: str, keys: pa.ChunkedArray) -> pa.Table:
     return events.filter(pc.is_in(ev_keys, value_set=wanted))
 
 
+def _empty_source(
+    source: Source, views: Sequence[FeatureView], warehouse: Warehouse, kafka: str | None
+) -> SnapshotError:
+    names = ", ".join(repr(v.name) for v in views if v.source.name == source.name)
+    where = f"the warehouse {warehouse.root}" + (f" nor Kafka at {kafka}" if kafka else "")
+    return SnapshotError(
+        f"source {source.name!r} has no events in {where}, so every feature of view(s) "
+        f"{names} would be empty (count 0, nulls) for every spine row. Ingest or archive its "
+        "history first (or check --warehouse and --kafka), or pass --allow-empty to make the "
+        "snapshot anyway"
+    )
+
+
 def write_parquet_atomic(table: pa.Table, out: Path) -> None:
-    """Write to a temporary name beside `out`, then rename: never a half-written file."""
+    """Write to a temporary name beside `out` (`.<name>.tmp-<pid>`), fsync, then rename: never
+    a half-written file. Temporary files of killed snapshots (dead pids) are removed first.
+
+    Raises:
+        SnapshotError: the disk is full (naming the path); nothing is left behind.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd")
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, out)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SnapshotError(
+            f"no space left on the device holding {out.parent} (writing {out}); the snapshot "
+            "was not written: free space there (or choose another --out) and run it again"
+        ) from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":

@@ -3,10 +3,15 @@ unique amount (so each row can be counted in the log), and reading the whole log
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from connectors.segments import Warehouse, read_dead_letters
 from tests.helpers import run_command, write_definitions
@@ -60,6 +65,38 @@ def unlisted_files(warehouse: Path, source: str = "txns") -> list[Path]:
     listed = {wh.path(source, s) for p in range(PARTITIONS) for s in wh.segments(source, p)}
     on_disk = set((warehouse / source).glob("p*/*"))
     return sorted(on_disk - listed) + sorted((warehouse / source).glob(".*.tmp"))
+
+
+@contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `mount` (a new directory); skips when it cannot be
+    mounted (mounting needs root), saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root; run as root to test ENOSPC")
+    mount.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); ENOSPC untestable")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of `directory`, leaving 16 KB; returns the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(filler, filler.stat().st_size - 16 * 1024)
+    return filler
 
 
 __all__ = ["run_command"]
