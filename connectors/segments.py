@@ -787,7 +787,8 @@ def write_dead_letters(
 
 
 def read_dead_letters(root: str | Path, source: str) -> pa.Table:
-    """All dead letters of a source, oldest file first."""
+    """All dead letters of a source, in file-name order (time-stamped files, then the
+    `ingest-<hash>` files of ingests)."""
     files = sorted((Path(root) / source / DEAD_LETTER_DIR).glob("*.parquet"))
     tables = [pq.read_table(f).cast(DEAD_LETTER_SCHEMA) for f in files]
     return pa.concat_tables(tables) if tables else DEAD_LETTER_SCHEMA.empty_table()

@@ -57,8 +57,12 @@ def ensure_demo_data(
     warehouse: Warehouse,
     n_events: int = 1_000_000,
 ) -> IngestReport | None:
-    """Generate the demo log if the warehouse holds nothing for `source`."""
-    if any(warehouse.next_offset(source.name, p) for p in range(source.partitions)):
-        return None
-    # The demo's log order is its arrival order: some events arrive late on purpose.
-    return ingest_table(source, demo_table(n_events), warehouse, keep_order=True)
+    """Generate the demo log if the warehouse holds nothing for `source`.
+
+    The check and the ingest hold the source's manifest lock, so two runs started at once
+    generate the demo data once."""
+    with warehouse.lock(source.name):
+        if any(warehouse.next_offset(source.name, p) for p in range(source.partitions)):
+            return None
+        # The demo's log order is its arrival order: some events arrive late on purpose.
+        return ingest_table(source, demo_table(n_events), warehouse, keep_order=True)
