@@ -54,7 +54,7 @@ def test_shared_client_survives_replays_and_sees_new_events(tmp_path: Path) -> N
                 assert sum(v["count"] for v in values) >= 2000
                 client.get("channels", KEYS[n])
                 reads[n] += 1
-            except BaseException as exc:  # noqa: BLE001 - every failure is the finding
+            except BaseException as exc:
                 failures.append(exc)
 
     threads = [threading.Thread(target=reader, args=(n,)) for n in range(8)]
@@ -86,8 +86,10 @@ def test_shared_client_survives_replays_and_sees_new_events(tmp_path: Path) -> N
     assert _total(client) == 2300
     assert visible_after < 1.0, f"new events visible only after {visible_after:.2f}s"
     health = client.health()
-    assert health.refreshing and health.versions["spend"] == 4
-    assert health.last_catch_up is not None and time.time() - health.last_catch_up < 5
+    assert health.refreshing
+    assert health.versions["spend"] == 4
+    assert health.last_catch_up is not None
+    assert time.time() - health.last_catch_up < 5
     client.close()
     with pytest.raises(ClientClosedError, match="closed"):
         client.get("spend", "user1")
@@ -109,7 +111,8 @@ def test_catch_up_thread_logs_and_survives_a_broken_partition(
             while client.health().errors == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
         health = client.health()
-        assert health.errors > 0 and health.last_error
+        assert health.errors > 0
+        assert health.last_error
         assert health.refreshing, "the catch-up thread died"
         assert any("catch-up" in r.getMessage() for r in caplog.records)
         assert client.get("spend", "user1", at=AT_LATER) == before  # reads still served

@@ -95,7 +95,7 @@ def test_old_definition_follower_stops_instead_of_undoing_a_deployment(
     assert result.returncode == 0, result.stderr
     store = ViewStore(store_dir / "state")
     assert store.current_version("spend") == 2
-    out, err = follower.communicate(timeout=60)
+    _out, err = follower.communicate(timeout=60)
     assert follower.returncode != 0
     assert "the deployed definition changed (v2 is live" in err
     assert "restart it with the new definitions" in err
@@ -138,7 +138,8 @@ def test_second_writer_is_refused_with_the_holders_pid(
     )
     assert second.returncode != 0
     assert f"pid {follower.pid}" in second.stderr
-    assert "holds state dir" in second.stderr and "use another --state" in second.stderr
+    assert "holds state dir" in second.stderr
+    assert "use another --state" in second.stderr
     assert "Traceback" not in second.stderr
     assert follower.poll() is None
 
