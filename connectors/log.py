@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import SchemaStore
-from connectors.envelope import DeadLetter
+from connectors.envelope import DeadLetter, log_schema
 from connectors.errors import ConnectorError, LogGapError
 from connectors.kafka import KafkaLogReader, partition_watermarks
 from connectors.segments import Warehouse
@@ -73,6 +73,7 @@ class PartitionLog:
     _last_poll: float = field(init=False, default=0.0)
     _in_kafka: bool = field(init=False, default=False)
     _base: int = field(init=False, default=0)  # log offset of Kafka offset 0
+    _segments_end: int = field(init=False, default=0)  # the offset after the segments read
     _next_topic_check: float = field(init=False, default=0.0)
     _partitions: int | None = field(init=False, default=None)  # the topic's, when first read
 
@@ -122,6 +123,7 @@ class PartitionLog:
             archived = self.warehouse.next_offset(self.source, self.partition)
             if archived <= self._next:
                 return None
+            self._segments_end = archived  # covered up to here, holes and gaps included
             it = self._segments = iter(
                 self.warehouse.read(
                     self.source,
@@ -148,7 +150,11 @@ class PartitionLog:
         if tables:
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
             last = int(table.column("_offset")[-1].as_py())
-            return LogBatch(self.source, self.partition, table, (), last + 1)
+            end = self._segments_end if self._segments is None else last + 1
+            return LogBatch(self.source, self.partition, table, (), end)
+        if self._segments_end > self._next:  # only holes or gaps were left: move past them
+            empty = log_schema(self.arrow_schema).empty_table()
+            return LogBatch(self.source, self.partition, empty, (), self._segments_end)
         if self.kafka is None:
             return self._poll_new_segments()
         return None

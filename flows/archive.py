@@ -3,12 +3,20 @@
 Per partition, records from the log's next offset (the last archived offset + 1) up to the
 topic's end as of the start are decoded into the source's typed columns and appended as
 segments of at most --segment-rows records. A trailing range smaller than that is archived only
-once its oldest record is older than --max-age (so segments roll by size and by age). Records
-that cannot be decoded, and offsets Kafka skips (transaction markers, compaction), are kept as
-all-null rows at their offsets, so every offset lives in exactly one segment; they became dead
-letters when the flow read them. A segment is durable (file fsync'd, then the manifest replaced
-atomically) before the manifest records it, so after a crash a rerun leaves every offset in
-exactly one segment.
+once its oldest record is older than --max-age (so segments roll by size and by age).
+
+Every offset is accounted for, so archive never stops at a bad record:
+- a data record is a row of a segment;
+- an undecodable record, a tombstone (no value) and a record without an event time are dead
+  letters: archive writes them, with the reason and the original bytes (the Kafka value; a
+  record without an event time re-encoded as the source's single-object Avro), to the warehouse
+  dead-letter files `<warehouse>/<source>/_deadletter/` (whether or not the flow already sent
+  them to `<source>.dlq`), and their offsets are holes of the segment that covers them;
+- offsets Kafka never hands to a reader (transaction markers, records of aborted transactions:
+  not data) are holes too; a range with no data record at all is a gap entry of the manifest.
+A segment is durable (file fsync'd, then the manifest replaced atomically) before the manifest
+records it, so after a crash a rerun leaves every offset covered exactly once. The topic must
+have the source's partition count.
 """
 
 from __future__ import annotations
@@ -17,22 +25,25 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.avro import arrow_schema, fingerprint_hex
-from connectors.envelope import ARRIVAL, OFFSET, PARTITION, TIMESTAMP_US, log_schema
-from connectors.kafka import KafkaLogReader
-from connectors.log import shift_offsets
+from connectors.avro import SingleObjectWriter, arrow_schema, fingerprint_hex
+from connectors.envelope import ARRIVAL, OFFSET, DeadLetter, log_schema
+from connectors.errors import ConnectorError
+from connectors.kafka import KafkaBatch, KafkaLogReader, list_partitions
+from connectors.log import shift_letter, shift_offsets
 from connectors.segments import Warehouse
 from flows.cli import command_main
+from flows.deadletters import DeadLetterWriter
 from flows.errors import ConfigError
 from flows.schemas import register_current
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
+
+NO_RECORDS = "archived: no data record (dead letters, transaction markers or aborted transactions)"
 
 OPTIONS = (
     *COMMON[:2],
@@ -86,9 +97,14 @@ def _archive(settings: Settings, _args: argparse.Namespace) -> int:
 def archive_source(
     source: Source, warehouse: Warehouse, bootstrap: str, segment_rows: int, max_age_s: float
 ) -> ArchiveReport:
-    """Archive every partition of a source up to the topic's current end."""
+    """Archive every partition of a source up to the topic's current end.
+
+    Raises:
+        ConnectorError: the topic's partition count is not the source's (nothing archived).
+    """
     schema = source.avro_schema()
     store = register_current(source, warehouse)
+    check_partition_count(bootstrap, source)
     segments = records = 0
     for p in range(source.partitions):
         start = warehouse.next_offset(source.name, p)
@@ -102,37 +118,69 @@ def archive_source(
             arrow_schema(schema),
             key_field=source.key,
         )
+        target = _Target(source, warehouse, p, fingerprint_hex(schema), SingleObjectWriter(schema))
         try:
-            s, r = _archive_partition(
-                source,
-                warehouse,
-                reader,
-                p,
-                (start, base),
-                segment_rows,
-                max_age_s,
-                fingerprint_hex(schema),
-            )
+            s, r = _archive_partition(target, reader, (start, base), segment_rows, max_age_s)
         finally:
             reader.close()
         segments, records = segments + s, records + r
     return ArchiveReport(segments, records)
 
 
+def check_partition_count(bootstrap: str, source: Source) -> None:
+    """Refuse a topic whose partition count differs from the source's.
+
+    Raises:
+        ConnectorError: naming both counts and what to do.
+    """
+    found = list_partitions(bootstrap, source.kafka_topic)
+    if found != source.partitions:
+        raise ConnectorError(
+            f"topic {source.kafka_topic!r} has {found} partitions but source {source.name!r} "
+            f"declares {source.partitions}; archiving would "
+            + ("leave partitions unread" if found > source.partitions else "fail on a missing one")
+            + " and keys are placed by murmur2 modulo the count: fix Source(partitions=...) or "
+            "--features, or archive the topic the source was written to"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where one partition's archive goes: its source, warehouse, schema fingerprint, and the
+    encoder of records that become dead letters at archive (their original format)."""
+
+    source: Source
+    warehouse: Warehouse
+    partition: int
+    fingerprint: str
+    encoder: SingleObjectWriter
+
+
+@dataclass
+class _Pending:
+    """Records read but not yet archived: tables of data records, the dead letters among their
+    offsets, and the first offset they cover (holes included)."""
+
+    first: int
+    tables: list[pa.Table] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(t.num_rows for t in self.tables)
+
+
 def _archive_partition(
-    source: Source,
-    warehouse: Warehouse,
+    target: _Target,
     reader: KafkaLogReader,
-    p: int,
     start_and_base: tuple[int, int],
     segment_rows: int,
     max_age_s: float,
-    fp: str,
 ) -> tuple[int, int]:
     """Archive one partition; offsets here are log offsets (Kafka offset + base)."""
     start, base = start_and_base
     end = reader.high_watermark() + base
-    pending: list[pa.Table] = []
+    pending = _Pending(start)
     covered, segments, records = start, 0, 0
     while covered < end:
         batch = reader.read_batch(max_records=min(5000, end - covered))
@@ -140,55 +188,90 @@ def _archive_partition(
             if batch.at_end:
                 break
             continue
-        table = shift_offsets(batch.events, base).cast(log_schema(reader_schema(source)))
         upto = min(batch.next_offset + base, end)
-        pending.append(_fill_gaps(table, source, p, covered, upto))
+        _take(target, pending, batch, base, (covered, upto))
         covered = upto
-        if sum(t.num_rows for t in pending) >= segment_rows:
-            full = pa.concat_tables(pending)
-            for a in range(0, full.num_rows - segment_rows + 1, segment_rows):
-                warehouse.append(
-                    source.name,
-                    p,
-                    full.slice(a, segment_rows),
-                    fingerprint=fp,
-                    ts_column=source.timestamp,
-                )
-                segments, records = segments + 1, records + segment_rows
-            rest = full.num_rows % segment_rows
-            pending = [full.slice(full.num_rows - rest)] if rest else []
-    if pending:
-        tail = pa.concat_tables(pending)
-        if tail.num_rows and _old_enough(tail, max_age_s):
-            warehouse.append(source.name, p, tail, fingerprint=fp, ts_column=source.timestamp)
-            segments, records = segments + 1, records + tail.num_rows
+        while pending.rows >= segment_rows:
+            pending = _commit(target, pending, segment_rows)
+            segments, records = segments + 1, records + segment_rows
+    tail_rows = pending.rows
+    if covered > pending.first and (tail_rows == 0 or _old_enough(pending, max_age_s)):
+        _commit(target, pending, tail_rows, through=covered - 1)
+        segments, records = segments + (1 if tail_rows else 0), records + tail_rows
     return segments, records
+
+
+def _take(
+    target: _Target, pending: _Pending, batch: KafkaBatch, base: int, span: tuple[int, int]
+) -> None:
+    """Add a read batch's records in [span) to `pending`: data records, and as dead letters
+    the undecodable ones, tombstones, and records without an event time (segments hold none)."""
+    first, upto = span
+    table = shift_offsets(batch.events, base).cast(log_schema(reader_schema(target.source)))
+    offsets = table.column(OFFSET)
+    table = table.filter(pc.and_(pc.greater_equal(offsets, first), pc.less(offsets, upto)))
+    no_time = pc.is_null(table.column(target.source.timestamp))
+    if pc.any(no_time).as_py():
+        pending.letters += _timeless(target, table.filter(no_time))
+        table = table.filter(pc.invert(no_time))
+    pending.tables.append(table)
+    for d in batch.failures:
+        letter = shift_letter(d, base)
+        if letter.offset is not None and first <= letter.offset < upto:
+            pending.letters.append(letter)
+
+
+def _timeless(target: _Target, rows: pa.Table) -> list[DeadLetter]:
+    """Records without an event time as dead letters, re-encoded as the source's Avro."""
+    fields = [f["name"] for f in target.encoder.schema["fields"]]
+    return [
+        DeadLetter(
+            f"source {target.source.name!r}: record at offset {row[OFFSET]} has no event time "
+            f"({target.source.timestamp!r} is null); events need one",
+            target.partition,
+            int(row[OFFSET]),
+            target.encoder.encode({k: row[k] for k in fields}),
+        )
+        for row in rows.to_pylist()
+    ]
+
+
+def _commit(target: _Target, pending: _Pending, rows: int, through: int | None = None) -> _Pending:
+    """Archive the first `rows` pending records, covering offsets from `pending.first` up to
+    the last of them (or `through`); the rest stays pending.
+
+    Dead letters of the covered offsets are written to the warehouse dead-letter files first,
+    then the segment (or, without records, a gap) is listed: a crash between the two may
+    repeat a dead letter on the rerun, never lose one."""
+    table = pa.concat_tables(pending.tables) if pending.tables else None
+    head = table.slice(0, rows) if table is not None else None
+    last = through if through is not None else int(head.column(OFFSET)[-1].as_py())  # type: ignore[union-attr]
+    letters = [d for d in pending.letters if d.offset is not None and d.offset <= last]
+    name, p, wh = target.source.name, target.partition, target.warehouse
+    DeadLetterWriter(wh.root, name, None).write(letters)
+    if head is not None and head.num_rows:
+        wh.append(
+            name,
+            p,
+            head,
+            fingerprint=target.fingerprint,
+            ts_column=target.source.timestamp,
+            first_offset=pending.first,
+            last_offset=last,
+        )
+    else:
+        wh.append_gap(name, p, pending.first, last, NO_RECORDS)
+    rest = [table.slice(rows)] if table is not None and table.num_rows > rows else []
+    kept = [d for d in pending.letters if d.offset is not None and d.offset > last]
+    return _Pending(last + 1, rest, kept)
 
 
 def reader_schema(source: Source) -> pa.Schema:
     return arrow_schema(source.avro_schema())
 
 
-def _fill_gaps(table: pa.Table, source: Source, p: int, first: int, upto: int) -> pa.Table:
-    """Rows for every offset in [first, upto): decoded records, null rows for the others."""
-    table = table.filter(
-        pc.and_(pc.greater_equal(table.column(OFFSET), first), pc.less(table.column(OFFSET), upto))
-    )
-    have = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
-    missing = np.setdiff1d(np.arange(first, upto, dtype=np.int64), have)
-    if len(missing):
-        schema = log_schema(reader_schema(source))
-        now = int(time.time() * 1_000_000)
-        columns = {f.name: pa.nulls(len(missing), f.type) for f in reader_schema(source)}
-        columns[OFFSET] = pa.array(missing)
-        columns[PARTITION] = pa.array(np.full(len(missing), p, dtype=np.int32))
-        columns[ARRIVAL] = pa.array(np.full(len(missing), now), pa.int64()).cast(TIMESTAMP_US)
-        table = pa.concat_tables([table, pa.table(columns, schema=schema)])
-        table = table.sort_by(OFFSET)
-    return table
-
-
-def _old_enough(table: pa.Table, max_age_s: float) -> bool:
+def _old_enough(pending: _Pending, max_age_s: float) -> bool:
+    table = pa.concat_tables(pending.tables)
     oldest = pc.min(table.column(ARRIVAL).cast(pa.int64())).as_py()
     return oldest is None or time.time() - oldest / 1e6 >= max_age_s
 
