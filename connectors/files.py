@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import gzip
 import hashlib
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,7 +227,7 @@ class _Typed:
             if pa.types.is_timestamp(target.type):
                 converted, bad = self._times(column, target)
             else:
-                converted, bad = _cast_values(_text_nulls(column, target.type), target.type)
+                converted, bad = _cast_text(column, target.type)
         except (pa.ArrowException, ValueError) as exc:
             raise InputFileError(
                 f"history file {self.path}: column {target.name!r} of type {column.type} "
@@ -298,6 +298,10 @@ class _Typed:
         self, column: pa.ChunkedArray, target: pa.Field
     ) -> tuple[pa.ChunkedArray, np.ndarray | None]:
         """ISO-8601 text, or integer epoch times written as text, row by row."""
+        try:  # the common case: every value ISO-8601 with a zone, in the field's precision
+            return _chunked(column.cast(target.type)), None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
         integer = pc.fill_null(pc.match_substring_regex(column, _INTEGER), False)
         if not pc.any(integer).as_py():
             return _parse_iso(column, target.type)
@@ -361,6 +365,17 @@ def _text_nulls(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray
     spellings = NULL_SPELLINGS[:-2] if pa.types.is_floating(target) else NULL_SPELLINGS
     null = pc.is_in(trimmed, value_set=pa.array(spellings))
     return pc.if_else(null, pa.scalar(None, column.type), trimmed)
+
+
+def _cast_text(
+    column: pa.ChunkedArray, target: pa.DataType
+) -> tuple[pa.ChunkedArray, np.ndarray | None]:
+    """`column` (text or not) read as `target`: directly when every value parses (no null
+    spelling, no spaces), else after `_text_nulls`, flagging the values that still fail."""
+    try:
+        return _chunked(column.cast(target)), None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return _cast_values(_text_nulls(column, target), target)
 
 
 def _cast_values(
@@ -481,14 +496,19 @@ class _Lines:
     valid_utf8: bool
 
     @classmethod
-    def of(cls, data: bytes) -> _Lines:
+    def of(cls, data: bytes, *, blank_if_spaces: bool) -> _Lines:
+        """Lines that pyarrow skips are left out: empty ones, and for JSON (`blank_if_spaces`)
+        those holding only white space."""
         lines = data.split(b"\n")
         if lines[-1] == b"":
             lines.pop()
         valid = _is_utf8(data)
-        if lines.count(b"") + lines.count(b"\r") == 0:
+        if blank_if_spaces:
+            kept = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+        elif lines.count(b"") + lines.count(b"\r") == 0:
             return cls(range(1, len(lines) + 1), lines, valid)
-        kept = [(n, line) for n, line in enumerate(lines, start=1) if line not in (b"", b"\r")]
+        else:
+            kept = [(n, line) for n, line in enumerate(lines, start=1) if line not in (b"", b"\r")]
         return cls([n for n, _ in kept], [line for _, line in kept], valid)
 
     def invalid_utf8(self) -> list[int]:
@@ -506,94 +526,128 @@ class _Lines:
         return b"\n".join(self.lines[i] for i in rows)
 
 
-def _rows_of(
-    lines: _Lines,
-    rows: Sequence[int],
-    table: pa.Table,
-    letters: list[tuple[int, DeadLetter]],
-    found: Sequence[str],
+class _TextRows:
+    """The line each row read from a text file comes from. The file is split into lines only
+    when a dead letter needs one (or when some lines are not valid UTF-8)."""
+
+    def __init__(self, data: bytes, first: int) -> None:
+        self._data, self._first = data, first  # first: index of the first data line (CSV: 1)
+        self.skipped: set[int] = set()  # indexes of non-empty lines that are not rows
+
+    @functools.cached_property
+    def lines(self) -> _Lines:
+        return _Lines.of(self._data, blank_if_spaces=self._first == 0)
+
+    @functools.cached_property
+    def rows(self) -> Sequence[int]:
+        n = len(self.lines.lines)
+        if not self.skipped:
+            return range(self._first, n)
+        return [i for i in range(self._first, n) if i not in self.skipped]
+
+    def where(self, row: int) -> str:
+        return f"line {self.lines.numbers[self.rows[row]]}"
+
+    def payload(self, row: int) -> bytes:
+        return self.lines.lines[self.rows[row]]
+
+    def valid_text(self, path: Path) -> tuple[bytes, list[tuple[int, DeadLetter]]]:
+        """The file without its lines that are not valid UTF-8, and their dead letters."""
+        if _is_utf8(self._data):
+            return self._data, []
+        lines = self.lines
+        bad = lines.invalid_utf8()
+        self.skipped |= set(bad)
+        text = lines.joined([i for i in range(len(lines.lines)) if i not in self.skipped])
+        return text, [(i, lines.letter(path, i, "not valid UTF-8 text")) for i in bad]
+
+
+def _raw_text(
+    table: pa.Table, rows: _TextRows, letters: list[tuple[int, DeadLetter]], found: Sequence[str]
 ) -> _Raw:
-    """A text file's table whose row r is line index rows[r]; letters in line order."""
-    return _Raw(
-        table,
-        lambda r: f"line {lines.numbers[rows[r]]}",
-        lambda r: lines.lines[rows[r]],
-        tuple(d for _, d in sorted(letters, key=lambda x: x[0])),
-        found,
-    )
+    ordered = tuple(d for _, d in sorted(letters, key=lambda x: x[0]))
+    return _Raw(table, rows.where, rows.payload, ordered, found)
 
 
 def _read_csv(path: Path, data: bytes, schema: pa.Schema) -> _Raw:
     # Every schema column is read as text and converted by the schema's types (module doc).
-    lines = _Lines.of(data)
-    if not lines.lines or not _is_utf8(lines.lines[0]):
+    head = data[: data.find(b"\n") if b"\n" in data else len(data)].rstrip(b"\r")
+    if not head.strip() or not _is_utf8(head):
         raise ValueError("the first line must be a UTF-8 header naming the columns")
-    header = next(csv.reader([lines.lines[0].decode()]))
-    not_utf8 = set(lines.invalid_utf8())
-    letters = [(i, lines.letter(path, i, "not valid UTF-8 text")) for i in sorted(not_utf8)]
-    kept = [i for i in range(1, len(lines.lines)) if i not in not_utf8]
+    header = next(csv.reader([head.decode()]))
     present = [n for n in schema.names if n in header]
-    invalid: list[int] = []  # 1-based among the lines pyarrow reads, the header being 1
+    rows = _TextRows(data, first=1)
+    text, letters = rows.valid_text(path)
+    table, invalid = _csv_table(text, present, use_threads=True)
+    if invalid:  # read again in one thread: only then does pyarrow number the bad lines
+        table, invalid = _csv_table(text, present, use_threads=False)
+        kept = [i for i in range(1, len(rows.lines.lines)) if i not in rows.skipped]
+        bad_shape = [kept[n - 2] for n in invalid]
+        reason = f"the line does not have the {len(header)} cells of the header"
+        letters += [(i, rows.lines.letter(path, i, reason)) for i in bad_shape]
+        rows.skipped |= set(bad_shape)
+    return _raw_text(table, rows, letters, header)
+
+
+def _csv_table(text: bytes, columns: list[str], *, use_threads: bool) -> tuple[pa.Table, list[int]]:
+    """The columns as text, and the numbers (1-based among non-empty lines, the header being
+    1; None with threads) of the lines whose cell count differs from the header's."""
+    invalid: list[int] = []
 
     def skip_row(row: pacsv.InvalidRow) -> str:
         invalid.append(row.number)
         return "skip"
 
     table = pacsv.read_csv(
-        io.BytesIO(lines.joined([0, *kept])),
-        read_options=pacsv.ReadOptions(use_threads=False),
+        pa.BufferReader(text),
+        read_options=pacsv.ReadOptions(use_threads=use_threads),
         parse_options=pacsv.ParseOptions(invalid_row_handler=skip_row),
         convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in present},
-            include_columns=present,
+            column_types={n: pa.string() for n in columns},
+            include_columns=columns,
             strings_can_be_null=True,
             null_values=[""],
             quoted_strings_can_be_null=False,
         ),
     )
-    bad_shape = {kept[n - 2] for n in invalid}
-    reason = f"the line does not have the {len(header)} cells of the header"
-    letters += [(i, lines.letter(path, i, reason)) for i in bad_shape]
-    return _rows_of(lines, [i for i in kept if i not in bad_shape], table, letters, header)
+    return table, invalid
 
 
 def _read_json(path: Path, data: bytes, schema: pa.Schema) -> _Raw:
-    lines = _Lines.of(data)
-    not_utf8 = set(lines.invalid_utf8())
-    letters = [(i, lines.letter(path, i, "not valid UTF-8 text")) for i in sorted(not_utf8)]
-    rows = [i for i in range(len(lines.lines)) if i not in not_utf8]
+    rows = _TextRows(data, first=0)
+    text, letters = rows.valid_text(path)
     try:
-        table = pajson.read_json(io.BytesIO(lines.joined(rows))) if rows else pa.table({})
-        found = table.column_names
-        table = table.select([n for n in schema.names if n in found])
+        table = pajson.read_json(pa.BufferReader(text)) if text.strip() else pa.table({})
     except pa.ArrowInvalid:
-        table, rows, more = _json_row_by_row(path, lines, rows, schema)
+        table, more = _json_row_by_row(path, rows, schema)
         letters += more
-        found = table.column_names
-    if not rows:
+    found = table.column_names
+    table = table.select([n for n in schema.names if n in found])
+    if table.num_rows == 0:  # no row at all (or only bad ones): no column is missing
         table = pa.table({n: pa.nulls(0, pa.string()) for n in schema.names})
-    return _rows_of(lines, rows, table, letters, found)
+    return _raw_text(table, rows, letters, found)
 
 
 def _json_row_by_row(
-    path: Path, lines: _Lines, rows: list[int], schema: pa.Schema
-) -> tuple[pa.Table, list[int], list[tuple[int, DeadLetter]]]:
+    path: Path, rows: _TextRows, schema: pa.Schema
+) -> tuple[pa.Table, list[tuple[int, DeadLetter]]]:
     """The slow path, for files pyarrow refuses as a whole (a line that is not a JSON object,
     a column whose JSON type varies): each value is kept as its JSON text, or the text itself
     for a string, and read by the schema's type like CSV text."""
     objects: list[dict[str, Any]] = []
-    kept: list[int] = []
     letters: list[tuple[int, DeadLetter]] = []
-    for i in rows:
+    lines = rows.lines
+    for i in list(rows.rows):
         obj = _json_object(lines.lines[i])
         if obj is None:
             letters.append((i, lines.letter(path, i, "the line is not a JSON object")))
         else:
             objects.append(obj)
-            kept.append(i)
+    rows.skipped |= {i for i, _ in letters}
+    del rows.rows  # recomputed without the lines just skipped
     names = [n for n in schema.names if any(n in o for o in objects)]
     columns = {n: pa.array([_as_text(o.get(n)) for o in objects], pa.string()) for n in names}
-    return pa.table(columns) if names else pa.table({}), kept, letters
+    return (pa.table(columns) if names else pa.table({})), letters
 
 
 def _json_object(line: bytes) -> dict[str, Any] | None:

@@ -163,3 +163,23 @@ def test_unknown_extension_and_missing_file(tmp_path: Path, schema: pa.Schema) -
         read_history(tmp_path / "tx.xlsx", schema)
     with pytest.raises(InputFileError, match="does not exist"):
         read_history(tmp_path / "nope.csv", schema)
+
+
+def test_dead_letters_name_the_physical_line_past_blank_lines(
+    tmp_path: Path, schema: pa.Schema
+) -> None:
+    good = b'{"user_id": "u1", "ts": "2023-11-14T22:13:20Z"}'
+    bad = b'{"user_id": "u2", "ts": "never"}'
+    (tmp_path / "tx.jsonl").write_bytes(b"\n".join([good, b"", b"   ", good, b"\r", bad]))
+    csv_good, csv_bad = b"u1,2023-11-14T22:13:20Z", b"u2,never"
+    header = b"user_id,ts,amount,merchant,channel,is_fraud"
+    (tmp_path / "tx.csv").write_bytes(
+        b"\n".join([header.replace(b",amount,merchant,channel,is_fraud", b""), csv_good, b""])
+        + b"\n"
+        + b"\n".join([csv_good, b"u3", csv_bad])
+    )
+    for name, line, payload in (("tx.jsonl", 6, bad), ("tx.csv", 6, csv_bad)):
+        [read] = read_files(tmp_path / name, schema.remove(5).remove(4).remove(3).remove(2))
+        assert read.table.num_rows == 2
+        assert read.rejected[-1].payload == payload
+        assert f"{name} line {line}: column 'ts'" in read.rejected[-1].reason
