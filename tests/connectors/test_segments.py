@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -308,3 +309,37 @@ def test_a_manifest_without_gaps_or_ingest_records_still_reads(
     warehouse.append_gap("tx", 0, 10, 19, "control records")
     assert warehouse.kafka_base("tx", 0) == 10  # fixed once, a later gap does not move it
     assert warehouse.next_offset("tx", 0) == 20
+
+
+def test_append_many_commits_every_partition_or_none(warehouse: Warehouse, log_rows: Any) -> None:
+    good = {0: [log_rows(0, 10), log_rows(10, 5)], 1: [log_rows(0, 7, partition=1)]}
+    bad = {**good, 2: [log_rows(3, 4, partition=2)]}  # partition 2 must start at 0
+    with pytest.raises(SegmentError, match="contiguous from 0"):
+        warehouse.append_many("tx", bad, fingerprint="ab12", ts_column="ts")
+    assert [warehouse.next_offset("tx", p) for p in range(3)] == [0, 0, 0]
+    assert list((warehouse.root / "tx").glob("p*/*")) == []  # the files it wrote are removed
+    infos = warehouse.append_many("tx", good, fingerprint="ab12", ts_column="ts")
+    assert [(i.partition, i.first_offset, i.last_offset) for i in infos] == [
+        (0, 0, 9),
+        (0, 10, 14),
+        (1, 0, 6),
+    ]
+    assert offsets_of(warehouse.read("tx", 0)) == list(range(15))
+
+
+def test_threads_appending_through_transactions_never_lose_an_entry(
+    warehouse: Warehouse, log_rows: Any
+) -> None:
+    def writer() -> None:
+        for _ in range(10):
+            with Warehouse(warehouse.root).transaction("tx") as tx:
+                first = tx.next_offset(0)
+                tx.append(0, log_rows(first, 3), fingerprint="ab12", ts_column="ts")
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert offsets_of(warehouse.read("tx", 0)) == list(range(4 * 10 * 3))
+    assert len(warehouse.segments("tx", 0)) == 40
