@@ -413,17 +413,27 @@ def _chunked(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
     return values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
 
 
+def implausible_epoch(values: np.ndarray, unit: str) -> str | None:
+    """None when some integer epoch times of `values` fall in the years [1980, 2300) read in
+    `unit` (or there are none); else the unit in which the first value would, for a message
+    ("s|ms|us|ns" when none would)."""
+    if len(values) == 0:
+        return None
+    seconds = np.asarray(values, dtype=np.int64) // _PER_SECOND[unit]
+    if np.any((seconds >= _PLAUSIBLE_S[0]) & (seconds < _PLAUSIBLE_S[1])):
+        return None
+    first = int(values[0])
+    fits = [u for u in TIME_UNITS if _PLAUSIBLE_S[0] <= first // _PER_SECOND[u] < _PLAUSIBLE_S[1]]
+    return fits[0] if fits else "|".join(TIME_UNITS)
+
+
 def _check_plausible(path: Path, name: str, column: pa.ChunkedArray, unit: str) -> None:
     """Refuse integer times of which none is in [1980, 2300) when read in `unit`."""
     values = np.asarray(column.drop_null().to_numpy(), dtype=np.int64)
-    if len(values) == 0:
+    fits = implausible_epoch(values, unit)
+    if fits is None:
         return
-    seconds = values // _PER_SECOND[unit]
-    if np.any((seconds >= _PLAUSIBLE_S[0]) & (seconds < _PLAUSIBLE_S[1])):
-        return
-    value = int(values[0])
-    fits = [u for u in TIME_UNITS if _PLAUSIBLE_S[0] <= value // _PER_SECOND[u] < _PLAUSIBLE_S[1]]
-    hint = f"--time-unit {fits[0]}" if fits else "--time-unit s|ms|us|ns"
+    value, hint = int(values[0]), f"--time-unit {fits}"
     raise InputFileError(
         f"history file {path}: column {name!r} holds integer times like {value}, which read "
         f"in {unit} are outside the years 1980-2300 (every value is); say the unit of these "

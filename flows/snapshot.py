@@ -25,6 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from connectors.avro import arrow_schema
+from connectors.files import implausible_epoch
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import event_times
@@ -151,8 +152,15 @@ def spine_times(spine: pa.Table, source: Source) -> np.ndarray:
         return event_times(pa.table({SPINE_TS: col}), SPINE_TS)
     if pa.types.is_integer(col.type):
         unit = source.field_types()[source.timestamp]
-        scale = 1000 if unit == "timestamp-millis" else 1
-        return np.asarray(col.to_numpy(), dtype=np.int64) * scale
+        values = np.asarray(col.to_numpy(), dtype=np.int64)
+        fits = implausible_epoch(values, "ms" if unit == "timestamp-millis" else "us")
+        if fits is not None:
+            raise SpineError(
+                f"spine column 'ts' holds integer times like {values[0]}, which read in the "
+                f"unit of {source.name!r}'s {unit} field are outside the years 1980-2300; "
+                f"write the times in that unit (these look like {fits}) or as ISO-8601 text"
+            )
+        return values * (1000 if unit == "timestamp-millis" else 1)
     raise SpineError(
         f"spine column 'ts' has type {col.type}; use timestamps, ISO-8601 text or "
         "integer epoch times"

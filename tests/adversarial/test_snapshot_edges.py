@@ -139,3 +139,18 @@ def test_a_full_disk_at_out_names_the_path_and_leaves_nothing(
     done = snapshot(common, tmp_path / "spine.parquet", out)
     assert done.returncode == 0, done.stderr
     assert pq.read_table(out).num_rows == n
+
+
+def test_spine_epoch_seconds_for_a_micros_field_are_refused(
+    ingested: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    _, common = ingested
+    seconds = 1_780_200_000
+    (tmp_path / "spine.csv").write_text(f"user_id,ts\nuser4,{seconds}\n")
+    refused = snapshot(common, tmp_path / "spine.csv", tmp_path / "out.parquet")
+    assert refused.returncode == 2
+    assert f"spine column 'ts' holds integer times like {seconds}" in refused.stderr
+    assert "these look like s" in refused.stderr
+    (tmp_path / "spine.csv").write_text(f"user_id,ts\nuser4,{seconds * 1_000_000}\n")
+    done = snapshot(common, tmp_path / "spine.csv", tmp_path / "out.parquet")
+    assert done.returncode == 0, done.stderr
