@@ -401,6 +401,35 @@ def partition_watermarks(
         consumer.close()
 
 
+def offset_at_time(
+    bootstrap: str, topic: str, partition: int, at_ms: int, timeout_s: float = 10.0
+) -> int:
+    """The first offset of a partition whose message time is at or after `at_ms` (ms since the
+    epoch); the partition's end if every message is older.
+
+    Raises:
+        ConnectorError: the broker does not answer, or the topic or partition does not exist.
+    """
+    consumer = Consumer(_consumer_config(bootstrap))
+    try:
+        (found,) = consumer.offsets_for_times(
+            [TopicPartition(topic, partition, at_ms)], timeout=timeout_s
+        )
+        if found.error is None and found.offset >= 0:
+            return int(found.offset)
+        if found.error is None:  # no message that late
+            return _watermarks(consumer, topic, partition, timeout_s)[1]
+        error = found.error
+    except KafkaException as exc:
+        error = exc.args[0]
+    finally:
+        consumer.close()
+    raise ConnectorError(
+        f"topic {topic!r} partition {partition}: cannot find the offset at time {at_ms} ms "
+        f"({error.str()}); check that the broker runs and the topic exists"
+    )
+
+
 def _watermarks(
     consumer: Consumer, topic: str, partition: int, timeout_s: float
 ) -> tuple[int, int]:

@@ -10,7 +10,9 @@ are the whole log, and new segments (from `flows.ingest`) are picked up as they 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -19,8 +21,13 @@ import pyarrow.compute as pc
 from connectors.avro import SchemaStore
 from connectors.envelope import DeadLetter, log_schema
 from connectors.errors import ConnectorError, LogGapError
-from connectors.kafka import KafkaLogReader, partition_watermarks
-from connectors.segments import Warehouse
+from connectors.kafka import (
+    KafkaLogReader,
+    list_partitions,
+    offset_at_time,
+    partition_watermarks,
+)
+from connectors.segments import Gap, Warehouse
 
 TOPIC_CHECK_S = 2.0  # how often a following flow checks its topic's shape
 
@@ -197,8 +204,9 @@ class PartitionLog:
             raise LogGapError(
                 f"source {self.source!r} partition {self.partition}: offset {self._next} "
                 "onwards is neither in warehouse segments nor in Kafka (retention removed it "
-                f"before it was archived): {exc}. Restore the missing records into segments "
-                "with flows.ingest, or raise the topic's retention and archive more often"
+                f"before it was archived): {exc}. To go on without them, record the lost "
+                "range as a gap with `flows.run --kafka-start earliest-available`; to keep "
+                "this from happening, archive more often than the topic's retention"
             ) from exc
         self._check_topic(reader)
         base = self._base
@@ -248,6 +256,140 @@ class PartitionLog:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaStart:
+    """Where the log of a partition that Kafka no longer holds from offset 0 starts: at the
+    earliest offset Kafka still holds (`at_ms` None), or at the first record at or after a
+    time (ms since the epoch; only for partitions whose log has not started yet)."""
+
+    label: str  # as the user gave it: "earliest-available" or an ISO time
+    at_ms: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> KafkaStart | None:
+        """The `--kafka-start` setting: None (not given), earliest-available, or an ISO time
+        with a timezone.
+
+        Raises:
+            ConnectorError: the text is neither.
+        """
+        if not text or text == "earliest-available":
+            return cls(text) if text else None
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            at = None
+        if at is None or at.tzinfo is None:
+            raise ConnectorError(
+                f"--kafka-start {text!r} is neither 'earliest-available' nor an ISO time with "
+                "a timezone; give e.g. --kafka-start 2026-01-31T00:00:00Z"
+            )
+        return cls(text, int(at.timestamp() * 1000))
+
+
+def start_kafka_logs(
+    warehouse: Warehouse,
+    bootstrap: str,
+    logs: Sequence[tuple[str, str, int]],
+    start: KafkaStart | None,
+) -> list[str]:
+    """`start_kafka_log` for each (source, topic, partitions); a line per gap written. A topic
+    that does not exist yet, or has another partition count, is left to the caller.
+
+    Raises:
+        LogGapError: as `start_kafka_log`.
+    """
+    lines = []
+    for source, topic, partitions in logs:
+        try:
+            if list_partitions(bootstrap, topic) != partitions:
+                continue
+        except ConnectorError:
+            continue  # no such topic yet: nothing held back
+        for gap in start_kafka_log(warehouse, source, (bootstrap, topic), partitions, start):
+            lines.append(
+                f"source {source!r} partition {gap.partition}: the log starts at offset "
+                f"{gap.last_offset + 1}; offsets [{gap.first_offset}, {gap.last_offset}] are "
+                "recorded as a gap in the warehouse manifest"
+            )
+    return lines
+
+
+def start_kafka_log(
+    warehouse: Warehouse,
+    source: str,
+    kafka: tuple[str, str],
+    partitions: int,
+    start: KafkaStart | None,
+) -> list[Gap]:
+    """Record where each partition's log starts in Kafka, before a flow reads it.
+
+    With `start`, the offsets of each partition that are no longer in Kafka (or are before
+    the time) and not in the warehouse become a gap of the warehouse manifest, so reads,
+    snapshots and replays know the log's true start. Without it, a partition whose log has not
+    started (no segments, no Kafka base) on a topic past retention is refused, naming every such
+    partition, before anything is applied.
+
+    Args:
+        kafka: (bootstrap, topic) of the source's log.
+
+    Returns:
+        The gaps written.
+
+    Raises:
+        LogGapError: without `start`, partitions whose first offsets Kafka no longer holds.
+    """
+    (bootstrap, topic), gaps, missing = kafka, [], []
+    for p in range(partitions):
+        low = partition_watermarks(bootstrap, topic, p)[0]
+        fresh = warehouse.next_offset(source, p) == 0 and warehouse.kafka_base(source, p) is None
+        if start is None:
+            if fresh and low > 0:
+                missing.append(f"partition {p} [0, {low - 1}]")
+            continue
+        first = low
+        if start.at_ms is not None and fresh:
+            first = max(low, offset_at_time(bootstrap, topic, p, start.at_ms))
+        gap = _record_start(warehouse, source, p, first, start)
+        gaps += [gap] if gap is not None else []
+    if missing:
+        raise LogGapError(_not_held(source, topic, missing))
+    return gaps
+
+
+def _record_start(
+    warehouse: Warehouse, source: str, partition: int, first: int, start: KafkaStart
+) -> Gap | None:
+    """The gap before Kafka offset `first` of a partition, listed in the manifest (if any)."""
+    with warehouse.transaction(source) as tx:
+        if first == 0 and tx.kafka_base(partition) is None:
+            return None  # Kafka holds the whole log: nothing to record
+        base = tx.fix_kafka_base(partition)  # 0 for a log that has not started
+        begin = tx.next_offset(partition)
+        if begin >= first + base:
+            return None
+        if start.at_ms is not None:
+            why = "before the start chosen at onboarding"
+        elif begin == 0:
+            why = "before retention at onboarding"
+        else:
+            why = "no longer in Kafka (retention passed) and never archived"
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        reason = f"{why}: --kafka-start {start.label} at {now}"
+        return tx.append_gap(partition, begin, first + base - 1, reason)
+
+
+def _not_held(source: str, topic: str, missing: list[str]) -> str:
+    return (
+        f"source {source!r}: Kafka topic {topic!r} no longer holds the start of the log of "
+        f"{', '.join(missing)} (retention passed) and the warehouse has no segments for those "
+        "offsets, so the log would have a gap; start the log at what Kafka still holds with "
+        "`flows.run --kafka-start earliest-available`, or at a time with `--kafka-start "
+        "2026-01-31T00:00:00Z` (either records the gap in the warehouse manifest), or first "
+        "ingest the history that covers those offsets with flows.ingest"
+    )
 
 
 def _high_watermark(kafka: KafkaTail | None, partition: int) -> int | None:

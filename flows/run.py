@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from connectors.kafka import ensure_topic, partition_watermarks
+from connectors.log import KafkaStart, start_kafka_logs
 from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.dataflow import FlowPlan, run_dataflow
@@ -36,6 +37,13 @@ OPTIONS = (
     Option("metrics-port", None, "serve Prometheus metrics on 127.0.0.1:PORT", int),
     Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
     Option("process-id", None, "bytewax cluster: this process's index in --addresses", int, 0),
+    Option(
+        "kafka-start",
+        None,
+        "where a log that Kafka no longer holds from offset 0 starts: 'earliest-available' "
+        "or an ISO time (e.g. 2026-01-31T00:00:00Z); the skipped offsets are recorded as a "
+        "gap in the warehouse manifest",
+    ),
     *DATAFLOW,
 )
 
@@ -62,6 +70,12 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
                     f"{settings.warehouse} in {report.seconds:.1f}s",
                     flush=True,
                 )
+    if settings.kafka and not settings.process_id:  # before the plan reads the topic
+        sources = {v.source.name: v.source for v in views}.values()
+        logs = [(s.name, s.kafka_topic, s.partitions) for s in sources]
+        start = KafkaStart.parse(settings.kafka_start)
+        for line in start_kafka_logs(warehouse, settings.kafka, logs, start):
+            print(line, flush=True)
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)

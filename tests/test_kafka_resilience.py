@@ -427,13 +427,16 @@ def test_gap_at_the_start_stops_before_applying_anything(
     result = run_command("flows.run", *common, "--state", str(state), "--until-caught-up")
 
     assert gap_named(result, {0: f"[0, {cut - 1}]"}) == 0
-    store = ViewStore(state)
-    for view in VIEWS:
-        assert store.current_version(view) is None  # never switched live
-        assert store.versions(view)  # the run did start building it
-        for version in store.versions(view):
-            assert read_progress(store, view, version, 0).applied_offset == -1
-            assert stored_partition(state, view, version, 0, 0) == (0, {})
+    assert "--kafka-start earliest-available" in result.stderr  # a remedy that works
+    # Refused before the plan: no view version was even started (a log that does not start at
+    # offset 0 of the topic is checked for every partition before anything is applied).
+    if (state / "FORMAT").is_file():
+        store = ViewStore(state)
+        for view in VIEWS:
+            assert store.current_version(view) is None  # never switched live
+            for version in store.versions(view):
+                assert read_progress(store, view, version, 0).applied_offset == -1
+                assert stored_partition(state, view, version, 0, 0) == (0, {})
     assert_clear_error(result)
 
 
