@@ -316,8 +316,8 @@ def _ingest_command(settings: Settings, args: object) -> int:
         source, files, warehouse, keep_order=settings.keep_order, force=settings.force
     )
     print(
-        f"ingested source {source.name!r} into {settings.warehouse} in "
-        f"{report.seconds:.1f}s: {report.summary()}"
+        f"ingested {report.rows:,} events of source {source.name!r} into "
+        f"{settings.warehouse} in {report.seconds:.1f}s: {report.summary()}"
     )
     return 0
 
