@@ -1,5 +1,10 @@
 """Flow metrics: per view and partition, events applied, late and dead-letter counts, lag and
-freshness; exported to Prometheus (prometheus-client) and summarized on the console."""
+freshness; exported to Prometheus (prometheus-client) and summarized on the console.
+
+Freshness is the delay from a record's arrival in the log (its Kafka message time) to its
+being applied, taken for the newest record of each applied batch: it does not grow while the
+log is idle. The age of the newest applied record (now minus its arrival) is reported
+separately, and the console says "idle" when nothing new was applied since its last line."""
 
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ class _PartitionStats:
     late: int = 0
     offset: int = -1
     newest_arrival_us: int | None = None
+    freshness_s: float | None = None  # arrival-to-applied delay of the newest applied record
+
+    def age_s(self) -> float:
+        return _age_s(self.newest_arrival_us) or 0.0
 
 
 @dataclass
@@ -67,7 +76,13 @@ class Metrics:
         )
         self._freshness = Gauge(
             "featureflow_freshness_seconds",
-            "now minus arrival time of the newest applied record",
+            "delay from arrival to applied of the newest applied record (constant while idle)",
+            labels,
+            registry=self.registry,
+        )
+        self._age = Gauge(
+            "featureflow_last_event_age_seconds",
+            "now minus the arrival time of the newest applied record (grows while idle)",
             labels,
             registry=self.registry,
         )
@@ -85,7 +100,11 @@ class Metrics:
             if batch.events.num_rows and "_arrival" in batch.events.column_names:
                 arrival = batch.events.column("_arrival")[-1].value
                 if arrival is not None:
+                    new_child = stats.newest_arrival_us is None
                     stats.newest_arrival_us = int(arrival)
+                    stats.freshness_s = time.time() - int(arrival) / 1e6
+                    if new_child:
+                        self._age.labels(view, str(partition)).set_function(stats.age_s)
         labels = (view, str(partition))
         end = self._ends.get((view, partition))
         if end is not None:
@@ -93,8 +112,8 @@ class Metrics:
         self._events.labels(*labels).inc(result.applied)
         self._late.labels(*labels).inc(result.late.num_rows)
         self._offset.labels(*labels).set(result.progress.applied_offset)
-        if stats.newest_arrival_us is not None:
-            self._freshness.labels(*labels).set(time.time() - stats.newest_arrival_us / 1e6)
+        if stats.freshness_s is not None:
+            self._freshness.labels(*labels).set(stats.freshness_s)
 
     def records_read(self, source: str, n: int) -> None:
         """Records read from the log (events and records that became dead letters)."""
@@ -146,15 +165,31 @@ class Metrics:
                 f"{head}  catching up [{bar:<30}] {done:4.0%}  "
                 f"{events:,}/{self.to_catch_up:,} events  {tail}"
             )
-        fresh = self.freshness_s()
+        fresh, age = self.freshness_s(), self.last_event_age_s()
         freshness = f"  freshness {fresh:.2f}s" if fresh is not None else ""
-        return f"{head}  live  events {events:,}  {tail}{freshness}"
+        idle = f"  idle (last event {age:.1f}s ago)" if events == before and age else ""
+        return f"{head}  live  events {events:,}  {tail}{freshness}{idle}"
 
     def freshness_s(self) -> float | None:
+        """Arrival-to-applied delay of the newest applied record (of the partition whose newest
+        record arrived last); it stays put while the log is idle."""
+        with self._lock:
+            newest = max(
+                (s for s in self._stats.values() if s.newest_arrival_us is not None),
+                key=lambda s: s.newest_arrival_us or 0,
+                default=None,
+            )
+        return None if newest is None else newest.freshness_s
+
+    def last_event_age_s(self) -> float | None:
         """Seconds since the arrival of the newest applied record (max over partitions)."""
         with self._lock:
             arrivals = [s.newest_arrival_us for s in self._stats.values() if s.newest_arrival_us]
-        return time.time() - max(arrivals) / 1e6 if arrivals else None
+        return _age_s(max(arrivals)) if arrivals else None
+
+
+def _age_s(arrival_us: int | None) -> float | None:
+    return None if arrival_us is None else time.time() - arrival_us / 1e6
 
 
 class ConsoleReporter:
