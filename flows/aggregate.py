@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.envelope import DeadLetter
-from state.codec import decode_words, encode_key, encode_words
+from state.codec import KEY_SEPARATOR, decode_words, encode_key, encode_words
 from state.layout import HopGroup, ViewLayout
 from state.store import LogPosition, PartitionProgress
 from state.tiles import (
@@ -59,7 +59,34 @@ def event_times(table: pa.Table, column: str) -> I64:
 
 def key_strings(table: pa.Table, column: str) -> pa.ChunkedArray:
     col = table.column(column)
+    if pa.types.is_boolean(col.type):
+        return pc.if_else(col, "true", "false")
     return col if pa.types.is_string(col.type) else col.cast(pa.string())
+
+
+KEY = "_key"  # the entity key's text (state.codec.key_text), added for views with their own key
+NO_KEY = "\x00"  # stands for a spine row's null key part: no event has it (null keys are refused)
+
+
+def key_column(table: pa.Table, columns: Sequence[str]) -> pa.ChunkedArray:
+    """Entity key texts of every row, column-wise: exactly `state.codec.key_text` of the key
+    parts; null where any part is null."""
+    if len(columns) == 1:
+        return key_strings(table, columns[0])
+    parts = [
+        pc.replace_substring(
+            pc.replace_substring(key_strings(table, c), "\\", "\\\\"), KEY_SEPARATOR, "\\u001f"
+        )
+        for c in columns
+    ]
+    return pc.binary_join_element_wise(*parts, KEY_SEPARATOR)
+
+
+def entity_keys(table: pa.Table, layout: ViewLayout) -> pa.ChunkedArray:
+    """The key text of every event of a view (its `_key` column when re-keyed)."""
+    if KEY in table.column_names:
+        return table.column(KEY)
+    return key_column(table, layout.key_columns)
 
 
 def column_values(table: pa.Table, layout: ViewLayout) -> dict[str, ColumnValues]:
@@ -131,6 +158,18 @@ class LogSlice:
     watermarks: I64
     through_offset: int  # the last log offset covered (other shards' records included)
     end_watermark: int | None  # the partition's watermark after through_offset
+    prepared: bool = False  # late-checked and transformed already (a re-keyed view's slice)
+    late: pa.Table | None = None  # with `prepared`: the late events of the batch, if any
+
+
+def _unapplied(table: pa.Table, marks: I64, applied: int) -> tuple[pa.Table, I64]:
+    """The rows after the applied offset (a restart re-reads what a shard may already hold)."""
+    if applied < 0 or not table.num_rows:
+        return table, marks
+    fresh = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64) > applied
+    if fresh.all():
+        return table, marks
+    return table.filter(pa.array(fresh)), marks[fresh]
 
 
 def whole_partition(
@@ -160,14 +199,36 @@ def _transformed(table: pa.Table, layout: ViewLayout, transform: Transform) -> p
             f"view {layout.view!r}: transform returned {type(result).__name__}; "
             "it must return a pyarrow.Table"
         )
-    needed = {OFFSET, layout.key, layout.timestamp, *layout.columns}
+    needed = {OFFSET, *layout.key_columns, layout.timestamp, *layout.columns}
     missing = sorted(needed - set(result.column_names))
     if missing:
         raise TypeError(
-            f"view {layout.view!r}: transform dropped column(s) {missing}; keep the "
-            "key, timestamp, _offset and every aggregated column"
+            f"view {layout.view!r}: transform output lacks column(s) {missing}; keep the "
+            "key, timestamp, _offset and every aggregated column, and add the declared "
+            "columns= (got: " + ", ".join(result.column_names) + ")"
         )
-    return result
+    return _typed(result, layout)
+
+
+DERIVED_ARROW = {
+    "int": pa.int32(),
+    "long": pa.int64(),
+    "float": pa.float32(),
+    "double": pa.float64(),
+    "string": pa.string(),
+    "boolean": pa.bool_(),
+}
+
+
+def _typed(table: pa.Table, layout: ViewLayout) -> pa.Table:
+    """Aggregated and key columns cast to their declared types (derived columns come from user
+    code, in whatever type it produced)."""
+    for name in {*layout.columns, *layout.key_columns}:
+        kind = DERIVED_ARROW.get(layout.column_types.get(name, ""))
+        column = table.column(name)
+        if kind is not None and column.type != kind:
+            table = table.set_column(table.column_names.index(name), name, column.cast(kind))
+    return table
 
 
 def apply_batch(
@@ -196,17 +257,16 @@ def apply_batch(
     if isinstance(batch, pa.Table):
         batch = whole_partition(batch, layout, progress, through_offset)
     position = progress.position(batch.partition, batch.shard)
-    table, marks = batch.events, batch.watermarks
-    if position.offset >= 0 and table.num_rows:
-        fresh = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64) > position.offset
-        if not fresh.all():
-            table, marks = table.filter(pa.array(fresh)), marks[fresh]
-    ts = event_times(table, layout.timestamp)
-    late = late_mask(ts, marks, layout.retention_us)
-    rejected = table.slice(0, 0)
-    if late.any():
-        rejected, table = table.filter(pa.array(late)), table.filter(pa.array(~late))
-    table = prepare(table, layout, transform)
+    table, marks = _unapplied(batch.events, batch.watermarks, position.offset)
+    if batch.prepared:
+        late_rows = batch.late if batch.late is not None else table.slice(0, 0)
+        rejected = _unapplied(late_rows, np.zeros(late_rows.num_rows, np.int64), position.offset)[0]
+    else:
+        late = late_mask(event_times(table, layout.timestamp), marks, layout.retention_us)
+        rejected = table.slice(0, 0)
+        if late.any():
+            rejected, table = table.filter(pa.array(late)), table.filter(pa.array(~late))
+        table = prepare(table, layout, transform)
     newest = max(
         (w for w in (progress.newest(), batch.end_watermark) if w is not None), default=None
     )
@@ -226,7 +286,7 @@ def apply_batch(
 def _merge_into_tiles(
     layout: ViewLayout, table: pa.Table, ts: I64, watermark: int | None, get_blobs: BlobGetter
 ) -> dict[bytes, bytes]:
-    encoded = key_strings(table, layout.key).combine_chunks().dictionary_encode()
+    encoded = entity_keys(table, layout).combine_chunks().dictionary_encode()
     key_ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
     keys: list[str] = encoded.dictionary.to_pylist()
     ev = sort_events(table, layout, key_ids, ts)

@@ -37,11 +37,12 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from connectors.errors import ConnectorError
 from connectors.log import KafkaTail, LogBatch, PartitionLog
 from connectors.segments import Warehouse
+from flows.aggregate import KEY
 from flows.deadletters import DeadLetterWriter
 from flows.errors import FlowError
 from flows.metrics import Metrics
 from flows.quarantine import apply_guarded, validate_guarded
-from flows.shards import PartitionMark, Routed
+from flows.shards import PartitionMark, Rekeyed, Routed
 from flows.spec import FeatureView
 from flows.validate import EventRules
 from state.errors import StateError
@@ -78,6 +79,7 @@ class SourcePlan:
     kafka: KafkaTail | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # for fields added to the schema
     start_watermark: dict[int, int | None] = field(default_factory=dict)  # at start, per partition
+    rekeyed: tuple[Rekeyed, ...] = ()  # the views with their own key (routed by it)
     rules: EventRules | None = None  # what records must satisfy (default: key and time present)
 
     @property
@@ -253,18 +255,25 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
 
     def _apply(self, item: Routed) -> None:
         part = item.slice
-        positions = [p.position(part.partition, self._shard) for p in self._progress]
+        chosen = [i for i, t in enumerate(self._source.targets) if route_group(t) == item.view]
+        positions = [self._progress[i].position(part.partition, self._shard) for i in chosen]
         _check_contiguous(item, positions, self._source.name)
-        floor = min(pos.offset for pos in positions)
-        self._dead.write([d for d in item.dead_letters if d.offset is None or d.offset > floor])
-        for i, target in enumerate(self._source.targets):
+        floor = min((pos.offset for pos in positions), default=-1)
+        letters = [d for d in item.dead_letters if d.offset is None or d.offset > floor]
+        self._dead.write(letters)
+        self._plan.metrics.dead_letters(self._source.name, len(letters))
+        for i in chosen:
+            target = self._source.targets[i]
             result = apply_guarded(
                 target.view, target.layout, part, self._progress[i], self._stores[i].get_many
             )
             late = result.late
             if late.num_rows:
                 self._dead.write_late(
-                    late, target.view.name, part.partition, version=target.version
+                    late.drop_columns([c for c in late.column_names if c == KEY]),
+                    target.view.name,
+                    part.partition,
+                    version=target.version,
                 )
             if result.poison:
                 self._dead.write(list(result.poison))
@@ -272,7 +281,6 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             self._stores[i].commit(result.puts, result.progress)
             self._progress[i] = result.progress
             self._plan.metrics.applied(target.view.name, self._shard, result, part)
-        self._plan.metrics.dead_letters(self._source.name, len(item.dead_letters))
 
     def snapshot(self) -> None:
         return None
@@ -281,6 +289,12 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self._dead.close()
         for store in self._stores:
             store.close()
+
+
+def route_group(target: ViewTarget) -> str | None:
+    """The routing group of a view: its name when it has its own key, else None (the views
+    of the source key share their slices)."""
+    return target.view.name if target.layout.rekeyed else None
 
 
 def _check_contiguous(item: Routed, positions: list[LogPosition], source: str) -> None:
@@ -354,7 +368,8 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
         plan.metrics.records_read(batch.source, batch.events.num_rows + len(batch.dead_letters))
         checked = validate_guarded(batch, sp.event_rules)
         marked = state.mark(checked, sp.timestamp, sp.catch_up[batch.partition], time.monotonic())
-        parts = state.route(marked, sp.key, len(sp.start))
+        plain = any(not t.layout.rekeyed for t in sp.targets)
+        parts = state.route(marked, sp.key, len(sp.start), sp.rekeyed, plain=plain)
         return state, [(part_key(sp.name, shard), routed) for shard, routed in parts]
 
     marked = op.stateful_map("validate", log, mark)

@@ -19,6 +19,7 @@ from flows.dataflow import FlowPlan, SourcePlan, ViewTarget, caught_up
 from flows.errors import ConfigError
 from flows.metrics import Metrics
 from flows.schemas import field_defaults, schema_store
+from flows.shards import Rekeyed
 from flows.spec import FeatureView
 from flows.validate import EventRules
 from state.layout import ViewLayout
@@ -190,6 +191,11 @@ def build_plan(
             defaults=field_defaults(source),
             start_watermark=marks,
             rules=EventRules.of(source),
+            rekeyed=tuple(
+                Rekeyed(t.view.name, t.layout, t.view.transform)
+                for t in src_targets
+                if t.layout.rekeyed
+            ),
         )
     return FlowPlan(
         warehouse=warehouse,

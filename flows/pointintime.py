@@ -17,9 +17,11 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from flows.aggregate import (
+    KEY,
     SortedEvents,
+    entity_keys,
     event_times,
-    key_strings,
+    key_column,
     late_mask,
     prepare,
     running_watermarks,
@@ -48,15 +50,23 @@ def kept_events(
     layout: ViewLayout, partitions: list[pa.Table], transform: Callable[[pa.Table], pa.Table] | None
 ) -> pa.Table:
     """The events the live flow applies: per partition in offset order, minus the ones too late
-    for the view (the partition's watermark rule of `flows.aggregate.apply_batch`), transformed."""
+    for the view (the partition's watermark rule of `flows.aggregate.apply_batch`), transformed;
+    for a view with its own key, keyed (`_key`) and without null key parts, as routed."""
     kept: list[pa.Table] = []
     for table in partitions:
         ts = event_times(table, layout.timestamp)
         late = late_mask(ts, running_watermarks(ts, None)[0], layout.retention_us)
-        kept.append(
-            prepare(table.filter(pa.array(~late)) if late.any() else table, layout, transform)
-        )
+        table = prepare(table.filter(pa.array(~late)) if late.any() else table, layout, transform)
+        kept.append(_keyed(table, layout) if layout.rekeyed else table)
     return pa.concat_tables(kept) if kept else pa.table({})
+
+
+def _keyed(table: pa.Table, layout: ViewLayout) -> pa.Table:
+    keys = key_column(table, layout.key_columns)
+    if keys.null_count:
+        valid = keys.is_valid()
+        table, keys = table.filter(valid), keys.filter(valid)
+    return table.append_column(KEY, keys)
 
 
 def point_in_time(
@@ -68,7 +78,7 @@ def point_in_time(
         return {f.name: pa.array([]) for f in layout.features}
     spine_keys = keys.cast(pa.string()) if not pa.types.is_string(keys.type) else keys
     ev_keys = (
-        key_strings(events, layout.key)
+        entity_keys(events, layout)
         if events.num_rows
         else pa.chunked_array([pa.array([], pa.string())])
     )

@@ -22,7 +22,7 @@ import pyarrow as pa
 from connectors.envelope import DeadLetter
 from connectors.errors import ConnectorError
 from connectors.log import LogBatch
-from flows.aggregate import OFFSET, ApplyResult, BlobGetter, LogSlice, apply_batch
+from flows.aggregate import OFFSET, ApplyResult, BlobGetter, LogSlice, apply_batch, prepare
 from flows.errors import FlowError
 from flows.spec import FeatureView
 from flows.validate import EventRules, record_payload, validate
@@ -68,6 +68,54 @@ def _validate_halves(batch: LogBatch, rules: EventRules, exc: Exception) -> LogB
         pa.concat_tables([p.events for p in parts]),
         (*batch.dead_letters, *parts[0].dead_letters, *parts[1].dead_letters),
         batch.next_offset,
+    )
+
+
+def transform_guarded(
+    view: str,
+    layout: ViewLayout,
+    events: pa.Table,
+    transform: Callable[[pa.Table], pa.Table] | None,
+    partition: int,
+) -> tuple[pa.Table, list[DeadLetter]]:
+    """A view's transform over `events`, with the records it fails on alone as dead letters
+    (the re-keyed path, which transforms before routing)."""
+    poison: list[DeadLetter] = []
+    parts = _transform_halves(view, layout, events, transform, partition, poison)
+    return (pa.concat_tables(parts) if len(parts) > 1 else parts[0]), poison
+
+
+def _transform_halves(
+    view: str,
+    layout: ViewLayout,
+    events: pa.Table,
+    transform: Callable[[pa.Table], pa.Table] | None,
+    partition: int,
+    poison: list[DeadLetter],
+) -> list[pa.Table]:
+    try:
+        return [prepare(events, layout, transform)]
+    except _INFRA:
+        raise
+    except Exception as exc:
+        if events.num_rows == 1:
+            poison.append(_letter(f"view {view!r}", events, 0, partition, exc))
+            if len(poison) > MAX_POISON:
+                raise _bug(view, partition, exc) from exc
+            return []
+        mid = events.num_rows // 2
+        return [
+            t
+            for half in (events.slice(0, mid), events.slice(mid))
+            for t in _transform_halves(view, layout, half, transform, partition, poison)
+        ] or [events.slice(0, 0)]
+
+
+def _bug(view: str, partition: int, error: Exception) -> FlowError:
+    return FlowError(
+        f"view {view!r}: more than {MAX_POISON} records of source partition {partition} fail "
+        f"to aggregate ({type(error).__name__}: {error}); that is a bug in the view's "
+        "transform or definition, not bad data: fix it and restart"
     )
 
 
@@ -136,11 +184,7 @@ def _halves(
             _letter(f"view {run.view.name!r}", part.events, lo, part.partition, error)
         )
         if len(run.poison) > MAX_POISON:
-            raise FlowError(
-                f"view {run.view.name!r}: more than {MAX_POISON} records of source partition "
-                f"{part.partition} fail to aggregate ({type(error).__name__}: {error}); that is "
-                "a bug in the view's transform or definition, not bad data: fix it and restart"
-            ) from error
+            raise _bug(run.view.name, part.partition, error) from error
         return
     mid = (lo + hi) // 2
     _halves(run, layout, part, lo, mid, error)

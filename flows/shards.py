@@ -19,6 +19,7 @@ know when they have caught up. Pure: no bytewax, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,20 @@ import pyarrow as pa
 from connectors.envelope import DeadLetter
 from connectors.log import LogBatch
 from connectors.partitioner import partitions_for
-from flows.aggregate import LogSlice, event_times, key_strings, running_watermarks
+from flows.aggregate import (
+    KEY,
+    OFFSET,
+    LogSlice,
+    Transform,
+    event_times,
+    key_column,
+    key_strings,
+    late_mask,
+    running_watermarks,
+)
+from flows.quarantine import transform_guarded
+from flows.validate import record_payload
+from state.layout import ViewLayout
 from state.tiles import I64
 
 BROADCAST_S = 0.5
@@ -54,6 +68,7 @@ class Routed:
     slice: LogSlice
     after: int
     dead_letters: tuple[DeadLetter, ...] = ()
+    view: str | None = None  # the re-keyed view the slice is for; None = views of the source key
 
 
 @dataclass(slots=True)
@@ -64,7 +79,7 @@ class PartitionMark:
     next_offset: int
     watermark: int | None
     last_broadcast: float = float("-inf")
-    sent: dict[int, int] = field(default_factory=dict)
+    sent: dict[tuple[str | None, int], int] = field(default_factory=dict)
     started: int = -1
 
     def __post_init__(self) -> None:
@@ -82,34 +97,99 @@ class PartitionMark:
         self.next_offset, self.watermark = batch.next_offset, end
         return MarkedBatch(batch, first, marks, end, broadcast)
 
-    def route(self, marked: MarkedBatch, key: str, shards: int) -> list[tuple[int, Routed]]:
-        """The parts of a marked batch per view shard (`split`), each knowing where the previous
-        part sent to its shard ended."""
+    def route(
+        self,
+        marked: MarkedBatch,
+        key: str,
+        shards: int,
+        rekeyed: Sequence[Rekeyed] = (),
+        *,
+        plain: bool = True,
+    ) -> list[tuple[int, Routed]]:
+        """The parts of a marked batch per view shard: one set for the views keyed by the
+        source key (`split`, when there are such views: `plain`), one per view with its own key
+        (`split_rekeyed`); each part knows where the previous part sent to its shard ended.
+        The batch's dead letters travel with the first group's part for the own shard."""
+        own = marked.batch.partition
+        source_letters = marked.batch.dead_letters
+        groups: list[tuple[str | None, list[tuple[int, LogSlice]], tuple[DeadLetter, ...]]] = []
+        if plain:
+            groups.append((None, split(marked, key, shards), source_letters))
+            source_letters = ()
+        for view in rekeyed:
+            parts, letters = split_rekeyed(marked, view, shards)
+            groups.append((view.view, parts, (*source_letters, *letters)))
+            source_letters = ()
         out = []
-        for shard, part in split(marked, key, shards):
-            after = self.sent.get(shard, self.started)
-            self.sent[shard] = part.through_offset
-            out.append((shard, Routed(marked.batch.source, part, after, _letters(marked, shard))))
+        for group, parts, letters in groups:
+            for shard, part in parts:
+                after = self.sent.get((group, shard), self.started)
+                self.sent[(group, shard)] = part.through_offset
+                mine = letters if shard == own else ()
+                out.append((shard, Routed(marked.batch.source, part, after, mine, group)))
         return out
 
 
-def _letters(marked: MarkedBatch, shard: int) -> tuple[DeadLetter, ...]:
-    return marked.batch.dead_letters if shard == marked.batch.partition else ()
+@dataclass(frozen=True, slots=True)
+class Rekeyed:
+    """A view keyed otherwise than its source: its events are late-checked and transformed
+    before the split, because its key may be a column the transform adds."""
+
+    view: str
+    layout: ViewLayout
+    transform: Transform | None
 
 
 def split(marked: MarkedBatch, key: str, shards: int) -> list[tuple[int, LogSlice]]:
-    """The parts of a marked batch per view shard, each in offset order.
+    """The parts of a marked batch per view shard of the source key, each in offset order.
 
     The partition's own shard (shard == partition) always gets its part; other shards get
     theirs when they have events, or an empty one on broadcast.
     """
+    events = marked.batch.events
+    homes = _homes(key_strings(events, key) if events.num_rows else None, shards)
+    return _slices(marked, events, marked.watermarks, homes, shards, None)
+
+
+def split_rekeyed(
+    marked: MarkedBatch, view: Rekeyed, shards: int
+) -> tuple[list[tuple[int, LogSlice]], tuple[DeadLetter, ...]]:
+    """The parts of a marked batch per shard of a re-keyed view: late events (by the source
+    partition's watermark, as for every view) go with the partition's own shard, the others
+    are transformed, keyed (`_key`) and split by the view's key; events with a null key part
+    become dead letters naming the view."""
+    events, layout = marked.batch.events, view.layout
+    late = late_mask(event_times(events, layout.timestamp), marked.watermarks, layout.retention_us)
+    late_rows = events.filter(pa.array(late)) if late.any() else events.slice(0, 0)
+    kept = events.filter(pa.array(~late)) if late.any() else events
+    kept, poison = transform_guarded(
+        view.view, layout, kept, view.transform, marked.batch.partition
+    )
+    keys = key_column(kept, layout.key_columns)
+    letters = (*poison, *_null_keys(view.view, layout, kept, keys, marked.batch.partition))
+    if keys.null_count:
+        valid = keys.is_valid()
+        kept, keys = kept.filter(valid), keys.filter(valid)
+    kept = kept.append_column(KEY, keys)
+    homes = _homes(keys if kept.num_rows else None, shards)
+    marks = np.zeros(kept.num_rows, dtype=np.int64)  # lateness is decided: not needed any more
+    return _slices(marked, kept, marks, homes, shards, late_rows), tuple(letters)
+
+
+def _homes(keys: pa.ChunkedArray | None, shards: int) -> I64:
+    return np.zeros(0, dtype=np.int64) if keys is None else partitions_for(keys, shards)
+
+
+def _slices(
+    marked: MarkedBatch,
+    events: pa.Table,
+    marks: I64,
+    homes: I64,
+    shards: int,
+    late: pa.Table | None,
+) -> list[tuple[int, LogSlice]]:
     batch = marked.batch
-    events = batch.events
     own = batch.partition
-    if events.num_rows:
-        homes = partitions_for(key_strings(events, key), shards)
-    else:
-        homes = np.zeros(0, dtype=np.int64)
     out: list[tuple[int, LogSlice]] = []
     for shard in range(shards):
         rows = _rows_of(homes, shard)
@@ -117,12 +197,40 @@ def split(marked: MarkedBatch, key: str, shards: int) -> list[tuple[int, LogSlic
         if shard != own and not marked.broadcast and (empty or not events.num_rows):
             continue
         part = events if rows is None else events.take(pa.array(rows))
-        marks = marked.watermarks if rows is None else marked.watermarks[rows]
         piece = LogSlice(
-            batch.partition, shard, part, marks, batch.next_offset - 1, marked.end_watermark
+            batch.partition,
+            shard,
+            part,
+            marks if rows is None else marks[rows],
+            batch.next_offset - 1,
+            marked.end_watermark,
+            prepared=late is not None,
+            late=late if shard == own else None,
         )
         out.append((shard, piece))
     return out
+
+
+def _null_keys(
+    view: str, layout: ViewLayout, events: pa.Table, keys: pa.ChunkedArray, partition: int
+) -> list[DeadLetter]:
+    if not keys.null_count:
+        return []
+    rows = np.flatnonzero(np.asarray(keys.is_null().to_numpy(zero_copy_only=False), dtype=bool))
+    def nulls(row: int) -> str:
+        return ", ".join(repr(c) for c in layout.key_columns if not events.column(c)[row].is_valid)
+
+    return [
+        DeadLetter(
+            reason=f"view {view!r}: key column(s) {nulls(int(r))} null in record at offset "
+            f"{events.column(OFFSET)[r].as_py()}; the view needs every part of its key "
+            f"{layout.key_columns}",
+            partition=partition,
+            offset=int(events.column(OFFSET)[r].as_py()),
+            payload=record_payload(events, int(r)),
+        )
+        for r in rows
+    ]
 
 
 def _rows_of(homes: I64, shard: int) -> I64 | None:

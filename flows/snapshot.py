@@ -28,15 +28,16 @@ from connectors.avro import arrow_schema
 from connectors.files import implausible_epoch
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
-from flows.aggregate import event_times
+from flows.aggregate import DERIVED_ARROW, NO_KEY, entity_keys, event_times, key_column
 from flows.cli import command_main
 from flows.errors import SnapshotError, SpineError
 from flows.pointintime import feature_type, kept_events, point_in_time
+from flows.quarantine import validate_guarded
 from flows.schemas import field_defaults, schema_store
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import FeatureView, Source, load_definitions
-from flows.quarantine import validate_guarded
 from flows.validate import EventRules
+from state.layout import ViewLayout
 
 SPINE_TS = "ts"
 SNAPSHOT_FORMAT = "1"
@@ -82,8 +83,12 @@ def spine_key_types(views: Sequence[FeatureView]) -> dict[str, pa.DataType]:
     """The Arrow type of each spine key column: the type of the source's key field."""
     types: dict[str, pa.DataType] = {}
     for view in views:
-        source = view.source
-        types.setdefault(source.key, arrow_schema(source.avro_schema()).field(source.key).type)
+        schema = arrow_schema(view.source.avro_schema())
+        for column in view.key_columns():
+            if column in schema.names:
+                types.setdefault(column, schema.field(column).type)
+            elif column in view.columns:  # a derived key column: its declared type
+                types.setdefault(column, DERIVED_ARROW[view.columns[column]])
     return types
 
 
@@ -218,21 +223,20 @@ def build_snapshot(
     logs: dict[str, list[pa.Table]] = {}
     for view in views:
         source = view.source
-        if source.key not in spine.column_names:
+        layout = view.layout()
+        missing = [c for c in layout.key_columns if c not in spine.column_names]
+        if missing:
             raise SpineError(
-                f"spine has no {source.key!r} column (the key of source "
-                f"{source.name!r}); columns: {', '.join(spine.column_names)}"
+                f"spine has no {missing[0]!r} column (a key column of view {view.name!r}, "
+                f"keyed by {layout.key_columns}); columns: {', '.join(spine.column_names)}"
             )
         times = spine_times(spine, source)
         if source.name not in logs:
             logs[source.name] = read_log(source, warehouse, kafka)
             if not allow_empty and not any(t.num_rows for t in logs[source.name]):
                 raise _empty_source(source, views, warehouse, kafka)
-        layout = view.layout()
-        keys = spine.column(source.key)
-        events = _only_keys(
-            kept_events(layout, logs[source.name], view.transform), layout.key, keys
-        )
+        keys = pc.fill_null(key_column(spine, layout.key_columns), NO_KEY)
+        events = _only_keys(kept_events(layout, logs[source.name], view.transform), layout, keys)
         values = point_in_time(layout, events, keys, times)
         for feature in layout.features:
             name = f"{view.name}__{feature.name}"
@@ -243,14 +247,11 @@ def build_snapshot(
     return result.replace_schema_metadata(meta)
 
 
-def _only_keys(events: pa.Table, key: str, keys: pa.ChunkedArray) -> pa.Table:
+def _only_keys(events: pa.Table, layout: ViewLayout, keys: pa.ChunkedArray) -> pa.Table:
     if events.num_rows == 0:
         return events
-    wanted = pc.unique(keys.cast(pa.string()))
-    ev_keys = events.column(key)
-    if not pa.types.is_string(ev_keys.type):
-        ev_keys = ev_keys.cast(pa.string())
-    return events.filter(pc.is_in(ev_keys, value_set=wanted))
+    wanted = pc.unique(keys)
+    return events.filter(pc.is_in(entity_keys(events, layout), value_set=wanted))
 
 
 def _empty_source(

@@ -362,6 +362,11 @@ class FeatureView:
             `pyarrow.Table` of the source's columns and returns a table with the same key and
             timestamp columns (filter rows, derive columns).
         allowed_lateness: how far behind retention an event may still arrive and count.
+        key: the view's entity: a column of the source (or of the transform's output), or a
+            tuple of columns for a composite key; default the source's key. A view keyed
+            otherwise than its source is re-partitioned by its own key in the dataflow.
+        columns: typed columns the transform adds (`{"liked": "boolean"}`); they can be
+            aggregated and used as keys. Types: int, long, float, double, string, boolean.
     """
 
     name: str
@@ -369,6 +374,14 @@ class FeatureView:
     features: Sequence[Aggregation]
     transform: Callable[[Any], Any] | None = None
     allowed_lateness: str | int = "0s"
+    key: str | tuple[str, ...] | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
+
+    def key_columns(self) -> tuple[str, ...]:
+        """The view's key columns: the source key unless `key=` says otherwise."""
+        if self.key is None:
+            return (self.source.key,)
+        return (self.key,) if isinstance(self.key, str) else tuple(self.key)
 
     def layout(self) -> ViewLayout:
         """Validate against the source schema and return the storage-level description."""
@@ -377,7 +390,8 @@ class FeatureView:
             raise DefinitionError(f"view name {self.name!r} must be a Python-style identifier")
         if not self.features:
             raise DefinitionError(f"view {self.name!r} has no features; give at least one")
-        types = self.source.field_types()
+        types = {**self.source.field_types(), **self._derived_types()}
+        keys = self._checked_keys(types)
         defs = [agg.resolve(self.name) for agg in self.features]
         names = [d.name for d in defs]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -398,7 +412,52 @@ class FeatureView:
             features=tuple(defs),
             column_types=column_types,
             allowed_lateness_us=lateness,
+            keys=() if keys == (self.source.key,) else keys,
         )
+
+    def _derived_types(self) -> dict[str, str]:
+        fields = self.source.field_types()
+        if self.columns and self.transform is None:
+            raise DefinitionError(
+                f"view {self.name!r}: columns={dict(self.columns)} needs a transform= that "
+                "adds them"
+            )
+        for name, kind in self.columns.items():
+            if name in fields:
+                raise DefinitionError(
+                    f"view {self.name!r}: derived column {name!r} is already a field of source "
+                    f"{self.source.name!r}; give the derived column another name"
+                )
+            if kind not in DERIVED_TYPES:
+                raise DefinitionError(
+                    f"view {self.name!r}: derived column {name!r} has type {kind!r}; use one "
+                    f"of {', '.join(DERIVED_TYPES)}"
+                )
+        return dict(self.columns)
+
+    def _checked_keys(self, types: dict[str, str]) -> tuple[str, ...]:
+        keys = self.key_columns()
+        if not keys or len(set(keys)) != len(keys):
+            raise DefinitionError(
+                f"view {self.name!r}: key={self.key!r} must name one column or a tuple of "
+                "distinct columns"
+            )
+        for part in keys:
+            if part not in types:
+                raise DefinitionError(
+                    f"view {self.name!r}: key column {part!r} is not a field of source "
+                    f"{self.source.name!r} nor a derived column (fields: {', '.join(types)})"
+                )
+            if types[part] not in _KEY_TYPES:
+                raise DefinitionError(
+                    f"view {self.name!r}: key column {part!r} has type {types[part]!r}; keys "
+                    "are string, int, long or boolean columns"
+                )
+        return keys
+
+
+DERIVED_TYPES = ("int", "long", "float", "double", "string", "boolean")
+_KEY_TYPES = {"string", "int", "long", "boolean", "enum"}
 
 
 def _lateness_us(value: str | int, view: str) -> int:
@@ -540,10 +599,4 @@ def _source_with_base(source: Source, base: Path) -> Source:
 
 
 def _with_base(view: FeatureView, base: Path) -> FeatureView:
-    return FeatureView(
-        name=view.name,
-        source=_source_with_base(view.source, base),
-        features=view.features,
-        transform=view.transform,
-        allowed_lateness=view.allowed_lateness,
-    )
+    return dataclasses.replace(view, source=_source_with_base(view.source, base))

@@ -30,7 +30,7 @@ from typing import Any
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
-from state.codec import encode_entity, encode_key
+from state.codec import encode_entity, encode_key, key_text
 from state.errors import ClientClosedError, KeyTypeError, StateError, UnknownViewError
 from state.layout import ViewLayout
 from state.lock import VersionLease, use_version
@@ -413,19 +413,28 @@ def _key_texts(view: str, layout: ViewLayout, keys: Sequence[str | int]) -> list
 
 
 def _key_text(view: str, layout: ViewLayout, key: object) -> str:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, int) and not isinstance(key, bool):
-        return str(key)  # an Avro int/long key is stored as its decimal text
-    if isinstance(key, tuple):
-        raise KeyTypeError(
-            f"view {view!r}: key {key!r} is a tuple (a composite key); views keyed by several "
-            f"columns are not supported by this client yet; {view!r} is keyed by "
-            f"{layout.key!r}: pass one str"
-        )
+    parts = layout.key_columns
+    if len(parts) > 1:
+        if not isinstance(key, tuple | list) or len(key) != len(parts):
+            raise KeyTypeError(
+                f"view {view!r}: key {key!r} is not a composite key; the view is keyed by "
+                f"{parts}: pass a tuple of {len(parts)} values, e.g. "
+                f"{tuple(f'<{p}>' for p in parts)}"
+            )
+        return key_text([_part(view, parts, p) for p in key])
+    if isinstance(key, tuple) and len(key) == 1:
+        key = key[0]
+    return key_text([_part(view, parts, key)])
+
+
+def _part(view: str, parts: tuple[str, ...], value: object) -> str | int | bool:
+    if isinstance(value, str | int):  # an int is its decimal text, a bool "true"/"false"
+        return value
+    what = "a tuple (a composite key)" if isinstance(value, tuple | list) else type(value).__name__
     raise KeyTypeError(
-        f"view {view!r}: key {key!r} is a {type(key).__name__}; the view is keyed by "
-        f"{layout.key!r}, a str (or an int for an integer key field): pass the key as a str"
+        f"view {view!r}: key {value!r} is {what}; the view is keyed by "
+        f"{parts[0] if len(parts) == 1 else parts!r}, whose values are str (or int for an "
+        "integer column): pass the key as a str"
     )
 
 

@@ -21,6 +21,7 @@ Values: one blob per entity holding every hop group's tiles, so a read is one Ro
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,27 @@ def foreign_key(prefix: bytes, partition: int) -> bytes:
 
 def foreign_partition(raw: bytes, prefix: bytes) -> int:
     return int(_U32_BE.unpack(raw[len(prefix) :])[0])
+
+
+KEY_SEPARATOR = "\x1f"  # between the parts of a composite key's text (ASCII unit separator)
+
+
+def key_text(parts: Sequence[object]) -> str:
+    """The text of an entity key: a single part as its text (an integer as its decimal digits),
+    the parts of a composite key escaped and joined by KEY_SEPARATOR. murmur2 of its UTF-8 bytes
+    picks the key's shard; b"k" + those bytes is its RocksDB key. The write path builds the same
+    text column-wise (flows.keys.key_column); tests hold the two equal."""
+    if len(parts) == 1:
+        return _part_text(parts[0])
+    return KEY_SEPARATOR.join(
+        _part_text(p).replace("\\", "\\\\").replace(KEY_SEPARATOR, "\\u001f") for p in parts
+    )
+
+
+def _part_text(part: object) -> str:
+    if isinstance(part, bool):
+        return "true" if part else "false"
+    return part if isinstance(part, str) else str(part)
 
 
 def encode_key(key: str) -> bytes:

@@ -163,6 +163,17 @@ class ViewLayout:
     features: tuple[FeatureDef, ...]
     column_types: dict[str, str] = field(default_factory=dict)
     allowed_lateness_us: int = 0
+    keys: tuple[str, ...] = ()  # the view's own key columns; () = the source key (`key`)
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        """The columns whose values make an entity's key (one, or the parts of a tuple)."""
+        return self.keys or (self.key,)
+
+    @property
+    def rekeyed(self) -> bool:
+        """Keyed otherwise than its source: its events are re-partitioned by the view's key."""
+        return bool(self.keys)
 
     @cached_property
     def groups(self) -> tuple[HopGroup, ...]:
@@ -205,6 +216,7 @@ class ViewLayout:
             "features": [f.to_json() for f in self.features],
             "column_types": self.column_types,
             "allowed_lateness_us": self.allowed_lateness_us,
+            **({"keys": list(self.keys)} if self.keys else {}),
         }
 
     @classmethod
@@ -218,6 +230,7 @@ class ViewLayout:
             features=tuple(FeatureDef.from_json(f) for f in data["features"]),
             column_types=dict(data["column_types"]),
             allowed_lateness_us=int(data.get("allowed_lateness_us", 0)),
+            keys=tuple(data.get("keys", ())),
         )
 
     def same_semantics(self, other: ViewLayout) -> bool:
