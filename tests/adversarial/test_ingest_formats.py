@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.segments import read_dead_letters
+from connectors.segments import Warehouse, read_dead_letters
+from flows.ingest import ingest_table
+from flows.spec import load_definitions
 from tests.adversarial.ingest_helpers import TS0, log_amounts, log_table, project
 from tests.helpers import run_command
 
@@ -169,3 +171,22 @@ def test_iso_times_with_nanoseconds_are_truncated_to_the_field_unit(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     times = log_table(warehouse).sort_by("user_id").column("ts").cast(pa.int64()).to_pylist()
     assert times == [1_704_067_200_123_456, 1_704_067_200_987_654]
+
+
+def test_ingest_table_from_python_applies_the_same_rule(tmp_path: Path) -> None:
+    features = project(tmp_path)[1][1]
+    source = load_definitions(features).sources["txns"]
+    table = pa.table(
+        {
+            "user_id": ["u1", None, "u3", "u4"],
+            "ts": pa.array([TS0] * 4, pa.timestamp("us", tz="UTC")),
+            "amount": [math.nan, 1.0, math.inf, 2.0],
+            "channel": ["web"] * 4,
+        }
+    )
+    report = ingest_table(source, table, Warehouse(tmp_path / "wh"))
+    assert (report.rows_read, report.rows, report.dead_letters) == (4, 3, 1)
+    assert report.non_finite == {"amount": 2}
+    assert log_amounts(tmp_path / "wh") == [2.0, None, None]
+    [letter] = read_dead_letters(tmp_path / "wh", "txns").to_pylist()
+    assert orjson.loads(letter["payload"])["amount"] == 1.0
