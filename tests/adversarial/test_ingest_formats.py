@@ -44,7 +44,8 @@ BAD = [
 
 def lines(column: int) -> tuple[list[bytes], list[bytes]]:
     good = [row[column].replace(b"%s", ISO.encode()) for row in GOOD]
-    bad = [row[column].replace(b"%s", ISO.encode()) for row in BAD if row[column] is not None]
+    given = [row[column] for row in BAD]
+    bad = [line.replace(b"%s", ISO.encode()) for line in given if line is not None]
     return good, bad
 
 
