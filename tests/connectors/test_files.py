@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ def read_history(path: Path, schema: pa.Schema) -> pa.Table:
     assert [f.rejected for f in files] == [()] * len(files)
     tables = [f.table for f in files]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
 
 TS0 = 1_700_000_000_000_000  # 2023-11-14T22:13:20Z
 
@@ -183,3 +186,21 @@ def test_dead_letters_name_the_physical_line_past_blank_lines(
         assert read.table.num_rows == 2
         assert read.rejected[-1].payload == payload
         assert f"{name} line {line}: column 'ts'" in read.rejected[-1].reason
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd", "bz2"])
+def test_compressed_data_is_read_whatever_its_name(
+    tmp_path: Path, schema: pa.Schema, codec: str
+) -> None:
+    text = "\n".join(
+        json.dumps({**r, "ts": int(r["ts"].timestamp() * 1_000_000)})
+        for r in expected(schema).to_pylist()
+    ).encode()
+    packed = pa.compress(text, codec, asbytes=True) if codec == "zstd" else None
+    if codec == "gzip":
+        packed = gzip.compress(text)
+    if codec == "bz2":
+        packed = bz2.compress(text)
+    assert packed is not None
+    (tmp_path / "tx.jsonl").write_bytes(packed)
+    assert read_history(tmp_path / "tx.jsonl", schema).equals(expected(schema))
