@@ -235,8 +235,9 @@ class Warehouse:
         return [_gap(partition, e) for e in entries if not e.get("file")]
 
     def partitions(self, source: str) -> list[int]:
-        """The partitions that hold at least one segment, ascending."""
-        return sorted(int(p) for p, e in self._manifest(source)["partitions"].items() if e)
+        """The partitions that hold at least one segment file, ascending (gaps do not count)."""
+        listed = self._manifest(source)["partitions"].items()
+        return sorted(int(p) for p, es in listed if any(e.get("file") for e in es))
 
     def next_offset(self, source: str, partition: int) -> int:
         """The offset the next appended record of the partition must have: right after the

@@ -259,6 +259,8 @@ def test_segments_with_holes_and_gaps_read_from_any_offset(
 ) -> None:
     held = _holes_and_gaps(warehouse, log_rows)
     assert warehouse.next_offset("tx", 0) == 150
+    warehouse.append_gap("tx", 1, 0, 9, "only a gap")
+    assert warehouse.partitions("tx") == [0]
     assert [(g.first_offset, g.last_offset, g.reason) for g in warehouse.gaps("tx", 0)] == [
         (0, 99, "before retention at onboarding"),
         (130, 139, "aborted transaction"),
