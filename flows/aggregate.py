@@ -241,10 +241,6 @@ def apply_batch(
 ) -> ApplyResult:
     """Apply one offset-ordered slice of a source partition's records to a view shard.
 
-    Records at or below the shard's applied offset in that partition are skipped (exactly-once
-    effect after a restart); records older than the partition's watermark minus the view's
-    retention are rejected as late; the rest go through the view's transform into tiles.
-
     Args:
         layout: the view.
         batch: the slice; a bare table is a whole partition's batch (`whole_partition`).
@@ -256,31 +252,69 @@ def apply_batch(
     """
     if isinstance(batch, pa.Table):
         batch = whole_partition(batch, layout, progress, through_offset)
-    position = progress.position(batch.partition, batch.shard)
-    table, marks = _unapplied(batch.events, batch.watermarks, position.offset)
-    if batch.prepared:
-        late_rows = batch.late if batch.late is not None else table.slice(0, 0)
-        rejected = _unapplied(late_rows, np.zeros(late_rows.num_rows, np.int64), position.offset)[0]
-    else:
-        late = late_mask(event_times(table, layout.timestamp), marks, layout.retention_us)
-        rejected = table.slice(0, 0)
-        if late.any():
-            rejected, table = table.filter(pa.array(late)), table.filter(pa.array(~late))
-        table = prepare(table, layout, transform)
-    newest = max(
-        (w for w in (progress.newest(), batch.end_watermark) if w is not None), default=None
-    )
-    puts = {}
-    if table.num_rows:
-        puts = _merge_into_tiles(
-            layout, table, event_times(table, layout.timestamp), newest, get_blobs
+    return apply_slices(layout, [batch], progress, get_blobs, transform)
+
+
+def apply_slices(
+    layout: ViewLayout,
+    slices: Sequence[LogSlice],
+    progress: PartitionProgress,
+    get_blobs: BlobGetter,
+    transform: Transform | None = None,
+) -> ApplyResult:
+    """Apply slices (of one or several source partitions, each in offset order) to a view
+    shard in one merge: what the shard received at once costs one read, merge and write of
+    each touched key, however many partitions it came from.
+
+    Per slice, records at or below the shard's applied offset in its partition are skipped
+    (exactly-once effect after a restart); records older than the partition's watermark minus
+    the view's retention are rejected as late; the rest go through the view's transform (a
+    re-keyed view's slices come late-checked and transformed). Tiles merge associatively, so
+    one merge of every slice's events equals merging them one slice after the other.
+    """
+    kept: list[pa.Table] = []
+    rejected: list[pa.Table] = []
+    newest = progress.newest()
+    for part in slices:
+        position = progress.position(part.partition, part.shard)
+        table, late_rows = _accepted(layout, part, position.offset, transform)
+        kept += [table] if table.num_rows else []
+        rejected += [late_rows] if late_rows.num_rows else []
+        if part.end_watermark is not None:
+            newest = part.end_watermark if newest is None else max(newest, part.end_watermark)
+        moved = part.through_offset > position.offset
+        reached = LogPosition(part.through_offset, part.end_watermark) if moved else position
+        progress = progress.advanced(
+            part.partition, part.shard, reached, table.num_rows, late_rows.num_rows
         )
-    moved = batch.through_offset > position.offset
-    reached = LogPosition(batch.through_offset, batch.end_watermark) if moved else position
-    new_progress = progress.advanced(
-        batch.partition, batch.shard, reached, table.num_rows, rejected.num_rows
-    )
-    return ApplyResult(puts, new_progress, rejected, table.num_rows)
+    events = pa.concat_tables(kept) if len(kept) > 1 else (kept[0] if kept else None)
+    puts = {}
+    if events is not None:
+        ts = event_times(events, layout.timestamp)
+        puts = _merge_into_tiles(layout, events, ts, newest, get_blobs)
+    late = _concat_or_empty(rejected, slices[0].events)
+    return ApplyResult(puts, progress, late, events.num_rows if events is not None else 0)
+
+
+def _accepted(
+    layout: ViewLayout, part: LogSlice, applied: int, transform: Transform | None
+) -> tuple[pa.Table, pa.Table]:
+    """A slice's events to merge and its late events, both after the applied offset."""
+    table, marks = _unapplied(part.events, part.watermarks, applied)
+    if part.prepared:
+        late_rows = part.late if part.late is not None else table.slice(0, 0)
+        return table, _unapplied(late_rows, np.zeros(late_rows.num_rows, np.int64), applied)[0]
+    late = late_mask(event_times(table, layout.timestamp), marks, layout.retention_us)
+    rejected = table.slice(0, 0)
+    if late.any():
+        rejected, table = table.filter(pa.array(late)), table.filter(pa.array(~late))
+    return prepare(table, layout, transform), rejected
+
+
+def _concat_or_empty(tables: list[pa.Table], like: pa.Table) -> pa.Table:
+    if not tables:
+        return like.slice(0, 0)
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 def _merge_into_tiles(

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
+import numpy as np
 import pyarrow as pa
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from connectors.envelope import PARTITION
 from connectors.errors import ConnectorError
 from connectors.log import KafkaTail, LogBatch, PartitionLog
 from connectors.segments import Warehouse
@@ -247,40 +249,55 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         if self._plan.failures:
             return  # the flow is ending on an error: apply nothing more (a rerun resumes here)
         try:
-            for item in items:
-                self._apply(item)
+            for group in _runs_of_groups(items):
+                self._apply(group)
             self._switcher.check(self._progress)
         except KNOWN_ERRORS as exc:
             self._plan.fail(exc)
 
-    def _apply(self, item: Routed) -> None:
-        part = item.slice
-        chosen = [i for i, t in enumerate(self._source.targets) if route_group(t) == item.view]
-        positions = [self._progress[i].position(part.partition, self._shard) for i in chosen]
-        _check_contiguous(item, positions, self._source.name)
-        floor = min((pos.offset for pos in positions), default=-1)
-        letters = [d for d in item.dead_letters if d.offset is None or d.offset > floor]
-        self._dead.write(letters)
-        self._plan.metrics.dead_letters(self._source.name, len(letters))
+    def _apply(self, items: list[Routed]) -> None:
+        """Apply what one routing group received at once: one merge and one commit per view."""
+        group = items[0].view
+        chosen = [i for i, t in enumerate(self._source.targets) if route_group(t) == group]
+        received: dict[int, int] = {}
+        for item in items:
+            self._receive(item, chosen, received)
+        parts = [item.slice for item in items]
         for i in chosen:
             target = self._source.targets[i]
             result = apply_guarded(
-                target.view, target.layout, part, self._progress[i], self._stores[i].get_many
+                target.view, target.layout, parts, self._progress[i], self._stores[i].get_many
             )
-            late = result.late
-            if late.num_rows:
-                self._dead.write_late(
-                    late.drop_columns([c for c in late.column_names if c == KEY]),
-                    target.view.name,
-                    part.partition,
-                    version=target.version,
-                )
+            self._write_late(target, result.late)
             if result.poison:
                 self._dead.write(list(result.poison))
                 self._plan.metrics.dead_letters(self._source.name, len(result.poison))
             self._stores[i].commit(result.puts, result.progress)
             self._progress[i] = result.progress
-            self._plan.metrics.applied(target.view.name, self._shard, result, part)
+            self._plan.metrics.applied(target.view.name, self._shard, result, parts[-1])
+
+    def _receive(self, item: Routed, chosen: list[int], received: dict[int, int]) -> None:
+        """Check that nothing was lost before the item (`received`: the end of the items of
+        each partition taken before it in this group); write its dead letters (once)."""
+        part = item.slice
+        positions = [self._progress[i].position(part.partition, self._shard) for i in chosen]
+        before = received.get(part.partition, -1)
+        positions = [p if p.offset >= before else LogPosition(before, None) for p in positions]
+        _check_contiguous(item, positions, self._source.name)
+        received[part.partition] = max(before, part.through_offset)
+        floor = min((pos.offset for pos in positions), default=-1)
+        letters = [d for d in item.dead_letters if d.offset is None or d.offset > floor]
+        self._dead.write(letters)
+        self._plan.metrics.dead_letters(self._source.name, len(letters))
+
+    def _write_late(self, target: ViewTarget, late: pa.Table) -> None:
+        if not late.num_rows:
+            return
+        late = late.drop_columns([c for c in late.column_names if c == KEY])
+        partitions = late.column(PARTITION).to_numpy()
+        for p in np.unique(partitions).tolist():
+            rows = late.filter(pa.array(partitions == p))
+            self._dead.write_late(rows, target.view.name, int(p), version=target.version)
 
     def snapshot(self) -> None:
         return None
@@ -289,6 +306,18 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self._dead.close()
         for store in self._stores:
             store.close()
+
+
+def _runs_of_groups(items: list[Routed]) -> list[list[Routed]]:
+    """Consecutive items of one routing group, in arrival order (the order of each
+    partition's slices is kept, so positions advance in offset order)."""
+    runs: list[list[Routed]] = []
+    for item in items:
+        if runs and runs[-1][0].view == item.view:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def route_group(target: ViewTarget) -> str | None:

@@ -22,7 +22,15 @@ import pyarrow as pa
 from connectors.envelope import DeadLetter
 from connectors.errors import ConnectorError
 from connectors.log import LogBatch
-from flows.aggregate import OFFSET, ApplyResult, BlobGetter, LogSlice, apply_batch, prepare
+from flows.aggregate import (
+    OFFSET,
+    ApplyResult,
+    BlobGetter,
+    LogSlice,
+    apply_batch,
+    apply_slices,
+    prepare,
+)
 from flows.errors import FlowError
 from flows.spec import FeatureView
 from flows.validate import EventRules, record_payload, validate
@@ -152,22 +160,29 @@ class _Bisection:
 def apply_guarded(
     view: FeatureView,
     layout: ViewLayout,
-    part: LogSlice,
+    slices: Sequence[LogSlice],
     progress: PartitionProgress,
     get_blobs: Callable[[Sequence[bytes]], list[bytes | None]],
 ) -> ApplyResult:
-    """`apply_batch`, with the records that fail on their own moved to `poison`."""
+    """`apply_slices`, with the records that fail on their own moved to `poison`."""
+    try:
+        return apply_slices(layout, slices, progress, get_blobs, view.transform)
+    except _INFRA:
+        raise
+    except Exception as exc:  # bisected slice by slice below
+        first = exc
     run = _Bisection(view, progress, get_blobs)
-    exc = run.attempt(layout, part)
-    if exc is None:
-        return ApplyResult(run.overlay, run.progress, run.late[0], run.applied)
-    mid = part.events.num_rows // 2
-    _halves(run, layout, part, 0, mid, exc)
-    _halves(run, layout, part, mid, part.events.num_rows, exc)
-    closing = _piece(part, 0, 0, last=True)  # move the position past any trailing poison
-    if run.attempt(layout, closing) is not None:
-        raise FlowError(f"view {view.name!r}: an empty batch failed to apply") from exc
-    late = pa.concat_tables(run.late) if run.late else part.events.slice(0, 0)
+    for part in slices:
+        error = run.attempt(layout, part)
+        if error is None:
+            continue
+        mid = part.events.num_rows // 2
+        _halves(run, layout, part, 0, mid, error)
+        _halves(run, layout, part, mid, part.events.num_rows, error)
+        closing = _piece(part, 0, 0, last=True)  # move the position past any trailing poison
+        if run.attempt(layout, closing) is not None:
+            raise FlowError(f"view {view.name!r}: an empty batch failed to apply") from first
+    late = pa.concat_tables(run.late) if run.late else slices[0].events.slice(0, 0)
     return ApplyResult(run.overlay, run.progress, late, run.applied, tuple(run.poison))
 
 

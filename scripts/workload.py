@@ -17,8 +17,10 @@ SCHEMA: dict[str, Any] = {
         {"name": "user_id", "type": "string"},
         {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
         {"name": "amount", "type": ["null", "double"], "default": None},
+        {"name": "merchant_id", "type": ["null", "string"], "default": None},
     ],
 }
+MERCHANTS = 10_000
 DAY_US = 86_400_000_000
 END_US = 1_790_000_000_000_000
 WINDOWS = ("30m", "14d", "180d")
@@ -41,5 +43,6 @@ def transactions(n: int, keys: int, seed: int = 42, days: int = 180) -> pa.Table
             "user_id": np.char.add("u", rng.integers(0, keys, n).astype(str)),
             "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
             "amount": np.round(rng.lognormal(3.5, 1.0, n), 2),
+            "merchant_id": np.char.add("m", rng.integers(0, MERCHANTS, n).astype(str)),
         }
     )

@@ -316,7 +316,7 @@ def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
         flow.send_signal(signal.SIGINT)
         out, err = flow.communicate(timeout=60)
     assert flow.returncode == 0, err
-    assert "stopped by Ctrl-C: applied 3,500 events" in out
+    assert "stopped by Ctrl-C (SIGINT): applied 3,500 events" in out
     assert "catching up" in out or "live" in out  # the status line
     assert "Traceback" not in err
     assert "panicked" not in err

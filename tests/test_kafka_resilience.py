@@ -348,7 +348,7 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
     assert exit_code == 0, output
     assert "Traceback" not in output, output
     assert "Connection refused" in output  # its Kafka clients did see the broker go
-    assert "stopped by Ctrl-C: applied 4,000 events (per view: " in output, output
+    assert "stopped by Ctrl-C (SIGINT): applied 4,000 events (per view: " in output, output
     assert "late 0; dead letters 0" in output, output
     assert per_view == {"spend": 4000, "channels": 4000}
 
