@@ -122,6 +122,8 @@ class DeadLetterWriter:
             self._write_files(letters)
             return
         fresh = self._sent.fresh(letters)
+        if not fresh:
+            return
         self._kafka.send([self._letter(d, ()) for d in fresh])
         self._sent.advance(fresh)
 
@@ -135,6 +137,8 @@ class DeadLetterWriter:
         """
         marks = (("view", view.encode()), ("version", str(version).encode()))
         letters = [self._late_letter(row, view, partition) for row in late.to_pylist()]
+        if not letters:
+            return
         if self._kafka is None:
             self._write_files(letters)
             return
@@ -186,24 +190,34 @@ class DeadLetterWriter:
 
 
 class KafkaDeadLetters:
-    """The `.dlq` topic's producer: every message confirmed, oversized ones truncated to fit."""
+    """The `.dlq` topic's producer: every message confirmed, oversized ones truncated to fit.
+
+    The topic is looked up (and created) at the first letter, not before: a flow without dead
+    letters makes no `.dlq` topic."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.topic = topic
-        self._limit = topic_message_limit(bootstrap, topic)
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                # One batch never exceeds what the topic accepts, so small letters are never
-                # refused for sharing a batch with others.
-                "message.max.bytes": max(1000, self._limit),
-                "batch.size": max(1, self._limit),
-                "message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
-                "logger": _LOG,
-            }
-        )
+        self.topic, self._bootstrap = topic, bootstrap
+        self._limit = 0
+        self._started: Producer | None = None
+
+    def _producer(self) -> Producer:
+        """The producer, made at first use (when the topic's size limit is looked up)."""
+        if self._started is None:
+            self._limit = topic_message_limit(self._bootstrap, self.topic)
+            self._started = Producer(
+                {
+                    "bootstrap.servers": self._bootstrap,
+                    "enable.idempotence": True,
+                    "linger.ms": 5,
+                    # One batch never exceeds what the topic accepts, so small letters are
+                    # never refused for sharing a batch with others.
+                    "message.max.bytes": max(1000, self._limit),
+                    "batch.size": max(1, self._limit),
+                    "message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
+                    "logger": _LOG,
+                }
+            )
+        return self._started
 
     def send(self, letters: Sequence[_Letter]) -> None:
         """Deliver `letters`; returns once the broker confirmed every one.
@@ -211,6 +225,9 @@ class KafkaDeadLetters:
         Raises:
             DeadLetterError: a letter cannot fit the topic, or was not delivered.
         """
+        if not letters:
+            return
+        self._producer()  # fixes the topic's limit on first use
         pending, limit = list(letters), self._limit
         for _ in range(_SIZE_RETRIES):
             failed = self._deliver([self._fit(d, limit) for d in pending])
@@ -277,28 +294,29 @@ class KafkaDeadLetters:
     ) -> None:
         while True:
             try:
-                self._producer.produce(
+                self._producer().produce(
                     self.topic, value=value, key=key, headers=headers, on_delivery=report
                 )
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
-                self._producer.poll(0.1)
+                self._producer().poll(0.1)
             except KafkaException as exc:  # refused before sending (e.g. too large)
                 failed.append((i, exc.args[0]))
                 return
 
     def _wait(self) -> None:
         deadline = time.monotonic() + DELIVERY_TIMEOUT_S + 30
-        while self._producer.flush(1.0) > 0:
+        while self._producer().flush(1.0) > 0:
             if time.monotonic() > deadline:
                 raise DeadLetterError(
-                    f"{len(self._producer)} dead letter(s) to topic {self.topic!r} were not "
+                    f"{len(self._producer())} dead letter(s) to topic {self.topic!r} were not "
                     f"confirmed within {DELIVERY_TIMEOUT_S + 30:.0f} s; the offsets that "
                     "produced them are not committed: check the broker, then restart the flow"
                 )
 
     def close(self) -> None:
-        self._wait()
+        if self._started is not None:
+            self._wait()
 
 
 def topic_message_limit(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
