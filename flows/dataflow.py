@@ -309,15 +309,12 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
 
 
 def _runs_of_groups(items: list[Routed]) -> list[list[Routed]]:
-    """Consecutive items of one routing group, in arrival order (the order of each
-    partition's slices is kept, so positions advance in offset order)."""
-    runs: list[list[Routed]] = []
+    """The items of each routing group, each group in arrival order (so every partition's
+    slices stay in offset order); groups write to different stores, so their order is free."""
+    runs: dict[str | None, list[Routed]] = {}
     for item in items:
-        if runs and runs[-1][0].view == item.view:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
+        runs.setdefault(item.view, []).append(item)
+    return list(runs.values())
 
 
 def route_group(target: ViewTarget) -> str | None:
