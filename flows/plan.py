@@ -160,7 +160,11 @@ def build_plan(
                 flush=True,
             )
         store_ = schema_store(source, wh)
-        tail = KafkaTail(kafka, source.kafka_topic, store_, source.key) if kafka else None
+        tail = (
+            KafkaTail(kafka, source.kafka_topic, store_, source.key, partitions=source.partitions)
+            if kafka
+            else None
+        )
         shards = range(source.partitions)
         progress = [
             [read_progress(store, t.view.name, t.version, h) for h in shards] for t in src_targets

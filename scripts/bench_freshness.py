@@ -8,6 +8,11 @@ rates actually reached. Needs the broker of scripts/kafka (KAFKA_BOOTSTRAP, defa
 127.0.0.1:9092).
 
     python scripts/bench_freshness.py [--rate 20000] [--seconds 30] [--partitions 4]
+                                      [--example]
+
+With --example the flow runs the shipped example's user view (flows/examples/
+card_transactions.py: 10 features incl. a KLL p95, a 180-day sum and a 7-day std) instead of the
+4-feature view below; the events then also carry a merchant and a channel.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import orjson
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from workload import SCHEMA
 
@@ -40,9 +46,26 @@ live = FeatureView(name="live", source=src, features=[
 """
 
 
-def start_flow(tmp: Path, bootstrap: str, topic: str, partitions: int) -> subprocess.Popen[str]:
+EXAMPLE = """
+import dataclasses
+from flows.examples import card_transactions as example
+src = dataclasses.replace(example.transactions, topic={topic!r}, partitions={partitions},
+                          schema={schema!r})
+live = dataclasses.replace(example.user_spend, name="live", source=src)
+"""
+EXAMPLE_SCHEMA = REPO / "flows" / "examples" / "schemas" / "transaction.avsc"
+
+
+def start_flow(
+    tmp: Path, bootstrap: str, topic: str, partitions: int, example: bool
+) -> subprocess.Popen[str]:
     defs = tmp / "defs.py"
-    defs.write_text(DEFINITIONS.format(schema=SCHEMA, partitions=partitions, topic=topic))
+    if example:
+        defs.write_text(
+            EXAMPLE.format(schema=str(EXAMPLE_SCHEMA), partitions=partitions, topic=topic)
+        )
+    else:
+        defs.write_text(DEFINITIONS.format(schema=SCHEMA, partitions=partitions, topic=topic))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [
@@ -65,19 +88,38 @@ def start_flow(tmp: Path, bootstrap: str, topic: str, partitions: int) -> subpro
     )
 
 
+def event_schema(example: bool) -> dict[str, object]:
+    if example:
+        schema: dict[str, object] = orjson.loads(EXAMPLE_SCHEMA.read_bytes())
+        return schema
+    return SCHEMA
+
+
 def background_load(
-    bootstrap: str, topic: str, rate: int, keys: int, stop: threading.Event, sent: list[int]
+    bootstrap: str,
+    topic: str,
+    rate: int,
+    keys: int,
+    stop: threading.Event,
+    sent: list[int],
+    example: bool,
 ) -> None:
-    producer = AvroProducer(bootstrap, topic, SCHEMA, {"linger.ms": 2})
+    producer = AvroProducer(bootstrap, topic, event_schema(example), {"linger.ms": 2})
     rng = np.random.default_rng(1)
     tick = 0.01
     per_tick = max(1, int(rate * tick))
     next_at = time.monotonic()
+    extra = {"merchant": "m1", "channel": "web"} if example else {}
     while not stop.is_set():
         now_us = time.time_ns() // 1000
         users = rng.integers(0, keys, per_tick)
+        amounts = np.round(rng.lognormal(3, 1, per_tick), 2).tolist()
         producer.produce(
-            [{"user_id": f"u{u}", "ts": now_us, "amount": 10.0} for u in users], key_field="user_id"
+            [
+                {"user_id": f"u{u}", "ts": now_us, "amount": a, **extra}
+                for u, a in zip(users, amounts, strict=True)
+            ],
+            key_field="user_id",
         )
         sent[0] += per_tick
         next_at += tick
@@ -85,8 +127,11 @@ def background_load(
     producer.flush()
 
 
-def probes(bootstrap: str, topic: str, state: Path, seconds: float) -> list[float]:
-    producer = AvroProducer(bootstrap, topic, SCHEMA, {"linger.ms": 0})
+def probes(
+    bootstrap: str, topic: str, state: Path, seconds: float, example: bool
+) -> list[float]:
+    producer = AvroProducer(bootstrap, topic, event_schema(example), {"linger.ms": 0})
+    count = "count_30m" if example else "count"
     latencies: list[float] = []
     pending: dict[str, float] = {}
     deadline = time.monotonic() + seconds
@@ -107,7 +152,7 @@ def probes(bootstrap: str, topic: str, state: Path, seconds: float) -> list[floa
                 keys = list(pending)
                 at = (time.time_ns() // 1000 + 1) / 1e6
                 for key, values in zip(keys, client.get_many("live", keys, at=at), strict=True):
-                    if values["count"] >= 1:
+                    if values[count] >= 1:
                         latencies.append(time.monotonic() - pending.pop(key))
             if time.monotonic() > deadline + 30:
                 break
@@ -134,6 +179,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument(
+        "--example", action="store_true", help="run the shipped example's user view (10 features)"
+    )
     args = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     topic = f"bench-fresh-{uuid.uuid4().hex[:8]}"
@@ -141,19 +189,19 @@ def main() -> None:
     admin.create_topics([NewTopic(topic, args.partitions, 1)])[topic].result(15)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        flow = start_flow(tmp, bootstrap, topic, args.partitions)
+        flow = start_flow(tmp, bootstrap, topic, args.partitions, args.example)
         try:
             wait_live(tmp / "state")
             stop, sent = threading.Event(), [0]
             load = threading.Thread(
                 target=background_load,
                 daemon=True,
-                args=(bootstrap, topic, args.rate, args.keys, stop, sent),
+                args=(bootstrap, topic, args.rate, args.keys, stop, sent, args.example),
             )
             started = time.monotonic()
             load.start()
             time.sleep(2)  # reach the steady state first
-            latencies = probes(bootstrap, topic, tmp / "state", args.seconds)
+            latencies = probes(bootstrap, topic, tmp / "state", args.seconds, args.example)
             stop.set()
             load.join()
             elapsed = time.monotonic() - started
@@ -169,7 +217,7 @@ def main() -> None:
     print(
         f"freshness (produce -> readable in another process): p50 {np.percentile(ms, 50):.0f} "
         f"ms, p95 {np.percentile(ms, 95):.0f} ms, p99 {np.percentile(ms, 99):.0f} ms, "
-        f"max {ms.max():.0f} ms (target p99 < 1000 ms)"
+        f"max {ms.max():.0f} ms (target p99 < 500 ms)"
     )
 
 
