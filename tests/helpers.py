@@ -90,3 +90,15 @@ def run_command(
         timeout=timeout,
         check=False,
     )
+
+
+def cluster_addresses(processes: int) -> str:
+    """`--addresses` for a bytewax cluster of `processes` on free loopback ports."""
+    import socket
+
+    ports = []
+    for _ in range(processes):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    return ";".join(f"127.0.0.1:{p}" for p in ports)

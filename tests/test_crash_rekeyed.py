@@ -5,7 +5,6 @@ derived column) at several points, then a restart, gives the views of an uninter
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,14 @@ from state.client import FeatureClient
 from state.codec import KEY_SEPARATOR, decode_key
 from state.layout import ViewLayout
 from state.store import ViewStore, iter_entities, partition_dir, peek
-from tests.helpers import MINUTE, REPO, make_events, run_command, write_definitions
+from tests.helpers import (
+    MINUTE,
+    REPO,
+    cluster_addresses,
+    make_events,
+    run_command,
+    write_definitions,
+)
 from tests.oracle import same
 from tests.test_crash import KillPoint, crash_and_recover
 from tests.test_rekeyed_views import REKEYED, VIEWS
@@ -140,12 +146,7 @@ def test_rekeyed_views_survive_kill_9_of_a_two_process_cluster(
 
 def start_cluster(args: list[str], logs: Path) -> list[subprocess.Popen[bytes]]:
     logs.mkdir(parents=True, exist_ok=True)
-    ports = []
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
+    addresses = cluster_addresses(2)
     procs = []
     cluster = [*args, "--addresses", addresses]
     for i in range(2):

@@ -201,19 +201,13 @@ def test_two_process_cluster_equals_oracle(
     ingested: tuple[Path, Path, pa.Table], tmp_path: Path
 ) -> None:
     """Two bytewax processes (cluster addresses on loopback) build the same views."""
-    import socket
     import subprocess
     import sys
 
-    from tests.helpers import REPO
+    from tests.helpers import REPO, cluster_addresses
 
     root, features, _ = ingested
-    ports = []
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
+    addresses = cluster_addresses(2)
     args = [
         sys.executable,
         "-m",
