@@ -255,10 +255,12 @@ class FeatureClient:
 
     def _follow_once(self, view: str) -> bool:
         with self._opening:
-            version = read_current(self.root / "views" / view)
+            # the name is looked up among the store's views, never joined into a path unchecked
+            # ("..", "../x", "/etc", NUL bytes, overlong names are unknown views)
+            views = self.views()
+            version = read_current(self.root / "views" / view) if view in views else None
             if version is None:
-                known = ", ".join(self.views()) or "(none yet)"
-                raise UnknownViewError(f"unknown view {view!r} in {self.root}; views: {known}")
+                raise UnknownViewError(_unknown_view(view, self.root, views))
             opened = self._views.get(view)
             if opened is None or opened.version != version:
                 fresh = self._open_version(view, version)
@@ -401,6 +403,14 @@ class FeatureClient:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _unknown_view(view: object, root: Path, views: list[str]) -> str:
+    name = repr(view)
+    if len(name) > 100:  # a hostile name is not echoed whole
+        name = f"{name[:80]}... ({len(name)} characters)"
+    known = ", ".join(views) or "(none yet)"
+    return f"unknown view {name} in {root}; views: {known}; pass one of these names"
 
 
 def _key_texts(view: str, layout: ViewLayout, keys: Sequence[str | int]) -> list[str]:
