@@ -21,20 +21,39 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
 from state.codec import encode_entity, encode_key, key_text
-from state.errors import ClientClosedError, KeyTypeError, StateError, UnknownViewError
+from state.definitions import load_service_plans, recorded_module
+from state.errors import (
+    ClientClosedError,
+    KeyTypeError,
+    MissingFeatureError,
+    RequestTypeError,
+    StateError,
+    UnknownServiceError,
+    UnknownViewError,
+)
 from state.layout import ViewLayout
 from state.lock import VersionLease, use_version
 from state.read import AsOf, evaluate_blob
+from state.services import (
+    ServicePlan,
+    ViewRead,
+    check_entity_columns,
+    evaluate_service,
+    feature_column,
+    request_columns,
+    rows_of,
+)
 from state.store import (
     check_store,
     list_views,
@@ -120,16 +139,26 @@ class FeatureClient:
     Args:
         state_dir: the `--state` directory of `flows.run` (default `data/state`).
         refresh_s: how stale a read may be: at most this long between catch-ups with the writer.
+        features: the definitions module whose feature services `get_service` serves; default
+            the definitions `flows.run` recorded in `state_dir` (followed when it records
+            new ones).
 
     Raises:
         NotAViewStoreError: `state_dir` is not a view store.
         FormatVersionError: the store was written by an incompatible on-disk format.
     """
 
-    def __init__(self, state_dir: str | Path = "data/state", *, refresh_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path = "data/state",
+        *,
+        refresh_s: float = 0.05,
+        features: str | Path | None = None,
+    ) -> None:
         self.root = Path(state_dir)
         check_store(self.root, create=False)
         self.refresh_s = refresh_s
+        self._services = _ServiceBook(self.root, Path(features) if features else None)
         self._views: dict[str, _OpenView] = {}
         self._checked: dict[str, float] = {}  # view -> monotonic time CURRENT was last read
         self._tmp = scratch_dir("client")
@@ -214,6 +243,94 @@ class FeatureClient:
                 as_of = AsOf(keys[i], watermark) if strict else None
                 out[i] = _evaluate(layout, blob, t, as_of)
         return out
+
+    # --- feature services: one model's vector per row ---------------------------------------
+
+    def get_service(
+        self, name: str, row: Mapping[str, Any], at: Timestamp | None = None
+    ) -> dict[str, Any]:
+        """A feature service's vector for one request as of `at` (default: now).
+
+        `row` holds the entity columns (named as each view's key columns, or as the service's
+        `keys=` maps them) and the request fields. The result is {column: value} with columns
+        `<view>__<feature>` and `<on_demand>__<output>` in the service's order.
+
+        Raises:
+            UnknownServiceError: no service of that name in the definitions.
+            ServiceRequestError: an entity column or request field is missing.
+            RequestTypeError: a value of the wrong type.
+            MissingFeatureError: a feature is not in the live version of its view.
+            OnDemandError: an on-demand function raised or returned a wrong output.
+        """
+        if not isinstance(row, Mapping):
+            raise RequestTypeError(
+                f"service {name!r}: get_service takes one row as a dict, got a "
+                f"{type(row).__name__}; for many rows use get_service_many"
+            )
+        return self.get_service_many(name, [row], at)[0]
+
+    def get_service_many(
+        self,
+        name: str,
+        rows: Sequence[Mapping[str, Any]] | pa.Table,
+        at: Timestamp | None = None,
+    ) -> list[dict[str, Any]]:
+        """`get_service` for many rows (a list of dicts or a `pyarrow.Table`), in their order:
+        one `get_many` per view, then the on-demand functions once over all the rows."""
+        plan = self._services.plan(name)
+        if not isinstance(rows, pa.Table) and (
+            isinstance(rows, Mapping | str | bytes) or not isinstance(rows, Sequence)
+        ):
+            raise RequestTypeError(
+                f"service {name!r}: get_service_many takes a list of dicts or a "
+                f"pyarrow.Table, got a {type(rows).__name__}; for one row use get_service"
+            )
+        n = rows.num_rows if isinstance(rows, pa.Table) else len(rows)
+        check_entity_columns(plan, rows)
+        request = request_columns(plan, rows)
+        features: dict[str, pa.Array] = {}
+        for read in plan.reads:
+            features.update(self._service_view(plan, read, rows, at))
+        return rows_of(evaluate_service(plan, features, request, n), n)
+
+    def _service_view(
+        self,
+        plan: ServicePlan,
+        read: ViewRead,
+        rows: Sequence[Mapping[str, Any]] | pa.Table,
+        at: Timestamp | None,
+    ) -> dict[str, pa.Array]:
+        version, layout = self._live(read.view)
+        by_name = {f.name: f for f in layout.features}
+        missing = [f for f in read.features if f not in by_name]
+        if missing:
+            raise _missing_feature(plan, read, missing, version, layout)
+        keys = _entity_keys(plan, read, rows)
+        present = [i for i, k in enumerate(keys) if k is not None]
+        try:
+            found = self.get_many(read.view, [keys[i] for i in present], at)
+        except KeyTypeError as exc:
+            raise RequestTypeError(
+                f"service {plan.name!r}: entity column(s) {list(read.entity_columns)} of view "
+                f"{read.view!r}: {exc}"
+            ) from exc
+        values: list[dict[str, Any]] = [_empty_values(layout)] * len(keys)
+        for i, got in zip(present, found, strict=True):
+            values[i] = got
+        if values and any(f not in values[0] for f in read.features):  # switched meanwhile
+            version, layout = self._live(read.view)
+            raise _missing_feature(plan, read, missing or list(read.features), version, layout)
+        return {
+            read.column(f): feature_column(layout, by_name[f], [v[f] for v in values])
+            for f in read.features
+        }
+
+    def _live(self, view: str) -> tuple[int, ViewLayout]:
+        opened = self._pin(view)
+        try:
+            return opened.version, opened.layout
+        finally:
+            self._unpin(opened)
 
     # --- pinning: which open version a read uses -------------------------------------------
 
@@ -445,6 +562,90 @@ def _part(view: str, parts: tuple[str, ...], value: object) -> str | int | bool:
         f"view {view!r}: key {value!r} is {what}; the view is keyed by "
         f"{parts[0] if len(parts) == 1 else parts!r}, whose values are str (or int for an "
         "integer column): pass the key as a str"
+    )
+
+
+class _ServiceBook:
+    """The feature services a client serves: from `features=`, or from the definitions record
+    (re-read when the deployment records new definitions, looked at once a second)."""
+
+    __slots__ = ("_checked", "_lock", "_plans", "_record", "features", "root")
+
+    def __init__(self, root: Path, features: Path | None) -> None:
+        self.root, self.features = root, features
+        self._plans: dict[str, ServicePlan] | None = None
+        self._record: str | None = None
+        self._checked = -_RECHECK_S
+        self._lock = threading.Lock()
+
+    def plan(self, name: str) -> ServicePlan:
+        plans = self._current()
+        plan = plans.get(name)
+        if plan is None:
+            where = (
+                f"definitions module {str(self.features)!r}"
+                if self.features
+                else f"the definitions recorded in {self.root}"
+            )
+            raise UnknownServiceError(
+                f"unknown feature service {name!r}: {where} declare(s) "
+                f"{', '.join(map(repr, plans)) or 'no FeatureService'}; check the name"
+            )
+        return plan
+
+    def _current(self) -> dict[str, ServicePlan]:
+        plans = self._plans
+        if plans is not None and (
+            self.features or time.monotonic() - self._checked < _RECHECK_S
+        ):
+            return plans
+        with self._lock:
+            if self.features is not None:
+                self._plans = self._plans or load_service_plans(self.features)
+                return self._plans
+            return self._from_record()
+
+    def _from_record(self) -> dict[str, ServicePlan]:
+        found = recorded_module(self.root)
+        self._checked = time.monotonic()
+        if found is None:
+            raise UnknownServiceError(
+                f"no feature definitions are recorded in {self.root} (flows.run records them "
+                "when it starts); run flows.run with your definitions, or pass "
+                "FeatureClient(state_dir, features=FILE)"
+            )
+        record, module = found
+        if self._plans is None or record != self._record:
+            self._plans, self._record = load_service_plans(module), record
+        return self._plans
+
+
+def _entity_keys(
+    plan: ServicePlan, read: ViewRead, rows: Sequence[Mapping[str, Any]] | pa.Table
+) -> list[Any]:
+    """Each row's key of the view (a value, or a tuple for a composite key); None when a part
+    is null: that row gets the view's empty-window values, as an unknown key does."""
+    if isinstance(rows, pa.Table):
+        parts = [rows.column(c).to_pylist() for c in read.entity_columns]
+    else:
+        parts = [[row[c] for row in rows] for c in read.entity_columns]
+    if len(parts) == 1:
+        return list(parts[0])
+    return [None if None in key else key for key in zip(*parts, strict=True)]
+
+
+def _empty_values(layout: ViewLayout) -> dict[str, Any]:
+    return _evaluate(layout, None, 0, None)
+
+
+def _missing_feature(
+    plan: ServicePlan, read: ViewRead, missing: list[str], version: int, layout: ViewLayout
+) -> MissingFeatureError:
+    return MissingFeatureError(
+        f"service {plan.name!r}: feature(s) {missing} of view {read.view!r} are not in its "
+        f"live version v{version} (features: {', '.join(f.name for f in layout.features)}); "
+        "the view's definition changed under the service: deploy the definitions that "
+        "declare them (flows.run / flows.replay), or change the service"
     )
 
 

@@ -9,7 +9,14 @@ StateError
 ├── KeyTypeError           a key of a type that no view is keyed by (also a TypeError)
 ├── InexactReadError       a read as of a time the retained tiles cannot answer exactly
 ├── StaleVersionError      a switch would make an older view version live over a newer one
-└── StateLockedError       another process writes the same view version
+├── StateLockedError       another process writes the same view version
+└── ServiceError           a feature service cannot answer as asked
+    ├── UnknownServiceError        no service of that name in the definitions
+    ├── ServiceDefinitionError     the definitions (module or record) cannot give the services
+    ├── ServiceRequestError        a row lacks an entity column or request field
+    │   └── RequestTypeError       a request value of the wrong type (also a TypeError)
+    ├── MissingFeatureError        a service's feature is not in the live version of its view
+    └── OnDemandError              an on-demand function raised, or returned a wrong output
 """
 
 from __future__ import annotations
@@ -56,3 +63,34 @@ class StaleVersionError(StateError):
 
 class StateLockedError(StateError):
     """Another process writes this view version."""
+
+
+class ServiceError(StateError):
+    """A feature service cannot answer as asked; the message names the service and the cause."""
+
+
+class UnknownServiceError(ServiceError, KeyError):
+    """No service of that name in the definitions the client loaded."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown service"
+
+
+class ServiceDefinitionError(ServiceError):
+    """The definitions module (given or recorded by the deployment) cannot give the services."""
+
+
+class ServiceRequestError(ServiceError):
+    """A request row (or spine row) lacks an entity column or a request field."""
+
+
+class RequestTypeError(ServiceRequestError, TypeError):
+    """A request value is not of its field's declared type."""
+
+
+class MissingFeatureError(ServiceError):
+    """A service reads a feature that the live version of its view does not have."""
+
+
+class OnDemandError(ServiceError):
+    """An on-demand function raised, or returned an output of the wrong length or type."""

@@ -1,0 +1,170 @@
+"""Vectorized helpers for on-demand functions (request-time features).
+
+Each takes Arrow arrays or chunked arrays, NumPy arrays or lists, all of one length, and
+returns an Arrow array of that length; nulls in give nulls out (as documented per function).
+They run the same way online (the rows of one `get_service_many` call) and offline (a spine
+batch of `flows.snapshot --service`), so the values agree by construction.
+
+    @on_demand(sources=[payment, user_text], outputs={"text_similarity": "double"})
+    def signals(rows):
+        return {"text_similarity": cosine_similarity(
+            rows["text_embedding"], rows["user_text__text_embedding_mean_30d"])}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["EARTH_RADIUS_KM", "category_index", "cosine_similarity", "haversine_km", "one_hot"]
+
+EARTH_RADIUS_KM = 6371.0088  # the IUGG mean Earth radius
+
+F64 = npt.NDArray[np.float64]
+Mask = npt.NDArray[np.bool_]
+
+
+def cosine_similarity(a: Any, b: Any) -> pa.Array:
+    """Row-wise cosine similarity of two vector columns (lists of numbers), as float64.
+
+    Null where either vector is null, holds a null element, or is all zeros.
+
+    Raises:
+        ValueError: the columns differ in length, or two vectors of a row differ in dimension.
+    """
+    left, right = _array(a), _array(b)
+    _same_length(("a", left), ("b", right))
+    x, x_ok = _matrix(left, "a")
+    y, y_ok = _matrix(right, "b")
+    ok = x_ok & y_ok
+    out = np.zeros(len(left))
+    if ok.any():
+        xs, ys = x[ok], y[ok]
+        if xs.shape[1] != ys.shape[1]:
+            raise ValueError(
+                f"cosine_similarity: vectors of dimension {xs.shape[1]} and {ys.shape[1]}; "
+                "compare vectors of one dimension"
+            )
+        norms = np.linalg.norm(xs, axis=1) * np.linalg.norm(ys, axis=1)
+        dots = np.einsum("ij,ij->i", xs, ys)
+        nonzero = norms > 0
+        out[ok] = np.divide(dots, norms, out=np.zeros_like(dots), where=nonzero)
+        ok[ok] = nonzero
+    return pa.array(out, mask=~ok)
+
+
+def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> pa.Array:
+    """Great-circle distance in km between (lat1, lon1) and (lat2, lon2), in degrees.
+
+    Null where any of the four is null."""
+    cols = [_array(c) for c in (lat1, lon1, lat2, lon2)]
+    _same_length(*zip(("lat1", "lon1", "lat2", "lon2"), cols, strict=True))
+    values = [_floats(c) for c in cols]
+    ok = np.logical_and.reduce([v[1] for v in values])
+    p1, l1, p2, l2 = (np.radians(v[0]) for v in values)
+    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin((l2 - l1) / 2) ** 2
+    out = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+    return pa.array(np.where(ok, out, 0.0), mask=~ok)
+
+
+def category_index(values: Any, categories: Sequence[Any]) -> pa.Array:
+    """The position of each value in `categories` as int32: -1 for a value not in it, null
+    for null (e.g. a request channel's code)."""
+    arr = _array(values)
+    found = pc.index_in(arr, value_set=_categories(categories, arr.type))
+    coded = pc.fill_null(found, -1).cast(pa.int32())
+    return pc.if_else(pc.is_valid(arr), coded, pa.scalar(None, pa.int32()))
+
+
+def one_hot(values: Any, categories: Sequence[Any]) -> pa.Array:
+    """A list<float64> of len(categories) per value: 1.0 at its category, 0.0 elsewhere (all
+    zeros for a value not in `categories`), null for null."""
+    arr = _array(values)
+    index = np.asarray(category_index(arr, categories).fill_null(-1).to_numpy(), dtype=np.int64)
+    width = len(categories)
+    hot = np.zeros((len(arr), width))
+    rows = np.flatnonzero(index >= 0)
+    hot[rows, index[rows]] = 1.0
+    flat = pa.array(hot.reshape(-1))
+    offsets = pa.array(np.arange(len(arr) + 1, dtype=np.int32) * width)
+    mask = pc.is_null(arr) if arr.null_count else None
+    return pa.ListArray.from_arrays(offsets, flat, mask=mask)
+
+
+def _array(values: Any) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    if isinstance(values, pa.Array):
+        return values
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        flat = pa.array(np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    if isinstance(values, np.ndarray | list | tuple):
+        return pa.array(values)
+    raise TypeError(
+        f"{type(values).__name__} is not an array; pass a pyarrow array, a NumPy array or a list"
+    )
+
+
+def _same_length(*named: tuple[str, pa.Array]) -> None:
+    lengths = {name: len(arr) for name, arr in named}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"arguments of different lengths {lengths}; pass columns of one table")
+
+
+def _floats(arr: pa.Array) -> tuple[F64, Mask]:
+    ok = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    filled = arr.fill_null(0) if arr.null_count else arr
+    return np.asarray(filled.to_numpy(zero_copy_only=False), dtype=np.float64), ok
+
+
+def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
+    """Rows as a (n, dim) float64 matrix (zeros for invalid rows) and which rows are valid."""
+    if pa.types.is_null(arr.type):
+        return np.zeros((len(arr), 0)), np.zeros(len(arr), dtype=bool)
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) and not (
+        pa.types.is_fixed_size_list(arr.type)
+    ):
+        raise TypeError(f"cosine_similarity: {name} has type {arr.type}; pass vector columns")
+    lengths = np.asarray(pc.list_value_length(arr).fill_null(-1).to_numpy(), dtype=np.int64)
+    has_null_item = _rows_with_null_items(arr)
+    ok = (lengths > 0) & ~has_null_item
+    dims = np.unique(lengths[ok])
+    if len(dims) > 1:
+        raise ValueError(
+            f"cosine_similarity: {name} holds vectors of dimensions {dims.tolist()}; every "
+            "vector of a column must have one dimension"
+        )
+    dim = int(dims[0]) if len(dims) else 0
+    out = np.zeros((len(arr), dim))
+    if ok.any():
+        flat = pc.list_flatten(arr.filter(pa.array(ok)))
+        out[ok] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, dim)
+    return out, ok
+
+
+def _rows_with_null_items(arr: pa.Array) -> Mask:
+    flat = pc.list_flatten(arr)
+    if flat.null_count == 0:
+        return np.zeros(len(arr), dtype=bool)
+    parents = np.asarray(pc.list_parent_indices(arr).to_numpy(), dtype=np.int64)
+    nulls = np.asarray(flat.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    out = np.zeros(len(arr), dtype=bool)
+    out[parents[nulls]] = True
+    return out
+
+
+def _categories(categories: Sequence[Any], kind: pa.DataType) -> pa.Array:
+    if isinstance(categories, str | bytes):
+        raise TypeError(
+            f"categories {categories!r} is one string; pass a list, e.g. ['web', 'pos']"
+        )
+    cats = pa.array(list(categories))
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return cats if cats.type == kind or pa.types.is_null(kind) else cats.cast(kind)

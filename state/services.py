@@ -1,0 +1,342 @@
+"""Feature services: one model's feature vector for a batch of rows, online and offline.
+
+A `flows.spec.FeatureService` reduces to a `ServicePlan` (plain data: the views it reads, by
+which entity columns and which features; the request fields; the on-demand steps; the output
+columns in order). `evaluate_service` is the one code path that turns a batch's view features
+(Arrow columns `<view>__<feature>`) and request fields into the service's columns
+(`<view>__<feature>`, `<on_demand>__<output>`): `FeatureClient.get_service_many` calls it with
+the rows of one call, `flows.snapshot --service` with the spine in batches, so online equals
+offline by construction. Both sides first bring their inputs to the same canonical Arrow types
+(`request_columns`, `feature_type`), so an on-demand function sees identical tables.
+
+    request rows / spine  --request_columns-->  request fields (canonical types)  --+
+    view reads / point-in-time --feature_column-->  <view>__<feature> columns ------+
+                                                                                    v
+                                      evaluate_service: each on-demand step in order, checked
+                                      -> {column: pa.Array} in the service's order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from state.errors import OnDemandError, RequestTypeError, ServiceRequestError
+from state.layout import FeatureDef, ViewLayout
+
+# Declared request-field and on-demand output types, and the Arrow type each arrives as.
+FIELD_TYPES: dict[str, pa.DataType] = {
+    "int": pa.int32(),
+    "long": pa.int64(),
+    "float": pa.float32(),
+    "double": pa.float64(),
+    "string": pa.string(),
+    "boolean": pa.bool_(),
+    "array<float>": pa.list_(pa.float32()),
+    "array<double>": pa.list_(pa.float64()),
+}
+
+OnDemandFunction = Callable[[pa.Table], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRead:
+    """One view a service reads: its key columns, the request/spine columns holding them (the
+    same names unless the service maps them with `keys=`), and the features it needs."""
+
+    view: str
+    key_columns: tuple[str, ...]
+    entity_columns: tuple[str, ...]
+    features: tuple[str, ...]
+
+    def column(self, feature: str) -> str:
+        return f"{self.view}__{feature}"
+
+
+@dataclass(frozen=True, slots=True)
+class OnDemandStep:
+    """One on-demand function: the input columns of its table, in order, and its outputs."""
+
+    name: str
+    function: OnDemandFunction
+    inputs: tuple[str, ...]
+    outputs: tuple[tuple[str, str], ...]  # (output name, declared type)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePlan:
+    """What a service reads, computes and returns (built by `FeatureService.service_plan`)."""
+
+    name: str
+    reads: tuple[ViewRead, ...]
+    request: tuple[tuple[str, str], ...]  # (field, declared type)
+    steps: tuple[OnDemandStep, ...]
+    columns: tuple[str, ...]  # the output columns, in the order the service lists them
+
+    @property
+    def entity_columns(self) -> tuple[str, ...]:
+        seen = dict.fromkeys(c for r in self.reads for c in r.entity_columns)
+        return tuple(seen)
+
+
+def evaluate_service(
+    plan: ServicePlan, features: Mapping[str, pa.Array], request: Mapping[str, pa.Array], n: int
+) -> dict[str, pa.Array]:
+    """The service's output columns for a batch of `n` rows.
+
+    Args:
+        plan: the service.
+        features: `<view>__<feature>` -> values (canonical types, see `feature_column`).
+        request: request field -> values (as `request_columns` gives them).
+        n: the number of rows.
+
+    Raises:
+        OnDemandError: a function raised, or returned a missing, extra, wrong-length or
+            wrong-type output; the message names the service, the function and the output.
+    """
+    columns: dict[str, pa.Array] = {**request, **features}
+    for step in plan.steps:
+        table = pa.table({c: columns[c] for c in step.inputs}) if step.inputs else None
+        outputs = _call(plan.name, step, table if table is not None else pa.table({}), n)
+        columns.update((f"{step.name}__{name}", values) for name, values in outputs.items())
+    return {name: columns[name] for name in plan.columns}
+
+
+def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str, pa.Array]:
+    where = f"service {service!r}, on-demand function {step.name!r}"
+    try:
+        result = step.function(table)
+    except Exception as exc:
+        raise OnDemandError(
+            f"{where} raised {type(exc).__name__}: {exc} (computing "
+            f"{', '.join(name for name, _ in step.outputs)} for {n} rows); fix the function"
+        ) from exc
+    if not isinstance(result, Mapping):
+        raise OnDemandError(
+            f"{where} returned a {type(result).__name__}; return a dict of output name -> "
+            f"array with the outputs {[name for name, _ in step.outputs]}"
+        )
+    declared = {name for name, _ in step.outputs}
+    extra = [name for name in result if name not in declared]
+    if extra:
+        raise OnDemandError(
+            f"{where}: output(s) {extra} are not declared; declare them in "
+            f"@on_demand(outputs=...) (declared: {sorted(declared)}) or do not return them"
+        )
+    return {name: _output(where, name, kind, result, n) for name, kind in step.outputs}
+
+
+def _output(where: str, name: str, kind: str, result: Mapping[str, Any], n: int) -> pa.Array:
+    if name not in result:
+        raise OnDemandError(
+            f"{where}: output {name!r} is missing from the returned dict (got "
+            f"{sorted(result)}); return every declared output"
+        )
+    try:
+        values = as_arrow(result[name])
+    except (TypeError, ValueError, pa.ArrowException) as exc:
+        raise OnDemandError(
+            f"{where}: output {name!r} is a {type(result[name]).__name__}, not an array "
+            f"({exc}); return a pyarrow array, a NumPy array or a list of {n} values"
+        ) from exc
+    if len(values) != n:
+        raise OnDemandError(
+            f"{where}: output {name!r} has {len(values)} values for {n} rows; return one "
+            "value per row of the table the function gets"
+        )
+    converted = conform(values, kind)
+    if converted is None:
+        raise OnDemandError(
+            f"{where}: output {name!r} has type {values.type}, declared {kind!r}; return "
+            f"{kind} values (or declare the output's type as what the function returns)"
+        )
+    return converted
+
+
+def as_arrow(values: Any) -> pa.Array:
+    """An Arrow array from an Arrow array or chunked array, a NumPy array or a list."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    if isinstance(values, np.ndarray | list | tuple):
+        return pa.array(values)
+    raise TypeError(f"{type(values).__name__} is not an array")
+
+
+def conform(values: pa.Array, kind: str) -> pa.Array | None:
+    """`values` as the canonical Arrow type of the declared `kind`, or None when they are of
+    another kind (text for a number, a float for an int, ...). An int overflowing an `int`
+    field is another kind too."""
+    target = FIELD_TYPES[kind]
+    if values.type == target:
+        return values
+    if not _compatible(values.type, kind):
+        return None
+    try:
+        return values.cast(target, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _compatible(have: pa.DataType, kind: str) -> bool:
+    t = pa.types
+    if t.is_null(have):
+        return True
+    if t.is_dictionary(have):
+        return _compatible(have.value_type, kind)
+    if kind in ("int", "long"):
+        return bool(t.is_integer(have))
+    if kind in ("float", "double"):
+        return bool(t.is_integer(have) or t.is_floating(have))
+    if kind == "string":
+        return bool(t.is_string(have) or t.is_large_string(have))
+    if kind == "boolean":
+        return bool(t.is_boolean(have))
+    if t.is_list(have) or t.is_large_list(have) or t.is_fixed_size_list(have):
+        item = have.value_type
+        return bool(t.is_integer(item) or t.is_floating(item) or t.is_null(item))
+    return False
+
+
+# --- request fields: the same checks and types for request rows and spine columns ----------
+
+
+def request_columns(
+    plan: ServicePlan, rows: pa.Table | Sequence[Mapping[str, Any]]
+) -> dict[str, pa.Array]:
+    """The request fields of a batch, checked and in their canonical types.
+
+    Raises:
+        ServiceRequestError: a field is missing (naming the field and the row).
+        RequestTypeError: a value is not of the field's declared type.
+    """
+    out: dict[str, pa.Array] = {}
+    for field, kind in plan.request:
+        raw = _field_values(plan, rows, field, "request field")
+        values = conform(raw, kind)
+        if values is None:
+            raise RequestTypeError(
+                f"service {plan.name!r}: request field {field!r} has {_kind_of(raw)} values, "
+                f"declared {kind!r}; send {kind} values (or null)"
+            )
+        out[field] = values
+    return out
+
+
+def check_entity_columns(plan: ServicePlan, rows: pa.Table | Sequence[Mapping[str, Any]]) -> None:
+    """Every entity column the service's views are looked up by is in every row.
+
+    Raises:
+        ServiceRequestError: naming the column (and the row) that is missing.
+    """
+    for column in plan.entity_columns:
+        _require(plan, rows, column, "entity column")
+
+
+def _field_values(
+    plan: ServicePlan, rows: pa.Table | Sequence[Mapping[str, Any]], field: str, what: str
+) -> pa.Array:
+    _require(plan, rows, field, what)
+    if isinstance(rows, pa.Table):
+        return rows.column(field).combine_chunks()
+    values = [row[field] for row in rows]
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        kinds = sorted({type(v).__name__ for v in values if v is not None})
+        raise RequestTypeError(
+            f"service {plan.name!r}: request field {field!r} has values of mixed or "
+            f"unsupported types ({', '.join(kinds)}): {exc}; send one type per field"
+        ) from exc
+
+
+def _require(
+    plan: ServicePlan, rows: pa.Table | Sequence[Mapping[str, Any]], column: str, what: str
+) -> None:
+    if isinstance(rows, pa.Table):
+        if column not in rows.column_names:
+            raise ServiceRequestError(
+                f"service {plan.name!r}: {what} {column!r} is missing (columns: "
+                f"{', '.join(rows.column_names)}); {_need(plan)}"
+            )
+        return
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise RequestTypeError(
+                f"service {plan.name!r}: row {i} is a {type(row).__name__}; pass each row "
+                "as a dict of entity columns and request fields"
+            )
+        if column not in row:
+            raise ServiceRequestError(
+                f"service {plan.name!r}: {what} {column!r} is missing from row {i} (it has "
+                f"{', '.join(map(repr, row)) or 'nothing'}); {_need(plan)}"
+            )
+
+
+def _need(plan: ServicePlan) -> str:
+    fields = [f for f, _ in plan.request]
+    return (
+        f"each row needs the entity columns {list(plan.entity_columns)} and the request "
+        f"fields {fields}"
+    )
+
+
+def _kind_of(values: pa.Array) -> str:
+    return str(values.type)
+
+
+# --- view features: one canonical Arrow type per feature, online and offline ----------------
+
+_BASE = {
+    "int": pa.int64(),
+    "long": pa.int64(),
+    "float": pa.float64(),
+    "double": pa.float64(),
+    "boolean": pa.bool_(),
+}
+
+
+def feature_type(layout: ViewLayout, feature: FeatureDef) -> pa.DataType:
+    """The Arrow type of a view feature in a service's columns (as in a plain snapshot)."""
+    if feature.agg in ("count", "distinct_count"):
+        return pa.int64()
+    col_type = layout.column_types.get(feature.column or "", "double")
+    if col_type.startswith("array"):
+        return pa.list_(pa.float64())
+    integral = col_type in ("int", "long")
+    if feature.agg == "sum":
+        return pa.int64() if integral else pa.float64()
+    if feature.agg in ("mean", "var", "std", "percentile"):
+        return pa.float64()
+    base = _BASE.get(col_type, pa.string())
+    return pa.list_(base) if feature.agg == "last_k" else base
+
+
+def feature_column(layout: ViewLayout, feature: FeatureDef, values: Any) -> pa.Array:
+    """A feature's values (a list from online reads, an Arrow column from a snapshot) as its
+    canonical Arrow array."""
+    kind = feature_type(layout, feature)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values if values.type == kind else values.cast(kind)
+    return pa.array(values, type=kind)
+
+
+def rows_of(columns: Mapping[str, pa.Array], n: int) -> list[dict[str, Any]]:
+    """Output columns as one dict per row, in row order."""
+    names = list(columns)
+    lists = [columns[name].to_pylist() for name in names]
+    return (
+        [dict(zip(names, values, strict=True)) for values in zip(*lists, strict=True)]
+        if names
+        else [{} for _ in range(n)]
+    )
