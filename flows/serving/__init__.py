@@ -1,0 +1,9 @@
+"""The HTTP feature server: the read client (`state.client.FeatureClient`) behind an ASGI app.
+
+    request --HTTP--> granian worker process --ASGI--> FeatureServer --> FeatureClient --> views
+
+`python -m flows.serve` starts it (`runner.serve`); each worker process builds its own app and
+client from a `ServeConfig` (`config.py`); `app.py` routes and answers; `requests.py` turns a
+request body into checked read arguments; `metrics.py` counts requests for Prometheus. No
+endpoint writes.
+"""
