@@ -192,7 +192,7 @@ def _print_plan(plan: FlowPlan) -> None:
 
 
 def _signal_name(signum: int) -> str:
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 def _print_summary(plan: FlowPlan, elapsed: float, stopped_by: str | None) -> None:
