@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.envelope import DeadLetter
-from state.codec import KEY_SEPARATOR, decode_words, encode_key, encode_words
+from state.codec import KEY_SEPARATOR, decode_words, encode_key, encode_words, vector_lengths
 from state.layout import HopGroup, ViewLayout
 from state.store import LogPosition, PartitionProgress
 from state.tiles import (
@@ -32,6 +32,7 @@ from state.tiles import (
     run_starts,
     unit_block,
 )
+from state.vectors import check_lengths, concat_matrices, entity_objects, padded
 
 OFFSET = "_offset"
 Transform = Callable[[pa.Table], pa.Table]
@@ -94,6 +95,10 @@ def column_values(table: pa.Table, layout: ViewLayout) -> dict[str, ColumnValues
     for name, avro_type in layout.column_types.items():
         col = table.column(name)
         valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        if avro_type.startswith("array<"):  # a vector column: padded matrix + lengths
+            matrix, lengths = padded(col)
+            out[name] = ColumnValues(matrix, valid & (lengths > 0), lengths)
+            continue
         if avro_type in ("int", "long", "float", "double"):
             values: npt.NDArray[Any] = np.asarray(
                 col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
@@ -118,10 +123,7 @@ def sort_events(table: pa.Table, layout: ViewLayout, key_ids: I64, ts: I64) -> S
     """The events of `table` in (key, event time, offset) order: the order tiles are built in."""
     offsets = np.asarray(table.column(OFFSET).to_numpy(), dtype=np.int64)
     order = np.lexsort((offsets, ts, key_ids))
-    columns = {
-        name: ColumnValues(cv.values[order], cv.valid[order])
-        for name, cv in column_values(table, layout).items()
-    }
+    columns = {name: cv.take(order) for name, cv in column_values(table, layout).items()}
     return SortedEvents(key_ids[order], ts[order], offsets[order], columns)
 
 
@@ -325,10 +327,28 @@ def _merge_into_tiles(
     keys: list[str] = encoded.dictionary.to_pylist()
     ev = sort_events(table, layout, key_ids, ts)
     raw_keys = [encode_key(k) for k in keys]
-    old = _load_old(layout, get_blobs(raw_keys))
+    blobs = get_blobs(raw_keys)
+    old = _load_old(layout, blobs)
+    lengths = _vector_lengths(layout, ev, blobs, keys)
     newest = _newest_per_key(ev.kid, ev.ts, old.newest)
     merged = [_merge_group(g, gi, old, newest, ev, watermark) for gi, g in enumerate(layout.groups)]
-    return _encode_keys(layout, raw_keys, merged, newest)
+    return _encode_keys(layout, raw_keys, merged, newest, lengths)
+
+
+def _vector_lengths(
+    layout: ViewLayout, ev: SortedEvents, blobs: list[bytes | None], keys: list[str]
+) -> dict[str, I64]:
+    """Per vector column, the vector length of every touched key (`state.vectors` rule); a
+    record breaking it raises ValueError, which `flows.quarantine` makes a dead letter."""
+    out: dict[str, I64] = {}
+    for name, cv in ev.columns.items():
+        if cv.lengths is not None:
+            stored = [0 if b is None else vector_lengths(layout, b).get(name, 0) for b in blobs]
+            known = np.asarray(stored, dtype=np.int64)
+            out[name] = check_lengths(
+                layout.view, name, ev.kid, ev.off, cv.lengths, cv.valid, known, keys
+            )
+    return out
 
 
 @dataclass(slots=True)
@@ -343,7 +363,9 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
     """The stored tiles of the touched keys, concatenated per group (one copy, no per-key
     structured arrays)."""
     words: list[list[npt.NDArray[np.int64]]] = [[] for _ in layout.groups]
-    objs: list[dict[str, list[Any]]] = [{f: [] for f in g.object_fields} for g in layout.groups]
+    objs: list[dict[str, list[Any]]] = [
+        {f: [] for f in (*g.object_fields, *g.vector_fields)} for g in layout.groups
+    ]
     kids: list[list[int]] = [[] for _ in layout.groups]
     counts: list[list[int]] = [[] for _ in layout.groups]
     newest = np.full(len(blobs), np.iinfo(np.int64).min, dtype=np.int64)
@@ -371,7 +393,10 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
             key_of_row.append(np.zeros(0, dtype=np.int64))
             continue
         rows = np.ascontiguousarray(np.concatenate(words[gi])).view(group.dtype).reshape(-1)
-        group_objs = {f: np.concatenate(v) for f, v in objs[gi].items()}
+        group_objs = {
+            f: concat_matrices(v) if f in group.vector_fields else np.concatenate(v)
+            for f, v in objs[gi].items()
+        }
         blocks.append(TileBlock(rows, group_objs))
         key_of_row.append(np.repeat(np.asarray(kids[gi], dtype=np.int64), counts[gi]))
     return _OldState(blocks, key_of_row, newest, last_of_key)
@@ -424,7 +449,11 @@ def _merge_group(
 
 
 def _encode_keys(
-    layout: ViewLayout, raw_keys: list[bytes], merged: list[tuple[TileBlock, I64]], newest: I64
+    layout: ViewLayout,
+    raw_keys: list[bytes],
+    merged: list[tuple[TileBlock, I64]],
+    newest: I64,
+    lengths: dict[str, I64],
 ) -> dict[bytes, bytes]:
     n_keys = len(raw_keys)
     bounds = [np.searchsorted(row_keys, np.arange(n_keys + 1)).tolist() for _, row_keys in merged]
@@ -438,6 +467,6 @@ def _encode_keys(
         groups = []
         for w, (block, _), b in zip(words, merged, bounds, strict=True):
             a, z = b[kid], b[kid + 1]
-            groups.append((w[a:z], {f: v[a:z] for f, v in block.objs.items()}))
+            groups.append((w[a:z], entity_objects(block.objs, a, z, lengths, kid)))
         puts[raw_keys[kid]] = encode_words(layout, groups, newest_list[kid])
     return puts

@@ -3,8 +3,13 @@
 Every row's value covers exactly the events with start(t) <= ts < t. The full tiles of the window
 come from the same tiles the online path builds (`unit_block` + `combine`); the partial head tile
 is merged from the events in [floor(t/H)*H, t), so a row never sees an event at or after its own
-time. Lifetime features use one-day tiles plus the partial day. The merges and the finalization
-are the online read's own functions, so offline equals online by construction.
+time. Lifetime features use one-day tiles plus the partial day. The tiles and the finalization
+are the online write path's own functions (`state.tiles`); the window merges are equal to the
+online read's (`state.read`) by test, not shared code.
+
+Vector features come out as Arrow `list<float64>` columns (null for an empty window). The events
+a live view dead-letters for a vector of the wrong length (`state.vectors`: a key's vectors keep
+the length of its first one, by offset) are left out here too (`without_bad_vectors`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pyarrow as pa
 
 from flows.aggregate import (
     KEY,
+    OFFSET,
     SortedEvents,
     entity_keys,
     event_times,
@@ -40,6 +46,7 @@ from state.tiles import (
     run_starts,
     unit_block,
 )
+from state.vectors import first_lengths, mismatched, padded
 from state.window import column_stats
 
 LIFETIME_TILE_US = 86_400_000_000
@@ -58,7 +65,40 @@ def kept_events(
         late = late_mask(ts, running_watermarks(ts, None)[0], layout.retention_us)
         table = prepare(table.filter(pa.array(~late)) if late.any() else table, layout, transform)
         kept.append(_keyed(table, layout) if layout.rekeyed else table)
-    return pa.concat_tables(kept) if kept else pa.table({})
+    return without_bad_vectors(layout, pa.concat_tables(kept)) if kept else pa.table({})
+
+
+def without_bad_vectors(layout: ViewLayout, events: pa.Table) -> pa.Table:
+    """`events` without the records the live view dead-letters for a vector whose length is
+    not its key's (the first non-null vector of the key by offset fixes it, per column).
+
+    A record is refused only against lengths fixed by records kept before it, so with several
+    vector columns each pass drops each key's earliest refused record and looks again.
+    """
+    vectors = [c for c, t in layout.column_types.items() if t.startswith("array<")]
+    if not vectors or not events.num_rows:
+        return events
+    encoded = entity_keys(events, layout).combine_chunks().dictionary_encode()
+    kid = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    off = np.asarray(events.column(OFFSET).to_numpy(), dtype=np.int64)
+    columns = [padded(events.column(c))[1] for c in vectors]
+    kept = np.ones(events.num_rows, dtype=bool)
+    while True:
+        bad = np.zeros(events.num_rows, dtype=bool)
+        for lengths in columns:
+            valid = kept & (lengths > 0)
+            fixed = first_lengths(kid, off, lengths, valid, len(encoded.dictionary))
+            bad |= mismatched(kid, lengths, valid, fixed)
+        if not bad.any():
+            return events if kept.all() else events.filter(pa.array(kept))
+        kept[_earliest_per_key(kid, off, bad) if len(vectors) > 1 else bad] = False
+
+
+def _earliest_per_key(kid: I64, off: I64, rows: npt.NDArray[np.bool_]) -> I64:
+    at = np.flatnonzero(rows)
+    order = at[np.lexsort((off[at], kid[at]))]
+    _, first = np.unique(kid[order], return_index=True)
+    return order[first]
 
 
 def _keyed(table: pa.Table, layout: ViewLayout) -> pa.Table:
@@ -105,7 +145,12 @@ def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
 def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> SortedEvents:
     if events.num_rows == 0:
         empty = np.zeros(0, dtype=np.int64)
-        cols = {c: ColumnValues(np.zeros(0), np.zeros(0, dtype=bool)) for c in layout.columns}
+        cols = {
+            c: ColumnValues(np.zeros((0, 0)), np.zeros(0, dtype=bool), empty)
+            if layout.column_types[c].startswith("array<")
+            else ColumnValues(np.zeros(0), np.zeros(0, dtype=bool))
+            for c in layout.columns
+        }
         return SortedEvents(empty, empty, empty, cols)
     return sort_events(events, layout, kid, event_times(events, layout.timestamp))
 
@@ -130,7 +175,8 @@ def _group_values(
         feats = [f for f in group.features if f.window_us == window_us]
         additive = all(f.agg in ADDITIVE for f in feats)
         span = window_us // hop + 1 if window_us else _max_tiles_per_key(tile_kid)
-        chunk = max(1, len(q_t) if additive else ROW_BUDGET // max(span, 1))
+        width = 1 + sum(tiles.objs[v].shape[1] for v in group.vector_fields)  # 8-byte words
+        chunk = max(1, len(q_t) if additive else ROW_BUDGET // max(span * width, 1))
         for a in range(0, len(q_t), chunk):
             sl = slice(a, a + chunk)
             merged = _window_rows(
@@ -179,8 +225,15 @@ def _window_rows(
 
 
 ADDITIVE = frozenset({"count", "sum", "mean", "min", "max"})
-_REDUCE = {"n": np.add, "cnt": np.add, "sum": np.add, "min": np.minimum, "max": np.maximum}
-_IDENTITY = {"n": 0, "cnt": 0, "sum": 0.0, "min": np.inf, "max": -np.inf}
+_REDUCE = {
+    "n": np.add,
+    "cnt": np.add,
+    "sum": np.add,
+    "min": np.minimum,
+    "max": np.maximum,
+    "dim": np.maximum,
+}
+_IDENTITY = {"n": 0, "cnt": 0, "sum": 0.0, "min": np.inf, "max": -np.inf, "dim": 0}
 
 
 def _additive_rows(
@@ -202,17 +255,23 @@ def _additive_rows(
         a = _range_reduce(ufunc, tiles.rows[name], *full, identity)
         b = _range_reduce(ufunc, units.rows[name], *head, identity)
         out.rows[name] = ufunc(a, b)
+    for name in group.vector_fields:  # only `.vsum` (mean): first/last are not additive
+        a = _range_reduce(np.add, tiles.objs[name], *full, 0.0)
+        b = _range_reduce(np.add, units.objs[name], *head, 0.0)
+        out.objs[name] = a + b
     return out
 
 
 def _range_reduce(
     ufunc: np.ufunc, values: npt.NDArray[Any], lo: I64, hi: I64, identity: float
 ) -> npt.NDArray[Any]:
-    """ufunc over values[lo[i]:hi[i]] for every i (identity where the range is empty)."""
-    padded = np.append(values, np.array([identity], dtype=values.dtype))
+    """ufunc over values[lo[i]:hi[i]] for every i (identity where the range is empty); over
+    the rows of a 2-D `values` (vectors) element-wise."""
+    extra = np.full((1, *values.shape[1:]), identity, dtype=values.dtype)
+    extended = np.concatenate([values, extra])
     bounds = np.empty(2 * len(lo), dtype=np.int64)
     bounds[0::2], bounds[1::2] = lo, hi
-    out = ufunc.reduceat(padded, bounds)[0::2]
+    out = ufunc.reduceat(extended, bounds, axis=0)[0::2]
     out[hi <= lo] = identity
     return out
 
@@ -241,6 +300,8 @@ def feature_type(feature: FeatureDef, layout: ViewLayout) -> pa.DataType:
     if feature.agg == "count" or feature.agg == "distinct_count":
         return pa.int64()
     col_type = layout.column_types.get(feature.column or "", "double")
+    if col_type.startswith("array<"):  # vectors: mean, first and last as list<float64>
+        return pa.list_(pa.float64())
     integral = col_type in ("int", "long")
     if feature.agg == "sum":
         return pa.int64() if integral else pa.float64()

@@ -20,7 +20,13 @@ from typing import Any
 import orjson
 
 from flows.errors import DefinitionError
-from state.layout import AGGREGATIONS, FeatureDef, ViewLayout
+from state.layout import (
+    AGGREGATIONS,
+    VECTOR_AGGREGATIONS,
+    VECTOR_TYPES,
+    FeatureDef,
+    ViewLayout,
+)
 from state.services import FIELD_TYPES, OnDemandStep, ServicePlan, ViewRead
 
 __all__ = [
@@ -498,6 +504,14 @@ def _check_column(view: str, d: FeatureDef, types: dict[str, str]) -> None:
         )
     numeric_only = {"sum", "mean", "var", "std", "percentile", "min", "max"}
     kind = types[d.column]
+    if kind in VECTOR_TYPES:
+        if d.agg not in VECTOR_AGGREGATIONS:
+            raise DefinitionError(
+                f"view {view!r}, feature {d.name!r}: {d.agg} cannot aggregate the vector "
+                f"column {d.column!r} ({kind}); vectors accept only "
+                f"{', '.join(VECTOR_AGGREGATIONS)} (mean is element-wise)"
+            )
+        return
     if d.agg in numeric_only and kind not in _NUMERIC:
         raise DefinitionError(
             f"view {view!r}, feature {d.name!r}: {d.agg} needs a numeric "
@@ -522,6 +536,8 @@ def _simple_type(avro: Any) -> str:
         if logical in ("timestamp-millis", "timestamp-micros"):
             return str(logical)
         inner = avro.get("type")
+        if inner == "array":  # a vector: "array<float>", "array<double>"
+            return f"array<{_simple_type(avro.get('items'))}>"
         return inner if isinstance(inner, str) else "complex"
     return str(avro)
 

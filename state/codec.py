@@ -16,6 +16,13 @@ Values: one blob per entity holding every hop group's tiles, so a read is one Ro
             u32 length + orjson object {field: [values...]} of plain values (first/last of
             strings and booleans), then per summary field (KLL, HLL, last-k) n entries of
             u32 length + bytes (length 0 = none)
+        if the group aggregates vector columns, per field of HopGroup.vector_fields in order
+            (`<column>.vsum`, `.vfirst`, `.vlast`): u32 length d of the entity's vectors (0
+            while it has none), then the n x d little-endian float64 values row-major (each
+            tile's vector contiguous, so a window's sum is one reduction over a 2-D slice)
+
+A layout without vector columns has no vector section, so VALUE_FORMAT stays 1 for every view
+this code could already read.
 """
 
 from __future__ import annotations
@@ -101,12 +108,16 @@ Words = npt.NDArray[np.int64]  # tile rows as an (n, width) array of 8-byte word
 
 
 def encode_entity(layout: ViewLayout, blocks: list[TileBlock], newest_ts: int) -> bytes:
-    """One entity's blob from its tiles per hop group."""
+    """One entity's blob from its tiles per hop group (vectors cut to the tiles' length)."""
     groups = []
     for group, block in zip(layout.groups, blocks, strict=True):
         width = len(group.dtype.names or ())
         rows = block.rows if block.rows.flags.c_contiguous else np.ascontiguousarray(block.rows)
-        groups.append((rows.view(np.int64).reshape(len(rows), width), block.objs))
+        objs = dict(block.objs)
+        for col in group.columns:
+            dim = int(rows[f"{col.column}.dim"].max()) if col.vector and len(rows) else 0
+            objs.update((f, objs[f][:, :dim]) for f in col.vector_stats)
+        groups.append((rows.view(np.int64).reshape(len(rows), width), objs))
     return encode_words(layout, groups, newest_ts)
 
 
@@ -122,6 +133,10 @@ def encode_words(
             section = b"".join(_encode_objects(group.object_fields, objs))
             parts.append(_U32.pack(len(section)))
             parts.append(section)
+        for f in group.vector_fields:
+            matrix = np.ascontiguousarray(objs[f], dtype="<f8")
+            parts.append(_U32.pack(matrix.shape[1]))
+            parts.append(matrix.tobytes())
     return b"".join(parts)
 
 
@@ -166,6 +181,8 @@ def decode_words(layout: ViewLayout, blob: bytes) -> tuple[list[tuple[Words, dic
             objs: dict[str, Any] = {}
             if group.object_fields:
                 objs, pos = decode_objects(group.object_fields, blob, pos + 4, n)
+            for f in group.vector_fields:
+                objs[f], pos = decode_vectors(blob, pos, n)
             groups.append((columns.reshape(width, n).T, objs))
     except (struct.error, ValueError, KeyError, orjson.JSONDecodeError) as exc:
         raise CorruptStateError(
@@ -173,6 +190,34 @@ def decode_words(layout: ViewLayout, blob: bytes) -> tuple[list[tuple[Words, dic
             "the view with flows.replay"
         ) from exc
     return groups, int(newest)
+
+
+def decode_vectors(blob: bytes, pos: int, n: int) -> tuple[npt.NDArray[np.float64], int]:
+    """One vector field of a group: its (n, d) matrix (no copy) and the position after it."""
+    (dim,) = _U32.unpack_from(blob, pos)
+    pos += 4
+    if pos + 8 * n * dim > len(blob):
+        raise ValueError(f"vector section of {n} x {dim} values runs past the blob's end")
+    matrix = np.frombuffer(blob, dtype="<f8", count=n * dim, offset=pos).reshape(n, dim)
+    return matrix, pos + 8 * n * dim
+
+
+def vector_lengths(layout: ViewLayout, blob: bytes) -> dict[str, int]:
+    """The length of an entity's stored vectors per vector column (0: none yet), read by
+    walking the blob's sections without decoding them."""
+    lengths: dict[str, int] = {}
+    pos = _HEAD.size
+    for group in layout.groups:
+        (n,) = _U32.unpack_from(blob, pos)
+        pos += 4 + 8 * n * len(group.dtype.names or ())
+        if group.object_fields:
+            pos += 4 + _U32.unpack_from(blob, pos)[0]
+        for f in group.vector_fields:
+            (dim,) = _U32.unpack_from(blob, pos)
+            column = f.rpartition(".")[0]
+            lengths[column] = max(lengths.get(column, 0), dim)
+            pos += 4 + 8 * n * dim
+    return lengths
 
 
 def _summary_kind(field: str) -> str | None:

@@ -29,6 +29,9 @@ AGGREGATIONS = (
 )
 NUMERIC_TYPES = frozenset({"int", "long", "float", "double"})
 INTEGRAL_TYPES = frozenset({"int", "long"})
+# Avro `array` of float/double fields: embeddings. Only these aggregations accept them.
+VECTOR_TYPES = frozenset({"array<float>", "array<double>"})
+VECTOR_AGGREGATIONS = ("count", "first", "last", "mean")
 
 # Which per-tile statistics each aggregation needs (besides the event count "n").
 _STATS: dict[str, tuple[str, ...]] = {
@@ -97,6 +100,18 @@ class ColumnStats:
     def integral(self) -> bool:
         return self.avro_type in INTEGRAL_TYPES
 
+    @property
+    def vector(self) -> bool:
+        return self.avro_type in VECTOR_TYPES
+
+    @property
+    def vector_stats(self) -> tuple[str, ...]:
+        """The per-tile vectors a vector column keeps: element-wise sum, first and last value."""
+        if not self.vector:
+            return ()
+        kept = (("sum", "vsum"), ("first", "vfirst"), ("last", "vlast"))
+        return tuple(f"{self.column}.{v}" for stat, v in kept if stat in self.stats)
+
 
 @dataclass(frozen=True)
 class HopGroup:
@@ -113,21 +128,24 @@ class HopGroup:
 
     @cached_property
     def dtype(self) -> np.dtype[Any]:
-        """Fixed-width tile row; object-valued stats (strings, sketches) live beside it.
+        """Fixed-width tile row; object-valued stats (strings, sketches) and vectors live beside it.
 
         Every field is 8 bytes; integer fields come first, then float fields grouped by kind
         (sum, m2, min, max, first, last), so a read can reduce each kind with one NumPy call
-        over a 2-D view of the rows.
+        over a 2-D view of the rows. A vector column keeps its count, the length of its
+        vectors in the tile (`.dim`, 0 when it holds none) and the first/last event time and
+        offset here; its vectors are in `vector_fields`.
         """
         ints: list[tuple[str, str]] = [("tile", "<i8"), ("n", "<i8")]
         ints += [(f"{col.column}.cnt", "<i8") for col in self.columns]
+        ints += [(f"{col.column}.dim", "<i8") for col in self.columns if col.vector]
         floats: dict[str, list[tuple[str, str]]] = {
             k: [] for k in ("sum", "m2", "min", "max", "first", "last")
         }
         for col in self.columns:
             c = col.column
             for stat in ("sum", "m2", "min", "max"):
-                if stat in col.stats:
+                if stat in col.stats and not col.vector:
                     floats[stat].append((f"{c}.{stat}", "<f8"))
             for edge in ("first", "last"):
                 if edge in col.stats:
@@ -138,12 +156,18 @@ class HopGroup:
         return np.dtype(ints + [f for kind in floats.values() for f in kind])
 
     @cached_property
+    def vector_fields(self) -> tuple[str, ...]:
+        """Per-row vectors (`<column>.vsum`, `.vfirst`, `.vlast`): a float64 (rows, dim) block
+        each, beside the rows."""
+        return tuple(name for col in self.columns for name in col.vector_stats)
+
+    @cached_property
     def object_fields(self) -> tuple[str, ...]:
         """Per-row Python-object stats: non-numeric first/last values and sketches."""
         names: list[str] = []
         for col in self.columns:
             for edge in ("first", "last"):
-                if edge in col.stats and not col.numeric:
+                if edge in col.stats and not col.numeric and not col.vector:
                     names.append(f"{col.column}.{edge}")
             for sketch in ("lastk", "hll", "kll"):
                 if sketch in col.stats:

@@ -5,7 +5,9 @@ A read is one RocksDB get and this function. The blob stores each hop group's ti
 reductions (`sum`, `min`, `max` over memoryview slices) of the columns its features need; no
 structured array is built and no NumPy call is made for the common aggregations. The merge it
 performs is `state.tiles.combine` specialised to one contiguous range; the oracle tests hold the
-online read, the offline snapshot and the SQL oracle equal.
+online read, the offline snapshot and the SQL oracle equal. Vector features (`list[float]`) read
+the group's vector section as (tiles, length) matrices without copying: a window's element-wise
+mean is one NumPy sum over a slice of rows, its last value one row.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from state import sketches
-from state.codec import VALUE_FORMAT, decode_objects
+from state.codec import VALUE_FORMAT, decode_objects, decode_vectors
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import FeatureDef, HopGroup, ViewLayout
 
@@ -42,6 +44,7 @@ class _Feature:
     ts: int = -1  # first/last: event-time column
     off: int = -1  # first/last: offset column
     param: float | int | None = None
+    vector: str = ""  # a vector feature: its vector field (`<column>.vsum` / `.vfirst` / `.vlast`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,11 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _
         return _Feature(f.name, "events", None, False, pos["n"])
     c = f.column
     base = _Feature(f.name, f.agg, c, integral[c], pos[f"{c}.cnt"], param=f.param)
+    if f"{c}.dim" in pos and f.agg != "count":  # a vector column
+        edge = f.agg in ("first", "last")
+        ts, off = (pos[f"{c}.{f.agg}_ts"], pos[f"{c}.{f.agg}_off"]) if edge else (-1, -1)
+        field = f"{c}.v{f.agg}" if edge else f"{c}.vsum"
+        return _Feature(f.name, f.agg, c, False, pos[f"{c}.cnt"], ts=ts, off=off, vector=field)
     if f.agg in ("first", "last"):
         return _Feature(
             f.name,
@@ -106,11 +114,12 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _
 class _Columns:
     """Lazy typed views of one group's column-major tile block."""
 
-    __slots__ = ("_base", "_mv", "_n", "_totals")
+    __slots__ = ("_base", "_mv", "_n", "_totals", "vectors")
 
     def __init__(self, mv: memoryview, base: int, n: int) -> None:
         self._mv, self._base, self._n = mv, base, n
         self._totals: dict[tuple[int, int, int], float] = {}
+        self.vectors: dict[str, Any] = {}  # vector field -> (n, length) float64 matrix
 
     def total(self, j: int, lo: int, hi: int) -> float:
         """Sum of float column j over rows [lo, hi), computed once per read."""
@@ -176,6 +185,8 @@ def evaluate_blob(
         if plan.has_objects:
             (size,) = _U32.unpack_from(blob, pos)
             objects_at, pos = pos + 4, pos + 4 + size
+        for name in group.vector_fields:
+            cols.vectors[name], pos = decode_vectors(blob, pos, n)
         # The last row of a group holds the events at exactly the newest event time; a read
         # as of that very time leaves them out (windows end before t).
         hi_limit = n - 1 if t <= newest and n else n
@@ -302,6 +313,11 @@ def _value(
         return round(total) if f.integral else float(total)
     if cnt == 0:
         return None
+    if f.vector:
+        matrix = cols.vectors[f.vector]
+        if agg == "mean":
+            return (matrix[lo:hi].sum(axis=0) / cnt).tolist()
+        return matrix[_edge_row(cols, f, lo, hi)].tolist()
     if agg == "mean":
         return cols.total(f.value, lo, hi) / cnt
     if agg in ("min", "max"):

@@ -2,7 +2,8 @@
 
 A tile is the partial aggregate of one key's events in one hop-sized bucket `[k*hop, (k+1)*hop)`.
 All tiles of a hop group share one fixed-width row layout (`HopGroup.dtype`); strings and
-sketches ride beside the rows as object arrays. Three operations make up the whole core:
+sketches ride beside the rows as object arrays, vectors as (rows, width) float64 matrices
+(`state.vectors`). Three operations make up the whole core:
 
 - `unit_block`: each event becomes a one-event tile (vectorized over a batch);
 - `combine`: runs of adjacent rows merge into one row each (associative, commutative);
@@ -25,6 +26,7 @@ import pyarrow as pa
 from state.layout import ColumnStats, FeatureDef, HopGroup
 from state.sketches import merge_objects
 from state.sketches import result as summary_result
+from state.vectors import concat_matrices, list_array, widened
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -34,10 +36,11 @@ TS_MAX = np.iinfo(np.int64).max
 
 @dataclass(slots=True)
 class TileBlock:
-    """Tile rows of one hop group (structured array) plus their object-valued stats."""
+    """Tile rows of one hop group (structured array) plus their object-valued stats and
+    vectors (2-D float64, one row per tile row)."""
 
     rows: npt.NDArray[Any]
-    objs: dict[str, npt.NDArray[np.object_]]
+    objs: dict[str, npt.NDArray[Any]]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,7 +68,10 @@ def empty_block(group: HopGroup, n: int = 0) -> TileBlock:
             rows[f"{c}.last_off"] = TS_MIN
             if col.numeric:
                 rows[f"{c}.last"] = np.nan
-    objs = {name: np.full(n, None, dtype=object) for name in group.object_fields}
+    objs: dict[str, npt.NDArray[Any]] = {
+        name: np.full(n, None, dtype=object) for name in group.object_fields
+    }
+    objs.update((name, np.zeros((n, 0))) for name in group.vector_fields)
     return TileBlock(rows, objs)
 
 
@@ -76,15 +82,22 @@ def concat_blocks(group: HopGroup, blocks: Sequence[TileBlock]) -> TileBlock:
         return blocks[0]
     rows = np.concatenate([b.rows for b in blocks])
     objs = {k: np.concatenate([b.objs[k] for b in blocks]) for k in group.object_fields}
+    objs.update((k, concat_matrices([b.objs[k] for b in blocks])) for k in group.vector_fields)
     return TileBlock(rows, objs)
 
 
 @dataclass(frozen=True, slots=True)
 class ColumnValues:
-    """One column of a batch: numeric values as float64 (NaN where null) or objects."""
+    """One column of a batch: numeric values as float64 (NaN where null), objects, or for a
+    vector column a zero-padded (rows, width) float64 matrix and each row's `lengths`."""
 
     values: npt.NDArray[Any]
     valid: npt.NDArray[np.bool_]
+    lengths: I64 | None = None
+
+    def take(self, order: npt.NDArray[Any]) -> ColumnValues:
+        lengths = None if self.lengths is None else self.lengths[order]
+        return ColumnValues(self.values[order], self.valid[order], lengths)
 
 
 def unit_block(
@@ -111,6 +124,9 @@ def _fill_unit_column(
 ) -> None:
     c, valid = col.column, data.valid
     rows[f"{c}.cnt"] = valid
+    if col.vector:
+        _fill_unit_vectors(col, rows, objs, ts, offsets, data)
+        return
     if col.numeric:
         values = data.values
         if "sum" in col.stats:
@@ -138,6 +154,26 @@ def _fill_unit_column(
             rows[f"{c}.{edge}"] = np.where(valid, data.values, np.nan)
         else:
             objs[f"{c}.{edge}"] = _objects_where(valid, data.values)
+
+
+def _fill_unit_vectors(
+    col: ColumnStats,
+    rows: npt.NDArray[Any],
+    objs: dict[str, npt.NDArray[Any]],
+    ts: I64,
+    offsets: I64,
+    data: ColumnValues,
+) -> None:
+    c, valid = col.column, data.valid
+    assert data.lengths is not None
+    rows[f"{c}.dim"] = np.where(valid, data.lengths, 0)
+    values = np.where(valid[:, None], data.values, 0.0)
+    for name in col.vector_stats:
+        objs[name] = values
+    for edge, sentinel in (("first", TS_MAX), ("last", TS_MIN)):
+        if edge in col.stats:
+            rows[f"{c}.{edge}_ts"] = np.where(valid, ts, sentinel)
+            rows[f"{c}.{edge}_off"] = np.where(valid, offsets, sentinel)
 
 
 def _objects_where(
@@ -177,9 +213,12 @@ def combine(group: HopGroup, block: TileBlock, starts: I64) -> TileBlock:
     out["n"] = np.add.reduceat(src["n"], starts)
     lengths = np.diff(np.append(starts, len(src)))
     gid = np.repeat(np.arange(n_out), lengths)
-    objs: dict[str, npt.NDArray[np.object_]] = {}
+    objs: dict[str, npt.NDArray[Any]] = {}
     for col in group.columns:
         _combine_column(col, src, out, starts, gid)
+        if col.vector:
+            objs.update(_combine_vectors(col, block, starts, gid))
+            continue
         for edge in ("first", "last"):
             if edge in col.stats and not col.numeric:
                 key = f"{col.column}.{edge}"
@@ -189,6 +228,21 @@ def combine(group: HopGroup, block: TileBlock, starts: I64) -> TileBlock:
                 key = f"{col.column}.{kind}"
                 objs[key] = _merge_runs(kind, block.objs[key], starts, lengths, group.last_k)
     return TileBlock(out, objs)
+
+
+def _combine_vectors(
+    col: ColumnStats, block: TileBlock, starts: I64, gid: I64
+) -> dict[str, npt.NDArray[Any]]:
+    """Vector stats of each run: element-wise sum; first/last picked like scalar edges."""
+    c, out = col.column, {}
+    for name in col.vector_stats:
+        values = block.objs[name]
+        if name.endswith(".vsum"):
+            out[name] = np.add.reduceat(values, starts, axis=0) if len(values) else values
+        else:
+            edge = name.rpartition(".v")[2]
+            out[name] = values[_edge_pick(c, edge, block.rows, starts, gid)]
+    return out
 
 
 def _merge_runs(
@@ -207,7 +261,9 @@ def _combine_column(
     c = col.column
     cnt = src[f"{c}.cnt"]
     out[f"{c}.cnt"] = total_cnt = np.add.reduceat(cnt, starts)
-    if "sum" in col.stats:
+    if col.vector:
+        out[f"{c}.dim"] = np.maximum.reduceat(src[f"{c}.dim"], starts)
+    if "sum" in col.stats and not col.vector:
         sums = src[f"{c}.sum"]
         out[f"{c}.sum"] = total_sum = np.add.reduceat(sums, starts)
         if "m2" in col.stats:
@@ -266,6 +322,8 @@ def reduce_ranges(group: HopGroup, block: TileBlock, lo: I64, hi: I64) -> TileBl
         merged = combine(group, block.take(idx), starts)
         result.rows[nonempty] = merged.rows
         for key, values in merged.objs.items():
+            if values.ndim == 2:  # vectors: widen the identity rows to the merged width
+                result.objs[key] = widened(result.objs[key], values.shape[1])
             result.objs[key][nonempty] = values
     return result
 
@@ -301,6 +359,8 @@ def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlo
         sums = rows[f"{c}.sum"]
         return pa.array(np.round(sums).astype(np.int64) if col.integral else sums)
     empty = cnt == 0
+    if col.vector:
+        return _vector_values(feature, merged, empty)
     if agg == "mean":
         values = _safe_div(rows[f"{c}.sum"], cnt)
     elif agg in ("var", "std"):
@@ -313,6 +373,20 @@ def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlo
     else:
         return pa.array(_object_values(feature, merged, empty))
     return pa.array(values, pa.float64(), mask=empty | np.isnan(values))
+
+
+def _vector_values(
+    feature: FeatureDef, merged: TileBlock, empty: npt.NDArray[np.bool_]
+) -> pa.Array:
+    """`list<float64>` values of a vector feature: the element-wise mean, first or last."""
+    c, rows = feature.column, merged.rows
+    dims = rows[f"{c}.dim"]
+    if feature.agg == "mean":
+        cnt = np.maximum(rows[f"{c}.cnt"], 1).astype(np.float64)
+        return list_array(merged.objs[f"{c}.vsum"] / cnt[:, None], dims, empty)
+    if feature.agg in ("first", "last"):
+        return list_array(merged.objs[f"{c}.v{feature.agg}"], dims, empty)
+    raise NotImplementedError(f"aggregation {feature.agg!r} over vectors")
 
 
 def _object_values(
