@@ -25,9 +25,10 @@ from flows.demo import ensure_demo_data
 from flows.metrics import ConsoleReporter, Metrics
 from flows.plan import build_plan
 from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
-from flows.spec import Source, load_definitions
+from flows.spec import Definitions, Source, load_definitions
 from state.client import FeatureClient
 from state.codec import decode_key, entity_newest
+from state.definitions import record_definitions
 from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
 
 OPTIONS = (
@@ -91,6 +92,8 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
             batch_rows=settings.batch_rows,
         )
         _print_plan(plan)
+        if not settings.process_id:
+            _record(plan, defs)
         addresses = settings.addresses.split(";") if settings.addresses else None
         with claim_versions(plan, settings.process_id or 0):
             code = execute(
@@ -103,6 +106,13 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         if not plan.restart.is_set():
             return code
         print("a replay made a new version of a view live: continuing on it", flush=True)
+
+
+def _record(plan: FlowPlan, defs: Definitions) -> None:
+    """Record the definitions module (and its schema files) in the state directory, with the
+    view versions this run writes, so a FeatureClient without features= finds its services."""
+    versions = {t.view.name: t.version for sp in plan.sources.values() for t in sp.targets}
+    record_definitions(plan.state, defs.path, defs.schema_files(), versions)
 
 
 def _topic_has_records(bootstrap: str, source: Source) -> bool:

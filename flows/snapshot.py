@@ -5,16 +5,22 @@ and a `ts` column (timestamps; integers are read in the source timestamp's unit)
 Parquet holds every spine column, in spine order, plus one column `<view>__<feature>` per feature,
 each the value as of that row's ts (events strictly before ts). The log is read exactly as the
 live flow reads it (segments, then Kafka with --kafka), through the same aggregation core.
+
+With `--service NAME` the spine holds the service's entity columns, `ts` and its request fields
+(other columns are kept), and the output adds the service's columns (`<view>__<feature>`,
+`<on_demand>__<output>`): the views' point-in-time values, then the on-demand functions over the
+spine in batches through `state.services.evaluate_service`, the code `get_service` runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +43,31 @@ from flows.schemas import field_defaults, schema_store
 from flows.settings import COMMON, Option, Settings, build_parser
 from flows.spec import FeatureView, Source, load_definitions
 from flows.validate import EventRules
+from state.errors import OnDemandError, StateError
 from state.layout import ViewLayout
+from state.services import (
+    ServicePlan,
+    check_entity_columns,
+    evaluate_service,
+    feature_column,
+    request_columns,
+)
 
 SPINE_TS = "ts"
 SNAPSHOT_FORMAT = "1"
+SERVICE_BATCH_ROWS = 65_536  # spine rows per call of each on-demand function
 
 OPTIONS = (
     *COMMON[:4],
     Option("spine", None, "spine file: entity key column + ts column (Parquet/CSV/JSONL)"),
     Option("out", None, "output Parquet file"),
     Option("views", None, "comma-separated views (default: all)"),
+    Option(
+        "service",
+        None,
+        "a feature service: the spine holds its entity columns, ts and request fields; the "
+        "output adds the service's columns, as get_service gives them at ts",
+    ),
     Option(
         "allow-empty",
         False,
@@ -67,10 +88,19 @@ def _snapshot(settings: Settings, _args: argparse.Namespace) -> int:
         raise SpineError("--spine FILE and --out FILE are both required")
     started = time.perf_counter()
     defs = load_definitions(settings.features)
-    views = defs.select(settings.views.split(",") if settings.views else None)
-    spine = read_spine(Path(settings.spine), spine_key_types(views))
     wh = Warehouse(settings.warehouse)
-    result = build_snapshot(views, spine, wh, settings.kafka, allow_empty=settings.allow_empty)
+    if settings.service:
+        if settings.views:
+            raise SpineError("--service and --views exclude each other; give one of them")
+        _, plan = defs.service(settings.service)
+        spine = read_spine(Path(settings.spine), service_key_types(plan, defs.views))
+        result = build_service_snapshot(
+            plan, defs.views, spine, wh, settings.kafka, allow_empty=settings.allow_empty
+        )
+    else:
+        views = defs.select(settings.views.split(",") if settings.views else None)
+        spine = read_spine(Path(settings.spine), spine_key_types(views))
+        result = build_snapshot(views, spine, wh, settings.kafka, allow_empty=settings.allow_empty)
     write_parquet_atomic(result, Path(settings.out))
     print(
         f"snapshot: {result.num_rows:,} rows x {result.num_columns - spine.num_columns} "
@@ -89,6 +119,19 @@ def spine_key_types(views: Sequence[FeatureView]) -> dict[str, pa.DataType]:
                 types.setdefault(column, schema.field(column).type)
             elif column in view.columns:  # a derived key column: its declared type
                 types.setdefault(column, DERIVED_ARROW[view.columns[column]])
+    return types
+
+
+def service_key_types(
+    plan: ServicePlan, views: Mapping[str, FeatureView]
+) -> dict[str, pa.DataType]:
+    """The Arrow type of each entity column of a service's spine: its view key's type."""
+    types: dict[str, pa.DataType] = {}
+    for read in plan.reads:
+        by_key = spine_key_types([views[read.view]])
+        for entity, key in zip(read.entity_columns, read.key_columns, strict=True):
+            if key in by_key:
+                types.setdefault(entity, by_key[key])
     return types
 
 
@@ -220,28 +263,92 @@ def build_snapshot(
         SnapshotError: a view's source has no events in the log (unless `allow_empty`).
     """
     result = spine
+    reads = [(view, view.layout().key_columns, None) for view in views]
+    for name, column in _view_columns(reads, spine, warehouse, kafka, allow_empty):
+        result = result.append_column(name, column)
+    return _with_format(result)
+
+
+def build_service_snapshot(
+    plan: ServicePlan,
+    views: Mapping[str, FeatureView],
+    spine: pa.Table,
+    warehouse: Warehouse,
+    kafka: str | None = None,
+    *,
+    allow_empty: bool = False,
+    batch_rows: int = SERVICE_BATCH_ROWS,
+) -> pa.Table:
+    """The spine plus a feature service's columns, each row as `get_service` gives it at ts.
+
+    Raises:
+        SpineError: an entity column, `ts` or a request field is missing or mistyped.
+        SnapshotError: an on-demand function failed (nothing is written), or a source is empty.
+    """
+    try:
+        check_entity_columns(plan, spine)
+        request = request_columns(plan, spine)
+    except StateError as exc:
+        raise SpineError(f"spine: {exc}") from exc
+    reads = [(views[r.view], r.entity_columns, r.features) for r in plan.reads]
+    features = dict(_view_columns(reads, spine, warehouse, kafka, allow_empty))
+    parts: dict[str, list[pa.Array]] = {c: [] for c in plan.columns}
+    for start in range(0, spine.num_rows, batch_rows) or [0]:
+        n = min(batch_rows, spine.num_rows - start)
+        batch = {k: v.slice(start, n) for k, v in features.items()}
+        asked = {k: v.slice(start, n) for k, v in request.items()}
+        try:
+            columns = evaluate_service(plan, batch, asked, n)
+        except OnDemandError as exc:
+            raise SnapshotError(f"{exc}; no snapshot was written") from exc
+        for name, values in columns.items():
+            parts[name].append(values)
+    result = spine
+    for name, chunks in parts.items():
+        result = result.append_column(name, pa.chunked_array(chunks))
+    return _with_format(result)
+
+
+def _view_columns(
+    reads: Sequence[tuple[FeatureView, tuple[str, ...], tuple[str, ...] | None]],
+    spine: pa.Table,
+    warehouse: Warehouse,
+    kafka: str | None,
+    allow_empty: bool,
+) -> Iterator[tuple[str, pa.Array]]:
+    """`<view>__<feature>` columns of each (view, spine key columns, features or None = all),
+    each source's log read once."""
     logs: dict[str, list[pa.Table]] = {}
-    for view in views:
+    for view, key_columns, wanted in reads:
         source = view.source
         layout = view.layout()
-        missing = [c for c in layout.key_columns if c not in spine.column_names]
+        missing = [c for c in key_columns if c not in spine.column_names]
         if missing:
             raise SpineError(
                 f"spine has no {missing[0]!r} column (a key column of view {view.name!r}, "
-                f"keyed by {layout.key_columns}); columns: {', '.join(spine.column_names)}"
+                f"keyed by {key_columns}); columns: {', '.join(spine.column_names)}"
             )
         times = spine_times(spine, source)
         if source.name not in logs:
             logs[source.name] = read_log(source, warehouse, kafka)
             if not allow_empty and not any(t.num_rows for t in logs[source.name]):
-                raise _empty_source(source, views, warehouse, kafka)
-        keys = pc.fill_null(key_column(spine, layout.key_columns), NO_KEY)
+                raise _empty_source(source, [r[0] for r in reads], warehouse, kafka)
+        keys = pc.fill_null(key_column(spine, key_columns), NO_KEY)
         events = _only_keys(kept_events(layout, logs[source.name], view.transform), layout, keys)
-        values = point_in_time(layout, events, keys, times)
-        for feature in layout.features:
-            name = f"{view.name}__{feature.name}"
+        chosen = dataclasses.replace(
+            layout, features=tuple(f for f in layout.features if wanted is None or f.name in wanted)
+        )
+        values = point_in_time(chosen, events, keys, times)
+        for feature in chosen.features:
             column = values[feature.name]
-            result = result.append_column(name, column.cast(feature_type(feature, layout)))
+            if wanted is None:
+                column = column.cast(feature_type(feature, layout))
+            else:
+                column = feature_column(layout, feature, column)
+            yield f"{view.name}__{feature.name}", column
+
+
+def _with_format(result: pa.Table) -> pa.Table:
     meta = dict(result.schema.metadata or {})
     meta[b"featureflow.snapshot_format"] = SNAPSHOT_FORMAT.encode()
     return result.replace_schema_metadata(meta)

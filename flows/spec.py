@@ -898,6 +898,17 @@ class Definitions:
             )
         return self.services[name], self.plans[name]
 
+    def schema_files(self) -> dict[str, Path]:
+        """The schema files the module names by relative path (as named -> file), which a
+        copy of the module beside them needs."""
+        files: dict[str, Path] = {}
+        for source in self.sources.values():
+            for schema in (source.schema, *source.previous_schemas):
+                if isinstance(schema, Mapping) or Path(schema).is_absolute():
+                    continue
+                files[Path(schema).as_posix()] = _find_schema(Path(schema), source.base_dir)
+        return files
+
     def select(self, names: Sequence[str] | None) -> list[FeatureView]:
         if not names:
             return list(self.views.values())

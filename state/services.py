@@ -100,8 +100,10 @@ def evaluate_service(
     """
     columns: dict[str, pa.Array] = {**request, **features}
     for step in plan.steps:
-        table = pa.table({c: columns[c] for c in step.inputs}) if step.inputs else None
-        outputs = _call(plan.name, step, table if table is not None else pa.table({}), n)
+        if n == 0:  # no rows: a function is not asked to handle an empty table
+            outputs = {name: pa.array([], FIELD_TYPES[kind]) for name, kind in step.outputs}
+        else:
+            outputs = _call(plan.name, step, pa.table({c: columns[c] for c in step.inputs}), n)
         columns.update((f"{step.name}__{name}", values) for name, values in outputs.items())
     return {name: columns[name] for name in plan.columns}
 
