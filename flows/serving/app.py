@@ -104,8 +104,8 @@ class FeatureServer:
         started = time.perf_counter()
         route, kind = Route("unknown"), None
         try:
+            self._authorize(scope)  # before routing: without the token nothing is revealed
             route = _route(scope["method"], scope["path"])
-            self._authorize(route, scope)
             reply = await self._answer(route, scope, receive)
         except Exception as exc:  # every failure is an answer, never a dropped connection
             kind, reply = _failure(exc)
@@ -115,8 +115,8 @@ class FeatureServer:
             route.endpoint, name, reply.status, time.perf_counter() - started, kind
         )
 
-    def _authorize(self, route: Route, scope: Scope) -> None:
-        if self._token is None or route.endpoint == "healthz":
+    def _authorize(self, scope: Scope) -> None:
+        if self._token is None or scope["path"] == "/healthz":
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, b"Bearer " + self._token):

@@ -15,9 +15,11 @@ import tempfile
 from dataclasses import dataclass
 
 from flows.serving.config import CONFIG_ENV, ServeConfig
-from flows.serving.metrics import MULTIPROC_ENV
 
 APP = "flows.serving.app:create_app"
+# prometheus-client's multiprocess mode; set before it is imported, since workers are forked
+# (this module must not import prometheus_client, nor anything that does)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass(frozen=True, slots=True)
