@@ -15,6 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
 
 from connectors.kafka import ensure_topic, partition_watermarks
 from connectors.log import KafkaStart, start_kafka_logs
@@ -27,7 +30,7 @@ from flows.plan import build_plan
 from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
 from flows.spec import Definitions, Source, load_definitions
 from state.client import FeatureClient
-from state.codec import decode_key, entity_newest
+from state.codec import KEY_SEPARATOR, decode_key, entity_newest
 from state.definitions import record_definitions
 from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
 
@@ -64,7 +67,7 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         for source in {v.source.name: v.source for v in views}.values():
             if settings.kafka and _topic_has_records(settings.kafka, source):
                 continue  # real events are flowing: no made-up history in front of them
-            report = ensure_demo_data(source, warehouse)
+            report = ensure_demo_data(source, warehouse, spine=_demo_spine(settings))
             if report is not None:
                 print(
                     f"generated demo data: {report.rows:,} events of {source.name!r} into "
@@ -104,6 +107,8 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
                 status_interval=settings.status_interval,
             )
         if not plan.restart.is_set():
+            if not settings.process_id:
+                _print_service_sample(plan, defs, _demo_spine(settings))
             return code
         print("a replay made a new version of a view live: continuing on it", flush=True)
 
@@ -113,6 +118,54 @@ def _record(plan: FlowPlan, defs: Definitions) -> None:
     view versions this run writes, so a FeatureClient without features= finds its services."""
     versions = {t.view.name: t.version for sp in plan.sources.values() for t in sp.targets}
     record_definitions(plan.state, defs.path, defs.schema_files(), versions)
+
+
+def _demo_spine(settings: Settings) -> Path:
+    """Where the embedded demo writes its labelled spine: beside the warehouse."""
+    return Path(settings.warehouse).parent / "spine.parquet"
+
+
+def _print_service_sample(plan: FlowPlan, defs: Definitions, spine: Path) -> None:
+    """One get_service call of the first feature service whose views this run serves, as of
+    just after the newest event: its entities the most recently active keys, its request
+    fields those of the demo spine's last row (or plain defaults)."""
+    served = {t.view.name: (sp, t) for sp in plan.sources.values() for t in sp.targets}
+    for name, service_plan in defs.plans.items():
+        if not all(r.view in served for r in service_plan.reads):
+            continue
+        row: dict[str, Any] = _sample_request(service_plan.request, spine)
+        newest = 0
+        for read in service_plan.reads:
+            sp, target = served[read.view]
+            scanned = (_newest_entity(plan, read.view, target.version, p) for p in sp.start)
+            found = [f for f in scanned if f is not None]
+            if not found:
+                return
+            newest = max(newest, *(f[2] for f in found))
+            key = max(found, key=lambda f: f[1])[0]
+            row.update(zip(read.entity_columns, key.split(KEY_SEPARATOR), strict=False))
+        with FeatureClient(plan.state) as client:
+            values = client.get_service(name, row, at=(newest + 1) / 1e6)
+        print(
+            f'sample service read: FeatureClient("{plan.state}").get_service({name!r}, {row}, '
+            f"at=<newest event + 1us>) = {values}",
+            flush=True,
+        )
+        return
+
+
+_REQUEST_DEFAULTS: dict[str, Any] = {"int": 1, "long": 1, "float": 1.0, "double": 100.0}
+
+
+def _sample_request(fields: Sequence[tuple[str, str]], spine: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    if spine.is_file():
+        table = pq.read_table(spine)
+        last = table.slice(table.num_rows - 1).to_pylist()[0] if table.num_rows else {}
+    return {
+        field: last[field] if field in last else _REQUEST_DEFAULTS.get(kind, "")
+        for field, kind in fields
+    }
 
 
 def _topic_has_records(bootstrap: str, source: Source) -> bool:

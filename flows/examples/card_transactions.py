@@ -1,19 +1,33 @@
-"""Example feature definitions: card transactions, keyed by user.
+"""Example feature definitions: card transactions by user, merchant risk, and a fraud model.
 
 This is the module `python -m flows.run` uses when no --features is given. Copy it to start your
-own: a definitions module is plain Python that declares Sources and FeatureViews.
+own: a definitions module is plain Python that declares Sources, FeatureViews, RequestSources,
+on-demand functions and FeatureServices.
+
+The `fraud_model` service is the vector a fraud model consumes per payment: the user's 14-day
+mean amount (view `user_spend`), the merchant's 30-day chargeback rate (view `merchant_risk`,
+another entity), and request-time signals computed from the payment itself (`payment_signals`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flows.ondemand import category_index
 from flows.spec import (
+    FeatureService,
     FeatureView,
+    RequestSource,
     Source,
     count,
     last,
     max,
     mean,
     min,
+    on_demand,
     percentile,
     std,
     sum,
@@ -42,4 +56,45 @@ user_spend = FeatureView(
         last("channel"),  # channel_last (lifetime)
         last("merchant", window="1d"),  # merchant_last_1d
     ],
+)
+
+merchant_events = Source(
+    name="merchant_events",
+    schema="schemas/merchant.avsc",
+    key="merchant_id",
+    timestamp="ts",
+    partitions=2,
+)
+
+merchant_risk = FeatureView(
+    name="merchant_risk",
+    source=merchant_events,
+    features=[mean("chargeback", window="30d")],  # chargeback_mean_30d: the chargeback rate
+)
+
+payment = RequestSource(name="payment", schema={"amount": "double", "channel": "string"})
+
+CHANNEL_CODES = ["pos", "web", "app", "atm"]
+
+
+@on_demand(
+    sources=[payment, user_spend[["amount_mean_14d"]]],
+    outputs={"amount_vs_mean_14d": "double", "channel_code": "int"},
+)
+def payment_signals(rows: pa.Table) -> dict[str, Any]:
+    """Request-time features: the amount against the user's 14-day mean (null without a
+    mean), and the channel's code (-1 for an unknown channel)."""
+    mean_14d = rows["user_spend__amount_mean_14d"]
+    usable = pc.and_(pc.is_valid(mean_14d), pc.greater(pc.fill_null(mean_14d, 0.0), 0.0))
+    return {
+        "amount_vs_mean_14d": pc.if_else(usable, pc.divide(rows["amount"], mean_14d), None),
+        "channel_code": category_index(rows["channel"], CHANNEL_CODES),
+    }
+
+
+fraud_model = FeatureService(
+    name="fraud_model",
+    features=[user_spend[["amount_mean_14d"]], merchant_risk, payment_signals],
+    description="per-payment fraud score inputs (the talk's example)",
+    owner="risk-team",
 )
