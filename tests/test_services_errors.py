@@ -26,6 +26,7 @@ from flows.spec import (
     on_demand,
 )
 from state.client import FeatureClient
+from state.definitions import load_service_plans
 from state.errors import (
     MissingFeatureError,
     OnDemandError,
@@ -115,8 +116,6 @@ def test_bad_service_in_a_module_names_the_module(tmp_path: Path) -> None:
     with pytest.raises(DefinitionError, match=rf"{features}.*no feature 'no_such_feature'"):
         load_definitions(features)
     with pytest.raises(ServiceDefinitionError, match=r"no feature 'no_such_feature'"):
-        from state.definitions import load_service_plans
-
         load_service_plans(features)
 
 
