@@ -6,6 +6,11 @@ Every record is checked as a strict reader would: a union branch or enum index o
 a varint longer than 10 bytes, a negative length, an int out of 32-bit range, a boolean byte
 other than 0/1, invalid UTF-8, a record shorter or longer than its fields. A record that fails
 a check is reported by its row with a reason and left out; it never stops the batch.
+
+Arrays of float/double (vectors) are decoded block by block for all records at once: each round
+reads one block header (count, and the byte size a negative count announces) per record still
+inside its array, then gathers the block's fixed-width items; a record of one block takes two
+rounds (the block, then the terminating 0).
 """
 
 from __future__ import annotations
@@ -129,6 +134,8 @@ def _decode_field(cursor: _Cursor, spec: FieldSpec, index: int) -> pa.Array:
         rows = rows[branch != spec.null_branch]
     if spec.kind in ("string", "bytes"):
         return _decode_bytes(cursor, rows, spec, index)
+    if spec.kind == "array":
+        return _decode_array(cursor, rows, spec, index)
     values = _DECODERS[spec.kind](cursor, rows, spec, index)
     rows, values = cursor.keep(rows, values)
     return _scatter(cursor.n, rows, values, spec)
@@ -221,6 +228,69 @@ def _decode_bytes(cursor: _Cursor, rows: np.ndarray, spec: FieldSpec, index: int
     keep = np.isin(rows, bad, invert=True)
     array = _binary_array(cursor.n, rows[keep], cursor.data, at[keep], lengths[keep])
     return array.cast(pa.large_string())
+
+
+def _decode_array(cursor: _Cursor, rows: np.ndarray, spec: FieldSpec, index: int) -> pa.Array:
+    """Vectors at `rows` as a list<float32|float64> array of all records (null elsewhere)."""
+    size = 4 if spec.items == "float" else 8
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows, at, count) per round
+    active = rows
+    while len(active):
+        active, counts = _block_header(cursor, active, index)
+        more = counts > 0
+        active, counts = active[more], counts[more]
+        at = cursor.pos[active]
+        cursor.fail(active[counts > (cursor.end[active] - at) // size], index, _TRUNCATED)
+        ok = cursor.code[active] == 0
+        active, at, counts = active[ok], at[ok], counts[ok]
+        cursor.pos[active] = at + counts * size
+        blocks.append((active, at, counts))
+    return _vectors(cursor, rows, blocks, spec, size)
+
+
+def _block_header(cursor: _Cursor, rows: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Item counts of the next array block of each row (a negative count is followed by the
+    block's byte size, which is read and skipped: the items have a fixed width)."""
+    counts = cursor.varint(rows, index)
+    rows, counts = cursor.keep(rows, counts)
+    sized = counts < 0
+    if sized.any():
+        cursor.varint(rows[sized], index)
+        rows, counts = cursor.keep(rows, counts)
+        cursor.fail(rows[counts == np.iinfo(np.int64).min], index, _NEGATIVE)
+        rows, counts = cursor.keep(rows, np.abs(counts))
+    return rows, counts
+
+
+def _vectors(
+    cursor: _Cursor,
+    rows: np.ndarray,
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    spec: FieldSpec,
+    size: int,
+) -> pa.Array:
+    """The list array of the decoded blocks; rows that failed or are null hold null."""
+    b_row = np.concatenate([b[0] for b in blocks]) if blocks else np.zeros(0, np.int64)
+    b_at = np.concatenate([b[1] for b in blocks]) if blocks else np.zeros(0, np.int64)
+    b_cnt = np.concatenate([b[2] for b in blocks]) if blocks else np.zeros(0, np.int64)
+    live = cursor.code[b_row] == 0
+    b_row, b_at, b_cnt = b_row[live], b_at[live], b_cnt[live]
+    order = np.argsort(b_row, kind="stable")  # rows in order, each row's blocks in order
+    b_row, b_at, b_cnt = b_row[order], b_at[order], b_cnt[order]
+    lengths = np.bincount(b_row, weights=b_cnt, minlength=cursor.n).astype(np.int64)
+    offsets = np.zeros(cursor.n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(b_cnt.sum())
+    first_item = np.cumsum(b_cnt) - b_cnt
+    starts = np.repeat(b_at - first_item * size, b_cnt) + np.arange(total, dtype=np.int64) * size
+    raw = cursor.data[starts[:, None] + np.arange(size)] if total else np.zeros((0, size), np.uint8)
+    values = np.ascontiguousarray(raw).view("<f4" if size == 4 else "<f8").ravel()
+    valid = np.zeros(cursor.n, dtype=bool)
+    valid[rows] = True
+    valid &= cursor.code == 0
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values), type=spec.arrow_type, mask=pa.array(~valid)
+    )
 
 
 def _binary_array(

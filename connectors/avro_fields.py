@@ -1,8 +1,12 @@
 """The flat record model of a source's Avro schema: one `FieldSpec` per field, each a primitive,
-an enum, a timestamp, or a union of one of those with null, and its Arrow column type.
+an enum, a timestamp, a vector (an array of float or double), or a union of one of those with
+null, and its Arrow column type.
 
-Sources are flat records so that every field is one typed Arrow column; nested records, arrays,
-maps, fixed and unions of several non-null types are refused here, naming the field.
+Sources are flat records so that every field is one typed Arrow column; nested records, arrays
+of anything but float/double, maps, fixed and unions of several non-null types are refused
+here, naming the field. A vector is an Arrow `list<float32>` (items "float") or
+`list<float64>` (items "double") column: the element type the producer wrote, kept as is in
+the log; the aggregation core reads both as float64.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import pyarrow as pa
 
 from connectors.errors import SchemaError
 
-KINDS = ("boolean", "int", "long", "float", "double", "string", "bytes", "enum")
+KINDS = ("boolean", "int", "long", "float", "double", "string", "bytes", "enum", "array")
+VECTOR_ITEMS = ("float", "double")
 TIMESTAMP_UNITS = {"timestamp-millis": "ms", "timestamp-micros": "us"}
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
@@ -49,6 +54,7 @@ class FieldSpec:
     has_default: bool = False
     default: Any = None
     aliases: tuple[str, ...] = ()
+    items: str | None = None  # a vector's element type: "float" or "double"
 
     @property
     def nullable(self) -> bool:
@@ -58,6 +64,8 @@ class FieldSpec:
     def arrow_type(self) -> pa.DataType:
         if self.unit is not None:
             return pa.timestamp(self.unit, tz="UTC")
+        if self.kind == "array":
+            return pa.list_(_ARROW_TYPES[self.items or "double"])
         return _ARROW_TYPES[self.kind]
 
 
@@ -105,6 +113,7 @@ def _field_spec(record: str, field: Mapping[str, Any]) -> FieldSpec:
     branches, null_branch, value_type = _split_union(record, name, field["type"])
     kind, unit, symbols, enum_default = _value_kind(record, name, value_type)
     return FieldSpec(
+        items=_vector_items(record, name, value_type) if kind == "array" else None,
         name=name,
         kind=kind,
         branches=branches,
@@ -145,6 +154,17 @@ def _value_kind(
     return kind, unit, (), None
 
 
+def _vector_items(record: str, name: str, avro_type: Any) -> str:
+    items = avro_type.get("items") if isinstance(avro_type, Mapping) else None
+    if isinstance(items, Mapping) and not items.get("logicalType"):
+        items = items.get("type")
+    if items not in VECTOR_ITEMS:
+        raise _unsupported(
+            record, name, avro_type, 'an array must hold "float" or "double" (a vector)'
+        )
+    return str(items)
+
+
 def arrow_schema_of(fields: tuple[FieldSpec, ...]) -> pa.Schema:
     """The Arrow schema of a source's columns: one nullable column per field, in order."""
     return pa.schema([pa.field(f.name, f.arrow_type) for f in fields])
@@ -154,7 +174,8 @@ def _unsupported(record: str, name: str, avro_type: Any, rule: str) -> SchemaErr
     return SchemaError(
         f"record {record!r}: field {name!r} has type {_short(avro_type)}, which a source cannot "
         f"hold ({rule}); use boolean, int, long, float, double, string, bytes, enum, a long "
-        'with logicalType timestamp-millis/timestamp-micros, or ["null", one of those]'
+        "with logicalType timestamp-millis/timestamp-micros, an array of float or double, "
+        'or ["null", one of those]'
     )
 
 

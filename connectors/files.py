@@ -371,7 +371,11 @@ def _cast_text(
     column: pa.ChunkedArray, target: pa.DataType
 ) -> tuple[pa.ChunkedArray, np.ndarray | None]:
     """`column` (text or not) read as `target`: directly when every value parses (no null
-    spelling, no spaces), else after `_text_nulls`, flagging the values that still fail."""
+    spelling, no spaces), else after `_text_nulls`, flagging the values that still fail.
+    A vector (list) column held as text (a CSV cell, a JSON line read as text) is read as the
+    JSON array it spells, e.g. "[0.1, 0.2]"."""
+    if pa.types.is_list(target) and pa.types.is_string(column.type):
+        return _text_lists(_text_nulls(column, target), target)
     try:
         return _chunked(column.cast(target)), None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -400,6 +404,25 @@ def _cast_values(
 
 
 _FAILED = object()
+
+
+def _text_lists(
+    column: pa.ChunkedArray, target: pa.ListType
+) -> tuple[pa.ChunkedArray, np.ndarray | None]:
+    """JSON arrays of numbers spelled as text, as a list column; other text is flagged."""
+    values: list[Any] = []
+    for text in column.to_pylist():
+        try:
+            value = None if text is None else orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = _FAILED
+        numbers = isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        )
+        values.append(value if value is None or numbers else _FAILED)
+    bad = np.array([v is _FAILED for v in values], dtype=bool)
+    array = pa.array([None if v is _FAILED else v for v in values], target)
+    return pa.chunked_array([array], target), (bad if bad.any() else None)
 
 
 def _cast_one(value: pa.Array, target: pa.DataType, safe: bool) -> Any:

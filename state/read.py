@@ -83,8 +83,8 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _
     if f"{c}.dim" in pos and f.agg != "count":  # a vector column
         edge = f.agg in ("first", "last")
         ts, off = (pos[f"{c}.{f.agg}_ts"], pos[f"{c}.{f.agg}_off"]) if edge else (-1, -1)
-        field = f"{c}.v{f.agg}" if edge else f"{c}.vsum"
-        return _Feature(f.name, f.agg, c, False, pos[f"{c}.cnt"], ts=ts, off=off, vector=field)
+        vector = f"{c}.v{f.agg}" if edge else f"{c}.vsum"
+        return _Feature(f.name, f.agg, c, False, pos[f"{c}.cnt"], ts=ts, off=off, vector=vector)
     if f.agg in ("first", "last"):
         return _Feature(
             f.name,

@@ -93,7 +93,8 @@ def mismatched(
 ) -> npt.NDArray[np.bool_]:
     """Rows holding a vector whose length differs from their key's expected length."""
     want = expected[kid]
-    return valid & (want > 0) & (lengths != want)
+    bad: npt.NDArray[np.bool_] = valid & (want > 0) & (lengths != want)
+    return bad
 
 
 def check_lengths(
