@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RECHECK_S = 1.0  # a reader looks at CURRENT itself when the catch-up thread has not for this long
 _MAX_BACKOFF_S = 2.0
+_REOPEN_AFTER = 5  # rounds in a row a view's catch-up failed before its secondaries reopen
 
 
 def to_micros(t: Timestamp) -> int:
@@ -161,6 +162,7 @@ class FeatureClient:
         self._services = _ServiceBook(self.root, Path(features) if features else None)
         self._views: dict[str, _OpenView] = {}
         self._checked: dict[str, float] = {}  # view -> monotonic time CURRENT was last read
+        self._stuck: dict[str, int] = {}  # view -> catch-up rounds in a row that failed
         self._tmp = scratch_dir("client")
         self._pins = threading.Lock()  # reference counts and the view table; held for µs
         self._opening = threading.Lock()  # opening versions and partitions; reads never wait
@@ -394,8 +396,12 @@ class FeatureClient:
             return None
         opened = _OpenView(version, read_layout(directory), directory)
         opened.lease = lease
-        for partition in range(opened.layout.partitions):
-            self._open_partition(opened, partition, locked=True)
+        try:
+            for partition in range(opened.layout.partitions):
+                self._open_partition(opened, partition, locked=True)
+        except BaseException:
+            opened.close()
+            raise
         return opened
 
     def _swap(self, view: str, fresh: _OpenView) -> None:
@@ -471,19 +477,35 @@ class FeatureClient:
             opened = self._pin(view)
         except StateError:
             return True  # closed meanwhile
+        ok = True
         try:
             for partition, db in list(opened.dbs.items()):
                 try:
                     db.try_catch_up_with_primary()
-                except Exception as exc:  # logged; retried next round
+                except Exception as exc:  # logged; retried next round, the others go on
                     where = f"view {view!r} v{opened.version} partition {partition}: catch-up"
-                    return self._failed(where, exc)
+                    ok = self._failed(where, exc)
             for partition in range(opened.layout.partitions):
                 if partition not in opened.dbs:
                     self._open_partition(opened, partition)
-            return True
         finally:
             self._unpin(opened)
+        self._stuck[view] = 0 if ok else self._stuck.get(view, 0) + 1
+        if self._stuck[view] >= _REOPEN_AFTER:  # a secondary that keeps failing: open anew
+            self._stuck[view] = 0
+            self._reopen(view, opened.version)
+        return ok
+
+    def _reopen(self, view: str, version: int) -> None:
+        """Swap in freshly opened secondaries of the same version (readers are not disturbed:
+        the old handles close when their last reader is done)."""
+        with self._opening:
+            current = self._views.get(view)
+            if current is None or current.version != version:
+                return
+            fresh = self._open_version(view, version)
+            if fresh is not None:
+                self._swap(view, fresh)
 
     def _failed(self, what: str, exc: Exception) -> bool:
         self._errors += 1
@@ -595,9 +617,7 @@ class _ServiceBook:
 
     def _current(self) -> dict[str, ServicePlan]:
         plans = self._plans
-        if plans is not None and (
-            self.features or time.monotonic() - self._checked < _RECHECK_S
-        ):
+        if plans is not None and (self.features or time.monotonic() - self._checked < _RECHECK_S):
             return plans
         with self._lock:
             if self.features is not None:

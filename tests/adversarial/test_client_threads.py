@@ -83,7 +83,9 @@ def test_shared_client_survives_replays_and_sees_new_events(tmp_path: Path) -> N
             t.join()
     assert not failures, f"{len(failures)} failed reads, first: {failures[0]!r}"
     assert min(reads) > 0
-    assert _total(client) == 2300
+    with FeatureClient(tmp_path / "state") as fresh:
+        assert _total(fresh) == 2300, "the writer did not apply every event"
+    assert _total(client) == 2300, client.health()
     assert visible_after < 1.0, f"new events visible only after {visible_after:.2f}s"
     health = client.health()
     assert health.refreshing
