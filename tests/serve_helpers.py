@@ -85,13 +85,18 @@ class Server:
 
 @contextmanager
 def serving(
-    state: Path, *args: str, ready: bool = True, env: dict[str, str] | None = None
+    state: Path,
+    *args: str,
+    ready: bool = True,
+    env: dict[str, str] | None = None,
+    launcher: Path | None = None,
 ) -> Iterator[Server]:
-    """`python -m flows.serve --state STATE --port <free> ARGS`, until /healthz answers
-    (200 when `ready`), then stopped with SIGINT (its output is printed if it failed)."""
+    """`python -m flows.serve --state STATE --port <free> ARGS` (or `python LAUNCHER ARGS`),
+    until /healthz answers (200 when `ready`), then stopped with SIGINT."""
     port = free_port()
+    command = [str(launcher)] if launcher else ["-m", "flows.serve"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--state", str(state), "--port", str(port), *args],
+        [sys.executable, *command, "--state", str(state), "--port", str(port), *args],
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -61,6 +61,7 @@ _FIXED = {
 _PREFIXES = (("/v1/views/", "view"), ("/v1/services/", "service"))
 _NOT_FOUND = (UnknownViewError, UnknownServiceError)
 _BAD_INPUT = (KeyTypeError, ServiceRequestError, InexactReadError)
+_MAX_MESSAGE = 800  # characters of an error message; the middle of a longer one is cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +239,9 @@ def _failure(exc: Exception) -> tuple[str, Reply]:
 
 
 def _error(status: int, message: str) -> Reply:
+    if len(message) > _MAX_MESSAGE:  # e.g. a 10k-character name echoed by the client
+        cut = len(message) - 500
+        message = f"{message[:200]}...({cut} characters cut)...{message[-300:]}"
     return Reply(status, orjson.dumps({"error": message, "status": status}))
 
 
