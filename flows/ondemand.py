@@ -25,6 +25,7 @@ __all__ = ["EARTH_RADIUS_KM", "category_index", "cosine_similarity", "haversine_
 
 EARTH_RADIUS_KM = 6371.0088  # the IUGG mean Earth radius
 
+_SMALL = 32  # rows up to which category_index looks values up in Python (same results)
 F64 = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
 
@@ -76,6 +77,11 @@ def category_index(values: Any, categories: Sequence[Any]) -> pa.Array:
     """The position of each value in `categories` as int32: -1 for a value not in it, null
     for null (e.g. a request channel's code)."""
     arr = _array(values)
+    if len(arr) <= _SMALL:  # a request or a few: a dict lookup beats the kernels' set-up
+        codes = {c: i for i, c in reversed(list(enumerate(_checked(categories))))}
+        return pa.array(
+            [None if v is None else codes.get(v, -1) for v in arr.to_pylist()], pa.int32()
+        )
     found = pc.index_in(arr, value_set=_categories(categories, arr.type))
     coded = pc.fill_null(found, -1).cast(pa.int32())
     return pc.if_else(pc.is_valid(arr), coded, pa.scalar(None, pa.int32()))
@@ -159,12 +165,16 @@ def _rows_with_null_items(arr: pa.Array) -> Mask:
     return out
 
 
-def _categories(categories: Sequence[Any], kind: pa.DataType) -> pa.Array:
+def _checked(categories: Sequence[Any]) -> Sequence[Any]:
     if isinstance(categories, str | bytes):
         raise TypeError(
             f"categories {categories!r} is one string; pass a list, e.g. ['web', 'pos']"
         )
-    cats = pa.array(list(categories))
+    return categories
+
+
+def _categories(categories: Sequence[Any], kind: pa.DataType) -> pa.Array:
+    cats = pa.array(list(_checked(categories)))
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     return cats if cats.type == kind or pa.types.is_null(kind) else cats.cast(kind)

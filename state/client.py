@@ -115,11 +115,22 @@ class _OpenView:
     `version`, `layout` and `directory` never change; partitions join `dbs` as their
     writer creates them. The client closes it after it is retired and its last reader left."""
 
-    __slots__ = ("absent", "dbs", "directory", "layout", "lease", "readers", "retired", "version")
+    __slots__ = (
+        "absent",
+        "dbs",
+        "directory",
+        "layout",
+        "lease",
+        "manifests",
+        "readers",
+        "retired",
+        "version",
+    )
 
     def __init__(self, version: int, layout: ViewLayout, directory: Path) -> None:
         self.version, self.layout, self.directory = version, layout, directory
         self.dbs: dict[int, Rdict] = {}
+        self.manifests: dict[int, bytes] = {}  # partition -> its writer's CURRENT when opened
         self.absent: dict[int, float] = {}  # partition -> when it was last found not created
         self.lease: VersionLease | None = None
         self.readers = 0
@@ -433,7 +444,8 @@ class FeatureClient:
         if not (primary / "CURRENT").is_file():
             opened.absent[partition] = time.monotonic()
             return None
-        name = f"{opened.layout.view}-v{opened.version}-p{partition}"
+        name = f"{opened.layout.view}-v{opened.version}-p{partition}-{time.monotonic_ns()}"
+        opened.manifests[partition] = _manifest(primary)
         db = opened.dbs[partition] = open_secondary(primary, self._tmp / name)
         opened.absent.pop(partition, None)
         return db
@@ -477,9 +489,13 @@ class FeatureClient:
             opened = self._pin(view)
         except StateError:
             return True  # closed meanwhile
-        ok = True
+        ok, reopened = True, False
         try:
             for partition, db in list(opened.dbs.items()):
+                primary = partition_dir(opened.directory, partition)
+                if _manifest(primary) != opened.manifests.get(partition):
+                    reopened = True  # a writer reopened it: a secondary may miss that, measured
+                    continue
                 try:
                     db.try_catch_up_with_primary()
                 except Exception as exc:  # logged; retried next round, the others go on
@@ -491,7 +507,7 @@ class FeatureClient:
         finally:
             self._unpin(opened)
         self._stuck[view] = 0 if ok else self._stuck.get(view, 0) + 1
-        if self._stuck[view] >= _REOPEN_AFTER:  # a secondary that keeps failing: open anew
+        if reopened or self._stuck[view] >= _REOPEN_AFTER:  # keeps failing or fell behind
             self._stuck[view] = 0
             self._reopen(view, opened.version)
         return ok
@@ -550,6 +566,14 @@ def _unknown_view(view: object, root: Path, views: list[str]) -> str:
         name = f"{name[:80]}... ({len(name)} characters)"
     known = ", ".join(views) or "(none yet)"
     return f"unknown view {name} in {root}; views: {known}; pass one of these names"
+
+
+def _manifest(primary: Path) -> bytes:
+    """The name of the MANIFEST the partition's writer uses (it changes when a writer opens)."""
+    try:
+        return (primary / "CURRENT").read_bytes()
+    except OSError:
+        return b""
 
 
 def _key_texts(view: str, layout: ViewLayout, keys: Sequence[str | int]) -> list[str]:
@@ -654,8 +678,15 @@ def _entity_keys(
     return [None if None in key else key for key in zip(*parts, strict=True)]
 
 
+_EMPTY: dict[int, tuple[ViewLayout, dict[str, Any]]] = {}
+
+
 def _empty_values(layout: ViewLayout) -> dict[str, Any]:
-    return _evaluate(layout, None, 0, None)
+    """The view's empty-window values (what an unknown key reads), computed once per layout."""
+    cached = _EMPTY.get(id(layout))
+    if cached is None or cached[0] is not layout:
+        cached = _EMPTY[id(layout)] = (layout, _evaluate(layout, None, 0, None))
+    return cached[1]
 
 
 def _missing_feature(

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from flows.ondemand import category_index
 from flows.spec import (
@@ -84,10 +84,12 @@ CHANNEL_CODES = ["pos", "web", "app", "atm"]
 def payment_signals(rows: pa.Table) -> dict[str, Any]:
     """Request-time features: the amount against the user's 14-day mean (null without a
     mean), and the channel's code (-1 for an unknown channel)."""
-    mean_14d = rows["user_spend__amount_mean_14d"]
-    usable = pc.and_(pc.is_valid(mean_14d), pc.greater(pc.fill_null(mean_14d, 0.0), 0.0))
+    amount = rows["amount"].to_numpy()  # float64, NaN for null
+    mean_14d = rows["user_spend__amount_mean_14d"].to_numpy()
+    usable = np.isfinite(amount) & (mean_14d > 0)
+    ratio = np.divide(amount, mean_14d, out=np.zeros_like(amount), where=usable)
     return {
-        "amount_vs_mean_14d": pc.if_else(usable, pc.divide(rows["amount"], mean_14d), None),
+        "amount_vs_mean_14d": pa.array(ratio, mask=~usable),
         "channel_code": category_index(rows["channel"], CHANNEL_CODES),
     }
 
