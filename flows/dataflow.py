@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bytewax.operators as op
 import numpy as np
@@ -407,15 +407,17 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
 def run_dataflow(
     plan: FlowPlan, workers: int = 1, addresses: list[str] | None = None, process_id: int = 0
 ) -> None:
-    """Run the dataflow in this process (1 or more worker threads, optionally a cluster)."""
-    from bytewax.testing import cluster_main, run_main
+    """Run the dataflow in this process (1 or more worker threads, optionally a process of a
+    cluster) through bytewax's production entry point (`bytewax.run.cli_main`, what
+    `python -m bytewax.run` calls; `bytewax.testing` is for unit tests)."""
+    from bytewax.run import cli_main
 
-    flow = build_dataflow(plan)
-    if workers == 1 and not addresses:
-        run_main(flow)  # type: ignore[no-untyped-call]
-    else:
-        cluster_main(  # type: ignore[no-untyped-call]
-            flow, addresses or [], process_id, worker_count_per_proc=workers
-        )
+    run = cast(Callable[..., None], cli_main)  # an untyped extension function
+    run(
+        build_dataflow(plan),
+        workers_per_process=workers,
+        process_id=process_id if addresses else None,
+        addresses=addresses or None,
+    )
     if plan.failures:
         raise plan.failures[0]
