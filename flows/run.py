@@ -32,6 +32,7 @@ from flows.spec import Definitions, Source, load_definitions
 from state.client import FeatureClient
 from state.codec import KEY_SEPARATOR, decode_key, entity_newest
 from state.definitions import record_definitions
+from state.errors import StateError
 from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
 
 OPTIONS = (
@@ -144,8 +145,11 @@ def _print_service_sample(plan: FlowPlan, defs: Definitions, spine: Path) -> Non
             newest = max(newest, *(f[2] for f in found))
             key = max(found, key=lambda f: f[1])[0]
             row.update(zip(read.entity_columns, key.split(KEY_SEPARATOR), strict=False))
-        with FeatureClient(plan.state) as client:
-            values = client.get_service(name, row, at=(newest + 1) / 1e6)
+        try:
+            with FeatureClient(plan.state) as client:
+                values: Any = client.get_service(name, row, at=(newest + 1) / 1e6)
+        except StateError as exc:  # a sample, not the run's result: say so and go on
+            values = f"failed: {exc}"
         print(
             f'sample service read: FeatureClient("{plan.state}").get_service({name!r}, {row}, '
             f"at=<newest event + 1us>) = {values}",
@@ -154,7 +158,14 @@ def _print_service_sample(plan: FlowPlan, defs: Definitions, spine: Path) -> Non
         return
 
 
-_REQUEST_DEFAULTS: dict[str, Any] = {"int": 1, "long": 1, "float": 1.0, "double": 100.0}
+_REQUEST_DEFAULTS: dict[str, Any] = {
+    "int": 1,
+    "long": 1,
+    "float": 1.0,
+    "double": 100.0,
+    "string": "",
+    "boolean": False,
+}  # array fields: None
 
 
 def _sample_request(fields: Sequence[tuple[str, str]], spine: Path) -> dict[str, Any]:
@@ -163,7 +174,7 @@ def _sample_request(fields: Sequence[tuple[str, str]], spine: Path) -> dict[str,
         table = pq.read_table(spine)
         last = table.slice(table.num_rows - 1).to_pylist()[0] if table.num_rows else {}
     return {
-        field: last[field] if field in last else _REQUEST_DEFAULTS.get(kind, "")
+        field: last[field] if field in last else _REQUEST_DEFAULTS.get(kind)
         for field, kind in fields
     }
 

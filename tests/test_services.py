@@ -29,25 +29,28 @@ MERCHANT_SCHEMA = """{
   "fields": [
     {"name": "merchant_id", "type": "string"},
     {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-    {"name": "chargeback", "type": ["null", "double"], "default": null}
+    {"name": "chargeback", "type": ["null", "double"], "default": null},
+    {"name": "profile", "type": ["null", {"type": "array", "items": "float"}], "default": null}
   ]
 }"""
 
 SERVICE = """
 import pyarrow.compute as pc
-from flows.ondemand import category_index
+from flows.ondemand import category_index, cosine_similarity
 from flows.spec import FeatureService, RequestSource, on_demand
 
 merchants = Source(name="merchant_events", schema="merchant.avsc", key="merchant_id",
                    timestamp="ts", partitions=2)
 risk = FeatureView(name="risk", source=merchants, features=[
-    mean("chargeback", window="3d"), count(window="1d"),
+    mean("chargeback", window="3d"), count(window="1d"), mean("profile", window="3d"),
 ])
-payment = RequestSource(name="payment", schema={"amount": "double", "channel": "string"})
+payment = RequestSource(name="payment", schema={"amount": "double", "channel": "string",
+                                               "text": "array<float>"})
 
 
 @on_demand(sources=[payment, spend[["mean_amount_1d"]], risk],
-           outputs={"amount_vs_mean": "double", "channel_code": "int", "risky": "boolean"})
+           outputs={"amount_vs_mean": "double", "channel_code": "int", "risky": "boolean",
+                    "similarity": "double"})
 def signals(rows):
     mean = rows["spend__mean_amount_1d"]
     usable = pc.and_(pc.is_valid(mean), pc.not_equal(pc.fill_null(mean, 0.0), 0.0))
@@ -56,6 +59,7 @@ def signals(rows):
         "amount_vs_mean": ratio,
         "channel_code": category_index(rows["channel"], ["web", "pos", "app"]),
         "risky": pc.greater(pc.fill_null(rows["risk__chargeback_mean_3d"], 0.0), 0.25),
+        "similarity": cosine_similarity(rows["text"], rows["risk__profile_mean_3d"]),
     }
 
 
@@ -86,13 +90,25 @@ def merchant_events(n: int, n_keys: int, seed: int) -> pa.Table:
     ts = START_US + np.sort(rng.integers(0, 3 * DAY, n))
     ts = ts - np.where(rng.random(n) < 0.05, rng.integers(0, 3 * HOUR, n), 0)  # out of order
     chargeback = (rng.random(n) < 0.2).astype(float)
+    profile = vectors(rng, n, 4)
     return pa.table(
         {
             "merchant_id": pa.array([f"m{k}" for k in rng.integers(0, n_keys, n)]),
             "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
             "chargeback": pa.array(chargeback, mask=rng.random(n) < 0.1),
+            "profile": profile,
         }
     )
+
+
+def vectors(rng: np.random.Generator, n: int, dim: int) -> pa.Array:
+    """n float32 vectors, about 10% null and 2% all zeros."""
+    values = rng.normal(0, 1, (n, dim)).astype(np.float32)
+    values[rng.random(n) < 0.02] = 0.0
+    rows = [
+        v.tolist() if keep else None for v, keep in zip(values, rng.random(n) > 0.1, strict=True)
+    ]
+    return pa.array(rows, pa.list_(pa.float32()))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +149,7 @@ def spine(n_times: int, per_time: int, seed: int) -> pa.Table:
             "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
             "amount": amount,
             "channel": channel,
+            "text": vectors(rng, n, 4),
             "label": pa.array(rng.random(n) < 0.1),
         }
     )
@@ -181,12 +198,22 @@ def test_online_equals_offline(deployed: tuple[Path, Definitions]) -> None:
     assert None in values["signals__amount_vs_mean"]
     assert set(values["signals__channel_code"]) == {0, 1, 2, -1, None}
     assert True in values["signals__risky"]
+    similarity = values["signals__similarity"]
+    assert None in similarity
+    assert sum(v is not None for v in similarity) > 1000
+    assert any(v is not None for v in values["risk__profile_mean_3d"])
     assert False in values["signals__risky"]
 
 
 def test_client_finds_the_recorded_definitions(deployed: tuple[Path, Definitions]) -> None:
     tmp, defs = deployed
-    row = {"user_id": "user1", "merchant_id": "m1", "amount": 10.0, "channel": "web"}
+    row = {
+        "user_id": "user1",
+        "merchant_id": "m1",
+        "amount": 10.0,
+        "channel": "web",
+        "text": [0.5, 0.25, -1.0, 2.0],
+    }
     at = START_US / 1e6 + 4 * 86400
     with (
         FeatureClient(tmp / "state") as recorded,
