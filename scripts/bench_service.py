@@ -268,7 +268,7 @@ def feast_side(
     print(f"ours  sample: {client.get_service('fraud_model', rows[0])}")
 
 
-def offline(work: Path, defs: Any, events: pa.Table, spine_rows: int) -> None:
+def offline(work: Path, defs: Any, events: pa.Table, spine_rows: int, repeat: int = 2) -> None:
     spine = demo_spine(events, rows=spine_rows)
     wh = Warehouse(work / "warehouse")
     _, plan = defs.service("fraud_model")
@@ -279,19 +279,23 @@ def offline(work: Path, defs: Any, events: pa.Table, spine_rows: int) -> None:
         )
         for v, r in zip(views, plan.reads, strict=True)
     ]
-    timings = {}
-    for label, run in (
+    timings: dict[str, float] = {}
+    runs = (
         ("plain snapshot, all features of the views", lambda: build_snapshot(views, spine, wh)),
         ("plain snapshot, the service's view features", lambda: build_snapshot(chosen, spine, wh)),
         (
             "service snapshot (--service fraud_model)",
             lambda: build_service_snapshot(plan, defs.views, spine, wh),
         ),
-    ):
-        started = time.perf_counter()
-        run()
-        timings[label] = time.perf_counter() - started
-        print(f"{label}: {spine.num_rows:,} rows in {timings[label]:.2f}s")
+    )
+    for _ in range(repeat):  # interleaved, best of `repeat`: the machine is shared
+        for label, run in runs:
+            started = time.perf_counter()
+            run()
+            took = time.perf_counter() - started
+            timings[label] = min(timings.get(label, took), took)
+    for label, took in timings.items():
+        print(f"{label}: {spine.num_rows:,} rows in {took:.2f}s (best of {repeat})")
     service = timings["service snapshot (--service fraud_model)"]
     for label in list(timings)[:2]:
         print(f"service / {label}: {service / timings[label]:.2f}x")
