@@ -88,7 +88,11 @@ def blob_sizes(state: Path, view: str) -> np.ndarray:
             continue
         with tempfile.TemporaryDirectory() as sec:
             db = Rdict(str(db_dir), Options(raw_mode=True), access_type=AccessType.secondary(sec))
-            sizes += [len(v) for k, v in db.items() if k.startswith(ENTITY_PREFIX)]
+            sizes += [
+                len(v)
+                for k, v in db.items()
+                if isinstance(k, bytes) and isinstance(v, bytes) and k.startswith(ENTITY_PREFIX)
+            ]
             db.close()
     return np.array(sizes)
 
