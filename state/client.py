@@ -492,9 +492,11 @@ class FeatureClient:
         ok, reopened = True, False
         try:
             for partition, db in list(opened.dbs.items()):
-                primary = partition_dir(opened.directory, partition)
-                if _manifest(primary) != opened.manifests.get(partition):
-                    reopened = True  # a writer reopened it: a secondary may miss that, measured
+                now = _manifest(partition_dir(opened.directory, partition))
+                if now and now != opened.manifests.get(partition):
+                    # A writer reopened the partition (a new MANIFEST): a secondary caught up
+                    # across that was measured to miss its writes now and then; open anew.
+                    reopened = True
                     continue
                 try:
                     db.try_catch_up_with_primary()
