@@ -4,6 +4,8 @@ ConnectorError
 ├── SchemaError         an Avro schema is invalid, unknown, or evolved incompatibly
 ├── DecodeError         a payload is not a single-object Avro record of a known schema
 ├── SegmentError        a warehouse segment or manifest is missing, corrupt, or inconsistent
+│   ├── ManifestConflictError  another writer committed the source's manifest first (object store)
+│   └── ObjectStoreError       an object store cannot be reached, or refuses a request
 ├── InputFileError      a history file given to ingest cannot be read as the source's events
 └── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
 """
@@ -29,6 +31,15 @@ class DecodeError(ConnectorError):
 
 class SegmentError(ConnectorError):
     """A warehouse segment problem; the message names the file."""
+
+
+class ManifestConflictError(SegmentError):
+    """Another writer committed the next manifest of the source first; nothing of this
+    transaction is visible: retry it on the new manifest."""
+
+
+class ObjectStoreError(SegmentError):
+    """An object-store request failed; the message names the URI and the fix."""
 
 
 class InputFileError(ConnectorError):

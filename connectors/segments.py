@@ -6,6 +6,13 @@ covering an offset range, listed in a per-source manifest, read back in offset o
     <root>/<source>/p<partition:04d>/<first offset:020d>-<last offset:020d>.parquet
     <root>/<source>/_deadletter/<UTC time>-<uuid>.parquet
 
+On an object store (`s3://bucket/prefix`, see connectors.objectstore) there is no rename and no
+flock, so the manifest is a series of immutable numbered objects and segment names carry the
+writer's tag (two writers racing for the same offsets never overwrite each other's file):
+
+    <root>/<source>/_manifest/<version:020d>.json     the newest version is the manifest
+    <root>/<source>/p<partition:04d>/<first:020d>-<last:020d>.<writer tag>.parquet
+
 Manifest (JSON, `format` 1; every key but `format`, `source` and `partitions` is optional, so
 manifests written before a key existed still read):
 
@@ -39,22 +46,35 @@ first, then the manifest once: the manifest is the truth, and a file it does not
 crash before the manifest write) is ignored by readers and removed by the next transaction.
 Files and manifest are written to temporary names, fsynced and renamed into place, so a reader
 never sees half a file. A full disk is a SegmentError naming the path, with nothing committed.
+
+Commits on an object store are optimistic: a transaction reads manifest version n, writes its
+segment objects, then creates version n+1 with a conditional put (`If-None-Match: *`). Of two
+writers that read the same n, exactly one creates n+1; the other gets ManifestConflictError,
+its objects are deleted and nothing of it is visible. `append`, `append_many`, `append_gap` and
+`fix_kafka_base` retry on the new manifest (an append whose offsets were taken meanwhile then
+fails with the usual "must start at the next offset" error: nothing is lost or doubled); callers
+of `transaction` retry it themselves (flows.ingest does). Old versions are pruned, keeping
+MANIFEST_VERSIONS_KEPT; a writer whose version number was pruned meanwhile sees a newer version
+after its put and withdraws, so a commit is never hidden behind a newer one. Readers take the
+newest version. Objects of a writer killed before its commit are not listed and never read;
+they are not swept on object stores (a sweep cannot tell them from a live writer's).
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
+import random
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -64,17 +84,20 @@ import pyarrow.parquet as pq
 
 from connectors.avro import fingerprint_hex
 from connectors.envelope import ARRIVAL, DEAD_LETTER_SCHEMA, OFFSET, PARTITION, TIMESTAMP_US
-from connectors.errors import SegmentError
+from connectors.errors import ManifestConflictError, SegmentError
+from connectors.objectstore import LocalStore, Store, open_store, replace_atomically
 
 MANIFEST = "_manifest.json"
 MANIFEST_LOCK = "_manifest.lock"
+MANIFEST_VERSIONS = "_manifest"  # object stores: <source>/_manifest/<version:020d>.json
+MANIFEST_VERSIONS_KEPT = 20
+COMMIT_ATTEMPTS = 16  # tries of a self-contained change (append, gap) against concurrent writers
 MANIFEST_FORMAT = 1
 SEGMENT_FORMAT = "1"  # Parquet key-value metadata `featureflow.segment_format`
 DEAD_LETTER_DIR = "_deadletter"
 SCHEMA_DIR = "_schemas"
 ROW_GROUP_ROWS = 128 * 1024
 _LOG_TYPES = {OFFSET: pa.int64(), PARTITION: pa.int32(), ARRIVAL: TIMESTAMP_US}
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Crash tests kill a writer at a named step of a transaction (segment:<n> after its n-th file,
 # commit before the manifest write, committed after it); see _crash_point.
 CRASH_AT_ENV = "FEATUREFLOW_TEST_CRASH_AT"
@@ -143,20 +166,31 @@ class IngestedFile:
 
 
 class Warehouse:
-    """The warehouse log under `root`: segments of every source, by partition."""
+    """The warehouse log under `root`: segments of every source, by partition.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    `root` is a local directory or an object-store URI (`s3://bucket/prefix`, see
+    connectors.objectstore); `root` keeps the local Path, or the URI as given."""
+
+    def __init__(self, root: str | Path | Store) -> None:
+        self.store: Store = root if not isinstance(root, str | Path) else open_store(root)
+        local = self.store if isinstance(self.store, LocalStore) else None
+        self.root: Path | str = local.root if local is not None else self.store.url
 
     def source_dir(self, source: str) -> Path:
-        return self.root / source
+        """The source's directory (local warehouses only)."""
+        return self._local().path(source)
 
     @contextmanager
     def lock(self, source: str) -> Iterator[None]:
         """Hold the source's exclusive manifest lock (blocking; re-entrant in a thread).
 
         Every manifest read-modify-write takes it; hold it yourself around a read of
-        `next_offset` and the appends that depend on it."""
+        `next_offset` and the appends that depend on it. On an object store there is no lock:
+        commits are conditional puts, and a writer that lost a race gets
+        ManifestConflictError at commit (see the module docstring)."""
+        if not self.store.local:
+            yield
+            return
         path = self.source_dir(source) / MANIFEST_LOCK
         path.parent.mkdir(parents=True, exist_ok=True)
         with _held(os.path.abspath(path)):
@@ -164,22 +198,44 @@ class Warehouse:
 
     @contextmanager
     def transaction(self, source: str) -> Iterator[LogTransaction]:
-        """One atomic change of the source's log: under the lock, segment files are written as
-        they are added, and the manifest once, when the block ends without an exception.
+        """One atomic change of the source's log: segment files are written as they are added,
+        and the manifest once, when the block ends without an exception (under the lock on a
+        local warehouse; a conditional put of the next manifest version on an object store).
 
         Raises:
             SegmentError: the manifest cannot be read or written, or the disk is full (nothing
                 of the transaction is then committed).
+            ManifestConflictError: (object stores) another writer committed first; nothing of
+                this transaction is visible: run it again.
         """
         with self.lock(source):
-            manifest = self._manifest(source)
-            _sweep_unlisted(self.source_dir(source), manifest)
-            tx = LogTransaction(self, source, manifest)
+            version, manifest = self._versioned_manifest(source)
+            if self.store.local:
+                _sweep_unlisted(self.source_dir(source), manifest)
+            tx = LogTransaction(self, source, manifest, version)
             try:
                 yield tx
                 tx.commit()
             finally:
                 tx.discard_uncommitted()
+
+    def retrying(self, source: str, change: Callable[[LogTransaction], _T]) -> _T:
+        """Run `change` in a transaction, again on the new manifest when another writer
+        committed first (object stores), up to COMMIT_ATTEMPTS times.
+
+        Raises:
+            ManifestConflictError: every attempt lost the race (the message says so).
+        """
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                with self.transaction(source) as tx:
+                    return change(tx)
+            except ManifestConflictError:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                # Jittered backoff: writers that collided do not collide again in lockstep.
+                time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))
+        raise AssertionError("unreachable")
 
     def kafka_base(self, source: str, partition: int) -> int | None:
         """The log offset of Kafka offset 0 in this partition, once Kafka has been read."""
@@ -193,8 +249,7 @@ class Warehouse:
         base = self.kafka_base(source, partition)
         if base is not None:
             return base
-        with self.transaction(source) as tx:
-            return tx.fix_kafka_base(partition)
+        return self.retrying(source, lambda tx: tx.fix_kafka_base(partition))
 
     def ingested(self, source: str, sha256: str) -> IngestedFile | None:
         """The record of an input file already ingested into the source's log, by content."""
@@ -208,20 +263,24 @@ class Warehouse:
         the source's current schema.
         """
         fp = fingerprint_hex(schema)
-        path = self.source_dir(source) / SCHEMA_DIR / f"{fp}.avsc"
-        if not path.exists():
-            data = orjson.dumps(dict(schema), option=orjson.OPT_INDENT_2)
-            _replace_atomically(path, lambda tmp: tmp.write_bytes(data))
+        rel = f"{source}/{SCHEMA_DIR}/{fp}.avsc"
+        if not self.store.exists(rel):  # content-addressed: a racing writer writes the same
+            self.store.write_bytes(rel, orjson.dumps(dict(schema), option=orjson.OPT_INDENT_2))
         return fp
 
     def schemas(self, source: str) -> list[dict[str, Any]]:
         """Every writer schema registered for the source's log."""
-        folder = self.source_dir(source) / SCHEMA_DIR
-        return [orjson.loads(p.read_bytes()) for p in sorted(folder.glob("*.avsc"))]
+        folder = f"{source}/{SCHEMA_DIR}"
+        names = [n for n in self.store.list(folder) if n.endswith(".avsc")]
+        return [orjson.loads(self.store.read_bytes(f"{folder}/{n}")) for n in names]
 
     def path(self, source: str, segment: SegmentInfo) -> Path:
-        """The absolute path of a segment file."""
+        """The absolute path of a segment file (local warehouses; see `location`)."""
         return self.source_dir(source) / segment.file
+
+    def location(self, source: str, segment: SegmentInfo) -> str:
+        """Where a segment file is: its path, or its object URI."""
+        return self.store.describe(f"{source}/{segment.file}")
 
     def segments(self, source: str, partition: int) -> list[SegmentInfo]:
         """The segment files of a partition in offset order (empty if it has none); gaps are
@@ -269,15 +328,17 @@ class Warehouse:
             SegmentError: the table breaks one of those rules (the message says which), or the
                 disk is full (nothing is then committed).
         """
-        with self.transaction(source) as tx:
-            return tx.append(
+        return self.retrying(
+            source,
+            lambda tx: tx.append(
                 partition,
                 table,
                 fingerprint=fingerprint,
                 ts_column=ts_column,
                 first_offset=first_offset,
                 last_offset=last_offset,
-            )
+            ),
+        )
 
     def append_many(
         self,
@@ -294,7 +355,8 @@ class Warehouse:
         `tables` maps a partition to its tables in offset order, each following `append`'s
         rules; `ingested` records input files by content hash in the same commit.
         """
-        with self.transaction(source) as tx:
+
+        def change(tx: LogTransaction) -> list[SegmentInfo]:
             infos = [
                 tx.append(p, t, fingerprint=fingerprint, ts_column=ts_column)
                 for p, ts in tables.items()
@@ -303,6 +365,8 @@ class Warehouse:
             for f in ingested:
                 tx.record_ingested(f)
             return infos
+
+        return self.retrying(source, change)
 
     def append_gap(
         self, source: str, partition: int, first_offset: int, last_offset: int, reason: str
@@ -313,8 +377,9 @@ class Warehouse:
         Raises:
             SegmentError: the range does not start at `next_offset` or is empty.
         """
-        with self.transaction(source) as tx:
-            return tx.append_gap(partition, first_offset, last_offset, reason)
+        return self.retrying(
+            source, lambda tx: tx.append_gap(partition, first_offset, last_offset, reason)
+        )
 
     def read(
         self,
@@ -336,10 +401,10 @@ class Warehouse:
         last = to_offset if to_offset is not None else np.iinfo(np.int64).max
         for seg in self.segments(source, partition):
             if seg.last_offset >= from_offset and seg.first_offset <= last:
-                path = self.path(source, seg)
-                lo, hi = _row_range(path, seg, from_offset, last)
+                file = _SegmentFile(self.store, f"{source}/{seg.file}", seg)
+                lo, hi = _row_range(file, from_offset, last)
                 if lo <= hi:
-                    yield from _read_rows(path, seg, lo, hi, columns, batch_rows)
+                    yield from _read_rows(file, lo, hi, columns, batch_rows)
 
     def read_time_range(
         self,
@@ -358,37 +423,126 @@ class Warehouse:
         for seg in self.segments(source, partition):
             if seg.max_ts >= min_ts and seg.min_ts <= max_ts:
                 wanted = None if columns is None else [*dict.fromkeys([*columns, str(ts_column)])]
-                for batch in _read_rows(
-                    self.path(source, seg), seg, 0, seg.rows - 1, wanted, batch_rows
-                ):
+                file = _SegmentFile(self.store, f"{source}/{seg.file}", seg)
+                for batch in _read_rows(file, 0, seg.rows - 1, wanted, batch_rows):
                     yield _in_time_range(batch, str(ts_column), min_ts, max_ts, columns)
 
+    def manifest_location(self, source: str) -> str:
+        """Where the source's manifest is: the file, or the folder of its versions."""
+        if self.store.local:
+            return self.store.describe(f"{source}/{MANIFEST}")
+        return self.store.describe(f"{source}/{MANIFEST_VERSIONS}/")
+
     def _manifest(self, source: str) -> dict[str, Any]:
-        path = self.source_dir(source) / MANIFEST
+        return self._versioned_manifest(source)[1]
+
+    def _versioned_manifest(self, source: str) -> tuple[int, dict[str, Any]]:
+        """The manifest and its version (0 for a local manifest or none yet)."""
+        if self.store.local:
+            return 0, self._parse(source, f"{source}/{MANIFEST}")
+        for _ in range(COMMIT_ATTEMPTS):
+            versions = _versions(self.store, source)
+            if not versions:
+                return 0, _empty_manifest(source)
+            try:
+                return versions[-1], self._parse(source, _version_rel(source, versions[-1]))
+            except FileNotFoundError:
+                continue  # pruned between the listing and the read: list again
+        raise SegmentError(
+            f"the manifest of source {source!r} at {self.manifest_location(source)} kept "
+            "changing while being read; retry (are old versions pruned by hand?)"
+        )
+
+    def _parse(self, source: str, rel: str) -> dict[str, Any]:
+        where = self.store.describe(rel)
         try:
-            manifest: dict[str, Any] = orjson.loads(path.read_bytes())
+            manifest: dict[str, Any] = orjson.loads(self.store.read_bytes(rel))
         except FileNotFoundError:
-            return {"format": MANIFEST_FORMAT, "source": source, "partitions": {}}
+            if self.store.local:
+                return _empty_manifest(source)
+            raise
         except (OSError, orjson.JSONDecodeError) as exc:
             raise SegmentError(
-                f"manifest {path} cannot be read: {exc}; restore it from a backup "
+                f"manifest {where} cannot be read: {exc}; restore it from a backup "
                 "or rebuild the warehouse by re-ingesting the source"
             ) from exc
         if manifest.get("format") != MANIFEST_FORMAT:
             raise SegmentError(
-                f"manifest {path} has format {manifest.get('format')!r}; this "
+                f"manifest {where} has format {manifest.get('format')!r}; this "
                 f"version reads format {MANIFEST_FORMAT}: upgrade featureflow"
             )
         return manifest
+
+    def _commit_manifest(
+        self, source: str, version: int, data: bytes, committed: Callable[[], None]
+    ) -> None:
+        """Make `data` the source's manifest: replace the file (local, under the lock), or
+        create version `version + 1` (object store), refusing when another writer did first.
+
+        Raises:
+            ManifestConflictError: another writer committed first (object stores).
+        """
+        if self.store.local:  # the rename is the commit point: `committed` right after it
+            path = self.source_dir(source) / MANIFEST
+            replace_atomically(path, lambda tmp: tmp.write_bytes(data), committed)
+            return
+        mine = version + 1
+        if not self.store.create(_version_rel(source, mine), data) or not self._newest(
+            source, mine
+        ):
+            raise ManifestConflictError(
+                f"source {source!r}: another writer committed manifest version {mine} at "
+                f"{self.manifest_location(source)} first (this one read version {version}); "
+                "nothing of this transaction was committed: run it again on the new manifest"
+            )
+        committed()
+        for old in _versions(self.store, source)[:-MANIFEST_VERSIONS_KEPT]:
+            self.store.delete(_version_rel(source, old))
+
+    def _newest(self, source: str, mine: int) -> bool:
+        """After creating version `mine`: is it the newest? Not when its number had been
+        pruned and reused: then it is withdrawn (readers never took it: a newer one exists)."""
+        newest = _versions(self.store, source)[-1]
+        if newest > mine:
+            self.store.delete(_version_rel(source, mine))
+        return newest <= mine
+
+    def _local(self) -> LocalStore:
+        if not isinstance(self.store, LocalStore):
+            raise SegmentError(
+                f"warehouse {self.store.url} is an object store: it has no local paths; use "
+                "Warehouse.location() and the store's methods"
+            )
+        return self.store
+
+
+_T = TypeVar("_T")
+
+
+def _empty_manifest(source: str) -> dict[str, Any]:
+    return {"format": MANIFEST_FORMAT, "source": source, "partitions": {}}
+
+
+def _version_rel(source: str, version: int) -> str:
+    return f"{source}/{MANIFEST_VERSIONS}/{version:020d}.json"
+
+
+def _versions(store: Store, source: str) -> list[int]:
+    names = store.list(f"{source}/{MANIFEST_VERSIONS}")
+    return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
 
 class LogTransaction:
     """A pending change of one source's manifest, made by `Warehouse.transaction`: segment
     files are written as they are added; the manifest lists them only at commit."""
 
-    def __init__(self, warehouse: Warehouse, source: str, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self, warehouse: Warehouse, source: str, manifest: dict[str, Any], version: int = 0
+    ) -> None:
         self._warehouse, self._source, self._manifest = warehouse, source, manifest
-        self._written: list[Path] = []
+        self._version = version
+        self._tag = uuid.uuid4().hex[:12]  # object stores: this writer's segment names
+        self._written: list[str] = []
         self._changed = self._committed = False
 
     def next_offset(self, partition: int) -> int:
@@ -417,9 +571,11 @@ class LogTransaction:
         span = _check_table(table, partition, expected, ts_column, (first_offset, last_offset))
         first, last, min_ts, max_ts = span
         name = f"p{partition:04d}/{first:020d}-{last:020d}.parquet"
-        path = self._warehouse.source_dir(self._source) / name
-        self._written.append(path)
-        size = _write_parquet(path, _with_metadata(table, fingerprint))
+        if not self._warehouse.store.local:
+            name = f"p{partition:04d}/{first:020d}-{last:020d}.{self._tag}.parquet"
+        rel = f"{self._source}/{name}"
+        self._written.append(rel)
+        size = self._warehouse.store.write_parquet(rel, _with_metadata(table, fingerprint))
         _crash_point(f"segment:{len(self._written)}")
         info = SegmentInfo(
             partition, name, first, last, table.num_rows, min_ts, max_ts, fingerprint, size
@@ -458,16 +614,15 @@ class LogTransaction:
         if not self._changed:
             return
         data = orjson.dumps(self._manifest, option=orjson.OPT_INDENT_2)
-        path = self._warehouse.source_dir(self._source) / MANIFEST
         _crash_point("commit")
-        _replace_atomically(path, lambda tmp: tmp.write_bytes(data), self._mark_committed)
+        self._warehouse._commit_manifest(self._source, self._version, data, self._mark_committed)
         _crash_point("committed")
 
     def discard_uncommitted(self) -> None:
         """Remove the files written by a transaction that did not commit."""
         if not self._committed:
-            for path in self._written:
-                path.unlink(missing_ok=True)
+            for rel in self._written:
+                self._warehouse.store.delete(rel)
 
     def _mark_committed(self) -> None:
         self._committed = True
@@ -627,79 +782,47 @@ def _with_metadata(table: pa.Table, fingerprint: str) -> pa.Table:
     return table.replace_schema_metadata(metadata)
 
 
-def _write_parquet(path: Path, table: pa.Table) -> int:
-    """Write `table` to `path` atomically; its size in bytes."""
-    _replace_atomically(
-        path,
-        lambda tmp: pq.write_table(
-            table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, store_schema=True
-        ),
-    )
-    return path.stat().st_size
+@dataclass(frozen=True, slots=True)
+class _SegmentFile:
+    """A segment file to read: where it is and what the manifest says of it."""
+
+    store: Store
+    rel: str
+    seg: SegmentInfo
+
+    def open(self) -> pq.ParquetFile:
+        return self.store.parquet_file(self.rel)
+
+    @property
+    def where(self) -> str:
+        return self.store.describe(self.rel)
 
 
-def _replace_atomically(
-    path: Path, write: Callable[[Path], object], on_replaced: Callable[[], None] | None = None
-) -> None:
-    """Call `write(tmp)` for a temporary file beside `path`, fsync it, rename it onto `path`
-    (then `on_replaced()`: the rename is the commit point).
-
-    Raises:
-        SegmentError: the disk is full (naming the path); the temporary file is removed.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            write(tmp)
-            _fsync(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        if on_replaced is not None:
-            on_replaced()
-        _fsync(path.parent)
-    except OSError as exc:
-        if exc.errno not in _DISK_FULL:
-            raise
-        raise SegmentError(
-            f"no space left on the device holding {path.parent} (writing {path}); nothing "
-            "was committed: free space there (or move the warehouse) and run the command again"
-        ) from exc
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _row_range(path: Path, seg: SegmentInfo, from_offset: int, last: int) -> tuple[int, int]:
+def _row_range(file: _SegmentFile, from_offset: int, last: int) -> tuple[int, int]:
     """Rows (0-based, inclusive) of a segment file holding offsets from_offset..last: by row
     index when the segment has no holes, else by searching its `_offset` column."""
+    seg = file.seg
     if not seg.has_holes:
         lo = max(from_offset, seg.first_offset) - seg.first_offset
         return lo, min(last, seg.last_offset) - seg.first_offset
     try:
-        offsets = pq.read_table(path, columns=[OFFSET]).column(OFFSET).to_numpy()
+        offsets = file.open().read(columns=[OFFSET]).column(OFFSET).to_numpy()
     except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(path, seg, exc) from exc
+        raise _unreadable(file, exc) from exc
     lo = int(np.searchsorted(offsets, from_offset, side="left"))
     return lo, int(np.searchsorted(offsets, last, side="right")) - 1
 
 
 def _read_rows(
-    path: Path, seg: SegmentInfo, lo: int, hi: int, columns: Sequence[str] | None, batch_rows: int
+    file: _SegmentFile, lo: int, hi: int, columns: Sequence[str] | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
     """Rows lo..hi (inclusive, 0-based) of a segment file, reading only the row groups needed."""
     try:
-        file = pq.ParquetFile(path, memory_map=True)
-        groups, first_row = _row_groups(file, seg, lo, hi)
-        _check_columns(file, path, columns)
+        parquet = file.open()
+        groups, first_row = _row_groups(parquet, file.seg, lo, hi)
+        _check_columns(parquet, file.where, columns)
         row = first_row
-        for batch in file.iter_batches(
+        for batch in parquet.iter_batches(
             batch_size=batch_rows,
             row_groups=groups,
             columns=None if columns is None else list(columns),
@@ -709,7 +832,7 @@ def _read_rows(
             if stop > start:
                 yield batch.slice(start, stop - start)
     except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(path, seg, exc) from exc
+        raise _unreadable(file, exc) from exc
 
 
 def _row_groups(
@@ -732,7 +855,7 @@ def _row_groups(
     return groups, int(starts[groups[0]]) if groups else 0
 
 
-def _check_columns(file: pq.ParquetFile, path: Path, columns: Sequence[str] | None) -> None:
+def _check_columns(file: pq.ParquetFile, path: str, columns: Sequence[str] | None) -> None:
     names = file.schema_arrow.names
     missing = [c for c in columns or () if c not in names]
     if missing:
@@ -742,10 +865,11 @@ def _check_columns(file: pq.ParquetFile, path: Path, columns: Sequence[str] | No
         )
 
 
-def _unreadable(path: Path, seg: SegmentInfo, exc: Exception) -> SegmentError:
+def _unreadable(file: _SegmentFile, exc: Exception) -> SegmentError:
     state = "is missing" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc})"
+    seg = file.seg
     return SegmentError(
-        f"segment file {path} (partition {seg.partition}, offsets "
+        f"segment file {file.where} (partition {seg.partition}, offsets "
         f"{seg.first_offset}-{seg.last_offset}) {state}; restore it from a "
         "backup or re-ingest that offset range"
     )
@@ -761,10 +885,10 @@ def _in_time_range(
 
 
 def write_dead_letters(
-    root: str | Path, source: str, table: pa.Table, name: str | None = None
-) -> Path | None:
+    root: str | Path | Warehouse, source: str, table: pa.Table, name: str | None = None
+) -> str | None:
     """Append dead letters (columns reason, partition, offset, payload, at) as a new file
-    under `<root>/<source>/_deadletter/`; its path, or None if `table` is empty. `name` (a
+    under `<root>/<source>/_deadletter/`; its location, or None if `table` is empty. `name` (a
     file name without extension) replaces the file of that name, so that a retried writer
     (an ingest rerun after a crash) does not write its dead letters twice.
 
@@ -782,14 +906,20 @@ def write_dead_letters(
         ) from exc
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     name = name or f"{stamp}-{uuid.uuid4().hex}"
-    path = Path(root) / source / DEAD_LETTER_DIR / f"{name}.parquet"
-    _write_parquet(path, _with_metadata(table, ""))
-    return path
+    store = _store_of(root)
+    rel = f"{source}/{DEAD_LETTER_DIR}/{name}.parquet"
+    store.write_parquet(rel, _with_metadata(table, ""))
+    return store.describe(rel)
 
 
-def read_dead_letters(root: str | Path, source: str) -> pa.Table:
+def read_dead_letters(root: str | Path | Warehouse, source: str) -> pa.Table:
     """All dead letters of a source, in file-name order (time-stamped files, then the
     `ingest-<hash>` files of ingests)."""
-    files = sorted((Path(root) / source / DEAD_LETTER_DIR).glob("*.parquet"))
-    tables = [pq.read_table(f).cast(DEAD_LETTER_SCHEMA) for f in files]
+    store, folder = _store_of(root), f"{source}/{DEAD_LETTER_DIR}"
+    names = [n for n in store.list(folder) if n.endswith(".parquet")]
+    tables = [store.parquet_file(f"{folder}/{n}").read().cast(DEAD_LETTER_SCHEMA) for n in names]
     return pa.concat_tables(tables) if tables else DEAD_LETTER_SCHEMA.empty_table()
+
+
+def _store_of(root: str | Path | Warehouse) -> Store:
+    return root.store if isinstance(root, Warehouse) else open_store(root)

@@ -1,18 +1,20 @@
 """Shared fixtures: the real Kafka broker that scripts/test starts (scripts/kafka), and fresh
-topics on it for integration tests."""
+topics on it for integration tests; the real S3 server it starts (scripts/s3), and fresh
+warehouse locations on it, local or s3:// (`warehouse_location`, parametrized)."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaException
-from hypothesis import HealthCheck, settings
 
 # The stubs of some confluent-kafka releases do not re-export NewTopic from its documented home.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined, unused-ignore]
+from hypothesis import HealthCheck, settings
 
 # Property tests: random exploration on developers' machines, reproducible in CI (derandomized,
 # no example database, no deadline: a slow shared runner must not turn into a failure).
@@ -73,3 +75,49 @@ def kafka_topic(kafka_bootstrap: str) -> Iterator[TopicFactory]:
     if created:
         for future in admin.delete_topics(created, operation_timeout=10).values():
             future.result(timeout=15)
+
+
+S3_TEST_BUCKET = "featureflow-tests"
+S3_DEFAULTS = {  # scripts/s3 env: the loopback test server's endpoint and keys
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9444",
+    "AWS_ACCESS_KEY_ID": "featureflow",
+    "AWS_SECRET_ACCESS_KEY": "featureflow-secret",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """The S3 server's endpoint (env AWS_ENDPOINT_URL, as `scripts/s3 env` exports it; the
+    test server's keys by default); if it is down, fails under CI, else skips."""
+    for name, value in S3_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        boto3.client("s3", endpoint_url=endpoint).list_buckets()
+    except (BotoCoreError, ClientError) as exc:
+        message = (
+            f"no S3 server answers at {endpoint} (env AWS_ENDPOINT_URL): {exc}; run the tests "
+            "with scripts/test, or start one with scripts/s3 start"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return endpoint
+
+
+@pytest.fixture
+def s3_warehouse(s3_endpoint: str) -> str:
+    """A fresh, empty s3:// warehouse URI (a unique prefix in the test bucket)."""
+    return f"s3://{S3_TEST_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def warehouse_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh warehouse location: a local directory, then an s3:// URI on the test server."""
+    if request.param == "local":
+        return str(tmp_path / "warehouse")
+    return str(request.getfixturevalue("s3_warehouse"))

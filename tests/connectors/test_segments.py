@@ -1,28 +1,49 @@
+"""The warehouse log, on a local directory and on the S3 test server (`warehouse_location`
+is parametrized: every test here runs on both)."""
+
 from __future__ import annotations
 
+import re
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
 from connectors.avro import arrow_schema, fingerprint_hex
 from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
 from connectors.errors import SegmentError
-from connectors.segments import Warehouse, read_dead_letters, write_dead_letters
+from connectors.segments import (
+    MANIFEST_VERSIONS,
+    LogTransaction,
+    Warehouse,
+    read_dead_letters,
+    write_dead_letters,
+)
 
 TS0 = 1_700_000_000_000_000
 US = pa.timestamp("us", tz="UTC")
 
 
 @pytest.fixture
-def warehouse(tmp_path: Path) -> Warehouse:
-    return Warehouse(tmp_path / "warehouse")
+def warehouse(warehouse_location: str) -> Warehouse:
+    return Warehouse(warehouse_location)
+
+
+def manifest_rel(warehouse: Warehouse, source: str = "tx") -> str:
+    """The object holding the source's current manifest (the file, or its newest version)."""
+    if warehouse.store.local:
+        return f"{source}/_manifest.json"
+    return (
+        f"{source}/{MANIFEST_VERSIONS}/" + warehouse.store.list(f"{source}/{MANIFEST_VERSIONS}")[-1]
+    )
+
+
+def segment_rel(info: Any, source: str = "tx") -> str:
+    return f"{source}/{info.file}"
 
 
 @pytest.fixture
@@ -70,7 +91,9 @@ def test_append_then_read_round_trips_in_offset_order(
     info = append(warehouse, first)
     assert (info.first_offset, info.last_offset, info.rows) == (0, 999, 1000)
     assert (info.min_ts, info.max_ts) == (TS0, TS0 + 999_000)
-    assert info.file == "p0000/00000000000000000000-00000000000000000999.parquet"
+    assert re.fullmatch(
+        r"p0000/00000000000000000000-00000000000000000999(\.[0-9a-f]{12})?\.parquet", info.file
+    )
     append(warehouse, second)
     assert warehouse.next_offset("tx", 0) == 1500
     assert warehouse.next_offset("tx", 1) == 0
@@ -84,7 +107,7 @@ def test_manifest_and_file_metadata_follow_the_format(
 ) -> None:
     fp = fingerprint_hex(transaction_schema)
     info = warehouse.append("tx", 3, log_rows(0, 10, partition=3), fingerprint=fp, ts_column="ts")
-    manifest = orjson.loads((warehouse.root / "tx" / "_manifest.json").read_bytes())
+    manifest = orjson.loads(warehouse.store.read_bytes(manifest_rel(warehouse)))
     assert (manifest["format"], manifest["source"]) == (1, "tx")
     entry = manifest["partitions"]["3"][0]
     assert entry == {
@@ -95,12 +118,12 @@ def test_manifest_and_file_metadata_follow_the_format(
         "min_ts": TS0,
         "max_ts": TS0 + 9000,
         "schema_fingerprint": fp,
-        "bytes": warehouse.path("tx", info).stat().st_size,
+        "bytes": warehouse.store.size(segment_rel(info)),
     }
-    meta = pq.ParquetFile(warehouse.path("tx", info)).metadata
+    meta = warehouse.store.parquet_file(segment_rel(info)).metadata
     assert meta.metadata[b"featureflow.segment_format"] == b"1"
     assert meta.row_group(0).column(0).compression == "ZSTD"
-    assert pq.read_schema(warehouse.path("tx", info)).field("ts").type == US
+    assert meta.schema.to_arrow_schema().field("ts").type == US
 
 
 @pytest.mark.parametrize(("first", "message"), [(5, "from 0 .*got 5"), (-1, "got -1")])
@@ -132,13 +155,14 @@ def test_files_the_manifest_does_not_list_are_ignored_and_overwritten(
 ) -> None:
     append(warehouse, log_rows(0, 10))
     # A crash after writing the next file but before the manifest: the file is an orphan.
-    orphan = warehouse.root / "tx" / "p0000" / f"{10:020d}-{19:020d}.parquet"
-    pq.write_table(log_rows(10, 10).drop_columns(["amount"]), orphan)
+    orphan = f"tx/p0000/{10:020d}-{19:020d}.parquet"
+    warehouse.store.write_parquet(orphan, log_rows(10, 10).drop_columns(["amount"]))
     assert offsets_of(warehouse.read("tx", 0)) == list(range(10))
     assert warehouse.next_offset("tx", 0) == 10
     info = append(warehouse, log_rows(10, 10))
-    assert warehouse.path("tx", info) == orphan
-    assert "amount" in pq.read_schema(orphan).names
+    if warehouse.store.local:  # overwritten; an object store names files per writer instead
+        assert segment_rel(info) == orphan
+        assert "amount" in warehouse.store.parquet_file(orphan).schema_arrow.names
     assert offsets_of(warehouse.read("tx", 0)) == list(range(20))
 
 
@@ -147,19 +171,19 @@ def test_a_corrupt_or_missing_file_is_a_segment_error(
     log_rows: Any,
 ) -> None:
     info = append(warehouse, log_rows(0, 100))
-    path = warehouse.path("tx", info)
-    path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(SegmentError, match=f"{path.name}.*re-ingest"):
+    rel = segment_rel(info)
+    warehouse.store.write_bytes(rel, warehouse.store.read_bytes(rel)[:200])
+    with pytest.raises(SegmentError, match=f"{rel.rsplit('/', 1)[1]}.*re-ingest"):
         list(warehouse.read("tx", 0))
-    path.unlink()
+    warehouse.store.delete(rel)
     with pytest.raises(SegmentError, match="is missing; restore it"):
         list(warehouse.read("tx", 0))
 
 
 def test_a_corrupt_manifest_is_a_segment_error(warehouse: Warehouse, log_rows: Any) -> None:
     append(warehouse, log_rows(0, 10))
-    (warehouse.root / "tx" / "_manifest.json").write_text("{")
-    with pytest.raises(SegmentError, match=r"_manifest\.json cannot be read"):
+    warehouse.store.write_bytes(manifest_rel(warehouse), b"{")
+    with pytest.raises(SegmentError, match=r"_manifest.*\.json cannot be read"):
         warehouse.next_offset("tx", 0)
 
 
@@ -187,8 +211,8 @@ def test_reading_an_offset_range_gives_exactly_that_range(
 
 def test_reading_prunes_files_outside_the_range(warehouse: Warehouse, log_rows: Any) -> None:
     infos = [append(warehouse, log_rows(first, 100)) for first in (0, 100, 200)]
-    warehouse.path("tx", infos[0]).unlink()  # would fail if opened
-    warehouse.path("tx", infos[2]).unlink()
+    warehouse.store.delete(segment_rel(infos[0]))  # would fail if opened
+    warehouse.store.delete(segment_rel(infos[2]))
     assert offsets_of(warehouse.read("tx", 0, 120, 180)) == list(range(120, 181))
     rows = list(
         warehouse.read_time_range("tx", 0, TS0 + 150_000, TS0 + 160_000, columns=["user_id"])
@@ -208,25 +232,26 @@ def test_reading_a_column_subset(warehouse: Warehouse, log_rows: Any) -> None:
         list(warehouse.read("tx", 0, columns=["nope"]))
 
 
-def test_dead_letters_are_appended_as_files(tmp_path: Path) -> None:
+def test_dead_letters_are_appended_as_files(warehouse_location: str) -> None:
+    root = warehouse_location
     letters = [
         DeadLetter("bad marker", 2, 41, b"\x00\x01"),
         DeadLetter("null key", None, None, b'{"a": 1}'),
     ]
-    first = write_dead_letters(tmp_path, "tx", dead_letter_table(letters, TS0))
-    second = write_dead_letters(tmp_path, "tx", dead_letter_table(letters[:1], TS0 + 1))
-    assert write_dead_letters(tmp_path, "tx", DEAD_LETTER_SCHEMA.empty_table()) is None
+    first = write_dead_letters(root, "tx", dead_letter_table(letters, TS0))
+    second = write_dead_letters(root, "tx", dead_letter_table(letters[:1], TS0 + 1))
+    assert write_dead_letters(root, "tx", DEAD_LETTER_SCHEMA.empty_table()) is None
     assert first is not None
     assert second is not None
     assert first != second
-    assert first.parent == tmp_path / "tx" / "_deadletter"
-    table = read_dead_letters(tmp_path, "tx")
+    assert first.rsplit("/", 1)[0].endswith("tx/_deadletter")
+    table = read_dead_letters(root, "tx")
     assert table.schema == DEAD_LETTER_SCHEMA
     assert table.column("reason").to_pylist() == ["bad marker", "null key", "bad marker"]
     assert table.column("offset").to_pylist() == [41, None, 41]
     assert table.column("payload").to_pylist()[1] == b'{"a": 1}'
     with pytest.raises(SegmentError, match="dead-letter schema"):
-        write_dead_letters(tmp_path, "tx", pa.table({"reason": ["x"]}))
+        write_dead_letters(root, "tx", pa.table({"reason": ["x"]}))
 
 
 def _at(log_rows: Any, offsets: list[int]) -> pa.Table:
@@ -293,17 +318,14 @@ def test_a_span_must_start_at_the_next_offset_and_hold_increasing_offsets(
     with pytest.raises(SegmentError, match="gap must start at the next offset of the log, 0"):
         warehouse.append_gap("tx", 0, 3, 9, "x")
     assert warehouse.next_offset("tx", 0) == 0
-    assert not (warehouse.root / "tx" / "p0000").exists() or not list(
-        (warehouse.root / "tx" / "p0000").iterdir()
-    )
+    assert warehouse.store.list("tx/p0000") == []
 
 
 def test_a_manifest_without_gaps_or_ingest_records_still_reads(
     warehouse: Warehouse, log_rows: Any
 ) -> None:
     append(warehouse, log_rows(0, 10))
-    path = warehouse.root / "tx" / "_manifest.json"
-    manifest = orjson.loads(path.read_bytes())
+    manifest = orjson.loads(warehouse.store.read_bytes(manifest_rel(warehouse)))
     assert set(manifest) == {"format", "source", "partitions", "ts_column"}
     assert warehouse.gaps("tx", 0) == []
     assert warehouse.ingested("tx", "0" * 64) is None
@@ -319,7 +341,7 @@ def test_append_many_commits_every_partition_or_none(warehouse: Warehouse, log_r
     with pytest.raises(SegmentError, match="contiguous from 0"):
         warehouse.append_many("tx", bad, fingerprint="ab12", ts_column="ts")
     assert [warehouse.next_offset("tx", p) for p in range(3)] == [0, 0, 0]
-    assert list((warehouse.root / "tx").glob("p*/*")) == []  # the files it wrote are removed
+    assert [warehouse.store.list(f"tx/p{p:04d}") for p in range(3)] == [[]] * 3  # removed
     infos = warehouse.append_many("tx", good, fingerprint="ab12", ts_column="ts")
     assert [(i.partition, i.first_offset, i.last_offset) for i in infos] == [
         (0, 0, 9),
@@ -332,11 +354,14 @@ def test_append_many_commits_every_partition_or_none(warehouse: Warehouse, log_r
 def test_threads_appending_through_transactions_never_lose_an_entry(
     warehouse: Warehouse, log_rows: Any
 ) -> None:
+    # Local: the lock serializes them. S3: each commit is a conditional put, a loser retries.
+    def add(tx: LogTransaction) -> None:
+        first = tx.next_offset(0)
+        tx.append(0, log_rows(first, 3), fingerprint="ab12", ts_column="ts")
+
     def writer() -> None:
         for _ in range(10):
-            with Warehouse(warehouse.root).transaction("tx") as tx:
-                first = tx.next_offset(0)
-                tx.append(0, log_rows(first, 3), fingerprint="ab12", ts_column="ts")
+            Warehouse(warehouse.root).retrying("tx", add)
 
     threads = [threading.Thread(target=writer) for _ in range(4)]
     for t in threads:
