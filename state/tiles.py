@@ -89,7 +89,8 @@ def concat_blocks(group: HopGroup, blocks: Sequence[TileBlock]) -> TileBlock:
 @dataclass(frozen=True, slots=True)
 class ColumnValues:
     """One column of a batch: numeric values as float64 (NaN where null), objects, or for a
-    vector column a zero-padded (rows, width) float64 matrix and each row's `lengths`."""
+    vector column a zero-padded (rows, width) float64 matrix (all zeros where not valid) and
+    each row's `lengths`."""
 
     values: npt.NDArray[Any]
     valid: npt.NDArray[np.bool_]
@@ -167,9 +168,8 @@ def _fill_unit_vectors(
     c, valid = col.column, data.valid
     assert data.lengths is not None
     rows[f"{c}.dim"] = np.where(valid, data.lengths, 0)
-    values = np.where(valid[:, None], data.values, 0.0)
-    for name in col.vector_stats:
-        objs[name] = values
+    for name in col.vector_stats:  # rows without a vector are zeros already (no copy)
+        objs[name] = data.values
     for edge, sentinel in (("first", TS_MAX), ("last", TS_MIN)):
         if edge in col.stats:
             rows[f"{c}.{edge}_ts"] = np.where(valid, ts, sentinel)

@@ -132,11 +132,16 @@ def check_lengths(
 def entity_objects(
     objs: dict[str, npt.NDArray[Any]], a: int, z: int, lengths: dict[str, I64], key: int
 ) -> dict[str, npt.NDArray[Any]]:
-    """Rows a..z of a block's object stats and vectors, the vectors cut to the key's length
-    (`lengths`: per vector column, per key id)."""
+    """Rows a..z of a block's object stats and vectors, the vectors cut (or zero-padded) to the
+    key's length (`lengths`: per vector column, per key id), so that the blob keeps the length
+    even while the key has no tile with a vector in a group."""
     if not lengths:
         return {f: v[a:z] for f, v in objs.items()}
-    return {
-        f: v[a:z, : int(lengths[f.rpartition(".")[0]][key])] if v.ndim == 2 else v[a:z]
-        for f, v in objs.items()
-    }
+    out = {}
+    for f, v in objs.items():
+        if v.ndim == 2:
+            dim = int(lengths[f.rpartition(".")[0]][key])
+            out[f] = widened(v[a:z, :dim], dim)
+        else:
+            out[f] = v[a:z]
+    return out

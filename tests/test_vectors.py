@@ -294,3 +294,25 @@ def test_a_reader_with_double_items_reads_float_vectors() -> None:
     assert failures == []
     assert batch.column("emb").to_pylist() == [[0.5, 1.5]]
     assert batch.schema.field("emb").type == pa.list_(pa.float64())
+
+
+def test_the_length_stays_with_the_key_after_its_tiles_expire() -> None:
+    """A key's vectors keep their length after every tile holding one was pruned: the blob
+    records it, and the snapshot (first vector ever) refuses the same record."""
+    view = FeatureView(name="short", source=SOURCE, features=[mean("emb", window="1h")])
+    layout = view.layout()
+    rows = [("a", T0, [1.0, 2.0]), ("a", T0 + 10 * DAY, None), ("a", T0 + 20 * DAY, [1.0, 2, 3])]
+    events = pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "ts": pa.array([r[1] for r in rows], pa.timestamp("us", tz="UTC")),
+            "emb": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
+            "pos": pa.array([None] * 3, pa.list_(pa.float64())),
+            "amount": pa.array([None] * 3, pa.float64()),
+            "_offset": pa.array([0, 1, 2], pa.int64()),
+        }
+    )
+    store, dead = apply_all(view, events, batch=1)
+    assert dead == [2]
+    assert online(layout, store, "a", T0 + 20 * DAY + 1) == {"emb_mean_1h": None}
+    assert kept_events(layout, [events], None).column("_offset").to_pylist() == [0, 1]
