@@ -440,3 +440,55 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class VersionedDocument:
+    """A small document that changes by compare-and-swap on a store without rename: immutable
+    numbered versions `<folder>/<version:020d>.json`, the newest is current.
+
+    `commit(n, data)` creates version n+1 only if no writer did (`Store.create`), so of two
+    writers that read version n exactly one succeeds. Old versions are pruned (`keep` newest);
+    a writer whose number had been pruned and reused sees a newer version after its put and
+    withdraws it, so a commit is never hidden behind a newer one."""
+
+    def __init__(self, store: Store, folder: str, keep: int = 20) -> None:
+        self.store, self.folder, self.keep = store, folder, keep
+
+    def rel(self, version: int) -> str:
+        return f"{self.folder}/{version:020d}.json"
+
+    def versions(self) -> list[int]:
+        names = self.store.list(self.folder)
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def read(self, attempts: int = 16) -> tuple[int, bytes | None]:
+        """The newest version and its bytes; (0, None) when there is none.
+
+        Raises:
+            ObjectStoreError: versions kept disappearing between listing and reading.
+        """
+        for _ in range(attempts):
+            versions = self.versions()
+            if not versions:
+                return 0, None
+            try:
+                return versions[-1], self.store.read_bytes(self.rel(versions[-1]))
+            except FileNotFoundError:
+                continue  # pruned between the listing and the read: list again
+        raise ObjectStoreError(
+            f"{self.store.describe(self.folder)} kept changing while being read; retry"
+        )
+
+    def commit(self, read_version: int, data: bytes) -> bool:
+        """Make `data` version read_version + 1; False (nothing changed) if another writer
+        made that version first."""
+        mine = read_version + 1
+        if not self.store.create(self.rel(mine), data):
+            return False
+        versions = self.versions()
+        if versions[-1] > mine:
+            self.store.delete(self.rel(mine))
+            return False
+        for old in versions[: -self.keep]:
+            self.store.delete(self.rel(old))
+        return True

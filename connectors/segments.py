@@ -85,7 +85,13 @@ import pyarrow.parquet as pq
 from connectors.avro import fingerprint_hex
 from connectors.envelope import ARRIVAL, DEAD_LETTER_SCHEMA, OFFSET, PARTITION, TIMESTAMP_US
 from connectors.errors import ManifestConflictError, SegmentError
-from connectors.objectstore import LocalStore, Store, open_store, replace_atomically
+from connectors.objectstore import (
+    LocalStore,
+    Store,
+    VersionedDocument,
+    open_store,
+    replace_atomically,
+)
 
 MANIFEST = "_manifest.json"
 MANIFEST_LOCK = "_manifest.lock"
@@ -440,27 +446,25 @@ class Warehouse:
         """The manifest and its version (0 for a local manifest or none yet)."""
         if self.store.local:
             return 0, self._parse(source, f"{source}/{MANIFEST}")
-        for _ in range(COMMIT_ATTEMPTS):
-            versions = _versions(self.store, source)
-            if not versions:
-                return 0, _empty_manifest(source)
-            try:
-                return versions[-1], self._parse(source, _version_rel(source, versions[-1]))
-            except FileNotFoundError:
-                continue  # pruned between the listing and the read: list again
-        raise SegmentError(
-            f"the manifest of source {source!r} at {self.manifest_location(source)} kept "
-            "changing while being read; retry (are old versions pruned by hand?)"
+        doc = self._versions(source)
+        version, data = doc.read()
+        if data is None:
+            return 0, _empty_manifest(source)
+        return version, self._parse(source, doc.rel(version), data)
+
+    def _versions(self, source: str) -> VersionedDocument:
+        return VersionedDocument(
+            self.store, f"{source}/{MANIFEST_VERSIONS}", keep=MANIFEST_VERSIONS_KEPT
         )
 
-    def _parse(self, source: str, rel: str) -> dict[str, Any]:
+    def _parse(self, source: str, rel: str, data: bytes | None = None) -> dict[str, Any]:
         where = self.store.describe(rel)
         try:
-            manifest: dict[str, Any] = orjson.loads(self.store.read_bytes(rel))
+            manifest: dict[str, Any] = orjson.loads(
+                self.store.read_bytes(rel) if data is None else data
+            )
         except FileNotFoundError:
-            if self.store.local:
-                return _empty_manifest(source)
-            raise
+            return _empty_manifest(source)
         except (OSError, orjson.JSONDecodeError) as exc:
             raise SegmentError(
                 f"manifest {where} cannot be read: {exc}; restore it from a backup "
@@ -487,25 +491,13 @@ class Warehouse:
             replace_atomically(path, lambda tmp: tmp.write_bytes(data), committed)
             return
         mine = version + 1
-        if not self.store.create(_version_rel(source, mine), data) or not self._newest(
-            source, mine
-        ):
+        if not self._versions(source).commit(version, data):
             raise ManifestConflictError(
                 f"source {source!r}: another writer committed manifest version {mine} at "
                 f"{self.manifest_location(source)} first (this one read version {version}); "
                 "nothing of this transaction was committed: run it again on the new manifest"
             )
         committed()
-        for old in _versions(self.store, source)[:-MANIFEST_VERSIONS_KEPT]:
-            self.store.delete(_version_rel(source, old))
-
-    def _newest(self, source: str, mine: int) -> bool:
-        """After creating version `mine`: is it the newest? Not when its number had been
-        pruned and reused: then it is withdrawn (readers never took it: a newer one exists)."""
-        newest = _versions(self.store, source)[-1]
-        if newest > mine:
-            self.store.delete(_version_rel(source, mine))
-        return newest <= mine
 
     def _local(self) -> LocalStore:
         if not isinstance(self.store, LocalStore):
@@ -521,15 +513,6 @@ _T = TypeVar("_T")
 
 def _empty_manifest(source: str) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "source": source, "partitions": {}}
-
-
-def _version_rel(source: str, version: int) -> str:
-    return f"{source}/{MANIFEST_VERSIONS}/{version:020d}.json"
-
-
-def _versions(store: Store, source: str) -> list[int]:
-    names = store.list(f"{source}/{MANIFEST_VERSIONS}")
-    return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
 
 class LogTransaction:

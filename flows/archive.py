@@ -40,7 +40,7 @@ from flows.cli import command_main
 from flows.deadletters import DeadLetterWriter
 from flows.errors import ConfigError
 from flows.schemas import register_current
-from flows.settings import COMMON, Option, Settings, build_parser
+from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 
 NO_RECORDS = "archived: no data record (dead letters, transaction markers or aborted transactions)"
@@ -48,6 +48,7 @@ NO_RECORDS = "archived: no data record (dead letters, transaction markers or abo
 OPTIONS = (
     *COMMON[:2],
     COMMON[3],
+    WAREHOUSE_ENDPOINT,
     Option("source", None, "source to archive (default: every source in the definitions)"),
     Option("segment-rows", 1_000_000, "records per segment (roll by size)", int),
     Option(

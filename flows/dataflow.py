@@ -93,7 +93,7 @@ class SourcePlan:
 class FlowPlan:
     """Everything the dataflow needs; built by flows.run / flows.replay."""
 
-    warehouse: Path
+    warehouse: str | Path  # a directory or an object-store URI
     state: Path
     sources: dict[str, SourcePlan]
     kafka_bootstrap: str | None = None

@@ -24,8 +24,11 @@ A source-level dead letter is written once per log offset, whatever the number o
 view versions or restarts: `<warehouse>/<source>/_deadletter/_kafka_progress.json` (written
 atomically, under an flock) holds per partition the ranges of log offsets whose source-level
 dead letters (including events refused for every view, such as a poison timestamp) are
-confirmed in the `.dlq` topic, and those are skipped. Late events are per view version: a
-replay into a new version writes its own, marked by the `view` and `version` headers.
+confirmed in the `.dlq` topic, and those are skipped (on an object-store warehouse, the same
+JSON as numbered versions `_deadletter/_kafka_progress/<n>.json`, changed by conditional put
+and retried on a conflict: connectors.objectstore.VersionedDocument). Late events are per
+view version: a replay into a new version writes its own, marked by the `view` and `version`
+headers.
 
 Without Kafka, dead letters go to Parquet files under `<warehouse>/<source>/_deadletter/`
 (the full payload, never truncated). Either way they are counted in the flow's metrics.
@@ -55,6 +58,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type:
 from connectors.avro import SingleObjectWriter
 from connectors.envelope import DeadLetter, dead_letter_table
 from connectors.errors import SchemaError
+from connectors.objectstore import LocalStore, VersionedDocument, open_store
 from connectors.segments import DEAD_LETTER_DIR, write_dead_letters
 from flows.errors import DeadLetterError
 
@@ -95,16 +99,16 @@ class DeadLetterWriter:
 
     def __init__(
         self,
-        warehouse: Path,
+        warehouse: str | Path,
         source: str,
         kafka_bootstrap: str | None,
         *,
         schema: Mapping[str, Any] | None = None,
     ) -> None:
-        self._warehouse, self._source = Path(warehouse), source
+        self._warehouse, self._source = warehouse, source
         self._encoder = SingleObjectWriter(schema) if schema is not None else None
         self._kafka: KafkaDeadLetters | None = None
-        self._sent = SentOffsets(self._warehouse / source / DEAD_LETTER_DIR / PROGRESS_FILE)
+        self._sent = sent_offsets(warehouse, source)
         if kafka_bootstrap:
             self._kafka = KafkaDeadLetters(kafka_bootstrap, dlq_topic(source))
 
@@ -359,15 +363,23 @@ class SentOffsets:
     concurrent workers and processes never lose a mark. Exact offsets, not a high mark: letters
     of one partition may come in any order (shards, views)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | VersionedDocument) -> None:
         self._path = path
 
     def delivered(self) -> dict[int, list[tuple[int, int]]]:
+        return self._read()[1]
+
+    def _read(self) -> tuple[int, dict[int, list[tuple[int, int]]]]:
         try:
-            raw: dict[str, list[list[int]]] = orjson.loads(self._path.read_bytes())
+            version, data = (
+                (0, self._path.read_bytes())
+                if isinstance(self._path, Path)
+                else self._path.read()
+            )
         except FileNotFoundError:
-            return {}
-        return {int(p): [(int(a), int(b)) for a, b in spans] for p, spans in raw.items()}
+            return 0, {}
+        raw: dict[str, list[list[int]]] = orjson.loads(data) if data else {}
+        return version, {int(p): [(int(a), int(b)) for a, b in spans] for p, spans in raw.items()}
 
     def fresh(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """The letters not yet delivered (those without a log position always are)."""
@@ -388,21 +400,35 @@ class SentOffsets:
                 marks.setdefault(d.partition, []).append(d.offset)
         if not marks:
             return
+        if isinstance(self._path, VersionedDocument):
+            self._advance_versioned(self._path, marks)
+            return
+        path = self._path
         with self._locked():
             done = self.delivered()
             for p, offsets in marks.items():
                 done[p] = _merged(done.get(p, []), offsets)
             data = orjson.dumps({str(p): spans for p, spans in sorted(done.items())})
-            tmp = self._path.with_name(f".{self._path.name}.{uuid.uuid4().hex}.tmp")
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             try:
                 tmp.write_bytes(data)
                 _fsync(tmp)
-                os.replace(tmp, self._path)
+                os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
 
+    def _advance_versioned(self, doc: VersionedDocument, marks: dict[int, list[int]]) -> None:
+        """Merge `marks` into the newest version; on a conflict, merge into the newer one."""
+        while True:
+            version, done = self._read()
+            for p, offsets in marks.items():
+                done[p] = _merged(done.get(p, []), offsets)
+            if doc.commit(version, orjson.dumps({str(p): s for p, s in sorted(done.items())})):
+                return
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        assert isinstance(self._path, Path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._path.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -410,6 +436,14 @@ class SentOffsets:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def sent_offsets(warehouse: str | Path, source: str) -> SentOffsets:
+    """The source's record of dead letters confirmed in Kafka, in its warehouse."""
+    store = open_store(warehouse)
+    if isinstance(store, LocalStore):
+        return SentOffsets(store.path(f"{source}/{DEAD_LETTER_DIR}/{PROGRESS_FILE}"))
+    return SentOffsets(VersionedDocument(store, f"{source}/{DEAD_LETTER_DIR}/_kafka_progress"))
 
 
 def _within(spans: list[tuple[int, int]] | None, offset: int) -> bool:

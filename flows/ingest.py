@@ -8,7 +8,8 @@ partition's log with the next offsets.
 
 One ingest is one warehouse transaction: under the source's manifest lock, every segment file is
 written first and the manifest once, so an ingest commits all of its rows or none (a kill or a
-full disk leaves the log as it was), and concurrent ingests serialize. The manifest records the
+full disk leaves the log as it was), and concurrent ingests serialize (on an object store the
+loser of a commit race runs again on the new manifest). The manifest records the
 sha256 of every ingested file: ingesting the same content again is refused unless `--force`.
 """
 
@@ -43,7 +44,7 @@ from connectors.segments import IngestedFile, LogTransaction, Warehouse, write_d
 from flows.cli import command_main
 from flows.errors import DefinitionError
 from flows.schemas import register_current
-from flows.settings import COMMON, Option, Settings, build_parser
+from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
 from flows.spec import Source, load_definitions
 
 SEGMENT_ROWS = 1_000_000
@@ -164,7 +165,8 @@ def _ingest(
     )
     by_partition = {p: table.filter(pa.array(parts == p)) for p in np.unique(parts).tolist()}
     at = arrival or datetime.now(UTC)
-    with warehouse.transaction(source.name) as tx:
+
+    def change(tx: LogTransaction) -> None:
         _refuse_continued(tx, source, sorted(by_partition))
         _refuse_ingested(tx, batch.files, force)
         for p, rows in by_partition.items():
@@ -172,6 +174,10 @@ def _ingest(
         _write_letters(warehouse, source, batch)
         for f in batch.files:
             tx.record_ingested(IngestedFile(f.sha256, str(f.path), f.rows_read, at.isoformat()))
+
+    # On an object store a concurrent writer may commit first: run again on its manifest
+    # (offsets renumbered after its records; a file it ingested meanwhile is refused).
+    warehouse.retrying(source.name, change)
     written = {
         p: by_partition[p].num_rows if p in by_partition else 0 for p in range(source.partitions)
     }
@@ -212,7 +218,7 @@ def _write_letters(warehouse: Warehouse, source: Source, batch: _Batch) -> None:
         name = f"ingest-{digest.hexdigest()[:32]}"
     now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
     table = dead_letter_table(list(batch.letters), now_us)
-    write_dead_letters(warehouse.root, source.name, table, name=name)
+    write_dead_letters(warehouse, source.name, table, name=name)
 
 
 def _null_key_letters(source: Source, rows: pa.Table) -> list[DeadLetter]:
@@ -263,6 +269,7 @@ def _refuse_repeats(files: Sequence[HistoryFile]) -> None:
 
 OPTIONS = (
     *COMMON[:2],
+    WAREHOUSE_ENDPOINT,
     Option("source", None, "source name (default: the only source in the definitions)"),
     Option(
         "keep-order",

@@ -134,7 +134,7 @@ def resume_points(
 def build_plan(
     views: Sequence[FeatureView],
     *,
-    warehouse: Path,
+    warehouse: str | Path,
     state: Path,
     kafka: str | None,
     until_caught_up: bool,

@@ -56,7 +56,7 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
         views = [_from_time(v, settings.from_time) for v in views]
     plan = build_plan(
         views,
-        warehouse=Path(settings.warehouse),
+        warehouse=settings.warehouse,
         state=Path(settings.state),
         kafka=settings.kafka,
         until_caught_up=True,

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from connectors.kafka import ensure_topic, partition_watermarks
 from connectors.log import KafkaStart, start_kafka_logs
+from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.dataflow import FlowPlan, run_dataflow
@@ -87,7 +88,7 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
     while True:
         plan = build_plan(
             views,
-            warehouse=Path(settings.warehouse),
+            warehouse=settings.warehouse,
             state=Path(settings.state),
             kafka=settings.kafka,
             until_caught_up=settings.until_caught_up,
@@ -122,7 +123,10 @@ def _record(plan: FlowPlan, defs: Definitions) -> None:
 
 
 def _demo_spine(settings: Settings) -> Path:
-    """Where the embedded demo writes its labelled spine: beside the warehouse."""
+    """Where the embedded demo writes its labelled spine: beside the warehouse (beside the
+    state directory when the warehouse is an object store)."""
+    if is_uri(settings.warehouse):
+        return Path(settings.state).parent / "spine.parquet"
     return Path(settings.warehouse).parent / "spine.parquet"
 
 

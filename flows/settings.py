@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from connectors.objectstore import with_endpoint
 from flows.errors import ConfigError
 
 ENV_PREFIX = "FEATUREFLOW_"
@@ -40,12 +41,25 @@ class Option:
         return self.name.replace("-", "_")
 
 
+# Every command that takes --warehouse takes this too (an s3:// warehouse's endpoint).
+WAREHOUSE_ENDPOINT = Option(
+    "warehouse-endpoint",
+    None,
+    "S3 endpoint URL of an s3:// warehouse (default: env AWS_ENDPOINT_URL, else AWS S3)",
+)
+
 COMMON = (
     Option("features", str(EXAMPLE_FEATURES), "feature definitions module (a .py file)"),
-    Option("warehouse", "data/warehouse", "warehouse directory: log segments (Parquet)"),
+    Option(
+        "warehouse",
+        "data/warehouse",
+        "warehouse: log segments (Parquet); a directory or an object-store URI "
+        "(s3://bucket/prefix, keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+    ),
     Option("state", "data/state", "view store directory (RocksDB)"),
     Option("kafka", None, "Kafka bootstrap HOST:PORT; absent = embedded, segments only"),
     Option("workers", 1, "bytewax worker threads in this process", int),
+    WAREHOUSE_ENDPOINT,
 )
 
 # Settings of every command that runs the dataflow (flows.run, flows.replay).
@@ -132,6 +146,8 @@ def resolve(
             values[opt.dest], origin[opt.dest] = opt.default, "default"
             continue
         values[opt.dest], origin[opt.dest] = _convert(opt, raw, where), where
+    if values.get("warehouse_endpoint") and values.get("warehouse"):
+        values["warehouse"] = with_endpoint(str(values["warehouse"]), values["warehouse_endpoint"])
     unknown = sorted(set(config) - {o.dest for o in options})
     if unknown:
         raise ConfigError(
