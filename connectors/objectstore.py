@@ -28,9 +28,11 @@ commands' `--warehouse-endpoint` flag. A store that writes creates its bucket if
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import os
+import shutil
 import threading
 import urllib.parse
 import uuid
@@ -81,6 +83,26 @@ class Store(Protocol):
 
     def write_parquet(self, rel: str, table: pa.Table) -> int:
         """Write `table` as a Parquet object (replaced whole); its size in bytes."""
+        ...
+
+    def folders(self, folder: str) -> builtins.list[str]:
+        """Names of the folders directly under `folder`, sorted; [] if none."""
+        ...
+
+    def tree(self, folder: str) -> builtins.list[str]:
+        """Paths (relative to `folder`) of every object under it, sorted."""
+        ...
+
+    def upload(self, rel: str, source: Path) -> None:
+        """Copy a local file into the object (replaced whole)."""
+        ...
+
+    def delete_tree(self, folder: str) -> None:
+        """Remove every object under `folder` (and the folder)."""
+        ...
+
+    def download(self, rel: str, target: Path) -> None:
+        """Copy the object into a local file. Raises FileNotFoundError when it is missing."""
         ...
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
@@ -190,6 +212,26 @@ class LocalStore:
     def parquet_file(self, rel: str) -> pq.ParquetFile:
         return pq.ParquetFile(self.path(rel), memory_map=True)
 
+    def folders(self, folder: str) -> builtins.list[str]:
+        directory = self.path(folder)
+        return (
+            sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+        )
+
+    def tree(self, folder: str) -> builtins.list[str]:
+        base = self.path(folder)
+        files = base.rglob("*") if base.is_dir() else iter(())
+        return sorted(str(p.relative_to(base)) for p in files if p.is_file())
+
+    def upload(self, rel: str, source: Path) -> None:
+        replace_atomically(self.path(rel), lambda tmp: shutil.copyfile(source, tmp))
+
+    def delete_tree(self, folder: str) -> None:
+        shutil.rmtree(self.path(folder), ignore_errors=True)
+
+    def download(self, rel: str, target: Path) -> None:
+        shutil.copyfile(self.path(rel), target)
+
 
 class FileSystemStore:
     """Any pyarrow filesystem under a base path. `create` checks then writes: safe for one
@@ -239,12 +281,7 @@ class FileSystemStore:
         return int(self.fs.get_file_info(self.full(rel)).size)
 
     def list(self, folder: str) -> list[str]:
-        selector = pafs.FileSelector(self.full(folder), allow_not_found=True)
-        try:
-            infos = self.fs.get_file_info(selector)
-        except OSError as exc:
-            raise self._failed("list", folder, exc) from exc
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        return self._names(folder, pafs.FileType.File)
 
     def write_parquet(self, rel: str, table: pa.Table) -> int:
         try:
@@ -255,6 +292,42 @@ class FileSystemStore:
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
         return pq.ParquetFile(self.fs.open_input_file(self.full(rel)), pre_buffer=True)
+
+    def folders(self, folder: str) -> builtins.list[str]:
+        return self._names(folder, pafs.FileType.Directory)
+
+    def tree(self, folder: str) -> builtins.list[str]:
+        base = self.full(folder).rstrip("/")
+        selector = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(str(i.path[len(base) + 1 :]) for i in infos if i.type == pafs.FileType.File)
+
+    def upload(self, rel: str, source: Path) -> None:
+        self._before_write()
+        try:
+            with open(source, "rb") as src, self.fs.open_output_stream(self.full(rel)) as out:
+                shutil.copyfileobj(src, out, 8 << 20)
+        except OSError as exc:
+            raise self._failed("upload to", rel, exc) from exc
+
+    def delete_tree(self, folder: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self.full(folder))
+
+    def download(self, rel: str, target: Path) -> None:
+        with self.fs.open_input_stream(self.full(rel)) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+
+    def _before_write(self) -> None:
+        """Hook for stores that prepare before a write (S3: create the bucket)."""
+
+    def _names(self, folder: str, kind: pafs.FileType) -> builtins.list[str]:
+        selector = pafs.FileSelector(self.full(folder), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as exc:
+            raise self._failed("list", folder, exc) from exc
+        return sorted(str(i.base_name) for i in infos if i.type == kind)
 
     def _failed(self, what: str, rel: str, exc: Exception) -> ObjectStoreError:
         return ObjectStoreError(
@@ -335,6 +408,9 @@ class S3Store(FileSystemStore):
                 "MinIO, S3Proxy 3+, R2, GCS)"
             )
         return self._failed("write", rel, exc)
+
+    def _before_write(self) -> None:
+        self._ensure_bucket()
 
     def _ensure_bucket(self) -> None:
         if self._bucket_ready:

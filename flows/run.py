@@ -23,6 +23,7 @@ from connectors.kafka import ensure_topic, partition_watermarks
 from connectors.log import KafkaStart, start_kafka_logs
 from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
+from flows.checkpoints import restore_views
 from flows.cli import command_main
 from flows.dataflow import FlowPlan, run_dataflow
 from flows.demo import ensure_demo_data
@@ -50,6 +51,13 @@ OPTIONS = (
         "or an ISO time (e.g. 2026-01-31T00:00:00Z); the skipped offsets are recorded as a "
         "gap in the warehouse manifest",
     ),
+    Option(
+        "restore",
+        False,
+        "on an empty --state, first load the newest good checkpoint of each view from the "
+        "warehouse (python -m flows.checkpoint), then continue from its offsets",
+        bool,
+    ),
     *DATAFLOW,
 )
 
@@ -64,6 +72,13 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
     defs = load_definitions(settings.features)
     views = defs.select(settings.views.split(",") if settings.views else None)
     warehouse = Warehouse(settings.warehouse)
+    if settings.restore:
+        names = [v.name for v in views]
+        restored = restore_views(
+            Path(settings.state), settings.warehouse, names, settings.process_id or 0
+        )
+        for line in restored:
+            print(line, flush=True)
     embedded_demo = Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve()
     if embedded_demo and not settings.process_id:
         for source in {v.source.name: v.source for v in views}.values():

@@ -1,0 +1,309 @@
+"""View checkpoints: consistent copies of the live view shards, kept in the warehouse, so a new
+host (a restarted cluster process, a new serving follower) starts from a copy and catches up
+from its offsets instead of replaying all history.
+
+    <warehouse>/_checkpoints/<view>/<id>/               id = <UTC time>-h<process id>-<uuid8>
+        layout.json             the version's layout record, as in the state directory
+        p<shard:04d>.sst        every key of the shard's RocksDB (tiles AND applied offsets)
+        definitions/...         the deployment's live definitions record (if any)
+        manifest.json           written last: the commit marker
+            {"format": 1, "view": "user_spend", "version": 3, "process_id": 0,
+             "created_at": "<ISO UTC>", "shards": {"0": {"applied_offset": 41, ...}},
+             "files": {"p0000.sst": {"sha256": "...", "bytes": 123}, ...}}
+
+Consistency: a shard's tiles and its applied offsets (own partition and, in `others`, every
+source partition that routed records to it) are one RocksDB written in one WriteBatch per
+commit. A checkpoint reads each shard through a RocksDB secondary caught up with the writer and
+exports every key from one iterator (a point-in-time view) into an SST file, so the copy holds
+tiles and offsets of one and the same commit. Shards may be at different offsets: restart
+already handles that (each shard skips what it applied). A RocksDB Checkpoint of a secondary
+would miss the writer's memtable, hence the export.
+
+Restore (flows.run --restore on an empty state directory): per view, the newest checkpoint of
+this process id whose manifest parses and whose files all match their sha256 is loaded (SST
+ingest into fresh shard stores, the same version number, made live); a checkpoint without
+manifest (incomplete) or with a bad checksum is refused with a message naming it, and the next
+older is tried. Then the flow continues from the restored offsets: segments, then Kafka.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rocksdict import Options, Rdict, SstFileWriter
+
+from connectors.objectstore import Store, open_store
+from flows.errors import FlowError
+from state.definitions import DEFINITIONS_DIR
+from state.lock import USE_LOCK
+from state.store import ViewStore, open_secondary, progress_of, rocks_options, scratch_dir
+
+CHECKPOINTS = "_checkpoints"
+CHECKPOINT_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(FlowError):
+    """A checkpoint cannot be written, or no good checkpoint can be restored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A checkpoint written: where, how many shards and bytes."""
+
+    view: str
+    checkpoint_id: str
+    shards: int
+    bytes: int
+
+
+def write_checkpoints(
+    state: Path, warehouse: str | Path, views: Sequence[str] | None, process_id: int, keep: int
+) -> list[Written]:
+    """Checkpoint the live version of every view (or `views`) of `state` into the warehouse,
+    then keep only the newest `keep` complete checkpoints of each (for this process id).
+
+    Raises:
+        CheckpointError: a view is unknown or has no live version.
+    """
+    store, views_store = open_store(warehouse), ViewStore(state, create=False)
+    names = list(views) if views else views_store.views()
+    written = [_write_one(store, views_store, state, v, process_id) for v in names]
+    for name in names:
+        prune(store, name, process_id, keep)
+    return written
+
+
+def _write_one(store: Store, views: ViewStore, state: Path, view: str, process_id: int) -> Written:
+    version = views.current_version(view)
+    if version is None:
+        raise CheckpointError(
+            f"view {view!r} has no live version in {state}; run flows.run until it is live, "
+            "or leave it out of --views"
+        )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    cid = f"{stamp}-h{process_id}-{uuid.uuid4().hex[:8]}"
+    base = f"{CHECKPOINTS}/{view}/{cid}"
+    vdir = views.version_dir(view, version)
+    files: dict[str, dict[str, Any]] = {}
+    shards: dict[str, Any] = {}
+    with _scratch() as tmp:
+        _put(store, base, "layout.json", vdir / "layout.json", files)
+        for shard_dir in sorted(vdir.glob("p[0-9][0-9][0-9][0-9]")):
+            sst, progress = _export(shard_dir, tmp)
+            if sst is not None:
+                _put(store, base, f"{shard_dir.name}.sst", sst, files)
+                shards[str(int(shard_dir.name[1:]))] = progress
+        _put_definitions(store, base, state, files)
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "view": view,
+        "version": version,
+        "process_id": process_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "shards": shards,
+        "files": files,
+    }
+    store.write_bytes(f"{base}/{MANIFEST}", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return Written(view, cid, len(shards), sum(f["bytes"] for f in files.values()))
+
+
+def _export(shard_dir: Path, tmp: Path) -> tuple[Path | None, dict[str, Any]]:
+    """Every key of a shard's RocksDB, read through a secondary at one point in time, as an
+    SST file (None when the store holds no key); and the shard's progress in that copy."""
+    if not (shard_dir / "CURRENT").is_file():
+        return None, {}
+    scratch = scratch_dir("peek")
+    db = open_secondary(shard_dir, scratch)
+    try:
+        db.try_catch_up_with_primary()
+        progress = progress_of(db)
+        target = tmp / f"{shard_dir.name}.sst"
+        writer, count = SstFileWriter(Options(raw_mode=True)), 0
+        writer.open(str(target))
+        it = db.iter()
+        it.seek_to_first()
+        while it.valid():
+            writer[it.key()] = it.value()
+            count += 1
+            it.next()
+        if count:
+            writer.finish()
+    finally:
+        db.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary = {
+        "applied_offset": progress.applied_offset,
+        "events_applied": progress.events_applied,
+        "others": {str(p): pos.offset for p, pos in progress.others.items()},
+    }
+    return (target if count else None), summary
+
+
+def _put(store: Store, base: str, name: str, path: Path, files: dict[str, Any]) -> None:
+    store.upload(f"{base}/{name}", path)
+    files[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _put_definitions(store: Store, base: str, state: Path, files: dict[str, Any]) -> None:
+    """The live definitions record (CURRENT and its folder), if the deployment recorded one."""
+    root = state / DEFINITIONS_DIR
+    current = root / "CURRENT"
+    if not current.is_file():
+        return
+    record = root / current.read_text().strip()
+    _put(store, base, f"{DEFINITIONS_DIR}/CURRENT", current, files)
+    for path in sorted(p for p in record.rglob("*") if p.is_file()):
+        _put(store, base, f"{DEFINITIONS_DIR}/{path.relative_to(root)}", path, files)
+
+
+def checkpoint_ids(store: Store, view: str, process_id: int) -> list[str]:
+    """Ids of the view's checkpoints of this process id, oldest first (complete or not)."""
+    return [c for c in store.folders(f"{CHECKPOINTS}/{view}") if f"-h{process_id}-" in c]
+
+
+def prune(store: Store, view: str, process_id: int, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than
+    the newest complete one (a newer incomplete one may still be being written)."""
+    ids = checkpoint_ids(store, view, process_id)
+    complete = [c for c in ids if store.exists(f"{CHECKPOINTS}/{view}/{c}/{MANIFEST}")]
+    kept = set(complete[-keep:]) if keep > 0 else set()
+    newest = complete[-1] if complete else ""
+    doomed = [c for c in ids if c not in kept and (c in complete or c < newest)]
+    for cid in doomed:
+        base = f"{CHECKPOINTS}/{view}/{cid}"
+        store.delete(f"{base}/{MANIFEST}")  # first: a reader then sees it incomplete, refuses it
+        store.delete_tree(base)
+    return doomed
+
+
+def restore_views(
+    state: Path, warehouse: str | Path, views: Sequence[str], process_id: int
+) -> list[str]:
+    """Load the newest good checkpoint of each view into an empty state directory; returns
+    a line per view saying what was restored or refused.
+
+    A state directory that already holds views is left as it is (restore never overwrites
+    views; the flow continues from them), so `--restore` can stay in a deployment's flags.
+    """
+    store, target = open_store(warehouse), ViewStore(state)
+    if target.views():
+        return [f"--restore: {state} already holds views: continuing from them, not restoring"]
+    lines: list[str] = []
+    for view in views:
+        lines.extend(_restore_view(store, target, state, view, process_id))
+    return lines
+
+
+def _restore_view(
+    store: Store, target: ViewStore, state: Path, view: str, process_id: int
+) -> list[str]:
+    lines: list[str] = []
+    for cid in reversed(checkpoint_ids(store, view, process_id)):
+        with _scratch() as tmp:
+            try:
+                manifest = _fetch(store, f"{CHECKPOINTS}/{view}/{cid}", tmp)
+            except CheckpointError as exc:
+                lines.append(f"refused checkpoint {cid} of view {view!r}: {exc}")
+                continue
+            _install(target, state, view, manifest, tmp)
+        shards = len(manifest["shards"])
+        lines.append(f"restored view {view!r} v{manifest['version']} from {cid} ({shards} shards)")
+        return lines
+    lines.append(f"no good checkpoint of view {view!r}: it is rebuilt from the log")
+    return lines
+
+
+def _fetch(store: Store, base: str, tmp: Path) -> dict[str, Any]:
+    """Download a checkpoint and verify it.
+
+    Raises:
+        CheckpointError: no manifest (incomplete), a bad manifest, a missing file or a
+            checksum mismatch.
+    """
+    try:
+        manifest: dict[str, Any] = orjson.loads(store.read_bytes(f"{base}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{store.describe(base)} has no {MANIFEST}: incomplete (its writer stopped "
+            "before the end); it is skipped and pruned by the next flows.checkpoint"
+        ) from None
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(f"{store.describe(base)}/{MANIFEST} is not JSON ({exc})") from exc
+    if manifest.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{store.describe(base)} has format {manifest.get('format')!r}; this version "
+            f"reads {CHECKPOINT_FORMAT}: upgrade featureflow"
+        )
+    for name, meta in manifest["files"].items():
+        _fetch_file(store, base, name, meta, tmp)
+    return manifest
+
+
+def _fetch_file(store: Store, base: str, name: str, meta: dict[str, Any], tmp: Path) -> None:
+    local = tmp / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        store.download(f"{base}/{name}", local)
+    except FileNotFoundError:
+        raise CheckpointError(f"{store.describe(base)}/{name} is missing") from None
+    digest = _sha256(local)
+    if digest != meta["sha256"]:
+        raise CheckpointError(
+            f"{store.describe(base)}/{name} has sha256 {digest[:16]}..., the manifest says "
+            f"{meta['sha256'][:16]}... (corrupt or changed)"
+        )
+
+
+def _install(
+    target: ViewStore, state: Path, view: str, manifest: dict[str, Any], tmp: Path
+) -> None:
+    """The checkpoint as version `version` of the view, made live."""
+    version = int(manifest["version"])
+    vdir = target.version_dir(view, version)
+    staging = vdir.with_name(f".{vdir.name}.restore")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(tmp / "layout.json", staging / "layout.json")
+    for shard in manifest["shards"]:
+        name = f"p{int(shard):04d}"
+        db = Rdict(str(staging / name), rocks_options())
+        db.ingest_external_file([str(tmp / f"{name}.sst")])
+        db.close()
+    (staging / USE_LOCK).touch()
+    staging.rename(vdir)
+    target.switch(view, version)
+    _install_definitions(state, tmp)
+
+
+def _install_definitions(state: Path, tmp: Path) -> None:
+    source, root = tmp / DEFINITIONS_DIR, state / DEFINITIONS_DIR
+    if source.is_dir() and not (root / "CURRENT").is_file():
+        shutil.copytree(source, root, dirs_exist_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="featureflow-checkpoint-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""View checkpoints (flows.checkpoint, flows.run --restore) on a local and an S3 warehouse:
+a round trip, a follower bootstrapped from a checkpoint equal to one that replayed everything,
+corrupt and incomplete checkpoints refused for the next older one, pruning by --keep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from connectors.objectstore import open_store
+from flows.checkpoints import CHECKPOINTS, MANIFEST, checkpoint_ids
+from state.client import FeatureClient
+from tests.helpers import make_events, run_command, write_definitions
+
+KEYS = [f"user{k}" for k in range(30)]
+VIEWS = ("spend", "channels")
+
+
+def ok(module: str, *args: str) -> str:
+    result = run_command(module, *args)
+    assert result.returncode == 0, f"{module}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+def reads(state: Path) -> dict[str, Any]:
+    with FeatureClient(state) as client:
+        return {v: client.get_many(v, KEYS) for v in VIEWS}
+
+
+def ingest(root: Path, common: list[str], seed: int, start_us: int) -> None:
+    path = root / f"events{seed}.parquet"
+    pq.write_table(make_events(1500, 30, seed=seed, start_us=start_us), path)
+    ok("flows.ingest", *common, str(path))
+
+
+def setup(root: Path, warehouse: str) -> list[str]:
+    features = write_definitions(root / "defs")
+    common = ["--features", str(features), "--warehouse", warehouse]
+    ingest(root, common, 1, 1_780_000_000_000_000)
+    ok("flows.run", *common, "--state", str(root / "live"), "--until-caught-up")
+    return common
+
+
+def test_a_follower_bootstrapped_from_a_checkpoint_equals_one_that_replayed_everything(
+    tmp_path: Path, warehouse_location: str
+) -> None:
+    common = setup(tmp_path, warehouse_location)
+    out = ok(
+        "flows.checkpoint", "--warehouse", warehouse_location, "--state", str(tmp_path / "live")
+    )
+    assert out.count("checkpoint ") == 2
+    ingest(tmp_path, common, 2, 1_780_300_000_000_000)  # more history after the checkpoint
+    follower = ["--state", str(tmp_path / "follower"), "--until-caught-up"]
+    restored = ok("flows.run", *common, *follower, "--restore")
+    assert "restored view 'spend'" in restored
+    assert "restored view 'channels'" in restored
+    ok("flows.run", *common, "--state", str(tmp_path / "replayed"), "--until-caught-up")
+    ok("flows.run", *common, "--state", str(tmp_path / "live"), "--until-caught-up")
+    assert reads(tmp_path / "follower") == reads(tmp_path / "replayed") == reads(tmp_path / "live")
+    assert any(r["count"] for r in reads(tmp_path / "follower")["spend"])
+
+
+def test_a_corrupt_or_incomplete_checkpoint_is_refused_and_the_next_older_used(
+    tmp_path: Path, warehouse_location: str
+) -> None:
+    common = setup(tmp_path, warehouse_location)
+    live = ["--warehouse", warehouse_location, "--state", str(tmp_path / "live"), "--views"]
+    for _ in range(3):
+        ok("flows.checkpoint", *live, "spend")
+    store = open_store(warehouse_location)
+    ids = checkpoint_ids(store, "spend", 0)
+    assert len(ids) == 3
+    newest, middle = (f"{CHECKPOINTS}/spend/{c}" for c in (ids[2], ids[1]))
+    sst = next(n for n in store.tree(newest) if n.endswith(".sst"))
+    data = bytearray(store.read_bytes(f"{newest}/{sst}"))
+    data[len(data) // 2] ^= 0xFF
+    store.write_bytes(f"{newest}/{sst}", bytes(data))
+    store.delete(f"{middle}/{MANIFEST}")
+    out = ok(
+        "flows.run",
+        *common,
+        "--state",
+        str(tmp_path / "new"),
+        "--views",
+        "spend",
+        "--until-caught-up",
+        "--restore",
+    )
+    assert f"refused checkpoint {ids[2]} of view 'spend'" in out
+    assert "(corrupt or changed)" in out
+    assert f"refused checkpoint {ids[1]} of view 'spend'" in out
+    assert "incomplete" in out
+    assert f"restored view 'spend' v1 from {ids[0]}" in out
+    with FeatureClient(tmp_path / "new") as new, FeatureClient(tmp_path / "live") as old:
+        assert new.get_many("spend", KEYS) == old.get_many("spend", KEYS)
+
+
+def test_keep_prunes_older_checkpoints(tmp_path: Path, warehouse_location: str) -> None:
+    setup(tmp_path, warehouse_location)
+    live = ["--warehouse", warehouse_location, "--state", str(tmp_path / "live"), "--views"]
+    for _ in range(4):
+        ok("flows.checkpoint", *live, "channels", "--keep", "2")
+    store = open_store(warehouse_location)
+    ids = checkpoint_ids(store, "channels", 0)
+    assert len(ids) == 2
+    assert all(store.exists(f"{CHECKPOINTS}/channels/{c}/{MANIFEST}") for c in ids)
