@@ -29,6 +29,7 @@ CHANNELS = np.array(["pos", "web", "app", "atm"], dtype=object)
 N_MERCHANTS = 5000
 SPINE_DAYS = 30
 SPINE_ROWS = 50_000
+EMBEDDING_DIM = 16
 
 
 def merchant_rates(seed: int = 7) -> npt.NDArray[np.float64]:
@@ -62,6 +63,7 @@ def demo_table(
     unusual = amount > 3 * user_scale[users]
     odd_channel = channel != favourite[users]
     fraud_p = 0.001 + 0.04 * unusual + 0.3 * merchant_rates(seed)[merchant] + 0.004 * odd_channel
+    is_fraud = rng.random(n_events) < fraud_p
     return pa.table(
         {
             "user_id": pa.array(np.char.add("u", np.char.zfill(users.astype(str), 5))),
@@ -69,9 +71,27 @@ def demo_table(
             "amount": pa.array(amount, mask=~amount_valid),
             "merchant": pa.array(np.char.add("m", np.char.zfill(merchant.astype(str), 4))),
             "channel": pa.array(CHANNELS[channel].tolist(), pa.string()),
-            "is_fraud": pa.array(rng.random(n_events) < fraud_p),
+            "is_fraud": pa.array(is_fraud),
+            "text_embedding": text_embeddings(users, is_fraud, n_users, rng),
         }
     )
+
+
+def text_embeddings(
+    users: npt.NDArray[np.int64],
+    is_fraud: npt.NDArray[np.bool_],
+    n_users: int,
+    rng: np.random.Generator,
+) -> pa.Array:
+    """Deterministic 16-dimensional unit embeddings of each payment's description text (no
+    model weights): near the user's own topic for their usual payments, unrelated for fraud."""
+    topics = rng.normal(size=(n_users, EMBEDDING_DIM))
+    noise = rng.normal(size=(len(users), EMBEDDING_DIM))
+    vectors = np.where(is_fraud[:, None], noise, topics[users] + 0.6 * noise)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    flat = pa.array(vectors.astype(np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, len(flat) + 1, EMBEDDING_DIM, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
 
 
 def merchant_table(n_events: int = 300_000, days: int = 180, seed: int = 7) -> pa.Table:
@@ -111,6 +131,7 @@ def demo_spine(events: pa.Table, rows: int = SPINE_ROWS, seed: int = 7) -> pa.Ta
             "ts": sample.column("ts"),
             "amount": sample.column("amount"),
             "channel": sample.column("channel"),
+            "text_embedding": sample.column("text_embedding"),
             "is_fraud": sample.column("is_fraud"),
         }
     )

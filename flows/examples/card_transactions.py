@@ -6,7 +6,9 @@ on-demand functions and FeatureServices.
 
 The `fraud_model` service is the vector a fraud model consumes per payment: the user's 14-day
 mean amount (view `user_spend`), the merchant's 30-day chargeback rate (view `merchant_risk`,
-another entity), and request-time signals computed from the payment itself (`payment_signals`).
+another entity), and request-time signals computed from the payment itself (`payment_signals`):
+the amount against the user's mean, the channel's code, and the similarity between the payment
+text's embedding and the user's 30-day mean embedding (view `user_text`, a vector feature).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from flows.ondemand import category_index
+from flows.ondemand import category_index, cosine_similarity
 from flows.spec import (
     FeatureService,
     FeatureView,
@@ -58,6 +60,12 @@ user_spend = FeatureView(
     ],
 )
 
+user_text = FeatureView(
+    name="user_text",
+    source=transactions,
+    features=[mean("text_embedding", window="30d")],  # text_embedding_mean_30d (element-wise)
+)
+
 merchant_events = Source(
     name="merchant_events",
     schema="schemas/merchant.avsc",
@@ -72,18 +80,22 @@ merchant_risk = FeatureView(
     features=[mean("chargeback", window="30d")],  # chargeback_mean_30d: the chargeback rate
 )
 
-payment = RequestSource(name="payment", schema={"amount": "double", "channel": "string"})
+payment = RequestSource(
+    name="payment",
+    schema={"amount": "double", "channel": "string", "text_embedding": "array<float>"},
+)
 
 CHANNEL_CODES = ["pos", "web", "app", "atm"]
 
 
 @on_demand(
-    sources=[payment, user_spend[["amount_mean_14d"]]],
-    outputs={"amount_vs_mean_14d": "double", "channel_code": "int"},
+    sources=[payment, user_spend[["amount_mean_14d"]], user_text],
+    outputs={"amount_vs_mean_14d": "double", "channel_code": "int", "text_similarity": "double"},
 )
 def payment_signals(rows: pa.Table) -> dict[str, Any]:
     """Request-time features: the amount against the user's 14-day mean (null without a
-    mean), and the channel's code (-1 for an unknown channel)."""
+    mean), the channel's code (-1 for an unknown channel), and the cosine similarity of the
+    payment text's embedding with the user's 30-day mean embedding (null without either)."""
     amount = rows["amount"].to_numpy()  # float64, NaN for null
     mean_14d = rows["user_spend__amount_mean_14d"].to_numpy()
     usable = np.isfinite(amount) & (mean_14d > 0)
@@ -91,6 +103,9 @@ def payment_signals(rows: pa.Table) -> dict[str, Any]:
     return {
         "amount_vs_mean_14d": pa.array(ratio, mask=~usable),
         "channel_code": category_index(rows["channel"], CHANNEL_CODES),
+        "text_similarity": cosine_similarity(
+            rows["text_embedding"], rows["user_text__text_embedding_mean_30d"]
+        ),
     }
 
 
