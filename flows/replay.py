@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from flows.cli import command_main
 from flows.errors import ConfigError
-from flows.plan import build_plan
+from flows.runplan import build_plan
 from flows.run import claim_versions, execute
 from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions

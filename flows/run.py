@@ -28,7 +28,7 @@ from flows.cli import command_main
 from flows.dataflow import FlowPlan, run_dataflow
 from flows.demo import ensure_demo_data
 from flows.metrics import ConsoleReporter, Metrics
-from flows.plan import build_plan
+from flows.runplan import build_plan
 from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
 from flows.spec import Definitions, Source, load_definitions
 from state.client import FeatureClient

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from connectors.avro import SchemaStore, arrow_schema
 from connectors.kafka import AvroProducer, KafkaLogReader, partition_watermarks
 from flows.cli import EXIT_ERROR
-from flows.plan import read_progress
+from flows.runplan import read_progress
 from flows.spec import Definitions, load_definitions
 from state.client import FeatureClient
 from state.codec import EVENTS_APPLIED, decode_int

@@ -20,7 +20,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined, unused-ignore]
 
 from connectors.avro import SchemaStore
 from connectors.kafka import AvroProducer, partition_watermarks
-from flows.plan import read_progress
+from flows.runplan import read_progress
 from state.store import ViewStore
 from tests.conftest import TopicFactory
 from tests.helpers import HOUR, SCHEMA_JSON, run_command

@@ -1,0 +1,212 @@
+"""Planning a run: which view versions to write, and which log offsets to read for each.
+
+A view whose stored layout equals its definition continues where it stopped. A new or changed
+view gets a new version built from the start of the log beside the live one (the same dataflow,
+the same code path) and becomes live when it has caught up: that is the Kappa backfill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from connectors.avro import arrow_schema
+from connectors.kafka import ensure_topic
+from connectors.log import KafkaTail, PartitionLog
+from connectors.segments import Warehouse
+from flows.dataflow import FlowPlan, SourcePlan, ViewTarget, caught_up
+from flows.errors import ConfigError
+from flows.metrics import Metrics
+from flows.schemas import field_defaults, schema_store
+from flows.shards import Rekeyed
+from flows.spec import FeatureView
+from flows.validate import EventRules
+from state.layout import ViewLayout
+from state.store import (
+    LogPosition,
+    PartitionProgress,
+    ViewStore,
+    partition_dir,
+    read_partition_progress,
+)
+
+
+def choose_targets(
+    store: ViewStore,
+    views: Sequence[FeatureView],
+    *,
+    rebuild: bool,
+    create: bool = True,
+) -> list[ViewTarget]:
+    """The version each view is written to; `rebuild` forces a new version (flows.replay).
+
+    With `create=False` (every process of a cluster but the first) a needed new version is
+    waited for, not created, so that all processes write the same version.
+    """
+    targets: list[ViewTarget] = []
+    for view in views:
+        layout = view.layout()
+        current = store.current_version(view.name)
+        if (
+            not rebuild
+            and current is not None
+            and store.layout(view.name, current).same_semantics(layout)
+        ):
+            targets.append(ViewTarget(view, layout, current))
+            continue
+        pending = _pending_versions(store, view.name, layout, current)
+        if not create:
+            version = _wait_for_version(store, view.name, layout, current)
+        elif rebuild or not pending:
+            version = store.create_version(layout)
+        else:
+            version = pending[-1]
+        targets.append(ViewTarget(view, layout, version, switch_when_caught_up=True))
+    return targets
+
+
+def _pending_versions(
+    store: ViewStore, view: str, layout: ViewLayout, current: int | None
+) -> list[int]:
+    """Versions beside the live one that build exactly this definition (an unfinished build)."""
+    return [
+        v
+        for v in store.versions(view)
+        if v != current
+        and (store.version_dir(view, v) / "layout.json").is_file()
+        and store.layout(view, v).same_semantics(layout)
+    ]
+
+
+def _wait_for_version(
+    store: ViewStore, view: str, layout: ViewLayout, current: int | None, timeout_s: float = 120.0
+) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pending = _pending_versions(store, view, layout, current)
+        if pending:
+            return pending[-1]
+        time.sleep(0.2)
+    raise ConfigError(
+        f"view {view!r}: process 0 of the cluster did not create its new version "
+        f"within {timeout_s:.0f}s; start process 0 (--process-id 0) too"
+    )
+
+
+def _switch_if_caught_up(
+    store: ViewStore,
+    target: ViewTarget,
+    done: list[bool],
+) -> ViewTarget:
+    """Mark the partitions of a new version that already hold the log as it stands (nothing to
+    read: empty, or a crash came after their last commit); if that is every partition, the
+    version goes live now, as no partition will ever report it."""
+    if not target.switch_when_caught_up:
+        return target
+    name, version = target.view.name, target.version
+    every = range(len(done))
+    for p in [p for p, ok in enumerate(done) if ok]:
+        if store.finish_catch_up(name, version, p, every):
+            return ViewTarget(target.view, target.layout, target.version)
+    return target
+
+
+def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:
+    """A view partition's progress, read beside a running writer."""
+    return read_partition_progress(partition_dir(store.version_dir(view, version), partition))
+
+
+def resume_points(
+    progress: list[list[PartitionProgress]], partitions: int
+) -> tuple[dict[int, int], dict[int, int | None]]:
+    """Where each source partition resumes: after the lowest offset any view shard has applied
+    (shards skip what they already hold), with the partition's watermark at that offset."""
+    start: dict[int, int] = {}
+    marks: dict[int, int | None] = {}
+    for p in range(partitions):
+        positions = [pr.position(p, h) for per in progress for h, pr in enumerate(per)]
+        lowest = min(positions, key=lambda pos: pos.offset, default=LogPosition(-1, None))
+        start[p], marks[p] = lowest.offset + 1, lowest.watermark
+    return start, marks
+
+
+def build_plan(
+    views: Sequence[FeatureView],
+    *,
+    warehouse: str | Path,
+    state: Path,
+    kafka: str | None,
+    until_caught_up: bool,
+    rebuild: bool = False,
+    metrics: Metrics | None = None,
+    process_id: int = 0,
+    batch_rows: int = 4_000_000,
+) -> FlowPlan:
+    """The versions to write and the offsets to read for `views`.
+
+    Follow mode (not `until_caught_up`) also watches for replays that switch a view."""
+    store = ViewStore(state)
+    targets = choose_targets(store, views, rebuild=rebuild, create=process_id == 0)
+    wh = Warehouse(warehouse)
+    sources: dict[str, SourcePlan] = {}
+    for name in sorted({t.view.source.name for t in targets}):
+        src_targets = tuple(t for t in targets if t.view.source.name == name)
+        source = src_targets[0].view.source
+        if kafka and process_id == 0 and ensure_topic(kafka, source.kafka_topic, source.partitions):
+            print(
+                f"created topic {source.kafka_topic!r} with {source.partitions} partitions "
+                f"on {kafka}",
+                flush=True,
+            )
+        store_ = schema_store(source, wh)
+        tail = (
+            KafkaTail(kafka, source.kafka_topic, store_, source.key, partitions=source.partitions)
+            if kafka
+            else None
+        )
+        shards = range(source.partitions)
+        progress = [
+            [read_progress(store, t.view.name, t.version, h) for h in shards] for t in src_targets
+        ]
+        start, marks = resume_points(progress, source.partitions)
+        columns = arrow_schema(source.avro_schema())
+        ends = {}
+        for p in range(source.partitions):
+            log = PartitionLog(wh, name, p, start[p], columns, kafka=tail)
+            try:
+                ends[p] = log.end_offset()
+            finally:
+                log.close()
+        src_targets = tuple(
+            _switch_if_caught_up(store, t, [caught_up(pr, h, ends) for h, pr in enumerate(per)])
+            for t, per in zip(src_targets, progress, strict=True)
+        )
+        sources[name] = SourcePlan(
+            name=name,
+            key=source.key,
+            timestamp=source.timestamp,
+            arrow_schema=columns,
+            targets=src_targets,
+            start=start,
+            stop=dict(ends) if until_caught_up else None,
+            catch_up=ends,
+            kafka=tail,
+            defaults=field_defaults(source),
+            start_watermark=marks,
+            rules=EventRules.of(source),
+            rekeyed=tuple(
+                Rekeyed(t.view.name, t.layout, t.view.transform)
+                for t in src_targets
+                if t.layout.rekeyed
+            ),
+        )
+    return FlowPlan(
+        warehouse=warehouse,
+        state=state,
+        sources=sources,
+        kafka_bootstrap=kafka,
+        batch_rows=batch_rows,
+        metrics=metrics or Metrics(),
+        watch_versions=not until_caught_up,
+    )
