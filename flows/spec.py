@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import orjson
 
@@ -111,6 +111,9 @@ class Aggregation:
     hop: str | int | None = None
     name: str | None = None
     param: float | int | None = None
+    description: str = ""
+    owner: str = ""
+    tags: Tags = ()
 
     def resolve(self, view: str) -> FeatureDef:
         where = f"view {view!r}, feature {self.name or self.agg!r}"
@@ -156,89 +159,160 @@ class Aggregation:
 
 
 Window = str | int | None
+Tags = Mapping[str, str] | Sequence[str]  # {"team": "risk"} or ["pii", "fraud"]
+
+
+class FeatureMeta(TypedDict, total=False):
+    """Catalog metadata any feature takes: `mean("amount", window="14d", owner="risk")`."""
+
+    description: str
+    owner: str
+    tags: Tags
 
 
 def count(
-    column: str | None = None, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str | None = None,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Number of events (or of non-null values of `column`) in the window; 0 when empty."""
-    return Aggregation("count", column, window, hop, name)
+    return Aggregation("count", column, window, hop, name, **meta)
 
 
 def sum(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Sum of non-null values; 0 when empty."""
-    return Aggregation("sum", column, window, hop, name)
+    return Aggregation("sum", column, window, hop, name, **meta)
 
 
 def mean(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Arithmetic mean of non-null values; null when empty."""
-    return Aggregation("mean", column, window, hop, name)
+    return Aggregation("mean", column, window, hop, name, **meta)
 
 
 def min(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Smallest non-null value; null when empty."""
-    return Aggregation("min", column, window, hop, name)
+    return Aggregation("min", column, window, hop, name, **meta)
 
 
 def max(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Largest non-null value; null when empty."""
-    return Aggregation("max", column, window, hop, name)
+    return Aggregation("max", column, window, hop, name, **meta)
 
 
 def var(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Population variance of non-null values; null when empty."""
-    return Aggregation("var", column, window, hop, name)
+    return Aggregation("var", column, window, hop, name, **meta)
 
 
 def std(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Population standard deviation of non-null values; null when empty."""
-    return Aggregation("std", column, window, hop, name)
+    return Aggregation("std", column, window, hop, name, **meta)
 
 
 def first(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Value of the earliest event by event time (ties: lowest log offset); null when empty."""
-    return Aggregation("first", column, window, hop, name)
+    return Aggregation("first", column, window, hop, name, **meta)
 
 
 def last(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Value of the latest event by event time (ties: highest log offset); null when empty."""
-    return Aggregation("last", column, window, hop, name)
+    return Aggregation("last", column, window, hop, name, **meta)
 
 
 def last_k(
-    column: str, k: int, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    k: int,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """The k latest non-null values, newest first; null when empty."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 1000:
         raise DefinitionError(f"last_k({column!r}, {k!r}): k must be an int in 1..1000")
-    return Aggregation("last_k", column, window, hop, name, k)
+    return Aggregation("last_k", column, window, hop, name, k, **meta)
 
 
 def distinct_count(
-    column: str, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Approximate number of distinct non-null values (HLL, ~1.6% relative standard error)."""
-    return Aggregation("distinct_count", column, window, hop, name)
+    return Aggregation("distinct_count", column, window, hop, name, **meta)
 
 
 def percentile(
-    column: str, q: float, *, window: Window = None, hop: Window = None, name: str | None = None
+    column: str,
+    q: float,
+    *,
+    window: Window = None,
+    hop: Window = None,
+    name: str | None = None,
+    **meta: Unpack[FeatureMeta],
 ) -> Aggregation:
     """Approximate q-quantile (0 < q < 1) of non-null values (KLL sketch); null when empty."""
     if isinstance(q, bool) or not isinstance(q, int | float) or not 0.0 < float(q) < 1.0:
@@ -246,7 +320,7 @@ def percentile(
             f"percentile({column!r}, {q!r}): q must be a fraction in (0, 1),"
             " e.g. 0.95 for the 95th percentile"
         )
-    return Aggregation("percentile", column, window, hop, name, float(q))
+    return Aggregation("percentile", column, window, hop, name, float(q), **meta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +452,10 @@ class FeatureView:
             otherwise than its source is re-partitioned by its own key in the dataflow.
         columns: typed columns the transform adds (`{"liked": "boolean"}`); they can be
             aggregated and used as keys. Types: int, long, float, double, string, boolean.
+        description, owner, tags: catalog metadata (`python -m flows.catalog`); features take
+            the same keywords. They never change the stored layout (no replay).
+        freshness: expected freshness, e.g. "5m": the metrics say when the newest applied
+            event is older than this (`featureflow_view_stale`).
     """
 
     name: str
@@ -387,6 +465,17 @@ class FeatureView:
     allowed_lateness: str | int = "0s"
     key: str | tuple[str, ...] | None = None
     columns: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+    owner: str = ""
+    tags: Tags = ()
+    freshness: str | int | None = None
+
+    def freshness_us(self) -> int | None:
+        """The expected freshness (µs): how far behind now the newest applied event may be
+        before the view counts as stale (metrics, alerts, catalog); None: no expectation."""
+        if self.freshness is None:
+            return None
+        return parse_duration(self.freshness, f"view {self.name!r}: freshness")
 
     def key_columns(self) -> tuple[str, ...]:
         """The view's key columns: the source key unless `key=` says otherwise."""
@@ -423,6 +512,7 @@ class FeatureView:
         for d in defs:
             _check_column(self.name, d, types)
         lateness = _lateness_us(self.allowed_lateness, self.name)
+        self.freshness_us()
         column_types = {d.column: types[d.column] for d in defs if d.column is not None}
         return ViewLayout(
             view=self.name,
