@@ -27,6 +27,8 @@ from flows.checkpoints import restore_views
 from flows.cli import command_main
 from flows.dataflow import FlowPlan, run_dataflow
 from flows.demo import ensure_demo_data
+from flows.governance.breaking import refuse_breaking
+from flows.governance.history import record_history, record_rate
 from flows.metrics import ConsoleReporter, Metrics
 from flows.runplan import build_plan
 from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
@@ -58,6 +60,13 @@ OPTIONS = (
         "warehouse (python -m flows.checkpoint), then continue from its offsets",
         bool,
     ),
+    Option(
+        "allow-breaking",
+        False,
+        "deploy definitions that take away a feature a recorded feature service serves "
+        "(see python -m flows.plan); default: refuse and keep the live versions",
+        bool,
+    ),
     *DATAFLOW,
 )
 
@@ -71,6 +80,8 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
     print(settings.describe(), flush=True)
     defs = load_definitions(settings.features)
     views = defs.select(settings.views.split(",") if settings.views else None)
+    if not settings.allow_breaking:
+        refuse_breaking(defs, Path(settings.state))
     warehouse = Warehouse(settings.warehouse)
     if settings.restore:
         names = [v.name for v in views]
@@ -134,7 +145,8 @@ def _record(plan: FlowPlan, defs: Definitions) -> None:
     """Record the definitions module (and its schema files) in the state directory, with the
     view versions this run writes, so a FeatureClient without features= finds its services."""
     versions = {t.view.name: t.version for sp in plan.sources.values() for t in sp.targets}
-    record_definitions(plan.state, defs.path, defs.schema_files(), versions)
+    sha = record_definitions(plan.state, defs.path, defs.schema_files(), versions)
+    record_history(plan.state, sha, defs, versions)
 
 
 def _demo_spine(settings: Settings) -> Path:
@@ -252,6 +264,9 @@ def execute(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     stopped_by = _signal_name(received[0]) if received and not plan.restart.is_set() else None
+    if not plan.watch_versions and not received:  # --until-caught-up: a whole replay, timed
+        elapsed = time.perf_counter() - started
+        record_rate(plan.state, sum(plan.metrics.read_totals().values()), elapsed)
     _print_summary(plan, time.perf_counter() - started, stopped_by)
     return 0
 
