@@ -45,6 +45,7 @@ from state.errors import (
 from state.layout import ViewLayout
 from state.lock import VersionLease, use_version
 from state.read import AsOf, evaluate_blob
+from state.servedlog import ServedLog, logs_service_reads, logs_view_reads
 from state.services import (
     ServicePlan,
     ViewRead,
@@ -154,6 +155,8 @@ class FeatureClient:
         features: the definitions module whose feature services `get_service` serves; default
             the definitions `flows.run` recorded in `state_dir` (followed when it records
             new ones).
+        served_log: log what this client serves (`state.servedlog.ServedLog`: Parquet in the
+            warehouse, off the read's path, sampled); the client closes it on `close`.
 
     Raises:
         NotAViewStoreError: `state_dir` is not a view store.
@@ -166,11 +169,13 @@ class FeatureClient:
         *,
         refresh_s: float = 0.05,
         features: str | Path | None = None,
+        served_log: ServedLog | None = None,
     ) -> None:
         self.root = Path(state_dir)
         check_store(self.root, create=False)
         self.refresh_s = refresh_s
         self._services = _ServiceBook(self.root, Path(features) if features else None)
+        self.served_log = served_log
         self._views: dict[str, _OpenView] = {}
         self._checked: dict[str, float] = {}  # view -> monotonic time CURRENT was last read
         self._stuck: dict[str, int] = {}  # view -> catch-up rounds in a row that failed
@@ -206,6 +211,7 @@ class FeatureClient:
             versions={name: v.version for name, v in list(self._views.items())},
         )
 
+    @logs_view_reads
     def get(self, view: str, key: str | int, at: Timestamp | None = None) -> dict[str, Any]:
         """Feature values of one entity as of `at` (default: now).
 
@@ -220,6 +226,7 @@ class FeatureClient:
         """
         return self.get_many(view, [key], at)[0]
 
+    @logs_view_reads
     def get_many(
         self,
         view: str,
@@ -282,6 +289,7 @@ class FeatureClient:
             )
         return self.get_service_many(name, [row], at)[0]
 
+    @logs_service_reads
     def get_service_many(
         self,
         name: str,
@@ -550,6 +558,8 @@ class FeatureClient:
         for opened in idle:
             opened.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        if self.served_log is not None:
+            self.served_log.close()
 
     def __enter__(self) -> FeatureClient:
         return self
