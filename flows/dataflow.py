@@ -40,6 +40,7 @@ from connectors.errors import ConnectorError
 from connectors.log import KafkaTail, LogBatch, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import KEY
+from flows.cluster import Cluster, ClusterStarts
 from flows.deadletters import DeadLetterWriter
 from flows.errors import FlowError
 from flows.metrics import Metrics
@@ -103,6 +104,8 @@ class FlowPlan:
     restart: threading.Event = field(default_factory=threading.Event)  # set = rebuild the plan
     watch_versions: bool = False  # follow mode: restart when a replay switches a live view
     failures: list[Exception] = field(default_factory=list)  # known errors that ended the flow
+    cluster: Cluster = field(default_factory=Cluster)  # this process's place in the cluster
+    starts: ClusterStarts | None = None  # separate state dirs: resume points of the cluster
 
     def fail(self, exc: Exception) -> None:
         """End the flow cleanly because of a known error; `run_dataflow` raises it after."""
@@ -111,6 +114,20 @@ class FlowPlan:
 
     def part_keys(self) -> list[str]:
         return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
+
+    def owned_part_keys(self) -> list[str]:
+        """The partitions this process lists to bytewax (log reader and view shard alike):
+        in a cluster only the shards it owns (flows.cluster), so the mapping is ours."""
+        return [k for k in self.part_keys() if self.cluster.owns(split_part_key(k)[1])]
+
+    def resume_at(self, source: str, partition: int) -> LogPosition:
+        """The position a source partition resumes after: the lowest any view shard applied
+        (of the whole cluster when each process has its own state directory)."""
+        sp = self.sources[source]
+        if self.starts is None:
+            return LogPosition(sp.start[partition] - 1, sp.start_watermark.get(partition))
+        versions = {t.view.name: t.version for t in sp.targets}
+        return self.starts.position(source, versions, partition)
 
 
 def part_key(source: str, partition: int) -> str:
@@ -207,7 +224,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
         self._plan = plan
 
     def list_parts(self) -> list[str]:
-        return self._plan.part_keys()
+        return self._plan.owned_part_keys()
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _LogPartition:
         source, partition = split_part_key(for_part)
@@ -216,7 +233,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             warehouse=Warehouse(self._plan.warehouse),
             source=source,
             partition=partition,
-            start_offset=sp.start[partition],
+            start_offset=self._plan.resume_at(source, partition).offset + 1,
             arrow_schema=sp.arrow_schema,
             kafka=sp.kafka,
             stop_at=None if sp.stop is None else sp.stop[partition],
@@ -242,7 +259,8 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             plan.kafka_bootstrap,
             schema=source.targets[0].view.source.avro_schema(),
         )
-        self._switcher = _Switcher(store, source, shard)
+        shards = plan.cluster.state_shards(len(source.start))
+        self._switcher = _Switcher(store, source, shard, shards)
         self._switcher.check(self._progress)
 
     def write_batch(self, items: list[Routed]) -> None:
@@ -338,8 +356,9 @@ def _check_contiguous(item: Routed, positions: list[LogPosition], source: str) -
 class _Switcher:
     """Makes rebuilt view versions live once every shard has caught up with the log."""
 
-    def __init__(self, store: ViewStore, source: SourcePlan, shard: int) -> None:
+    def __init__(self, store: ViewStore, source: SourcePlan, shard: int, shards: list[int]) -> None:
         self._store, self._source, self._shard = store, source, shard
+        self._shards = shards  # the shards of this state directory: all must catch up
         self._pending = {i for i, t in enumerate(source.targets) if t.switch_when_caught_up}
 
     def check(self, progress: list[PartitionProgress]) -> None:
@@ -350,9 +369,7 @@ class _Switcher:
                 continue
             self._pending.discard(i)
             target = self._source.targets[i]
-            self._store.finish_catch_up(
-                target.view.name, target.version, self._shard, self._source.start
-            )
+            self._store.finish_catch_up(target.view.name, target.version, self._shard, self._shards)
 
 
 def caught_up(progress: PartitionProgress, shard: int, ends: dict[int, int]) -> bool:
@@ -369,7 +386,7 @@ class ViewSink(FixedPartitionedSink[Routed, None]):
         self._index = {key: i for i, key in enumerate(self._parts)}
 
     def list_parts(self) -> list[str]:
-        return self._parts
+        return self._plan.owned_part_keys()
 
     def part_fn(self, item_key: str) -> int:
         return self._index[item_key]
@@ -389,8 +406,8 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
     ) -> tuple[PartitionMark, list[tuple[str, Routed]]]:
         sp = plan.sources[batch.source]
         if state is None:
-            p = batch.partition
-            state = PartitionMark(sp.start[p], sp.start_watermark.get(p))
+            resume = plan.resume_at(batch.source, batch.partition)
+            state = PartitionMark(resume.offset + 1, resume.watermark)
         plan.metrics.records_read(batch.source, batch.events.num_rows + len(batch.dead_letters))
         checked = validate_guarded(batch, sp.event_rules)
         marked = state.mark(checked, sp.timestamp, sp.catch_up[batch.partition], time.monotonic())
@@ -413,11 +430,21 @@ def run_dataflow(
     from bytewax.run import cli_main
 
     run = cast(Callable[..., None], cli_main)  # an untyped extension function
-    run(
-        build_dataflow(plan),
-        workers_per_process=workers,
-        process_id=process_id if addresses else None,
-        addresses=addresses or None,
-    )
+    try:
+        run(
+            build_dataflow(plan),
+            workers_per_process=workers,
+            process_id=process_id if addresses else None,
+            addresses=addresses or None,
+        )
+    except BaseException as exc:  # pyo3's PanicException derives from BaseException
+        if not addresses or type(exc).__name__ != "PanicException":
+            raise
+        raise FlowError(
+            f"cluster process {process_id}: bytewax lost its connection to another process of "
+            f"--addresses {';'.join(addresses)} ({exc}); a bytewax cluster stops as a whole "
+            "when one process dies: restart every process (each continues from its applied "
+            "offsets; a host that lost its --state starts with --restore)"
+        ) from exc
     if plan.failures:
         raise plan.failures[0]

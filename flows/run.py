@@ -47,6 +47,14 @@ OPTIONS = (
     Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
     Option("process-id", None, "bytewax cluster: this process's index in --addresses", int, 0),
     Option(
+        "separate-state",
+        False,
+        "bytewax cluster: every process has its own --state (as on its own host), holding the "
+        "view shards it owns (shard s on process s mod the process count); positions are "
+        "exchanged through the warehouse",
+        bool,
+    ),
+    Option(
         "kafka-start",
         None,
         "where a log that Kafka no longer holds from offset 0 starts: 'earliest-available' "
@@ -121,9 +129,11 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
             metrics=metrics,
             process_id=settings.process_id or 0,
             batch_rows=settings.batch_rows,
+            processes=len(settings.addresses.split(";")) if settings.addresses else 1,
+            separate_state=bool(settings.separate_state),
         )
         _print_plan(plan)
-        if not settings.process_id:
+        if not settings.process_id or settings.separate_state:
             _record(plan, defs)
         addresses = settings.addresses.split(";") if settings.addresses else None
         with claim_versions(plan, settings.process_id or 0):
@@ -346,12 +356,12 @@ def _sample_read(plan: FlowPlan) -> str | None:
 def _newest_entity(
     plan: FlowPlan, view: str, version: int, p: int, scan: int = 1000
 ) -> tuple[str, int, int] | None:
-    """(key, its newest event time, the partition's watermark) among the first `scan` keys."""
+    """(key, its newest event time, the shard's newest event time) among the first `scan` keys."""
     store = ViewStore(plan.state)
     with peek(partition_dir(store.version_dir(view, version), p)) as db:
         if db is None:
             return None
-        watermark = progress_of(db).watermark
+        watermark = progress_of(db).newest()  # with the partitions other shards told it of
         best: tuple[str, int] | None = None
         for i, (raw_key, blob) in enumerate(iter_entities(db)):
             newest = entity_newest(blob)

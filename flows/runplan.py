@@ -15,6 +15,7 @@ from connectors.avro import arrow_schema
 from connectors.kafka import ensure_topic
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
+from flows.cluster import Cluster, ClusterStarts, Publication, publish
 from flows.dataflow import FlowPlan, SourcePlan, ViewTarget, caught_up
 from flows.errors import ConfigError
 from flows.metrics import Metrics
@@ -97,7 +98,7 @@ def _wait_for_version(
 def _switch_if_caught_up(
     store: ViewStore,
     target: ViewTarget,
-    done: list[bool],
+    done: dict[int, bool],
 ) -> ViewTarget:
     """Mark the partitions of a new version that already hold the log as it stands (nothing to
     read: empty, or a crash came after their last commit); if that is every partition, the
@@ -105,8 +106,8 @@ def _switch_if_caught_up(
     if not target.switch_when_caught_up:
         return target
     name, version = target.view.name, target.version
-    every = range(len(done))
-    for p in [p for p, ok in enumerate(done) if ok]:
+    every = list(done)  # the shards of this state directory
+    for p in [p for p, ok in done.items() if ok]:
         if store.finish_catch_up(name, version, p, every):
             return ViewTarget(target.view, target.layout, target.version)
     return target
@@ -118,14 +119,14 @@ def read_progress(store: ViewStore, view: str, version: int, partition: int) -> 
 
 
 def resume_points(
-    progress: list[list[PartitionProgress]], partitions: int
+    progress: list[dict[int, PartitionProgress]], partitions: int
 ) -> tuple[dict[int, int], dict[int, int | None]]:
     """Where each source partition resumes: after the lowest offset any view shard has applied
     (shards skip what they already hold), with the partition's watermark at that offset."""
     start: dict[int, int] = {}
     marks: dict[int, int | None] = {}
     for p in range(partitions):
-        positions = [pr.position(p, h) for per in progress for h, pr in enumerate(per)]
+        positions = [pr.position(p, h) for per in progress for h, pr in per.items()]
         lowest = min(positions, key=lambda pos: pos.offset, default=LogPosition(-1, None))
         start[p], marks[p] = lowest.offset + 1, lowest.watermark
     return start, marks
@@ -142,12 +143,18 @@ def build_plan(
     metrics: Metrics | None = None,
     process_id: int = 0,
     batch_rows: int = 4_000_000,
+    processes: int = 1,
+    separate_state: bool = False,
 ) -> FlowPlan:
     """The versions to write and the offsets to read for `views`.
 
-    Follow mode (not `until_caught_up`) also watches for replays that switch a view."""
+    Follow mode (not `until_caught_up`) also watches for replays that switch a view. In a
+    cluster whose processes each have their own state directory (`separate_state`), each
+    process plans only the shards it owns and publishes their positions (flows.cluster)."""
     store = ViewStore(state)
-    targets = choose_targets(store, views, rebuild=rebuild, create=process_id == 0)
+    cluster = Cluster(process_id, processes, separate_state)
+    create = process_id == 0 or separate_state
+    targets = choose_targets(store, views, rebuild=rebuild, create=create)
     wh = Warehouse(warehouse)
     sources: dict[str, SourcePlan] = {}
     for name in sorted({t.view.source.name for t in targets}):
@@ -165,11 +172,16 @@ def build_plan(
             if kafka
             else None
         )
-        shards = range(source.partitions)
+        shards = cluster.state_shards(source.partitions)
         progress = [
-            [read_progress(store, t.view.name, t.version, h) for h in shards] for t in src_targets
+            {h: read_progress(store, t.view.name, t.version, h) for h in shards}
+            for t in src_targets
         ]
         start, marks = resume_points(progress, source.partitions)
+        if separate_state:
+            versions = {t.view.name: t.version for t in src_targets}
+            lowest = {p: LogPosition(start[p] - 1, marks[p]) for p in start}
+            publish(warehouse, name, cluster, Publication(process_id, versions, lowest))
         columns = arrow_schema(source.avro_schema())
         ends = {}
         for p in range(source.partitions):
@@ -179,7 +191,7 @@ def build_plan(
             finally:
                 log.close()
         src_targets = tuple(
-            _switch_if_caught_up(store, t, [caught_up(pr, h, ends) for h, pr in enumerate(per)])
+            _switch_if_caught_up(store, t, {h: caught_up(pr, h, ends) for h, pr in per.items()})
             for t, per in zip(src_targets, progress, strict=True)
         )
         sources[name] = SourcePlan(
@@ -209,4 +221,6 @@ def build_plan(
         batch_rows=batch_rows,
         metrics=metrics or Metrics(),
         watch_versions=not until_caught_up,
+        cluster=cluster,
+        starts=ClusterStarts(warehouse, cluster) if separate_state else None,
     )

@@ -1,0 +1,137 @@
+"""A bytewax cluster of flows.run processes: which process owns which view shard, and where
+each source partition resumes when every process keeps its own state directory.
+
+    shard s of a source (= log partition s: murmur2(key) % partitions, as the read client
+    computes it) is read and written by process  s % processes  (its LogSource partition and
+    its ViewSink partition both list only there; bytewax balances them over that process's
+    worker threads). So the state directory of process I holds exactly the shards
+    {s : s % processes == I}: a reader of key k opens the directory of process
+    murmur2(k) % partitions % processes.
+
+With `--separate-state` (one state directory per process, as on separate hosts) a process
+cannot see the other processes' shards, yet a source partition must resume at the lowest
+position any shard of the cluster has applied of it (a shard refuses a slice that skips records
+it has not applied). Every process therefore publishes its shards' lowest positions before it
+joins the cluster, and every reader of a partition takes the minimum over all processes'
+publications once the cluster has formed (bytewax connects every process before any partition
+is built, so each publication read is this run's):
+
+    <warehouse>/_cluster/<source>/h<process>.json
+        {"format": 1, "process_id": 0, "processes": 2, "versions": {"spend": 3, ...},
+         "positions": {"0": [offset, watermark_us], ...}}   lowest applied per partition
+
+A publication of other view versions than this process writes counts as nothing applied
+(the partition is read from the start; shards skip what they hold): never too late, at worst
+slower.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from connectors.objectstore import open_store
+from state.store import NOTHING_APPLIED, LogPosition
+
+CLUSTER_DIR = "_cluster"
+PUBLICATION_FORMAT = 1
+
+
+def owner_process(shard: int, processes: int) -> int:
+    """The cluster process that owns view shard `shard` (and reads log partition `shard`)."""
+    return shard % processes
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """This process's place in the cluster; one process (the default) owns everything."""
+
+    process_id: int = 0
+    processes: int = 1
+    separate_state: bool = False  # each process has its own state directory
+
+    def owns(self, shard: int) -> bool:
+        return owner_process(shard, self.processes) == self.process_id
+
+    def state_shards(self, shards: int) -> list[int]:
+        """The shards whose stores are in this process's state directory."""
+        return [s for s in range(shards) if not self.separate_state or self.owns(s)]
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A process's lowest applied position of every partition of one source."""
+
+    process_id: int
+    versions: Mapping[str, int]
+    positions: Mapping[int, LogPosition]
+
+
+def publish(warehouse: str | Path, source: str, cluster: Cluster, publication: Publication) -> None:
+    """Write this process's publication for `source` (overwriting its previous one)."""
+    body = {
+        "format": PUBLICATION_FORMAT,
+        "process_id": publication.process_id,
+        "processes": cluster.processes,
+        "versions": dict(publication.versions),
+        "positions": {str(p): [x.offset, x.watermark] for p, x in publication.positions.items()},
+    }
+    rel = f"{CLUSTER_DIR}/{source}/h{publication.process_id}.json"
+    open_store(warehouse).write_bytes(rel, orjson.dumps(body))
+
+
+def read_publications(
+    warehouse: str | Path, source: str, processes: int
+) -> list[Publication | None]:
+    """Every process's publication for `source` (None where a process has none)."""
+    store = open_store(warehouse)
+    found: list[Publication | None] = []
+    for process in range(processes):
+        try:
+            body = orjson.loads(store.read_bytes(f"{CLUSTER_DIR}/{source}/h{process}.json"))
+        except FileNotFoundError:
+            found.append(None)
+            continue
+        positions = {int(p): LogPosition(o, w) for p, (o, w) in body["positions"].items()}
+        found.append(Publication(process, body["versions"], positions))
+    return found
+
+
+def lowest_position(
+    publications: list[Publication | None], versions: Mapping[str, int], partition: int
+) -> LogPosition:
+    """The lowest position of `partition` over every process; a missing publication, or one
+    of other view versions, counts as nothing applied."""
+    lowest: LogPosition | None = None
+    for pub in publications:
+        if pub is None or dict(pub.versions) != dict(versions):
+            return NOTHING_APPLIED
+        pos = pub.positions.get(partition, NOTHING_APPLIED)
+        if lowest is None or pos.offset < lowest.offset:
+            lowest = pos
+    return lowest or NOTHING_APPLIED
+
+
+@dataclass
+class ClusterStarts:
+    """Where each source partition resumes in a separate-state cluster: read from every
+    process's publication on first use (once the cluster has formed), then fixed for the run,
+    so the reader of a partition and its `validate` step agree."""
+
+    warehouse: str | Path
+    cluster: Cluster
+    _cache: dict[str, list[Publication | None]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def position(self, source: str, versions: Mapping[str, int], partition: int) -> LogPosition:
+        with self._lock:
+            if source not in self._cache:
+                self._cache[source] = read_publications(
+                    self.warehouse, source, self.cluster.processes
+                )
+            publications = self._cache[source]
+        return lowest_position(publications, versions, partition)
