@@ -129,7 +129,7 @@ class ServedLog:
     ) -> None:
         """Log one `get` (one key, one dict) or `get_many` result; `at` as the caller gave it."""
         now = time.time_ns() // 1000
-        if isinstance(values, Mapping):
+        if isinstance(values, dict):  # get: one key, one dict (isinstance of an ABC costs more)
             keys, values = (keys,), (values,)
         self._put((_VIEW, view, version, keys, now, at, values, now))
 
@@ -247,7 +247,10 @@ def logs_view_reads(method: _Method) -> _Method:
         out = method(client, *args, **kwargs)
         served: ServedLog | None = client.served_log
         if served is not None:
-            view, keys, at = _call(args, kwargs, ("view", "keys", "at"))
+            if kwargs or len(args) < 2:
+                view, keys, at = _call(args, kwargs, ("view", "keys", "at"))
+            else:
+                view, keys, at = args[0], args[1], args[2] if len(args) > 2 else None
             opened = client._views.get(view)  # the version this read used (or the next)
             served.view_read(view, getattr(opened, "version", None), keys, at, out)
         return out
