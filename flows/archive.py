@@ -40,15 +40,13 @@ from flows.cli import command_main
 from flows.deadletters import DeadLetterWriter
 from flows.errors import ConfigError
 from flows.schemas import register_current
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import Option, Settings, build_parser, common
 from flows.spec import Source, load_definitions
 
 NO_RECORDS = "archived: no data record (dead letters, transaction markers or aborted transactions)"
 
 OPTIONS = (
-    *COMMON[:2],
-    COMMON[3],
-    WAREHOUSE_ENDPOINT,
+    *common("features", "warehouse", "kafka", "warehouse-endpoint"),
     Option("source", None, "source to archive (default: every source in the definitions)"),
     Option("segment-rows", 1_000_000, "records per segment (roll by size)", int),
     Option(

@@ -17,12 +17,11 @@ from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.governance.catalog import build_catalog, catalog_lines, search_catalog
 from flows.governance.history import view_history
-from flows.settings import COMMON, Option, Settings, build_parser
+from flows.settings import Option, Settings, build_parser, common
 from flows.spec import load_definitions
 
 OPTIONS = (
-    COMMON[0],
-    COMMON[2],
+    *common("features", "state"),
     Option("search", None, "only what matches this text (names and descriptions, any case)"),
     Option("tag", None, "only what carries this tag: KEY or KEY=VALUE"),
     Option("history", None, "print the definitions history of this view"),

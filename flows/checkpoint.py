@@ -16,11 +16,10 @@ from pathlib import Path
 
 from flows.checkpoints import write_checkpoints
 from flows.cli import command_main
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import Option, Settings, build_parser, common
 
 OPTIONS = (
-    *COMMON[1:3],
-    WAREHOUSE_ENDPOINT,
+    *common("warehouse", "state", "warehouse-endpoint"),
     Option("views", None, "comma-separated views to checkpoint (default: every view)"),
     Option("keep", 3, "complete checkpoints to keep per view (older ones are deleted)", int, 0),
     Option(

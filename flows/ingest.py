@@ -44,7 +44,7 @@ from connectors.segments import IngestedFile, LogTransaction, Warehouse, write_d
 from flows.cli import command_main
 from flows.errors import DefinitionError
 from flows.schemas import register_current
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import Option, Settings, build_parser, common
 from flows.spec import Source, load_definitions
 
 SEGMENT_ROWS = 1_000_000
@@ -268,8 +268,7 @@ def _refuse_repeats(files: Sequence[HistoryFile]) -> None:
 
 
 OPTIONS = (
-    *COMMON[:2],
-    WAREHOUSE_ENDPOINT,
+    *common("features", "warehouse", "warehouse-endpoint"),
     Option("source", None, "source name (default: the only source in the definitions)"),
     Option(
         "keep-order",

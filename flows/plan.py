@@ -27,15 +27,14 @@ from flows.cli import KNOWN_ERRORS, command_main
 from flows.governance.cost import with_costs
 from flows.governance.deployed import read_deployed
 from flows.governance.diff import UNCHANGED, Change, Plan, diff_definitions
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import Option, Settings, build_parser, common
 from flows.spec import load_definitions
 
 EXIT_SAME, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 _MARK = {"new": "+", "changed": "~", "unchanged": "=", "removed": "-"}
 
 OPTIONS = (
-    *COMMON[:4],
-    WAREHOUSE_ENDPOINT,
+    *common("features", "warehouse", "state", "kafka", "warehouse-endpoint"),
     Option("json", False, "print the plan as one JSON document", bool),
 )
 

@@ -62,6 +62,21 @@ COMMON = (
     WAREHOUSE_ENDPOINT,
 )
 
+
+def common(*names: str) -> tuple[Option, ...]:
+    """The common options with these flag names, in the order given: a command's OPTIONS take
+    `*common("features", "warehouse", "warehouse-endpoint")` rather than a slice of COMMON.
+
+    Raises:
+        ValueError: a name is not a common option (a mistake in the command's code).
+    """
+    by_name = {o.name: o for o in COMMON}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"not common options: {unknown}; the common options: {list(by_name)}")
+    return tuple(by_name[n] for n in names)
+
+
 # Settings of every command that runs the dataflow (flows.run, flows.replay).
 DATAFLOW = (
     Option("status-interval", 5.0, "seconds between console status lines", float),

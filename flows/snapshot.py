@@ -40,7 +40,7 @@ from flows.errors import SnapshotError, SpineError
 from flows.pointintime import feature_type, kept_events, point_in_time
 from flows.quarantine import validate_guarded
 from flows.schemas import field_defaults, schema_store
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import Option, Settings, build_parser, common
 from flows.spec import FeatureView, Source, load_definitions
 from flows.validate import EventRules
 from state.errors import OnDemandError, StateError
@@ -58,8 +58,7 @@ SNAPSHOT_FORMAT = "1"
 SERVICE_BATCH_ROWS = 65_536  # spine rows per call of each on-demand function
 
 OPTIONS = (
-    *COMMON[:4],
-    WAREHOUSE_ENDPOINT,
+    *common("features", "warehouse", "state", "kafka", "warehouse-endpoint"),
     Option("spine", None, "spine file: entity key column + ts column (Parquet/CSV/JSONL)"),
     Option("out", None, "output Parquet file"),
     Option("views", None, "comma-separated views (default: all)"),
