@@ -31,7 +31,16 @@ import pyarrow as pa
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
-from state.codec import encode_entity, encode_key, key_text
+from state.batch_read import empty_blob, evaluate_blobs
+from state.codec import (
+    ENTITY_PREFIX,
+    FOREIGN_WATERMARK,
+    WATERMARK,
+    decode_int,
+    encode_key,
+    foreign_key,
+    key_text,
+)
 from state.definitions import load_service_plans, recorded_module
 from state.errors import (
     ClientClosedError,
@@ -60,12 +69,10 @@ from state.store import (
     list_views,
     open_secondary,
     partition_dir,
-    progress_of,
     read_current,
     read_layout,
     scratch_dir,
 )
-from state.tiles import empty_block
 
 Timestamp = datetime | int | float
 log = logging.getLogger(__name__)
@@ -73,6 +80,9 @@ log = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RECHECK_S = 1.0  # a reader looks at CURRENT itself when the catch-up thread has not for this long
 _MAX_BACKOFF_S = 2.0
+_SINGLE_READS = (
+    2  # up to this many keys, get_many reads key by key (the batch's fixed cost is more)
+)
 _REOPEN_AFTER = 5  # rounds in a row a view's catch-up failed before its secondaries reopen
 
 
@@ -224,7 +234,22 @@ class FeatureClient:
             InexactReadError: the stored tiles cannot answer exactly as of `at` (see README).
             ClientClosedError: the client was closed.
         """
-        return self.get_many(view, [key], at)[0]
+        t = to_micros(at) if at is not None else time.time_ns() // 1000
+        opened = self._pin(view)
+        try:
+            layout = opened.layout
+            text = _key_text(view, layout, key)
+            partition = partition_for(text, layout.partitions)
+            db = opened.dbs.get(partition) or self._open_partition(opened, partition)
+            if db is None:
+                return _evaluate(layout, None, t, None)
+            if at is None:
+                return _evaluate(layout, db.get(encode_key(text)), t, None)
+            found = db.get([encode_key(text), *_watermark_keys(layout.partitions)])
+            assert isinstance(found, list)
+            return _evaluate(layout, found[0], t, AsOf(text, _newest(found[1:])))
+        finally:
+            self._unpin(opened)
 
     @logs_view_reads
     def get_many(
@@ -233,36 +258,72 @@ class FeatureClient:
         keys: Sequence[str | int],
         at: Timestamp | None = None,
     ) -> list[dict[str, Any]]:
-        """Feature values of many entities, in the order of `keys` (a list, not one string)."""
+        """Feature values of many entities, in the order of `keys` (a list, not one string).
+
+        One RocksDB multi-get per partition; the features of all the entities are merged
+        together (`state.batch_read`), equal to `get` key by key."""
         t = to_micros(at) if at is not None else time.time_ns() // 1000
         opened = self._pin(view)
         try:
-            return self._read(opened, _key_texts(view, opened.layout, keys), t, at is not None)
+            texts = _key_texts(view, opened.layout, keys)
+            blobs, checks = self._blobs(opened, texts, at is not None)
+            layout = opened.layout
+            if len(texts) <= _SINGLE_READS:
+                return [_evaluate(layout, b, t, c) for b, c in zip(blobs, checks, strict=True)]
+            columns = evaluate_blobs(layout, blobs, t, checks if at is not None else None)
         finally:
             self._unpin(opened)
+        names = list(columns)
+        return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
-    def _read(
-        self, opened: _OpenView, keys: list[str], t: int, strict: bool
-    ) -> list[dict[str, Any]]:
-        layout = opened.layout
+    def _columns(
+        self, view: str, keys: Sequence[Any], at: Timestamp | None
+    ) -> tuple[int, ViewLayout, dict[str, list[Any]]]:
+        """`get_many` as {feature: values} columns, with the version and layout read."""
+        t = to_micros(at) if at is not None else time.time_ns() // 1000
+        opened = self._pin(view)
+        try:
+            layout = opened.layout
+            texts = _key_texts(view, layout, keys)
+            blobs, checks = self._blobs(opened, texts, at is not None)
+            if len(texts) > _SINGLE_READS:
+                columns = evaluate_blobs(layout, blobs, t, checks if at is not None else None)
+                return opened.version, layout, columns
+            rows = [_evaluate(layout, b, t, c) for b, c in zip(blobs, checks, strict=True)]
+        finally:
+            self._unpin(opened)
+        return opened.version, layout, {f.name: [r[f.name] for r in rows] for f in layout.features}
+
+    def _blobs(
+        self, opened: _OpenView, keys: list[str], strict: bool
+    ) -> tuple[list[bytes | None], list[AsOf | None]]:
+        """Each key's blob (one multi-get per partition) and, when `strict`, what to check it
+        against: the partition's newest event time, read in the same multi-get (one consistent
+        view of the partition, so never older than what pruned the blobs)."""
+        parts = opened.layout.partitions
         by_partition: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
-            by_partition.setdefault(partition_for(key, layout.partitions), []).append(i)
-        out: list[dict[str, Any]] = [{} for _ in keys]
+            by_partition.setdefault(partition_for(key, parts), []).append(i)
+        blobs: list[bytes | None] = [None] * len(keys)
+        checks: list[AsOf | None] = [None] * len(keys)
+        marks = _watermark_keys(parts) if strict else []
         for partition, positions in by_partition.items():
             db = opened.dbs.get(partition) or self._open_partition(opened, partition)
+            if db is None:
+                continue
             wanted: list[str | int | float | bytes | bool] = [
-                encode_key(keys[i]) for i in positions
+                ENTITY_PREFIX + keys[i].encode() for i in positions
             ]
-            blobs = db.get(wanted) if db else None
-            assert blobs is None or isinstance(blobs, list)
-            # read after the blobs, so never older than what pruned them
-            watermark = progress_of(db).newest() if strict and db else None
-            for j, i in enumerate(positions):
-                blob = blobs[j] if blobs else None
-                as_of = AsOf(keys[i], watermark) if strict else None
-                out[i] = _evaluate(layout, blob, t, as_of)
-        return out
+            found = db.get(wanted + marks)
+            assert isinstance(found, list)
+            for i, blob in zip(positions, found, strict=False):
+                blobs[i] = blob
+            if strict:
+                newest = _newest(found[len(positions) :])
+                for i in positions:
+                    if blobs[i] is not None:
+                        checks[i] = AsOf(keys[i], newest)
+        return blobs, checks
 
     # --- feature services: one model's vector per row ---------------------------------------
 
@@ -321,37 +382,27 @@ class FeatureClient:
         rows: Sequence[Mapping[str, Any]] | pa.Table,
         at: Timestamp | None,
     ) -> dict[str, pa.Array]:
-        version, layout = self._live(read.view)
-        by_name = {f.name: f for f in layout.features}
-        missing = [f for f in read.features if f not in by_name]
-        if missing:
-            raise _missing_feature(plan, read, missing, version, layout)
         keys = _entity_keys(plan, read, rows)
         present = [i for i, k in enumerate(keys) if k is not None]
         try:
-            found = self.get_many(read.view, [keys[i] for i in present], at)
+            version, layout, found = self._columns(read.view, [keys[i] for i in present], at)
         except KeyTypeError as exc:
             raise RequestTypeError(
                 f"service {plan.name!r}: entity column(s) {list(read.entity_columns)} of view "
                 f"{read.view!r}: {exc}"
             ) from exc
-        values: list[dict[str, Any]] = [_empty_values(layout)] * len(keys)
-        for i, got in zip(present, found, strict=True):
-            values[i] = got
-        if values and any(f not in values[0] for f in read.features):  # switched meanwhile
-            version, layout = self._live(read.view)
-            raise _missing_feature(plan, read, missing or list(read.features), version, layout)
-        return {
-            read.column(f): feature_column(layout, by_name[f], [v[f] for v in values])
-            for f in read.features
-        }
-
-    def _live(self, view: str) -> tuple[int, ViewLayout]:
-        opened = self._pin(view)
-        try:
-            return opened.version, opened.layout
-        finally:
-            self._unpin(opened)
+        by_name = {f.name: f for f in layout.features}
+        missing = [f for f in read.features if f not in by_name]
+        if missing:  # the live version does not have them: the definitions changed under it
+            raise _missing_feature(plan, read, missing, version, layout)
+        if len(present) < len(keys):  # rows without a key read as unknown keys do
+            empty = _empty_values(layout)
+            for f in read.features:
+                values = [empty[f]] * len(keys)
+                for i, v in zip(present, found[f], strict=True):
+                    values[i] = v
+                found[f] = values
+        return {read.column(f): feature_column(layout, by_name[f], found[f]) for f in read.features}
 
     # --- pinning: which open version a read uses -------------------------------------------
 
@@ -580,6 +631,26 @@ def _unknown_view(view: object, root: Path, views: list[str]) -> str:
     return f"unknown view {name} in {root}; views: {known}; pass one of these names"
 
 
+def _watermark_keys(partitions: int) -> list[str | int | float | bytes | bool]:
+    """The metadata keys of a shard's newest event times: its own partition's, then each other
+    source partition's (a shard learns positions only of the source's partitions: the flow
+    refuses a topic whose partition count is not the source's)."""
+    found = _MARKS.get(partitions)
+    if found is None:
+        others = [foreign_key(FOREIGN_WATERMARK, p) for p in range(partitions)]
+        found = _MARKS[partitions] = [WATERMARK, *others]
+    return found
+
+
+_MARKS: dict[int, list[str | int | float | bytes | bool]] = {}
+
+
+def _newest(raw: Sequence[bytes | None]) -> int | None:
+    """The newest of the event times read with `_watermark_keys` (None if none is recorded)."""
+    marks = [decode_int(m) for m in raw if m is not None]
+    return max(marks) if marks else None
+
+
 def _manifest(primary: Path) -> bytes:
     """The name of the MANIFEST the partition's writer uses (it changes when a writer opens)."""
     try:
@@ -594,6 +665,8 @@ def _key_texts(view: str, layout: ViewLayout, keys: Sequence[str | int]) -> list
             f"view {view!r}: get_many takes a list of keys, got the single key {keys!r}; "
             f"use get({view!r}, key) or get_many({view!r}, [key])"
         )
+    if len(layout.key_columns) == 1:  # a str key is its own text
+        return [k if type(k) is str else _key_text(view, layout, k) for k in keys]
     return [_key_text(view, layout, key) for key in keys]
 
 
@@ -714,6 +787,5 @@ def _missing_feature(
 
 def _evaluate(layout: ViewLayout, blob: bytes | None, t: int, as_of: AsOf | None) -> dict[str, Any]:
     if blob is None:  # an unknown key: the values of empty windows
-        blob = encode_entity(layout, [empty_block(g) for g in layout.groups], 0)
-        as_of = None
+        blob, as_of = empty_blob(layout), None
     return evaluate_blob(layout, blob, t, as_of)

@@ -27,11 +27,11 @@ from state.layout import FeatureDef, HopGroup, ViewLayout
 _HEAD = struct.Struct("<Bq")
 _U32 = struct.Struct("<I")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
+SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
 
 
 @dataclass(frozen=True, slots=True)
-class _Feature:
+class CompiledFeature:
     """A feature compiled against its group's columns (indices into the dtype's fields)."""
 
     name: str
@@ -48,18 +48,18 @@ class _Feature:
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
+class GroupPlan:
     hop: int
     width: int
     has_objects: bool
     windows: tuple[int, ...]
-    features: tuple[tuple[_Feature, ...], ...]  # per window
+    features: tuple[tuple[CompiledFeature, ...], ...]  # per window
 
 
-_PLANS: dict[int, tuple[HopGroup, _Plan]] = {}
+_PLANS: dict[int, tuple[HopGroup, GroupPlan]] = {}
 
 
-def _plan(group: HopGroup) -> _Plan:
+def group_plan(group: HopGroup) -> GroupPlan:
     cached = _PLANS.get(id(group))
     if cached is not None and cached[0] is group:
         return cached[1]
@@ -70,23 +70,25 @@ def _plan(group: HopGroup) -> _Plan:
         tuple(_compile(f, pos, integral) for f in group.features if f.window_us == w)
         for w in windows
     )
-    plan = _Plan(group.hop_us, len(pos), bool(group.object_fields), windows, compiled)
+    plan = GroupPlan(group.hop_us, len(pos), bool(group.object_fields), windows, compiled)
     _PLANS[id(group)] = (group, plan)
     return plan
 
 
-def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _Feature:
+def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> CompiledFeature:
     if f.column is None:
-        return _Feature(f.name, "events", None, False, pos["n"])
+        return CompiledFeature(f.name, "events", None, False, pos["n"])
     c = f.column
-    base = _Feature(f.name, f.agg, c, integral[c], pos[f"{c}.cnt"], param=f.param)
+    base = CompiledFeature(f.name, f.agg, c, integral[c], pos[f"{c}.cnt"], param=f.param)
     if f"{c}.dim" in pos and f.agg != "count":  # a vector column
         edge = f.agg in ("first", "last")
         ts, off = (pos[f"{c}.{f.agg}_ts"], pos[f"{c}.{f.agg}_off"]) if edge else (-1, -1)
         vector = f"{c}.v{f.agg}" if edge else f"{c}.vsum"
-        return _Feature(f.name, f.agg, c, False, pos[f"{c}.cnt"], ts=ts, off=off, vector=vector)
+        return CompiledFeature(
+            f.name, f.agg, c, False, pos[f"{c}.cnt"], ts=ts, off=off, vector=vector
+        )
     if f.agg in ("first", "last"):
-        return _Feature(
+        return CompiledFeature(
             f.name,
             f.agg,
             c,
@@ -99,7 +101,7 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _
         )
     field = {"sum": "sum", "mean": "sum", "var": "sum", "std": "sum", "min": "min", "max": "max"}
     if f.agg in field:
-        return _Feature(
+        return CompiledFeature(
             f.name,
             f.agg,
             c,
@@ -111,7 +113,7 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> _
     return base
 
 
-class _Columns:
+class Columns:
     """Lazy typed views of one group's column-major tile block."""
 
     __slots__ = ("_base", "_mv", "_n", "_totals", "vectors")
@@ -177,9 +179,9 @@ def evaluate_blob(
     pos = _HEAD.size
     values: dict[str, Any] = {}
     for group in layout.groups:
-        plan = _plan(group)
+        plan = group_plan(group)
         (n,) = _U32.unpack_from(blob, pos)
-        cols = _Columns(mv, pos + 4, n)
+        cols = Columns(mv, pos + 4, n)
         pos += 4 + 8 * n * plan.width
         objects_at = -1
         if plan.has_objects:
@@ -199,8 +201,8 @@ def evaluate_blob(
 def _check_exact(
     layout: ViewLayout,
     group: HopGroup,
-    plan: _Plan,
-    cols: _Columns,
+    plan: GroupPlan,
+    cols: Columns,
     n: int,
     t: int,
     newest: int,
@@ -226,10 +228,10 @@ def _check_exact(
             for f in feats
         ]
     if mixed or pruned:
-        raise InexactReadError(_inexact_message(layout, group, t, newest, as_of, mixed, pruned))
+        raise InexactReadError(inexact_message(layout, group, t, newest, as_of, mixed, pruned))
 
 
-def _inexact_message(
+def inexact_message(
     layout: ViewLayout,
     group: HopGroup,
     t: int,
@@ -260,9 +262,9 @@ def _iso(us: int) -> str:
 
 
 def _group_values(
-    plan: _Plan,
+    plan: GroupPlan,
     group: HopGroup,
-    cols: _Columns,
+    cols: Columns,
     n: int,
     hi_limit: int,
     t: int,
@@ -285,17 +287,19 @@ def _group_values(
             cnt = counts.get(f.cnt)
             if cnt is None:
                 cnt = counts[f.cnt] = sum(cols.q(f.cnt)[lo:hi])
-            if f.agg in _SUMMARY_KIND and cnt:
+            if f.agg in SUMMARY_KIND and cnt:
                 if objs is None:
                     objs = decode_objects(group.object_fields, blob, objects_at, n)[0]
-                values[f.name] = _summary(objs, lo, hi, f)
+                values[f.name] = summary_value(objs, lo, hi, f)
             else:
-                values[f.name] = _value(f, cols, lo, hi, cnt, objs, group, blob, objects_at, n)
+                values[f.name] = feature_value(
+                    f, cols, lo, hi, cnt, objs, group, blob, objects_at, n
+                )
 
 
-def _value(
-    f: _Feature,
-    cols: _Columns,
+def feature_value(
+    f: CompiledFeature,
+    cols: Columns,
     lo: int,
     hi: int,
     cnt: int,
@@ -335,7 +339,7 @@ def _value(
     return objs[f"{f.column}.{agg}"][pick]
 
 
-def _m2(cols: _Columns, f: _Feature, lo: int, hi: int, cnt: int) -> float:
+def _m2(cols: Columns, f: CompiledFeature, lo: int, hi: int, cnt: int) -> float:
     """Chan's merge of the window's tiles: sum(M2_i) + sum(n_i * (mean_i - mean)^2)."""
     counts, sums = cols.q(f.cnt)[lo:hi], cols.d(f.value)[lo:hi]
     mean = cols.total(f.value, lo, hi) / cnt
@@ -347,7 +351,7 @@ def _m2(cols: _Columns, f: _Feature, lo: int, hi: int, cnt: int) -> float:
     return sum(cols.d(f.m2)[lo:hi]) + spread
 
 
-def _edge_row(cols: _Columns, f: _Feature, lo: int, hi: int) -> int:
+def _edge_row(cols: Columns, f: CompiledFeature, lo: int, hi: int) -> int:
     """Row of the window's latest (last) or earliest (first) value by (event time, offset)."""
     ts = cols.q(f.ts)[lo:hi].tolist()
     off = cols.q(f.off)[lo:hi]
@@ -360,8 +364,8 @@ def _edge_row(cols: _Columns, f: _Feature, lo: int, hi: int) -> int:
     return lo + min(candidates, key=off.__getitem__)
 
 
-def _summary(objs: dict[str, Any], lo: int, hi: int, f: _Feature) -> Any:
-    kind = _SUMMARY_KIND[f.agg]
+def summary_value(objs: dict[str, Any], lo: int, hi: int, f: CompiledFeature) -> Any:
+    kind = SUMMARY_KIND[f.agg]
     items = objs[f"{f.column}.{kind}"][lo:hi].tolist()
     k = int(f.param or 0) if kind == "lastk" else 0
     return sketches.result(kind, sketches.merge_objects(kind, items, k), f.param)

@@ -1,0 +1,475 @@
+"""The batch read: many entities' feature values from their tile blobs at once, vectorized
+across entities with NumPy.
+
+`FeatureClient.get_many` (and the feature services on top of it) fetch a batch's blobs with one
+RocksDB multi-get per partition and hand them here. The blobs are joined into one buffer that
+strided NumPy views read at any byte address (as u32, int64 or float64), so for the whole batch
+each hop group's section is parsed, each window's rows are found and each numeric feature
+(count, sum, mean, min, max, var/std, numeric first/last) is merged with a few NumPy calls per
+group and window, not per entity:
+
+    blobs --join--> one buffer --per group: n, column addresses--> one row table (entity, row)
+          --per window: rows inside [start(t), t)--> bincount / reduceat per entity --> values
+
+Equal to the single read (`state.read.evaluate_blob`) bit for bit, by construction of the
+arithmetic and by test (tests/test_reads_batch.py): sums add the window's tiles in row order
+from 0.0, as Python's `sum` does (`np.bincount` with weights accumulates sequentially;
+`np.add.reduce` would sum pairwise and differ in the last bits), and var/std take the same
+Chan merge term by term.
+
+Per entity, through the single read's own functions: features whose tile state is a Python
+object or a vector (percentile, distinct_count, last_k, first/last of a string, vector
+mean/first/last), for the entities whose window holds a value. Those reads cost what the single
+read costs (sketch deserialization dominates); everything else in the batch stays vectorized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from state.codec import VALUE_FORMAT, decode_objects, decode_vectors, encode_entity
+from state.errors import CorruptStateError, FormatVersionError, InexactReadError
+from state.layout import HopGroup, ViewLayout
+from state.read import (
+    SUMMARY_KIND,
+    AsOf,
+    Columns,
+    CompiledFeature,
+    GroupPlan,
+    feature_value,
+    group_plan,
+    inexact_message,
+    summary_value,
+)
+from state.tiles import empty_block
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+Bools = npt.NDArray[np.bool_]
+_HEAD_SIZE = 9  # u8 format version + i64 newest event time
+_VECTORIZED = frozenset({"events", "count", "sum", "mean", "min", "max", "var", "std"})
+
+
+def evaluate_blobs(
+    layout: ViewLayout,
+    blobs: Sequence[bytes | None],
+    t: int,
+    checks: Sequence[AsOf | None] | None = None,
+) -> dict[str, list[Any]]:
+    """Every feature of every entity as of t: {feature: one value per blob, in order}.
+
+    A None blob is an unknown key: the empty-window values (0 for count and sum, None else).
+    With `checks` (one per blob; None for a blob not to check), values are exact or refused,
+    as `evaluate_blob` decides for one entity.
+
+    Raises:
+        InexactReadError: with `checks`, a window at t cannot be answered exactly (naming the
+            first such key in the batch's order).
+        CorruptStateError, FormatVersionError: a damaged blob, or one of another format.
+    """
+    if not blobs:
+        return {f.name: [] for f in layout.features}
+    batch = _Batch.of(layout, [b if b is not None else empty_blob(layout) for b in blobs])
+    values: dict[str, list[Any]] = {}
+    pos = batch.starts + _HEAD_SIZE
+    for group in layout.groups:
+        section, pos = _section(layout, group, batch, pos)
+        plan = group_plan(group)
+        tiles = section.i64[section.index] if plan.hop else np.zeros(len(section.eid), np.int64)
+        if checks is not None:
+            _check_exact(layout, group, plan, section, batch, tiles, t, checks)
+        _group_values(group, plan, section, batch, tiles, t, values)
+    if (pos != batch.ends).any():
+        raise _corrupt(layout, "its sections do not end where the blob ends")
+    return {f.name: values[f.name] for f in layout.features}
+
+
+_EMPTY: dict[int, tuple[ViewLayout, bytes]] = {}
+
+
+def empty_blob(layout: ViewLayout) -> bytes:
+    """The blob of an entity without tiles (what an unknown key reads), built once per layout."""
+    cached = _EMPTY.get(id(layout))
+    if cached is None or cached[0] is not layout:
+        blob = encode_entity(layout, [empty_block(g) for g in layout.groups], 0)
+        cached = _EMPTY[id(layout)] = (layout, blob)
+    return cached[1]
+
+
+def _strided(buf: bytes, dtype: str) -> npt.NDArray[Any]:
+    """`buf` read as `dtype` at every byte address (element i starts at byte i)."""
+    size = np.dtype(dtype).itemsize
+    return np.ndarray(shape=(len(buf) - size + 1,), dtype=dtype, buffer=buf, strides=(1,))
+
+
+_PADS = [bytes(p) for p in range(8)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """The batch's blobs joined into one buffer (each starting at a multiple of 8 bytes), with
+    typed views at every byte address, and 8-byte-aligned views at each of the 8 offsets."""
+
+    blobs: list[bytes]
+    buf: bytes
+    starts: I64
+    ends: I64
+    newest: I64
+    u32: npt.NDArray[np.uint32]
+    i64: I64
+    f64: F64
+    _aligned: dict[int, tuple[I64, F64]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layout: ViewLayout, blobs: list[bytes]) -> _Batch:
+        lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+        if (lengths < _HEAD_SIZE).any():
+            raise _corrupt(layout, "it is too short to be a tile blob")
+        pads = -lengths % 8
+        starts = np.cumsum(lengths + pads) - lengths - pads
+        pieces = [
+            x for blob, pad in zip(blobs, pads.tolist(), strict=True) for x in (blob, _PADS[pad])
+        ]
+        buf = b"".join(pieces) + bytes(8)  # the padding keeps every 8-byte view in range
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        bad = np.flatnonzero(raw[starts] != VALUE_FORMAT)
+        if len(bad):
+            raise FormatVersionError(
+                f"view {layout.view!r}: tile blob format {int(raw[starts[bad[0]]])}, this code "
+                f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay"
+            )
+        i64 = _strided(buf, "<i8")
+        newest = i64[starts + 1]
+        return cls(
+            blobs,
+            buf,
+            starts,
+            starts + lengths,
+            newest,
+            _strided(buf, "<u4"),
+            i64,
+            _strided(buf, "<f8"),
+        )
+
+    def aligned(self, shift: int) -> tuple[I64, F64]:
+        """The buffer as int64 and float64 words starting at byte `shift` (word i at byte
+        shift + 8i): gathers from these are several times faster than from the strided views."""
+        found = self._aligned.get(shift)
+        if found is None:
+            words = self.buf[shift:]  # a copy: a new bytes object's data is 8-byte aligned
+            count = len(words) // 8
+            i64 = np.frombuffer(words, dtype="<i8", count=count)
+            f64 = np.frombuffer(words, dtype="<f8", count=count)
+            found = self._aligned[shift] = (i64, f64)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """One hop group's section of every blob, and its row table (rows of all entities, entity
+    by entity, each entity's rows in tile order). Column j of a row is element
+    `index + step * j` of the `i64` / `f64` views."""
+
+    n: I64  # rows per entity
+    cols: I64  # address of each entity's first column
+    objects: I64 | None  # address of each entity's object stats (its orjson document length)
+    vectors: dict[str, I64]  # vector field -> address of each entity's vector length (u32)
+    eid: I64  # per row: its entity
+    row: I64  # per row: its index among its entity's rows
+    index: I64  # per row: its first column (the tile number) in the views
+    step: I64  # per row: elements from one column to the next
+    i64: I64
+    f64: F64
+
+
+def _section(layout: ViewLayout, group: HopGroup, batch: _Batch, pos: I64) -> tuple[_Section, I64]:
+    width = len(group.dtype.names or ())
+    _within(layout, batch, pos + 4)
+    n = batch.u32[pos].astype(np.int64)
+    cols = pos + 4
+    pos = cols + 8 * n * width
+    _within(layout, batch, pos)
+    objects = None
+    if group.object_fields:
+        _within(layout, batch, pos + 4)
+        objects = pos + 4
+        pos = objects + batch.u32[pos]
+        _within(layout, batch, pos)
+    vectors = {}
+    for name in group.vector_fields:
+        _within(layout, batch, pos + 4)
+        vectors[name] = pos
+        pos = pos + 4 + 8 * n * batch.u32[pos]
+        _within(layout, batch, pos)
+    eid = np.repeat(np.arange(len(n)), n)
+    row = np.arange(len(eid)) - (np.cumsum(n) - n)[eid]
+    shifts = cols % 8
+    if (shifts == shifts[0]).all():  # no object or vector section before: one alignment
+        i64, f64 = batch.aligned(int(shifts[0]))
+        index, unit = (cols - shifts) // 8, 1
+    else:
+        i64, f64, index, unit = batch.i64, batch.f64, cols, 8
+    step = unit * n[eid]
+    rows = index[eid] + unit * row
+    return _Section(n, cols, objects, vectors, eid, row, rows, step, i64, f64), pos
+
+
+def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:
+    if (pos > batch.ends).any():
+        raise _corrupt(layout, "a section runs past the blob's end")
+
+
+def _corrupt(layout: ViewLayout, cause: str) -> CorruptStateError:
+    return CorruptStateError(
+        f"view {layout.view!r}: damaged tile blob ({cause}); rebuild the view with flows.replay"
+    )
+
+
+def _check_exact(
+    layout: ViewLayout,
+    group: HopGroup,
+    plan: GroupPlan,
+    sec: _Section,
+    batch: _Batch,
+    tiles: I64,
+    t: int,
+    checks: Sequence[AsOf | None],
+) -> None:
+    """`state.read._check_exact` for every checked entity of the batch at once."""
+    entities = len(sec.n)
+    early = (t < batch.newest) & (sec.n > 1)
+    if not plan.hop:
+        mixed = early
+    elif t % plan.hop:
+        hit = (tiles == t // plan.hop) & (sec.row < (sec.n - 1)[sec.eid])
+        mixed = early & (np.bincount(sec.eid[hit], minlength=entities) > 0)
+    else:
+        mixed = np.zeros(entities, dtype=bool)
+    pruned_at: dict[int | None, list[str]] = {}
+    for check in checks:  # the few partitions' watermarks, each looked at once
+        if check is not None and check.watermark not in pruned_at:
+            pruned_at[check.watermark] = _pruned(group, plan, t, check.watermark)
+    if not mixed.any() and not any(pruned_at.values()):
+        return
+    for e, check in enumerate(checks):
+        if check is not None and (mixed[e] or pruned_at[check.watermark]):
+            newest, pruned = int(batch.newest[e]), pruned_at[check.watermark]
+            raise InexactReadError(
+                inexact_message(layout, group, t, newest, check, bool(mixed[e]), pruned)
+            )
+
+
+def _pruned(group: HopGroup, plan: GroupPlan, t: int, wm: int | None) -> list[str]:
+    """The group's features whose window at t reaches behind the tiles kept at watermark wm."""
+    if not plan.hop or wm is None or t >= wm:
+        return []
+    oldest_kept = wm // plan.hop - group.max_window_us // plan.hop
+    return [
+        f.name
+        for w, feats in zip(plan.windows, plan.features, strict=True)
+        if t // plan.hop - w // plan.hop < oldest_kept
+        for f in feats
+    ]
+
+
+@dataclass(slots=True)
+class _Window:
+    """The rows of one window of every entity, and their column values, gathered once."""
+
+    sec: _Section
+    batch: _Batch
+    inside: Bools
+    lo: I64  # per entity: first row of the window
+    hi: I64  # per entity: end of the window's rows
+    ids: I64 = field(init=False)
+    index: I64 = field(init=False)
+    step: I64 = field(init=False)
+    _sums: dict[int, F64] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ids = self.sec.eid[self.inside]
+        self.index = self.sec.index[self.inside]
+        self.step = self.sec.step[self.inside]
+
+    @property
+    def entities(self) -> int:
+        return len(self.lo)
+
+    def ints(self, j: int) -> I64:
+        column: I64 = self.sec.i64[self.index + self.step * j]
+        return column
+
+    def floats(self, j: int) -> F64:
+        column: F64 = self.sec.f64[self.index + self.step * j]
+        return column
+
+    def total(self, j: int, integral: bool = False) -> F64:
+        """Per entity, the sum of column j over its window's rows, added in row order from 0."""
+        found = self._sums.get(j)
+        if found is None:
+            column = self.ints(j) if integral else self.floats(j)
+            found = np.asarray(np.bincount(self.ids, column, self.entities), dtype=np.float64)
+            self._sums[j] = found
+        return found
+
+    def count(self, j: int) -> I64:
+        return self.total(j, integral=True).astype(np.int64)
+
+    def segments(self) -> tuple[I64, I64]:
+        """Non-empty entities and where each one's rows start among the window's rows."""
+        sizes = self.hi - self.lo
+        starts = np.cumsum(sizes) - sizes
+        nonempty = np.flatnonzero(sizes > 0)
+        return nonempty, starts[nonempty]
+
+
+def _group_values(
+    group: HopGroup,
+    plan: GroupPlan,
+    sec: _Section,
+    batch: _Batch,
+    tiles: I64,
+    t: int,
+    values: dict[str, list[Any]],
+) -> None:
+    entities = len(sec.n)
+    # The last row of an entity holds the events at exactly its newest event time; a read as
+    # of that very time leaves them out (windows end before t).
+    limit = np.where((t <= batch.newest) & (sec.n > 0), sec.n - 1, sec.n)
+    keep = sec.row < limit[sec.eid]
+    if plan.hop:
+        keep &= tiles < -(-t // plan.hop)  # at a hop boundary the tile at t holds later events
+    hi = np.bincount(sec.eid[keep], minlength=entities)  # kept rows are a prefix per entity
+    entity_rows = _EntityRows(group, sec, batch)
+    for w, feats in zip(plan.windows, plan.features, strict=True):
+        inside = keep & (tiles >= t // plan.hop - w // plan.hop) if plan.hop else keep
+        lo = hi - np.bincount(sec.eid[inside], minlength=entities)
+        window = _Window(sec, batch, inside, lo, hi)
+        for f in feats:
+            values[f.name] = _feature(f, window, entity_rows)
+
+
+def _feature(f: CompiledFeature, w: _Window, entity_rows: _EntityRows) -> list[Any]:
+    cnt = w.count(f.cnt)
+    if f.agg in ("events", "count"):
+        return list(cnt.tolist())
+    if not _vectorized(f):
+        return _per_entity(f, w, cnt, entity_rows)
+    if f.agg == "sum":
+        total = w.total(f.value).tolist()
+        return [round(x) for x in total] if f.integral else list(total)
+    empty = cnt == 0
+    if f.agg == "mean":
+        found: npt.NDArray[Any] = w.total(f.value) / np.maximum(cnt, 1)
+    elif f.agg in ("var", "std"):
+        found = _variance(f, w, cnt)
+        found = np.sqrt(found) if f.agg == "std" else found
+    elif f.agg in ("min", "max"):
+        found = _extreme(f, w)
+    else:
+        found = w.floats(f.value)[_edge_rows(f, w)] if len(w.ids) else np.zeros(0)
+        found = _scatter(w, found)
+    if f.integral:
+        return [None if e else int(v) for v, e in zip(found.tolist(), empty.tolist(), strict=True)]
+    out: list[Any] = found.tolist()
+    for e in np.flatnonzero(empty).tolist():
+        out[e] = None
+    return out
+
+
+def _vectorized(f: CompiledFeature) -> bool:
+    """Merged across entities with NumPy (else per entity): plain numeric features."""
+    numeric_edge = f.value >= 0 and f.agg in ("first", "last")
+    return not f.vector and (f.agg in _VECTORIZED or numeric_edge)
+
+
+def _variance(f: CompiledFeature, w: _Window, cnt: I64) -> F64:
+    """Chan's merge per entity, term by term as `state.read._m2` adds it."""
+    safe = np.maximum(cnt, 1)
+    mean = w.total(f.value) / safe
+    n_i, s_i = w.ints(f.cnt), w.floats(f.value)
+    some = n_i != 0
+    dev = s_i[some] / n_i[some] - mean[w.ids[some]]
+    spread = np.bincount(w.ids[some], (n_i[some] * dev) * dev, minlength=w.entities)
+    var: F64 = np.maximum((w.total(f.m2) + spread) / safe, 0.0)
+    return var
+
+
+def _extreme(f: CompiledFeature, w: _Window) -> F64:
+    out = np.zeros(w.entities)
+    nonempty, starts = w.segments()
+    if len(nonempty):
+        reduce = np.minimum if f.agg == "min" else np.maximum
+        out[nonempty] = reduce.reduceat(w.floats(f.value), starts)
+    return out
+
+
+def _edge_rows(f: CompiledFeature, w: _Window) -> I64:
+    """Per non-empty entity, the window row (among the window's rows) of its last (first)
+    value by (event time, offset)."""
+    order = np.lexsort((w.ints(f.off), w.ints(f.ts), w.ids))
+    nonempty, starts = w.segments()
+    sizes = (w.hi - w.lo)[nonempty]
+    picked: I64 = order[starts + sizes - 1] if f.agg == "last" else order[starts]
+    return picked
+
+
+def _scatter(w: _Window, per_nonempty: F64) -> F64:
+    out = np.zeros(w.entities)
+    out[w.segments()[0]] = per_nonempty
+    return out
+
+
+def _per_entity(f: CompiledFeature, w: _Window, cnt: I64, entity_rows: _EntityRows) -> list[Any]:
+    """Object and vector features: the single read's code, for entities with a value."""
+    out: list[Any] = [None] * w.entities
+    lo, hi = w.lo.tolist(), w.hi.tolist()
+    for e, c in enumerate(cnt.tolist()):
+        if not c:
+            continue
+        cols, objs = entity_rows.columns(e), entity_rows.objects(e)
+        if f.agg in SUMMARY_KIND and objs is not None:
+            out[e] = summary_value(objs, lo[e], hi[e], f)
+        else:
+            out[e] = feature_value(f, cols, lo[e], hi[e], c, objs, *entity_rows.place(e))
+    return out
+
+
+class _EntityRows:
+    """One group's section of single entities, as the single read sees it (built on demand)."""
+
+    __slots__ = ("_cols", "_objs", "batch", "group", "sec")
+
+    def __init__(self, group: HopGroup, sec: _Section, batch: _Batch) -> None:
+        self.group, self.sec, self.batch = group, sec, batch
+        self._cols: dict[int, Columns] = {}
+        self._objs: dict[int, dict[str, Any]] = {}
+
+    def place(self, e: int) -> tuple[HopGroup, bytes, int, int]:
+        start = int(self.batch.starts[e])
+        at = -1 if self.sec.objects is None else int(self.sec.objects[e]) - start
+        return self.group, self.batch.blobs[e], at, int(self.sec.n[e])
+
+    def columns(self, e: int) -> Columns:
+        found = self._cols.get(e)
+        if found is None:
+            blob, n, start = self.batch.blobs[e], int(self.sec.n[e]), int(self.batch.starts[e])
+            found = self._cols[e] = Columns(memoryview(blob), int(self.sec.cols[e]) - start, n)
+            for name, where in self.sec.vectors.items():
+                found.vectors[name] = decode_vectors(blob, int(where[e]) - start, n)[0]
+        return found
+
+    def objects(self, e: int) -> dict[str, Any] | None:
+        """The entity's object stats (None when the group keeps none), decoded once."""
+        if self.sec.objects is None:
+            return None
+        found = self._objs.get(e)
+        if found is None:
+            group, blob, at, n = self.place(e)
+            found = self._objs[e] = decode_objects(group.object_fields, blob, at, n)[0]
+        return found

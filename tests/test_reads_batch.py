@@ -1,0 +1,259 @@
+"""Batch reads equal single reads equal the oracles.
+
+`state.batch_read.evaluate_blobs` (what `FeatureClient.get_many` runs) must give, value for
+value and bit for bit, what `state.read.evaluate_blob` (what `get` runs) gives key by key, and
+both must equal the DuckDB oracle (scalar and sketch aggregations) and the NumPy vector oracle:
+every aggregation kind, several hops, unknown keys, empty windows, reads on and off hop
+boundaries, as of now and as of a past time. Through the real client too: a view store written
+with the store's own commit, read by `get` and `get_many` through RocksDB secondaries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.partitioner import partition_for
+from flows.spec import FeatureView, Source, count, first, last, last_k, mean, percentile, sum
+from state.batch_read import empty_blob, evaluate_blobs
+from state.client import FeatureClient
+from state.codec import encode_key
+from state.errors import CorruptStateError, FormatVersionError, InexactReadError
+from state.layout import ViewLayout
+from state.read import AsOf, evaluate_blob
+from state.store import PartitionProgress, ViewStore
+from tests import test_vectors
+from tests.oracle import feature_ok, oracle_values
+from tests.test_core_oracle import SKETCH_VIEW, VIEW, apply_all, make_events
+from tests.vector_oracle import differences, events_of, oracle_rows, well_formed
+
+MINUTE = 60_000_000
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+KEYS = [f"u{k}" for k in range(30)] + ["never-seen", "u7"]  # u7 twice: order is kept
+
+
+def singles(layout: ViewLayout, blobs: list[bytes | None], t: int) -> list[dict[str, Any]]:
+    return [evaluate_blob(layout, b if b is not None else empty_blob(layout), t) for b in blobs]
+
+
+def rows(layout: ViewLayout, columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    assert list(columns) == [f.name for f in layout.features]
+    n = {len(v) for v in columns.values()}
+    assert len(n) == 1
+    return [{name: columns[name][i] for name in columns} for i in range(n.pop())]
+
+
+def times_around(events: pa.Table) -> list[int]:
+    ts = events.column("ts").cast(pa.int64()).to_numpy()
+    newest, oldest = int(ts.max()), int(ts.min())
+    return [
+        newest,  # the entity's newest events are left out (t is exclusive)
+        newest + 1,
+        newest + 7 * MINUTE + 3,  # off every hop boundary
+        newest // HOUR * HOUR + HOUR,  # on a boundary of every hop
+        newest + 2 * DAY,  # every window but the lifetime ones empty
+        oldest - DAY,  # before any event (not exact for lifetime features: batch == single)
+    ]
+
+
+@pytest.mark.parametrize("view", [VIEW, SKETCH_VIEW], ids=["exact", "sketches"])
+def test_batch_equals_single_equals_duckdb_oracle(view: FeatureView) -> None:
+    layout = view.layout()
+    events = make_events(4000, 30, seed=5)
+    store = apply_all(layout, events, batch=700)
+    blobs = [store.get(encode_key(k)) for k in KEYS]
+    assert blobs[KEYS.index("never-seen")] is None
+    for t in times_around(events):
+        batch = rows(layout, evaluate_blobs(layout, blobs, t))
+        assert batch == singles(layout, blobs, t)  # exactly: same order of additions
+        if t < int(events.column("ts").cast(pa.int64()).to_numpy().max()):
+            continue  # an online read answers as of its view's newest event or later
+        spine = pa.table({"row": list(range(len(KEYS))), "k": KEYS, "t": [t] * len(KEYS)})
+        expected_rows = oracle_values(layout, events, spine).to_pylist()
+        for expected, got in zip(expected_rows, batch, strict=True):
+            for f in layout.features:
+                assert feature_ok(f, expected[f.name], got[f.name]), (t, f.name, expected, got)
+
+
+def test_batch_equals_single_equals_the_vector_oracle() -> None:
+    layout = test_vectors.VIEW.layout()
+    events = test_vectors.make_docs(2500, 20, seed=3)
+    store, _ = test_vectors.apply_all(test_vectors.VIEW, events, batch=400)
+    log = events_of(events, "user_id", "ts", ("emb", "pos", "amount"))
+    kept = well_formed(log, test_vectors.VECTORS)
+    keys = [f"u{k}" for k in range(20)] + ["nobody"]
+    blobs = [store.get(encode_key(k)) for k in keys]
+    for t in times_around(events):
+        batch = rows(layout, evaluate_blobs(layout, blobs, t))
+        assert batch == singles(layout, blobs, t)
+        if t < int(events.column("ts").cast(pa.int64()).to_numpy().max()):
+            continue
+        assert differences(layout, oracle_rows(layout, kept, keys, [t] * len(keys)), batch) == []
+
+
+def test_checked_reads_refuse_what_single_reads_refuse() -> None:
+    """As of a past time inside a stored tile (events before and after t in it), the batch
+    refuses, naming the first such key, as the single read does; on a boundary both answer."""
+    layout = VIEW.layout()
+    events = make_events(3000, 20, seed=8)
+    store = apply_all(layout, events, batch=500)
+    keys = ["never-seen", *(f"u{k}" for k in range(20))]
+    blobs = [store.get(encode_key(k)) for k in keys]
+    checks = [AsOf(k, None) if b is not None else None for k, b in zip(keys, blobs, strict=True)]
+    ts = events.column("ts").cast(pa.int64()).to_numpy()
+    inside = int(np.median(ts)) // MINUTE * MINUTE + 17
+    with pytest.raises(InexactReadError) as batch_error:
+        evaluate_blobs(layout, blobs, inside, checks)
+    first_refused = next(
+        k for k, b, c in zip(keys, blobs, checks, strict=True) if _refuses(layout, b, inside, c)
+    )
+    assert f"key {first_refused!r}" in str(batch_error.value)
+    assert "no exact value as of" in str(batch_error.value)
+    after = int(ts.max()) + 1
+    assert rows(layout, evaluate_blobs(layout, blobs, after, checks)) == [
+        evaluate_blob(layout, b if b is not None else empty_blob(layout), after, c)
+        for b, c in zip(blobs, checks, strict=True)
+    ]
+
+
+def test_checked_reads_refuse_pruned_windows_as_single_reads_do() -> None:
+    layout = FeatureView(
+        name="p",
+        source=VIEW.source,
+        features=[count(window="1h"), mean("amount", window="2h", hop="30m")],
+    ).layout()
+    events = make_events(2000, 10, seed=9)
+    store = apply_all(layout, events, batch=500)
+    keys = [f"u{k}" for k in range(10)]
+    blobs = [store.get(encode_key(k)) for k in keys]
+    ts = events.column("ts").cast(pa.int64()).to_numpy()
+    boundary = int(np.median(ts)) // DAY * DAY  # on every hop boundary: no tile is mixed
+    fresh = [AsOf(k, None) for k in keys]  # no watermark recorded: nothing pruned
+    assert rows(layout, evaluate_blobs(layout, blobs, boundary, fresh)) == [
+        evaluate_blob(layout, b, boundary, c) for b, c in zip(blobs, fresh, strict=True) if b
+    ]
+    pruned = [AsOf(k, int(ts.max()) + 30 * DAY) for k in keys]  # the writer moved far on
+    with pytest.raises(InexactReadError, match="were pruned") as caught:
+        evaluate_blobs(layout, blobs, boundary, pruned)
+    with pytest.raises(InexactReadError) as single:
+        evaluate_blob(layout, blobs[0] or b"", boundary, pruned[0])
+    assert str(caught.value) == str(single.value)
+
+
+def _refuses(layout: ViewLayout, blob: bytes | None, t: int, check: AsOf | None) -> bool:
+    if blob is None:
+        return False
+    try:
+        evaluate_blob(layout, blob, t, check)
+    except InexactReadError:
+        return True
+    return False
+
+
+def test_damaged_and_foreign_blobs_are_refused() -> None:
+    layout = VIEW.layout()
+    store = apply_all(layout, make_events(500, 5, seed=2), batch=500)
+    good = store[encode_key("u1")]
+    t = 1_800_000_000_000_000
+    for damaged in (good[:5], good[:-3], good + b"\0\0\0"):
+        with pytest.raises(CorruptStateError, match=r"damaged tile blob.*flows\.replay"):
+            evaluate_blobs(layout, [good, damaged], t)
+    with pytest.raises(FormatVersionError, match="format 99"):
+        evaluate_blobs(layout, [good, b"\x63" + good[1:]], t)
+    assert evaluate_blobs(layout, [], t) == {f.name: [] for f in layout.features}
+
+
+# --- through the client: RocksDB secondaries, one multi-get per partition ---------------------
+
+SMALL = FeatureView(
+    name="small",
+    source=Source(
+        name="ev", schema=VIEW.source.schema, key="user_id", timestamp="ts", partitions=3
+    ),
+    features=[
+        count(window="30m"),
+        sum("qty", window="1d"),
+        mean("amount", window="2h", hop="30m"),
+        last("channel"),
+        first("amount", window="6h"),
+        last_k("channel", 2, window="1h"),
+        percentile("amount", 0.5, window="1d"),
+    ],
+)
+
+
+def write_store(root: Path, layout: ViewLayout, store: dict[bytes, bytes], newest: int) -> None:
+    """The view's entities in a real view store, each in its key's partition."""
+    views = ViewStore(root)
+    version = views.create_version(layout)
+    for p in range(layout.partitions):
+        mine = {
+            k: v for k, v in store.items() if partition_for(k[1:].decode(), layout.partitions) == p
+        }
+        db = views.open_partition(layout.view, version, p)
+        db.commit(mine, PartitionProgress(len(mine), newest, len(mine), 0))
+        db.close()
+    views.switch(layout.view, version)
+
+
+def test_client_get_many_equals_get(tmp_path: Path) -> None:
+    layout = SMALL.layout()
+    events = make_events(3000, 40, seed=4)
+    newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
+    write_store(tmp_path / "state", layout, apply_all(layout, events, batch=1000), newest)
+    keys = [f"u{k}" for k in range(45)] + ["u3", "nobody"]  # 5 unknown, a repeat
+    with FeatureClient(tmp_path / "state") as client:
+        for at in (newest / 1e6, (newest + 1) / 1e6, (newest + 2 * HOUR) / 1e6, None):
+            many = client.get_many("small", keys, at=at)
+            assert many == [client.get("small", k, at=at) for k in keys]
+            assert many[-1]["count_30m"] == 0
+            assert many[-1]["channel_last"] is None
+            assert many[3] == client.get_many("small", ["u3"], at=at)[0]
+        assert client.get_many("small", [], at=None) == []
+        with pytest.raises(InexactReadError, match="no exact value"):
+            client.get_many("small", keys, at=(newest - 3 * HOUR + 7) / 1e6)
+
+
+# --- property: the vectorized merge is the per-entity merge --------------------------------
+
+EVENT = st.tuples(
+    st.integers(0, 5),  # key
+    st.integers(0, 3 * DAY),  # time
+    st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False, width=32)),
+    st.one_of(st.none(), st.integers(-1000, 1000)),
+    st.one_of(st.none(), st.sampled_from(["web", "pos", "app"])),
+)
+
+
+@settings(max_examples=40)
+@given(
+    st.lists(EVENT, min_size=1, max_size=60),
+    st.integers(-HOUR, 4 * DAY),
+    st.integers(1, 60),
+)
+def test_vectorized_finalize_equals_per_entity(
+    events: list[tuple[int, int, float | None, int | None, str | None]], at: int, batch: int
+) -> None:
+    layout = VIEW.layout()
+    base = 1_700_000_000_000_000
+    table = pa.table(
+        {
+            "user_id": [f"u{e[0]}" for e in events],
+            "ts": pa.array([base + e[1] for e in events], pa.timestamp("us", tz="UTC")),
+            "amount": pa.array([e[2] for e in events], pa.float64()),
+            "qty": pa.array([e[3] for e in events], pa.int64()),
+            "channel": pa.array([e[4] for e in events], pa.string()),
+            "_offset": pa.array(np.arange(len(events), dtype=np.int64)),
+        }
+    )
+    store = apply_all(layout, table, batch=batch)
+    blobs = [store.get(encode_key(f"u{k}")) for k in range(7)]
+    t = base + at
+    assert rows(layout, evaluate_blobs(layout, blobs, t)) == singles(layout, blobs, t)
