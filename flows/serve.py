@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flows.cli import command_main
+from flows.errors import ConfigError
 from flows.serving.config import ServeConfig
 from flows.serving.runner import Listener, serve
 from flows.settings import Option, Settings, build_parser
@@ -34,6 +35,13 @@ OPTIONS = (
         "file holding a bearer token that every endpoint but /healthz then requires",
     ),
     Option("batch-limit", 1000, "most keys (or service rows) in one request; more is a 413", int),
+    Option(
+        "refresh-interval",
+        0.05,
+        "seconds between catch-ups with the writer: how stale a read may be (a catch-up holds "
+        "the interpreter for milliseconds, so a longer interval trims tail latency)",
+        float,
+    ),
 )
 
 
@@ -45,11 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     values = settings.values
     print(settings.describe(), flush=True)
+    if not 0 < values["refresh_interval"] <= 60:  # also refuses nan
+        raise ConfigError(
+            f"--refresh-interval {values['refresh_interval']!r} is out of range; give seconds "
+            "between 0 and 60 (e.g. 0.05)"
+        )
     config = ServeConfig(
         state=values["state"],
         features=values["features"],
         batch_limit=values["batch_limit"],
         token_file=values["token_file"],
+        refresh_s=values["refresh_interval"],
     )
     check_store(Path(config.state), create=False)
     listener = Listener(values["host"], values["port"], values["workers"])

@@ -250,6 +250,10 @@ def test_bad_settings_stop_with_one_line(store: tuple[Path, Path, int], tmp_path
     bad_port = run_command("flows.serve", "--state", str(store[0]), "--port", "http")
     assert bad_port.returncode == 2
     assert "--port" in bad_port.stderr
+    for refresh in ("0", "-1", "nan"):
+        bad = run_command("flows.serve", "--state", str(store[0]), "--refresh-interval", refresh)
+        assert bad.returncode == 2
+        assert "--refresh-interval" in bad.stderr
 
 
 def test_non_loopback_without_token_warns(store: tuple[Path, Path, int]) -> None:

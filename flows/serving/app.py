@@ -202,9 +202,7 @@ def create_app() -> FeatureServer:
 
 
 def _open_client(config: ServeConfig) -> FeatureClient:
-    if config.features is None:
-        return FeatureClient(config.state)
-    return FeatureClient(config.state, features=config.features)
+    return FeatureClient(config.state, refresh_s=config.refresh_s, features=config.features)
 
 
 def _route(method: str, path: str) -> Route:

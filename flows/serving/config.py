@@ -28,12 +28,15 @@ class ServeConfig:
         features: the definitions module that holds the services, None = the deployment's.
         batch_limit: most keys (or service rows) in one request; more is a 413.
         token_file: file holding the bearer token every endpoint but /healthz requires.
+        refresh_s: seconds between the client's catch-ups with the writer (FeatureClient's
+            `refresh_s`): how stale a read may be, against the time catch-ups take.
     """
 
     state: str
     features: str | None = None
     batch_limit: int = 1000
     token_file: str | None = None
+    refresh_s: float = 0.05
 
     @property
     def max_body_bytes(self) -> int:

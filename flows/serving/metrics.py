@@ -10,6 +10,7 @@ unknown name is labelled ""), so hostile names cannot grow the label set.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -43,13 +44,23 @@ class ServingMetrics:
             ["endpoint", "kind"],
             registry=self.registry,
         )
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[tuple[str, str], Any] = {}
 
     def answered(
         self, endpoint: str, name: str, status: int, seconds: float, kind: str | None
     ) -> None:
         """Count one answered request (`kind` names the error, None for a success)."""
-        self._requests.labels(endpoint, name, str(status)).inc()
-        self._latency.labels(endpoint, name).observe(seconds)
+        counter = self._counters.get((endpoint, name, status))
+        if counter is None:  # label lookups cost microseconds: keep the children
+            counter = self._counters[(endpoint, name, status)] = self._requests.labels(
+                endpoint, name, str(status)
+            )
+        histogram = self._histograms.get((endpoint, name))
+        if histogram is None:
+            histogram = self._histograms[(endpoint, name)] = self._latency.labels(endpoint, name)
+        counter.inc()
+        histogram.observe(seconds)
         if kind is not None:
             self._errors.labels(endpoint, kind).inc()
 

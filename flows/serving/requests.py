@@ -107,8 +107,8 @@ def _object(body: bytes, field: str, example: str) -> dict[str, Any]:
         raise BadRequestError(
             f"the request body is {_json_type(fields)}, not a JSON object; send {example}"
         )
-    unknown = sorted(set(fields) - {field, "at"})
-    if unknown:
+    if len(fields) > 2 or any(name != field and name != "at" for name in fields):
+        unknown = sorted(set(fields) - {field, "at"})
         raise BadRequestError(
             f"unknown field(s) {unknown} in the request body; the fields are {field!r} and "
             "'at' (optional)"

@@ -88,4 +88,5 @@ def _granian(listener: Listener):  # type: ignore[no-untyped-def]  # granian's t
         factory=True,
         websockets=False,
         log_access=False,
+        respawn_failed_workers=True,  # a worker that dies is replaced; the others go on
     )
