@@ -12,16 +12,22 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from state.client import FeatureClient
+from state.store import ViewStore
 from tests.helpers import MINUTE, REPO, make_events, run_command, write_definitions
 from tests.serve_helpers import Http, Server, free_port, serving
 
 KEYS = [f"user{i}" for i in range(12)] + ["nobody"]
+COMPOSITE = """
+user_channel = FeatureView(name="user_channel", source=txns, key=("user_id", "channel"),
+                           features=[count(window="1d"), sum("amount", window="1d")])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     """(state dir, definitions, newest event time in µs) after flows.run over 2,000 events."""
     root = tmp_path_factory.mktemp("serve")
     features = write_definitions(root / "defs")
+    features.write_text(features.read_text() + COMPOSITE)
     events = make_events(2000, 10, seed=5)
     pq.write_table(events, root / "e.parquet")
     common = ["--features", str(features), "--warehouse", str(root / "wh")]
@@ -69,6 +76,25 @@ def test_view_reads_equal_the_client(store: tuple[Path, Path, int], http: Http) 
     assert http.post("/v1/views/spend", {"keys": []}).json() == {"rows": []}
 
 
+def test_composite_keys_are_json_arrays(store: tuple[Path, Path, int], http: Http) -> None:
+    state, _, newest = store
+    # a tuple per key (the client's annotation names str and int only)
+    keys: list[Any] = [("user1", "web"), ("user2", "pos"), ("user3", "atm"), ("nobody", "web")]
+    at = (newest + MINUTE) / 1e6
+    with FeatureClient(state) as client:
+        expected = client.get_many("user_channel", keys, at=at)
+    assert sum(row["count_1d"] for row in expected) > 0
+    answer = http.post("/v1/views/user_channel", {"keys": [list(k) for k in keys], "at": at})
+    assert answer.status == 200, answer.body
+    assert answer.json() == {"rows": expected}
+    scalar = http.post("/v1/views/user_channel", {"keys": ["user1"]})
+    assert scalar.status == 400
+    assert "is not a composite key" in scalar.error
+    short = http.post("/v1/views/user_channel", {"keys": [["user1"]]})
+    assert short.status == 400
+    assert "('user_id', 'channel')" in short.error
+
+
 def test_an_integer_key_reads_as_its_text(http: Http) -> None:
     by_int = http.post("/v1/views/spend", {"keys": [7]}).json()
     assert by_int == http.post("/v1/views/spend", {"keys": ["7"]}).json()
@@ -78,7 +104,8 @@ def test_catalog_health_and_metrics(store: tuple[Path, Path, int], http: Http) -
     newest = store[2]
     catalog = http.get("/v1/views").json()
     views = {v["name"]: v for v in catalog["views"]}
-    assert set(views) == {"spend", "channels"}
+    assert set(views) == {"spend", "channels", "user_channel"}
+    assert views["user_channel"]["key"] == ["user_id", "channel"]
     spend = views["spend"]
     assert spend["version"] == 1
     assert spend["key"] == ["user_id"]
@@ -153,7 +180,7 @@ def test_bad_requests_are_400_with_a_message(http: Http, body: bytes, message: s
 def test_not_found_method_and_too_large(http: Http) -> None:
     unknown = http.post("/v1/views/nope", {"keys": ["u1"]})
     assert unknown.status == 404
-    assert "unknown view 'nope'; views: channels, spend" in unknown.error
+    assert "unknown view 'nope'; views: channels, spend, user_channel" in unknown.error
     assert http.post("/v1/views/nope", {"bad": 1}).status == 404  # the name is checked first
     endpoint = http.get("/v2/things")
     assert endpoint.status == 404
@@ -228,6 +255,42 @@ def test_settings_from_env_and_config_file(store: tuple[Path, Path, int], tmp_pa
             )
         )
         assert float(line.rsplit(" ", 1)[1]) == 40.0
+        http.close()
+
+
+def test_health_waits_for_views_and_new_views_are_served(
+    store: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    _, features, newest = store
+    state = tmp_path / "state"
+    ViewStore(state)  # an empty view store: no view yet
+    with serving(state, ready=False) as running:
+        http = running.http()
+        health = http.get("/healthz")
+        assert health.status == 503
+        assert health.json()["status"] == "starting"
+        assert http.post("/v1/views/spend", {"keys": ["user1"]}).status == 404
+        warehouse = str(store[0].parent / "wh")
+        result = run_command(
+            "flows.run",
+            "--features",
+            str(features),
+            "--warehouse",
+            warehouse,
+            "--state",
+            str(state),
+            "--until-caught-up",
+            "--views",
+            "spend",
+        )
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 30
+        while http.get("/healthz").status != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert http.get("/healthz").json()["views"] == ["spend"]
+        answer = http.post("/v1/views/spend", {"keys": ["user1"], "at": (newest + 1) / 1e6})
+        assert answer.status == 200
+        assert answer.json()["rows"][0]["count"] > 0
         http.close()
 
 
