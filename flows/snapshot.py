@@ -56,6 +56,7 @@ from state.services import (
 SPINE_TS = "ts"
 SNAPSHOT_FORMAT = "1"
 SERVICE_BATCH_ROWS = 65_536  # spine rows per call of each on-demand function
+KAFKA_TAIL_WAIT_S = 60.0  # how long reading the log waits for Kafka to deliver its tail
 
 OPTIONS = (
     *common("features", "warehouse", "state", "kafka", "warehouse-endpoint"),
@@ -228,15 +229,29 @@ def read_log(source: Source, warehouse: Warehouse, kafka: str | None) -> list[pa
         try:
             log.stop_at = log.end_offset()
             parts = []
+            deadline = time.monotonic() + KAFKA_TAIL_WAIT_S
             while not log.done:
                 batch = log.read()
+                if batch is None and tail is not None and time.monotonic() < deadline:
+                    time.sleep(0.01)  # Kafka reads never block: the fetch is on its way
+                    continue
                 if batch is None:
+                    _incomplete_log(source, p, log, tail)
                     break
                 parts.append(validate_guarded(batch, EventRules.of(source)).events)
         finally:
             log.close()
         out.append(pa.concat_tables(parts) if parts else _empty_log(schema))
     return out
+
+
+def _incomplete_log(source: Source, partition: int, log: PartitionLog, tail: object) -> None:
+    if tail is not None:
+        raise SnapshotError(
+            f"source {source.name!r} partition {partition}: Kafka did not deliver offsets up "
+            f"to {log.stop_at} within {KAFKA_TAIL_WAIT_S:.0f}s; check that the broker runs "
+            "and answers (--kafka), then retry"
+        )
 
 
 def _empty_log(schema: pa.Schema) -> pa.Table:
