@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
@@ -33,17 +34,33 @@ def command_main(
         known = _known_cause(exc)
         if known is None:
             raise
-        print(f"error: {known}", file=sys.stderr)
+        print(f"error: {_describe(known)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _known_cause(exc: BaseException) -> BaseException | None:
+    """A known error behind `exc`, or a full disk anywhere a command writes."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, KNOWN_ERRORS):
             return seen
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        where = exc.filename or "a file the command writes"
+        return (
+            f"no space left on the device holding {where} ({exc.strerror}); free space there "
+            "and run the command again: what it had committed is kept, nothing is half-written"
+        )
+    return str(exc)

@@ -323,7 +323,13 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
     def close(self) -> None:
         self._dead.close()
         for store in self._stores:
-            store.close()
+            try:
+                store.close()
+            except Exception:
+                # After a failed commit (a full disk) RocksDB refuses to close cleanly; what was
+                # committed is in its log. The flow is ending on that first error: report it.
+                if not self._plan.failures:
+                    raise
 
 
 def _runs_of_groups(items: list[Routed]) -> list[list[Routed]]:
@@ -391,9 +397,25 @@ class ViewSink(FixedPartitionedSink[Routed, None]):
     def part_fn(self, item_key: str) -> int:
         return self._index[item_key]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _ViewPartition:
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> StatefulSinkPartition[Routed, None]:
         source, shard = split_part_key(for_part)
-        return _ViewPartition(self._plan, self._plan.sources[source], shard)
+        try:
+            return _ViewPartition(self._plan, self._plan.sources[source], shard)
+        except KNOWN_ERRORS as exc:  # e.g. a full disk: stop the flow, report it after
+            self._plan.fail(exc)
+            return _Refusing()
+
+
+class _Refusing(StatefulSinkPartition[Routed, None]):
+    """Stands in for a view shard that could not be opened while the flow stops on the error."""
+
+    def write_batch(self, items: list[Routed]) -> None:
+        return None
+
+    def snapshot(self) -> None:
+        return None
 
 
 def build_dataflow(plan: FlowPlan) -> Dataflow:

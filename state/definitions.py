@@ -31,7 +31,7 @@ import orjson
 
 from state.errors import ServiceDefinitionError
 from state.services import ServicePlan
-from state.store import _write_atomic
+from state.store import _write_atomic, disk_full_named
 
 RECORD_FORMAT = 1
 DEFINITIONS_DIR = "definitions"
@@ -61,9 +61,10 @@ def record_definitions(
     sha = digest.hexdigest()
     base = root / DEFINITIONS_DIR
     target = base / sha
-    if not (target / "record.json").is_file():
-        _write_record(target, contents, module.name, views)
-    _write_atomic(base / POINTER, f"{sha}\n".encode())
+    with disk_full_named(base, "recording the definitions"):
+        if not (target / "record.json").is_file():
+            _write_record(target, contents, module.name, views)
+        _write_atomic(base / POINTER, f"{sha}\n".encode())
     return sha
 
 

@@ -10,6 +10,7 @@ StateError
 ├── InexactReadError       a read as of a time the retained tiles cannot answer exactly
 ├── StaleVersionError      a switch would make an older view version live over a newer one
 ├── StateLockedError       another process writes the same view version
+├── StateDiskFullError     the device holding the view store has no space left
 └── ServiceError           a feature service cannot answer as asked
     ├── UnknownServiceError        no service of that name in the definitions
     ├── ServiceDefinitionError     the definitions (module or record) cannot give the services
@@ -28,6 +29,11 @@ class StateError(Exception):
 
 class NotAViewStoreError(StateError):
     """The given directory is not a view store."""
+
+
+class StateDiskFullError(StateError):
+    """No space is left on the device holding the view store: nothing of the failed commit was
+    written, and the store works again once space is freed."""
 
 
 class FormatVersionError(StateError):

@@ -57,6 +57,7 @@ from state.errors import (
     FormatVersionError,
     NotAViewStoreError,
     StaleVersionError,
+    StateDiskFullError,
     StateError,
     UnknownViewError,
 )
@@ -100,10 +101,15 @@ def _shared_cache() -> Cache:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    with disk_full_named(path, f"writing {path.name}"):
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -162,13 +168,35 @@ class PartitionProgress:
         return PartitionProgress(self.applied_offset, self.watermark, events, late, others)
 
 
+_DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+@contextmanager
+def disk_full_named(path: Path, doing: str) -> Iterator[None]:
+    """Turn a full device under the view store (RocksDB reports it as a plain Exception, the OS
+    as OSError ENOSPC) into a StateDiskFullError naming the path; anything else passes."""
+    try:
+        yield
+    except StateError:
+        raise
+    except Exception as exc:
+        if not any(text in str(exc) for text in _DISK_FULL):
+            raise
+        raise StateDiskFullError(
+            f"no space left on the device holding {path} while {doing}; nothing of it was "
+            "committed. Free space there, then run flows.run again: it resumes after the last "
+            "commit"
+        ) from exc
+
+
 class PartitionStore:
     """The RocksDB of one (view, version, source partition); exactly one writer opens it."""
 
     def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = Rdict(str(path), rocks_options())
+        with disk_full_named(path, "opening the view store"):
+            path.mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(str(path), rocks_options())
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
@@ -194,10 +222,17 @@ class PartitionStore:
             batch.put(foreign_key(FOREIGN_OFFSET, partition), encode_int(position.offset))
             if position.watermark is not None:
                 batch.put(foreign_key(FOREIGN_WATERMARK, partition), encode_int(position.watermark))
-        self._db.write(batch)
+        with disk_full_named(self.path, "committing a batch"):
+            self._db.write(batch)
 
     def close(self) -> None:
-        self._db.close()
+        """Close the store. A full disk may keep RocksDB from flushing: what was committed is
+        in its write-ahead log and comes back on the next open, so that is not an error here."""
+        try:
+            self._db.close()
+        except Exception as exc:
+            if not any(text in str(exc) for text in _DISK_FULL):
+                raise
 
 
 @dataclass(frozen=True, slots=True)
