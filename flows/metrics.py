@@ -86,6 +86,7 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self._views = _ViewFreshness(self.registry)
 
     def serve(self, port: int) -> None:
         """Expose /metrics in Prometheus text format on 127.0.0.1:port."""
@@ -114,6 +115,15 @@ class Metrics:
         self._offset.labels(*labels).set(result.progress.applied_offset)
         if stats.freshness_s is not None:
             self._freshness.labels(*labels).set(stats.freshness_s)
+        self._views.applied(view, result.progress.newest())
+
+    def resumed(self, view: str, newest_us: int | None) -> None:
+        """The newest event time a view had applied before this run (its age starts there)."""
+        self._views.applied(view, newest_us)
+
+    def expect_freshness(self, view: str, seconds: float) -> None:
+        """The view's freshness expectation (`FeatureView(freshness=)`), for the stale gauge."""
+        self._views.expect(view, seconds)
 
     def records_read(self, source: str, n: int) -> None:
         """Records read from the log (events and records that became dead letters)."""
@@ -186,6 +196,55 @@ class Metrics:
         with self._lock:
             arrivals = [s.newest_arrival_us for s in self._stats.values() if s.newest_arrival_us]
         return _age_s(max(arrivals)) if arrivals else None
+
+
+class _ViewFreshness:
+    """Per view: seconds since the newest applied event (event time, max over partitions), the
+    expectation, and whether the age is over it. Computed when Prometheus scrapes."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._newest: dict[str, int] = {}
+        self._expected: dict[str, float] = {}
+        self._age = Gauge(
+            "featureflow_view_newest_event_age_seconds",
+            "now minus the event time of the newest event the view has applied",
+            ["view"],
+            registry=registry,
+        )
+        self._limit = Gauge(
+            "featureflow_view_freshness_expected_seconds",
+            "the view's freshness expectation (FeatureView(freshness=))",
+            ["view"],
+            registry=registry,
+        )
+        self._stale = Gauge(
+            "featureflow_view_stale",
+            "1 when the newest applied event is older than the view's freshness expectation",
+            ["view"],
+            registry=registry,
+        )
+
+    def applied(self, view: str, newest_us: int | None) -> None:
+        if newest_us is None or newest_us <= self._newest.get(view, -1):
+            return
+        first = view not in self._newest
+        self._newest[view] = newest_us
+        if first:
+            self._age.labels(view).set_function(lambda: self.age_s(view) or 0.0)
+
+    def expect(self, view: str, seconds: float) -> None:
+        self._expected[view] = seconds
+        self._limit.labels(view).set(seconds)
+        self._stale.labels(view).set_function(lambda: float(self.stale(view)))
+
+    def age_s(self, view: str) -> float | None:
+        newest = self._newest.get(view)
+        return None if newest is None else time.time() - newest / 1e6
+
+    def stale(self, view: str) -> bool:
+        """Over the expectation; a view that applied nothing yet is stale too."""
+        age = self.age_s(view)
+        return age is None or age > self._expected.get(view, float("inf"))
 
 
 def _age_s(arrival_us: int | None) -> float | None:

@@ -117,6 +117,10 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         for line in start_kafka_logs(warehouse, settings.kafka, logs, start):
             print(line, flush=True)
     metrics = Metrics()
+    for view in views:
+        expected_us = view.freshness_us()
+        if expected_us is not None:
+            metrics.expect_freshness(view.name, expected_us / 1e6)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     while True:
@@ -286,9 +290,11 @@ def track_catch_up(plan: FlowPlan) -> None:
     total = 0
     for sp in plan.sources.values():
         total += sum(max(0, sp.catch_up[p] - sp.start[p]) for p in sp.start)
+        marks = [m for m in sp.start_watermark.values() if m is not None]
         for t in sp.targets:
             for p, end in sp.catch_up.items():
                 plan.metrics.catch_up_target(t.view.name, p, end)
+            plan.metrics.resumed(t.view.name, max(marks, default=None))
     plan.metrics.to_catch_up = total
 
 
