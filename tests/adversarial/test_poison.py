@@ -5,6 +5,7 @@ applied, and the accounting holds: records in the log = applied + late + dead le
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -177,3 +178,32 @@ def test_a_transform_that_fails_on_everything_stops_the_flow_clearly(tmp_path: P
     assert result.returncode != 0
     assert "bug in the view's transform" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_record_of_the_log_is_applied_late_or_a_dead_letter(tmp_path: Path) -> None:
+    """Accounting over a log that mixes good records, late ones and bad ones: records read =
+    records in the log = applied + late + dead letters, per view."""
+    features = write_definitions(tmp_path / "defs", partitions=2)
+    source = load_definitions(features).sources["txns"]
+    events = make_events(4000, 30, seed=17)
+    newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
+    rows = events.to_pylist()
+    for i, row in enumerate(rows[-300:]):
+        if i % 3 == 0:  # far behind the watermark: late for the "channels" view (1d + 1h)
+            row["ts"] = datetime.fromtimestamp((newest - 5 * DAY) / 1e6, tz=UTC)
+        elif i % 3 == 1:  # far ahead of its arrival: a dead letter
+            row["ts"] = datetime.fromtimestamp((newest + FIFTY_YEARS) / 1e6, tz=UTC)
+    log = pa.Table.from_pylist(rows, schema=events.schema)
+    ingest_table(source, log, Warehouse(tmp_path / "wh"), keep_order=True)
+
+    out = _run(features, tmp_path, "--views", "channels")
+    summary = next(line for line in out.splitlines() if line.startswith("done: "))
+    numbers = {
+        name: int(value.replace(",", ""))
+        for name, value in re.findall(r"(applied|read|late|dead letters) ([\d,]+)", summary)
+    }
+    read = int(re.search(r"from ([\d,]+) records read", summary)[1].replace(",", ""))  # type: ignore[index]
+    assert read == log.num_rows, summary
+    assert numbers["applied"] + numbers["late"] + numbers["dead letters"] == read, summary
+    assert numbers["late"] == 100
+    assert numbers["dead letters"] == 100
