@@ -4,10 +4,13 @@ client, exactly once, also through kill -9 of the flow."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from confluent_kafka import Producer
 
@@ -17,7 +20,7 @@ from connectors.partitioner import partition_for
 from flows.spec import load_definitions
 from state.client import FeatureClient
 from tests.conftest import TopicFactory
-from tests.helpers import MINUTE, make_events, run_command, write_definitions
+from tests.helpers import DAY, MINUTE, make_events, run_command, write_definitions
 from tests.oracle import mismatches, oracle_values
 from tests.test_crash import KillPoint, compare_states, crash_and_recover
 from tests.test_e2e_kafka import read_topic_log
@@ -120,3 +123,39 @@ def test_any_partitioner_survives_kill_9(
     points = [KillPoint(0.0, commits=c) for c in (1, 3, 2, 5, 1)] + [KillPoint(0.3)]
     crash_and_recover([*common, "--state", str(crashed)], crashed, points, tmp_path / "logs")
     compare_states(features, tmp_path / "ref", crashed, events)
+
+
+def test_a_far_future_event_on_kafka_is_a_dead_letter_not_a_watermark(
+    kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """Issue 14 item 3 on the real broker: an event 50 years ahead of its Kafka message time,
+    then normal ones on the same partition: every normal one is applied, none is late."""
+    topic = kafka_topic(1)
+    features = write_definitions(tmp_path / "defs", 1, topic)
+    defs = load_definitions(features)
+    schema = defs.sources["txns"].avro_schema()
+    events = make_events(2000, 20, seed=3, start_us=int(time.time() * 1e6) - 4 * DAY)
+    future = dict(events.slice(0, 1).to_pylist()[0])
+    future["ts"] = datetime.fromtimestamp(time.time() + 50 * 365 * 86400, tz=UTC)
+    producer = AvroProducer(kafka_bootstrap, topic, schema)
+    producer.produce([future, *events.to_pylist()], key_field="user_id")
+    producer.flush()
+
+    result = run_command(
+        "flows.run",
+        *("--features", str(features), "--warehouse", str(tmp_path / "wh")),
+        *("--state", str(tmp_path / "state"), "--kafka", kafka_bootstrap, "--until-caught-up"),
+    )
+    assert result.returncode == 0, result.stderr
+    for part in ("applied 2,000 events", "late 0;", "dead letters 1"):
+        assert part in result.stdout, result.stdout
+    log = read_topic_log(kafka_bootstrap, topic, schema, 1, tmp_path / "wh")
+    log = log.filter(pc.less(log.column("ts"), pa.scalar(future["ts"], log.column("ts").type)))
+    keys = sorted(set(events.column("user_id").to_pylist()))
+    t = int(events.column("ts").cast(pa.int64()).to_numpy().max()) + 3 * MINUTE
+    spine = pa.table({"row": range(len(keys)), "k": keys, "t": [t] * len(keys)})
+    with FeatureClient(tmp_path / "state") as client:
+        for name in ("spend", "channels"):
+            expected = oracle_values(defs.layouts[name], log, spine)
+            got = client.get_many(name, keys, at=t / 1e6)
+            assert mismatches(defs.layouts[name], expected, got) == []
