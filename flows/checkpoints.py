@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rocksdict import Options, Rdict, SstFileWriter
+from rocksdict import IngestExternalFileOptions, Options, Rdict, SstFileWriter
 
 from connectors.objectstore import Store, open_store
 from flows.errors import FlowError
@@ -275,10 +275,12 @@ def _install(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copyfile(tmp / "layout.json", staging / "layout.json")
+    ingest = IngestExternalFileOptions()
+    ingest.set_move_files(True)  # the downloaded copy is ours: link it in, no second copy
     for shard in manifest["shards"]:
         name = f"p{int(shard):04d}"
         db = Rdict(str(staging / name), rocks_options())
-        db.ingest_external_file([str(tmp / f"{name}.sst")])
+        db.ingest_external_file([str(tmp / f"{name}.sst")], ingest)
         db.close()
     (staging / USE_LOCK).touch()
     staging.rename(vdir)

@@ -3,7 +3,8 @@
     eval "$(scripts/s3 env)"; python scripts/bench_objectstore.py [--rows 2000000]
 
 Needs the S3 server of scripts/s3 (or any S3 endpoint in AWS_ENDPOINT_URL). Prints rows/s per
-warehouse and the S3/local ratio. The bootstrap benchmark (restore vs replay) is not here yet.
+warehouse and the S3/local ratio. The bootstrap of a new host (restore from a checkpoint then
+catch up, vs replay) is scripts/bench_bootstrap.py.
 """
 
 from __future__ import annotations
