@@ -47,7 +47,6 @@ from state.tiles import (
     unit_block,
 )
 from state.vectors import first_lengths, mismatched, padded
-from state.window import column_stats
 
 LIFETIME_TILE_US = 86_400_000_000
 ROW_BUDGET = 4_000_000  # tile rows gathered per chunk of spine rows (bounds memory)
@@ -183,7 +182,7 @@ def _group_values(
                 group, tiles, tile_kid, units, ev, hop, window_us, q_kid[sl], q_t[sl], additive
             )
             for f in feats:
-                part = finalize_array(f, column_stats(group, f), merged)
+                part = finalize_array(f, group.column_stats(f), merged)
                 chunks[f.name].append(part.cast(types[f.name]))
 
 

@@ -4,7 +4,7 @@ Workload (issue 3): N events (default 10M), K keys (100k), 180 days; features co
 mean of amount over 30m, 14d and 180d. Measures
   - ours: read the Parquet file, apply every event into tiles (flows.aggregate.apply_batch, one
     batch per log partition as replay does) and finalize every key's 9 values as of the end of
-    data (state.window.evaluate);
+    data;
   - DuckDB: the same 9 windows per event with window SQL (RANGE frames), the backfill a user
     would otherwise run in the warehouse;
   - the read path: one entity's 9 features from its stored blob (state.read.evaluate_blob),

@@ -126,6 +126,13 @@ class HopGroup:
     def max_window_us(self) -> int:
         return max(f.window_us for f in self.features)
 
+    def column_stats(self, feature: FeatureDef) -> ColumnStats | None:
+        """The stats this group keeps for a feature's column (None for a count of events)."""
+        for col in self.columns:
+            if col.column == feature.column:
+                return col
+        return None
+
     @cached_property
     def dtype(self) -> np.dtype[Any]:
         """Fixed-width tile row; object-valued stats (strings, sketches) and vectors live beside it.

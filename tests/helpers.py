@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -102,3 +103,12 @@ def cluster_addresses(processes: int) -> str:
             sock.bind(("127.0.0.1", 0))
             ports.append(sock.getsockname()[1])
     return ";".join(f"127.0.0.1:{p}" for p in ports)
+
+
+def evaluate(layout: Any, blocks: list[Any], t: int) -> dict[str, Any]:
+    """Every feature of one entity's tiles as of t, through the read client's own code (the
+    tiles encoded as a stored blob, then `state.read.evaluate_blob`)."""
+    from state.codec import encode_entity
+    from state.read import evaluate_blob
+
+    return evaluate_blob(layout, encode_entity(layout, blocks, 0), t)

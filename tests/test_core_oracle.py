@@ -33,7 +33,7 @@ from state.read import evaluate_blob
 from state.sketches import HLL_RSE, KLL_RANK_ERROR
 from state.store import PartitionProgress
 from state.tiles import empty_block
-from state.window import evaluate
+from tests.helpers import evaluate
 from tests.oracle import oracle_values, same
 
 SCHEMA = {

@@ -17,6 +17,7 @@ from state.codec import decode_entity, encode_entity
 from state.layout import HopGroup, ViewLayout
 from state.read import evaluate_blob
 from state.tiles import (
+    I64,
     TileBlock,
     combine,
     concat_blocks,
@@ -25,8 +26,19 @@ from state.tiles import (
     run_starts,
     unit_block,
 )
-from state.window import column_stats, window_bounds
 from tests.oracle import same
+
+
+def window_bounds(tiles: I64, hop_us: int, window_us: int, t: I64) -> tuple[I64, I64]:
+    """Row ranges [lo, hi) of sorted `tiles` covering each sawtooth window as of t (the head
+    tile included): the test's own statement of which tiles a window covers."""
+    if hop_us == 0:
+        n = len(tiles)
+        return np.zeros(len(t), dtype=np.int64), np.full(len(t), n, dtype=np.int64)
+    head = t // hop_us
+    lo = np.searchsorted(tiles, head - window_us // hop_us, side="left")
+    hi = np.searchsorted(tiles, head, side="right")
+    return lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
 
 SCHEMA = {
     "type": "record",
@@ -102,7 +114,7 @@ def feature_values(group: HopGroup, tiles: TileBlock, t: int) -> dict[str, Any]:
             tiles.rows["tile"], group.hop_us, f.window_us, np.array([t], dtype=np.int64)
         )
         merged = reduce_ranges(group, tiles, lo, hi)
-        out[f.name] = finalize(f, column_stats(group, f), merged)[0]
+        out[f.name] = finalize(f, group.column_stats(f), merged)[0]
     return out
 
 

@@ -25,7 +25,7 @@ from state.layout import ViewLayout
 from state.read import evaluate_blob
 from state.store import PartitionProgress
 from state.tiles import empty_block
-from state.window import evaluate
+from tests.helpers import evaluate
 from tests.vector_oracle import (
     DAY,
     HOUR,
