@@ -137,6 +137,9 @@ def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
         pa.types.is_fixed_size_list(arr.type)
     ):
         raise TypeError(f"cosine_similarity: {name} has type {arr.type}; pass vector columns")
+    uniform = _uniform_matrix(arr)
+    if uniform is not None:
+        return uniform, np.ones(len(arr), dtype=bool)
     lengths = np.asarray(pc.list_value_length(arr).fill_null(-1).to_numpy(), dtype=np.int64)
     has_null_item = _rows_with_null_items(arr)
     ok = (lengths > 0) & ~has_null_item
@@ -152,6 +155,22 @@ def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
         flat = pc.list_flatten(arr.filter(pa.array(ok)))
         out[ok] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, dim)
     return out, ok
+
+
+def _uniform_matrix(arr: pa.Array) -> F64 | None:
+    """The common case without the kernels' set-up (what `_matrix` computes, when no row or
+    item is null and every row has one non-zero length): the rows as a (n, dim) matrix."""
+    if arr.null_count or not len(arr) or not pa.types.is_list(arr.type):
+        return None
+    offsets = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)  # this slice's n + 1 offsets
+    lengths = np.diff(offsets)
+    if lengths[0] <= 0 or (lengths != lengths[0]).any():
+        return None
+    flat = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    if flat.null_count:
+        return None
+    values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return values.reshape(len(arr), int(lengths[0]))
 
 
 def _rows_with_null_items(arr: pa.Array) -> Mask:

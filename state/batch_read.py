@@ -60,8 +60,10 @@ def evaluate_blobs(
     blobs: Sequence[bytes | None],
     t: int,
     checks: Sequence[AsOf | None] | None = None,
+    only: frozenset[str] | None = None,
 ) -> dict[str, list[Any]]:
-    """Every feature of every entity as of t: {feature: one value per blob, in order}.
+    """Every feature of every entity as of t: {feature: one value per blob, in order} (with
+    `only`, those features, in the layout's order).
 
     A None blob is an unknown key: the empty-window values (0 for count and sum, None else).
     With `checks` (one per blob; None for a blob not to check), values are exact or refused,
@@ -72,21 +74,25 @@ def evaluate_blobs(
             first such key in the batch's order).
         CorruptStateError, FormatVersionError: a damaged blob, or one of another format.
     """
+    names = [f.name for f in layout.features if only is None or f.name in only]
     if not blobs:
-        return {f.name: [] for f in layout.features}
+        return {name: [] for name in names}
     batch = _Batch.of(layout, [b if b is not None else empty_blob(layout) for b in blobs])
     values: dict[str, list[Any]] = {}
     pos = batch.starts + _HEAD_SIZE
     for group in layout.groups:
-        section, pos = _section(layout, group, batch, pos)
         plan = group_plan(group)
+        wanted = only is None or not only.isdisjoint(plan.names)
+        section, pos = _section(layout, group, batch, pos, wanted)
+        if section is None:
+            continue
         tiles = section.i64[section.index] if plan.hop else np.zeros(len(section.eid), np.int64)
         if checks is not None:
             _check_exact(layout, group, plan, section, batch, tiles, t, checks)
-        _group_values(group, plan, section, batch, tiles, t, values)
+        _group_values(group, plan, section, batch, tiles, t, values, only)
     if (pos != batch.ends).any():
         raise _corrupt(layout, "its sections do not end where the blob ends")
-    return {f.name: values[f.name] for f in layout.features}
+    return {name: values[name] for name in names}
 
 
 _EMPTY: dict[int, tuple[ViewLayout, bytes]] = {}
@@ -180,14 +186,18 @@ class _Section:
     objects: I64 | None  # address of each entity's object stats (its orjson document length)
     vectors: dict[str, I64]  # vector field -> address of each entity's vector length (u32)
     eid: I64  # per row: its entity
-    row: I64  # per row: its index among its entity's rows
+    at: I64  # per row: its index among all rows
+    first: I64  # per entity: the index of its first row among all rows
     index: I64  # per row: its first column (the tile number) in the views
     step: I64  # per row: elements from one column to the next
     i64: I64
     f64: F64
 
 
-def _section(layout: ViewLayout, group: HopGroup, batch: _Batch, pos: I64) -> tuple[_Section, I64]:
+def _section(
+    layout: ViewLayout, group: HopGroup, batch: _Batch, pos: I64, wanted: bool
+) -> tuple[_Section | None, I64]:
+    """The group's section of every blob (None when not `wanted`), and where the next starts."""
     width = len(group.dtype.names or ())
     _within(layout, batch, pos + 4)
     n = batch.u32[pos].astype(np.int64)
@@ -206,17 +216,18 @@ def _section(layout: ViewLayout, group: HopGroup, batch: _Batch, pos: I64) -> tu
         vectors[name] = pos
         pos = pos + 4 + 8 * n * batch.u32[pos]
         _within(layout, batch, pos)
+    if not wanted:
+        return None, pos
     eid = np.repeat(np.arange(len(n)), n)
-    row = np.arange(len(eid)) - (np.cumsum(n) - n)[eid]
+    at, first = np.arange(len(eid)), np.cumsum(n) - n
     shifts = cols % 8
     if (shifts == shifts[0]).all():  # no object or vector section before: one alignment
         i64, f64 = batch.aligned(int(shifts[0]))
         index, unit = (cols - shifts) // 8, 1
     else:
         i64, f64, index, unit = batch.i64, batch.f64, cols, 8
-    step = unit * n[eid]
-    rows = index[eid] + unit * row
-    return _Section(n, cols, objects, vectors, eid, row, rows, step, i64, f64), pos
+    rows = (index - unit * first)[eid] + (unit * at if unit != 1 else at)
+    return _Section(n, cols, objects, vectors, eid, at, first, rows, (unit * n)[eid], i64, f64), pos
 
 
 def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:
@@ -246,7 +257,7 @@ def _check_exact(
     if not plan.hop:
         mixed = early
     elif t % plan.hop:
-        hit = (tiles == t // plan.hop) & (sec.row < (sec.n - 1)[sec.eid])
+        hit = (tiles == t // plan.hop) & (sec.at < (sec.first + sec.n - 1)[sec.eid])
         mixed = early & (np.bincount(sec.eid[hit], minlength=entities) > 0)
     else:
         mixed = np.zeros(entities, dtype=bool)
@@ -283,7 +294,7 @@ class _Window:
 
     sec: _Section
     batch: _Batch
-    inside: Bools
+    inside: Bools | None  # None: every row of the section
     lo: I64  # per entity: first row of the window
     hi: I64  # per entity: end of the window's rows
     ids: I64 = field(init=False)
@@ -292,9 +303,11 @@ class _Window:
     _sums: dict[int, F64] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ids = self.sec.eid[self.inside]
-        self.index = self.sec.index[self.inside]
-        self.step = self.sec.step[self.inside]
+        sec, inside = self.sec, self.inside
+        if inside is None:
+            self.ids, self.index, self.step = sec.eid, sec.index, sec.step
+        else:
+            self.ids, self.index, self.step = sec.eid[inside], sec.index[inside], sec.step[inside]
 
     @property
     def entities(self) -> int:
@@ -317,6 +330,12 @@ class _Window:
             self._sums[j] = found
         return found
 
+    def entity_row(self) -> I64:
+        """Per window row: its index among its entity's rows."""
+        at = self.sec.at if self.inside is None else self.sec.at[self.inside]
+        found: I64 = at - self.sec.first[self.ids]
+        return found
+
     def count(self, j: int) -> I64:
         return self.total(j, integral=True).astype(np.int64)
 
@@ -336,19 +355,31 @@ def _group_values(
     tiles: I64,
     t: int,
     values: dict[str, list[Any]],
+    only: frozenset[str] | None,
 ) -> None:
     entities = len(sec.n)
-    # The last row of an entity holds the events at exactly its newest event time; a read as
-    # of that very time leaves them out (windows end before t).
-    limit = np.where((t <= batch.newest) & (sec.n > 0), sec.n - 1, sec.n)
-    keep = sec.row < limit[sec.eid]
-    if plan.hop:
-        keep &= tiles < -(-t // plan.hop)  # at a hop boundary the tile at t holds later events
-    hi = np.bincount(sec.eid[keep], minlength=entities)  # kept rows are a prefix per entity
+    keep: Bools | None = None  # None: every row (the common read, as of after every event)
+    hi = sec.n
+    if not (t > batch.newest).all():
+        # The last row of an entity holds the events at exactly its newest event time; a
+        # read as of that very time leaves them out (windows end before t).
+        limit = np.where((t <= batch.newest) & (sec.n > 0), sec.n - 1, sec.n)
+        keep = sec.at < (sec.first + limit)[sec.eid]
+        if plan.hop:  # at a hop boundary the tile at t holds only later events
+            keep &= tiles < -(-t // plan.hop)
+        hi = np.bincount(sec.eid[keep], minlength=entities)  # a prefix of each entity's rows
     entity_rows = _EntityRows(group, sec, batch)
     for w, feats in zip(plan.windows, plan.features, strict=True):
-        inside = keep & (tiles >= t // plan.hop - w // plan.hop) if plan.hop else keep
-        lo = hi - np.bincount(sec.eid[inside], minlength=entities)
+        feats = tuple(f for f in feats if only is None or f.name in only)
+        if not feats:
+            continue
+        inside = keep
+        if plan.hop:
+            inside = tiles >= t // plan.hop - w // plan.hop
+            inside = inside if keep is None else inside & keep
+        if inside is not None and inside.all():
+            inside = None
+        lo = hi - np.bincount(sec.eid[inside], minlength=entities) if inside is not None else 0 * hi
         window = _Window(sec, batch, inside, lo, hi)
         for f in feats:
             values[f.name] = _feature(f, window, entity_rows)
@@ -358,6 +389,8 @@ def _feature(f: CompiledFeature, w: _Window, entity_rows: _EntityRows) -> list[A
     cnt = w.count(f.cnt)
     if f.agg in ("events", "count"):
         return list(cnt.tolist())
+    if f.vector:
+        return _vector_values(f, w, cnt, entity_rows)
     if not _vectorized(f):
         return _per_entity(f, w, cnt, entity_rows)
     if f.agg == "sum":
@@ -422,6 +455,46 @@ def _edge_rows(f: CompiledFeature, w: _Window) -> I64:
 def _scatter(w: _Window, per_nonempty: F64) -> F64:
     out = np.zeros(w.entities)
     out[w.segments()[0]] = per_nonempty
+    return out
+
+
+def _vector_values(f: CompiledFeature, w: _Window, cnt: I64, entity_rows: _EntityRows) -> list[Any]:
+    """Vector mean / first / last of the entities whose vectors have the batch's most common
+    length, merged together (per element, the window's rows added in row order from 0.0, as
+    `matrix[lo:hi].sum(axis=0)` adds them); any other length through the single read."""
+    where = w.sec.vectors[f.vector] + 4  # each entity's (rows, length) float64 matrix
+    dims = w.batch.u32[where - 4].astype(np.int64)
+    have = cnt > 0
+    if not have.any():
+        return [None] * w.entities
+    d = int(np.bincount(dims[have]).argmax())
+    same = have & (dims == d)
+    out = _per_entity(f, w, np.where(same, 0, cnt), entity_rows)  # the other lengths
+    lanes = 8 * np.arange(d)
+    if f.agg == "mean":
+        chosen = same[w.ids]
+        ids = w.ids[chosen]
+        starts = where[ids] + 8 * d * w.entity_row()[chosen]
+        values = w.batch.f64[starts[None, :] + lanes[:, None]]  # (d, rows)
+        sums = np.stack([np.bincount(ids, v, w.entities) for v in values], axis=1)
+        found = sums / np.maximum(cnt, 1)[:, None]
+        picked = np.flatnonzero(same)
+    else:
+        nonempty = w.segments()[0]
+        rows = _edge_rows(f, w)
+        keep = same[nonempty]
+        picked = nonempty[keep]
+        starts = where[picked] + 8 * d * w.entity_row()[rows[keep]]
+        found = w.batch.f64[starts[:, None] + lanes[None, :]]
+        found = _scatter_rows(w.entities, picked, found)
+    for e, vector in zip(picked.tolist(), found[picked].tolist(), strict=True):
+        out[e] = vector
+    return out
+
+
+def _scatter_rows(entities: int, picked: I64, rows: F64) -> F64:
+    out = np.zeros((entities, rows.shape[1]))
+    out[picked] = rows
     return out
 
 

@@ -51,7 +51,7 @@ from state.errors import (
     UnknownServiceError,
     UnknownViewError,
 )
-from state.layout import ViewLayout
+from state.layout import FeatureDef, ViewLayout
 from state.lock import VersionLease, use_version
 from state.read import AsOf, evaluate_blob
 from state.servedlog import ServedLog, logs_service_reads, logs_view_reads
@@ -266,33 +266,49 @@ class FeatureClient:
         opened = self._pin(view)
         try:
             texts = _key_texts(view, opened.layout, keys)
-            blobs, checks = self._blobs(opened, texts, at is not None)
-            layout = opened.layout
             if len(texts) <= _SINGLE_READS:
+                blobs, checks = self._blobs(opened, texts, at is not None)
+                layout = opened.layout
                 return [_evaluate(layout, b, t, c) for b, c in zip(blobs, checks, strict=True)]
-            columns = evaluate_blobs(layout, blobs, t, checks if at is not None else None)
+            columns = self._read_columns(opened, texts, t, at is not None, None)
         finally:
             self._unpin(opened)
         names = list(columns)
         return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
     def _columns(
-        self, view: str, keys: Sequence[Any], at: Timestamp | None
+        self, view: str, keys: Sequence[Any], at: Timestamp | None, only: frozenset[str]
     ) -> tuple[int, ViewLayout, dict[str, list[Any]]]:
-        """`get_many` as {feature: values} columns, with the version and layout read."""
+        """The features `only` of `keys` as {feature: values} columns (`get_many`'s read),
+        with the version and layout read."""
         t = to_micros(at) if at is not None else time.time_ns() // 1000
         opened = self._pin(view)
         try:
-            layout = opened.layout
-            texts = _key_texts(view, layout, keys)
-            blobs, checks = self._blobs(opened, texts, at is not None)
-            if len(texts) > _SINGLE_READS:
-                columns = evaluate_blobs(layout, blobs, t, checks if at is not None else None)
-                return opened.version, layout, columns
-            rows = [_evaluate(layout, b, t, c) for b, c in zip(blobs, checks, strict=True)]
+            texts = _key_texts(view, opened.layout, keys)
+            columns = self._read_columns(opened, texts, t, at is not None, only)
         finally:
             self._unpin(opened)
-        return opened.version, layout, {f.name: [r[f.name] for r in rows] for f in layout.features}
+        return opened.version, opened.layout, columns
+
+    def _read_columns(
+        self, opened: _OpenView, texts: list[str], t: int, strict: bool, only: frozenset[str] | None
+    ) -> dict[str, list[Any]]:
+        """{feature: values} of the keys `texts`; each distinct key is read and merged once."""
+        layout = opened.layout
+        distinct = list(dict.fromkeys(texts)) if len(texts) > 1 else texts
+        blobs, checks = self._blobs(opened, distinct, strict)
+        if len(distinct) > _SINGLE_READS:
+            columns = evaluate_blobs(layout, blobs, t, checks if strict else None, only)
+        else:
+            rows = [_evaluate(layout, b, t, c, only) for b, c in zip(blobs, checks, strict=True)]
+            names = [f.name for f in layout.features if only is None or f.name in only]
+            columns = {name: [r[name] for r in rows] for name in names}
+        if len(distinct) == len(texts):
+            return columns
+        where = {k: i for i, k in enumerate(distinct)}
+        return {
+            name: _spread(values, [where[k] for k in texts]) for name, values in columns.items()
+        }
 
     def _blobs(
         self, opened: _OpenView, keys: list[str], strict: bool
@@ -310,6 +326,9 @@ class FeatureClient:
         for partition, positions in by_partition.items():
             db = opened.dbs.get(partition) or self._open_partition(opened, partition)
             if db is None:
+                continue
+            if len(positions) == 1 and not strict:  # a point get costs less than a multi-get
+                blobs[positions[0]] = db.get(ENTITY_PREFIX + keys[positions[0]].encode())
                 continue
             wanted: list[str | int | float | bytes | bool] = [
                 ENTITY_PREFIX + keys[i].encode() for i in positions
@@ -385,13 +404,14 @@ class FeatureClient:
         keys = _entity_keys(plan, read, rows)
         present = [i for i, k in enumerate(keys) if k is not None]
         try:
-            version, layout, found = self._columns(read.view, [keys[i] for i in present], at)
+            wanted = [keys[i] for i in present]
+            version, layout, found = self._columns(read.view, wanted, at, frozenset(read.features))
         except KeyTypeError as exc:
             raise RequestTypeError(
                 f"service {plan.name!r}: entity column(s) {list(read.entity_columns)} of view "
                 f"{read.view!r}: {exc}"
             ) from exc
-        by_name = {f.name: f for f in layout.features}
+        by_name = _features_by_name(layout)
         missing = [f for f in read.features if f not in by_name]
         if missing:  # the live version does not have them: the definitions changed under it
             raise _missing_feature(plan, read, missing, version, layout)
@@ -631,6 +651,19 @@ def _unknown_view(view: object, root: Path, views: list[str]) -> str:
     return f"unknown view {name} in {root}; views: {known}; pass one of these names"
 
 
+def _spread(values: list[Any], index: list[int]) -> list[Any]:
+    """`values` at `index` (a key asked for several times gets a value per time; lists, the
+    vector and last_k values, are copied so that no two results share one)."""
+    out = [values[i] for i in index]
+    if any(type(v) is list for v in values):
+        seen: set[int] = set()
+        for j, i in enumerate(index):
+            if i in seen and type(out[j]) is list:
+                out[j] = list(out[j])
+            seen.add(i)
+    return out
+
+
 def _watermark_keys(partitions: int) -> list[str | int | float | bytes | bool]:
     """The metadata keys of a shard's newest event times: its own partition's, then each other
     source partition's (a shard learns positions only of the source's partitions: the flow
@@ -763,6 +796,16 @@ def _entity_keys(
     return [None if None in key else key for key in zip(*parts, strict=True)]
 
 
+_BY_NAME: dict[int, tuple[ViewLayout, dict[str, FeatureDef]]] = {}
+
+
+def _features_by_name(layout: ViewLayout) -> dict[str, FeatureDef]:
+    cached = _BY_NAME.get(id(layout))
+    if cached is None or cached[0] is not layout:
+        cached = _BY_NAME[id(layout)] = (layout, {f.name: f for f in layout.features})
+    return cached[1]
+
+
 _EMPTY: dict[int, tuple[ViewLayout, dict[str, Any]]] = {}
 
 
@@ -785,7 +828,13 @@ def _missing_feature(
     )
 
 
-def _evaluate(layout: ViewLayout, blob: bytes | None, t: int, as_of: AsOf | None) -> dict[str, Any]:
+def _evaluate(
+    layout: ViewLayout,
+    blob: bytes | None,
+    t: int,
+    as_of: AsOf | None,
+    only: frozenset[str] | None = None,
+) -> dict[str, Any]:
     if blob is None:  # an unknown key: the values of empty windows
         blob, as_of = empty_blob(layout), None
-    return evaluate_blob(layout, blob, t, as_of)
+    return evaluate_blob(layout, blob, t, as_of, only)

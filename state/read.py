@@ -54,6 +54,7 @@ class GroupPlan:
     has_objects: bool
     windows: tuple[int, ...]
     features: tuple[tuple[CompiledFeature, ...], ...]  # per window
+    names: frozenset[str]  # the group's feature names
 
 
 _PLANS: dict[int, tuple[HopGroup, GroupPlan]] = {}
@@ -70,7 +71,8 @@ def group_plan(group: HopGroup) -> GroupPlan:
         tuple(_compile(f, pos, integral) for f in group.features if f.window_us == w)
         for w in windows
     )
-    plan = GroupPlan(group.hop_us, len(pos), bool(group.object_fields), windows, compiled)
+    names = frozenset(f.name for f in group.features)
+    plan = GroupPlan(group.hop_us, len(pos), bool(group.object_fields), windows, compiled, names)
     _PLANS[id(group)] = (group, plan)
     return plan
 
@@ -153,9 +155,14 @@ class AsOf:
 
 
 def evaluate_blob(
-    layout: ViewLayout, blob: bytes, t: int, as_of: AsOf | None = None
+    layout: ViewLayout,
+    blob: bytes,
+    t: int,
+    as_of: AsOf | None = None,
+    only: frozenset[str] | None = None,
 ) -> dict[str, Any]:
-    """Every feature of one entity as of t, from its stored blob.
+    """Every feature of one entity as of t, from its stored blob (with `only`, those features,
+    in the layout's order: the groups and windows of the others are not read).
 
     With `as_of`, values are exact or refused: a window at t is exact when its tiles hold no
     event at or after t (t on the group's hop boundary, no stored row in the tile around t, or
@@ -187,15 +194,23 @@ def evaluate_blob(
         if plan.has_objects:
             (size,) = _U32.unpack_from(blob, pos)
             objects_at, pos = pos + 4, pos + 4 + size
+        wanted = only is None or not only.isdisjoint(plan.names)
         for name in group.vector_fields:
-            cols.vectors[name], pos = decode_vectors(blob, pos, n)
+            if wanted:
+                cols.vectors[name], pos = decode_vectors(blob, pos, n)
+            else:
+                pos += 4 + 8 * n * _U32.unpack_from(blob, pos)[0]
+        if not wanted:
+            continue
         # The last row of a group holds the events at exactly the newest event time; a read
         # as of that very time leaves them out (windows end before t).
         hi_limit = n - 1 if t <= newest and n else n
         if as_of is not None:
             _check_exact(layout, group, plan, cols, n, t, newest, as_of)
-        _group_values(plan, group, cols, n, hi_limit, t, blob, objects_at, values)
-    return {f.name: values[f.name] for f in layout.features}
+        _group_values(plan, group, cols, n, hi_limit, t, blob, objects_at, values, only)
+    if only is None:
+        return {f.name: values[f.name] for f in layout.features}
+    return {f.name: values[f.name] for f in layout.features if f.name in only}
 
 
 def _check_exact(
@@ -271,6 +286,7 @@ def _group_values(
     blob: bytes,
     objects_at: int,
     values: dict[str, Any],
+    only: frozenset[str] | None = None,
 ) -> None:
     if plan.hop and n:
         tiles = cols.q(0)
@@ -284,6 +300,8 @@ def _group_values(
     for lo, feats in zip(bounds, plan.features, strict=True):
         counts: dict[int, int] = {}
         for f in feats:
+            if only is not None and f.name not in only:
+                continue
             cnt = counts.get(f.cnt)
             if cnt is None:
                 cnt = counts[f.cnt] = sum(cols.q(f.cnt)[lo:hi])

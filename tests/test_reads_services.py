@@ -1,0 +1,87 @@
+"""The fast paths of `get_service`: each gives what the checked path it skips gives.
+
+- float and float-vector request fields given as Python floats are built straight in their
+  declared Arrow type (`state.services._float_values`) instead of inferred and cast;
+- `cosine_similarity` reads vector columns without nulls and of one length straight from their
+  offsets and values (`flows.ondemand._uniform_matrix`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flows.ondemand import cosine_similarity
+from state.services import FIELD_TYPES, _float_values, conform
+
+EDGES = [0.1, 1 / 3, 1e300, -1e-320, 3.4028235e38, 3.4028236e38, math.inf, -0.0, 16777217.0]
+
+
+def same_values(a: pa.Array, b: pa.Array) -> bool:
+    """Equal type and values, NaN equal to NaN, -0.0 told from 0.0."""
+    if a.type != b.type:
+        return False
+    return repr(a.to_pylist()) == repr(b.to_pylist())
+
+
+@pytest.mark.parametrize("kind", ["float", "double", "array<float>", "array<double>"])
+def test_float_fields_built_directly_equal_the_checked_path(kind: str) -> None:
+    if kind.startswith("array"):
+        values: list[Any] = [EDGES, None, [], [math.nan, 2.5]]
+    else:
+        values = [*EDGES, None, math.nan]
+    rows = [{"x": v} for v in values]
+    fast = _float_values(rows, "x", kind)
+    assert fast is not None
+    checked = conform(pa.array(values), kind)
+    assert checked is not None
+    assert fast.type == FIELD_TYPES[kind]
+    assert same_values(fast, checked)
+
+
+def test_other_values_take_the_checked_path() -> None:
+    assert _float_values([{"x": 1}], "x", "double") is None  # an int: inferred, then cast
+    assert _float_values([{"x": True}], "x", "float") is None  # refused by the checked path
+    assert _float_values([{"x": [1.0, 2]}], "x", "array<float>") is None
+    assert _float_values([{"y": 1.0}], "x", "double") is None  # missing: named by it
+    assert _float_values(pa.table({"x": [1.0]}), "x", "double") is None
+    assert _float_values([{"x": "1.0"}], "x", "string") is None
+
+
+@settings(max_examples=60)
+@given(st.data(), st.integers(1, 6), st.integers(0, 3))
+def test_cosine_fast_path_equals_the_general_path(data: st.DataObject, dim: int, cut: int) -> None:
+    """Columns without nulls and of one length (the fast path), against the same columns
+    read by the general path (a null row appended forces it), sliced or not."""
+    n = data.draw(st.integers(1, 8))
+    vec = st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=dim, max_size=dim)
+    a_rows = data.draw(st.lists(vec, min_size=n, max_size=n))
+    b_rows = data.draw(st.lists(vec, min_size=n, max_size=n))
+    a = pa.array([*a_rows, [0.0] * dim], pa.list_(pa.float32()))
+    b = pa.array([*b_rows, [1.0] * dim], pa.list_(pa.float64()))
+    start = min(cut, n - 1)
+    fast = cosine_similarity(a.slice(start, n - start), b.slice(start, n - start))
+    general = cosine_similarity(
+        pa.concat_arrays([a.slice(start, n - start), pa.array([None], a.type)]),
+        pa.concat_arrays([b.slice(start, n - start), pa.array([None], b.type)]),
+    )
+    assert same_values(fast, general.slice(0, n - start))
+
+
+def test_cosine_fast_path_leaves_ragged_and_null_columns_to_the_general_path() -> None:
+    ragged = pa.array([[1.0, 0.0], [1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="dimensions"):
+        cosine_similarity(ragged, ragged)
+    items = pa.array([[1.0, None], [1.0, 1.0]])
+    assert cosine_similarity(items, pa.array([[1.0, 1.0], [1.0, 1.0]])).to_pylist() == [
+        None,
+        pytest.approx(1.0),
+    ]
+    zeros = np.zeros((2, 3))
+    assert cosine_similarity(zeros, zeros).to_pylist() == [None, None]
