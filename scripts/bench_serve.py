@@ -12,7 +12,7 @@ Feast is installed into its own virtualenv under /tmp (`pip install feast`), nev
 project's environment.
 
     python scripts/bench_serve.py [--events 2000000] [--keys 100000] [--duration 10]
-                                  [--workers 1] [--connections 32] [--no-feast]
+                                  [--workers 1] [--connections 32] [--no-feast] [--uvicorn]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from bench_flow import make_log, run_flow
 from workload import WINDOWS
 
+from flows.serving.config import CONFIG_ENV, ServeConfig
 from state.client import FeatureClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,6 +185,18 @@ def featureflow_server(tmp: Path, state: Path, workers: int) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1/views/spend"
 
 
+@contextmanager
+def uvicorn_server(tmp: Path, state: Path) -> Iterator[str]:
+    """The same app under uvicorn (httptools, uvloop): the measurement behind granian."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--factory", "flows.serving.app:create_app"]
+    command += ["--port", str(port), "--loop", "uvloop", "--http", "httptools"]
+    command += ["--no-access-log", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), CONFIG_ENV: ServeConfig(str(state)).to_env()}
+    with running(command, f"http://127.0.0.1:{port}/healthz", tmp / "uvicorn.log", env):
+        yield f"http://127.0.0.1:{port}/v1/views/spend"
+
+
 def feast_install() -> Path:
     feast = FEAST_VENV / "bin" / "feast"
     if not feast.exists():
@@ -262,6 +275,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes (both servers)")
     parser.add_argument("--connections", type=int, default=32, help="connections at saturation")
     parser.add_argument("--no-feast", action="store_true", help="skip Feast")
+    parser.add_argument(
+        "--uvicorn",
+        action="store_true",
+        help="also the same app under uvicorn (pip install uvicorn httptools uvloop)",
+    )
     args = parser.parse_args()
     oha = find_oha()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as name:
@@ -274,6 +292,9 @@ def main() -> None:
         single, batch = bodies(tmp, args.keys, lambda keys: {"keys": keys}, "ff")
         with featureflow_server(tmp, state, args.workers) as url:
             results["featureflow"] = measure(oha, url, single, batch, args)
+        if args.uvicorn:
+            with uvicorn_server(tmp, state) as url:
+                results["ff-uvicorn"] = measure(oha, url, single, batch, args)
         if not args.no_feast:
             try:
                 feast = feast_install()
