@@ -57,7 +57,8 @@ def _skew(defs: Definitions, wh: Warehouse, kafka: str | None, state: Path) -> S
     served = read_served(wh.root)
     if not served.num_rows:
         return None
-    return skew_report(defs, logged_reads(served, defs), wh, kafka, state)
+    reads, services = logged_reads(served, defs)
+    return skew_report(defs, reads, wh, kafka, state, services=services)
 
 
 if __name__ == "__main__":

@@ -80,10 +80,11 @@ def run_skew(
             "served_log=ServedLog(warehouse) and serve "
             "some reads first"
         )
-    reads = logged_reads(served, defs)
+    reads, services = logged_reads(served, defs)
     state = state if state is not None and (state / "FORMAT").is_file() else None
     wh = Warehouse(warehouse)
-    return skew_report(defs, reads, wh, kafka, state, examples=examples, apply_lag_s=apply_lag_s)
+    return skew_report(defs, reads, wh, kafka, state, services=services, examples=examples,
+                       apply_lag_s=apply_lag_s)  # fmt: skip
 
 
 def report_json(report: SkewReport) -> dict[str, Any]:

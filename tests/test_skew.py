@@ -5,6 +5,7 @@ view whose stored state the test altered is found (unexplained mismatches on its
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +32,10 @@ from state.servedlog import ServedLog
 from state.store import ViewStore, partition_dir, rocks_options
 from tests.conftest import TopicFactory
 from tests.helpers import REPO, SCHEMA_JSON
+from tests.test_plan import deployment, write_module
 
-pytestmark = pytest.mark.kafka
+__all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
+AT = 1_780_000_000 + 4 * 86_400  # after the newest event of the deployment fixture
 
 DEFS = """
 from flows.spec import FeatureView, Source, count, last, sum
@@ -46,6 +49,7 @@ damaged = FeatureView(name="damaged", source=txns, features=FEATURES)
 KEYS = [f"user{i}" for i in range(8)]
 
 
+@pytest.mark.kafka
 def test_the_log_read_for_a_snapshot_waits_for_the_kafka_tail(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
@@ -107,6 +111,7 @@ def swap_two_entities(state: Path) -> list[str]:
     return pair
 
 
+@pytest.mark.kafka
 def test_live_reads_are_explained_and_an_altered_view_is_found(
     kafka_bootstrap: str, kafka_topic: TopicFactory, tmp_path: Path
 ) -> None:
@@ -167,3 +172,42 @@ def test_live_reads_are_explained_and_an_altered_view_is_found(
     args = ["--features", str(features), "--warehouse", str(wh), "--state", str(state),
             "--kafka", kafka_bootstrap]  # fmt: skip
     assert skew_main(args) == 3  # some mismatch is unexplained
+
+
+ON_DEMAND = """
+import pyarrow as pa
+import pyarrow.compute as pc
+from flows.spec import FeatureService, RequestSource, on_demand
+
+payment = RequestSource(name="payment", schema={{"amount": "double"}})
+
+@on_demand(sources=[payment, spend[["amount_mean_1d"]]], outputs={{"ratio": "double"}})
+def signals(rows):
+    return {{"ratio": pc.multiply(rows.column("amount"), {factor})}}
+
+scored = FeatureService(name="scored", features=[spend[["count_30m"]], signals])
+"""
+
+
+def test_service_reads_compare_their_on_demand_outputs(deployment: Path, tmp_path: Path) -> None:
+    """Embedded (no Kafka): service reads are recomputed through the service snapshot; the same
+    code gives equal outputs, and different on-demand code offline is found."""
+    wh, state = tmp_path / "wh", deployment / "state"
+    shutil.copytree(deployment / "wh", wh)
+    base = (deployment / "defs" / "features.py").read_text()
+    served_defs = write_module(tmp_path / "served", base + ON_DEMAND.format(factor=2.0))
+    rows = [{"user_id": f"user{i}", "amount": float(i)} for i in range(10)]
+    with FeatureClient(state, features=served_defs, served_log=ServedLog(wh)) as client:
+        client.get_service_many("scored", rows, at=AT)
+    same = run_skew(served_defs, wh, None, state)
+    outputs = {(f.view, f.feature): f for f in same.features}
+    ratio = outputs["scored", "signals__ratio"]
+    assert ratio.rows == 10
+    assert ratio.exact + ratio.within_tolerance == 10
+    assert outputs["spend", "count_30m"].rows == 10  # the view part, through the view
+    assert same.unexplained == 0
+    changed = write_module(tmp_path / "changed", base + ON_DEMAND.format(factor=3.0))
+    other = run_skew(changed, wh, None, state)
+    ratio = {(f.view, f.feature): f for f in other.features}["scored", "signals__ratio"]
+    assert ratio.mismatches == 9  # amount 0 gives 0 either way
+    assert ratio.reasons == {UNEXPLAINED: 9}

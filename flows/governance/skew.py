@@ -34,8 +34,9 @@ import pyarrow.compute as pc
 
 from connectors.segments import Warehouse
 from flows.aggregate import entity_keys
+from flows.errors import FlowError
 from flows.pointintime import kept_events, point_in_time
-from flows.snapshot import read_log
+from flows.snapshot import build_service_snapshot, read_log
 from flows.spec import Definitions, FeatureView
 from state.codec import key_text
 from state.errors import StateError
@@ -58,6 +59,18 @@ class Read:
     at_us: int
     served_at_us: int
     version: int | None
+    values: Mapping[str, Any]
+    service_row: int | None = None  # the service read it is part of (`ServiceRow` index)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRow:
+    """One logged service read: its request row and the vector served."""
+
+    service: str
+    request: Mapping[str, Any]
+    at_us: int
+    served_at_us: int
     values: Mapping[str, Any]
 
 
@@ -106,10 +119,11 @@ class SkewReport:
         return sum(f.mismatches for f in self.features)
 
 
-def logged_reads(served: pa.Table, defs: Definitions) -> list[Read]:
-    """The view reads in a served-feature log: view rows as they are, each service row split
-    into one read per view it serves (key from the request's entity columns)."""
+def logged_reads(served: pa.Table, defs: Definitions) -> tuple[list[Read], list[ServiceRow]]:
+    """The reads in a served-feature log: view rows as they are, and each service row both as
+    a `ServiceRow` and split into one read per view it serves (key from its entity columns)."""
     reads: list[Read] = []
+    services: list[ServiceRow] = []
     for row in served.to_pylist():
         at, when = _micros(row["at"]), _micros(row["served_at"])
         values = orjson.loads(row["values"])
@@ -117,13 +131,15 @@ def logged_reads(served: pa.Table, defs: Definitions) -> list[Read]:
             reads.append(Read(row["name"], row["key"], at, when, row["version"], values))
         elif row["name"] in defs.plans:
             request = orjson.loads(row["request"])
+            services.append(ServiceRow(row["name"], request, at, when, values))
             for r in defs.plans[row["name"]].reads:
                 parts = [request.get(c) for c in r.entity_columns]
                 if any(p is None for p in parts):
                     continue
                 got = {f: values[r.column(f)] for f in r.features if r.column(f) in values}
-                reads.append(Read(r.view, key_text(parts), at, when, None, got))
-    return reads
+                one = Read(r.view, key_text(parts), at, when, None, got, len(services) - 1)
+                reads.append(one)
+    return reads, services
 
 
 def _micros(value: datetime) -> int:
@@ -140,11 +156,15 @@ def skew_report(
     kafka: str | None,
     state: Path | None,
     *,
+    services: Sequence[ServiceRow] = (),
     examples: int = 5,
     apply_lag_s: float = 60.0,
 ) -> SkewReport:
-    """Recompute every read offline and compare, feature by feature."""
+    """Recompute every read offline and compare, feature by feature; the on-demand outputs
+    of service reads through `build_service_snapshot`, the code `flows.snapshot --service`
+    runs, a mismatch explained by the cause found for its row's view inputs."""
     skipped: Counter[str] = Counter()
+    row_causes: dict[int, list[str]] = {}  # service row -> causes of its view mismatches
     logs: dict[str, list[pa.Table]] = {}
     results: list[FeatureSkew] = []
     by_view: dict[str, list[Read]] = {}
@@ -159,9 +179,76 @@ def skew_report(
             logs[view.source.name] = read_log(view.source, warehouse, kafka)
         checker = _ViewCheck(view, defs.layouts[name], logs[view.source.name], group)
         stale = _changed_versions(state, name, defs.layouts[name], group)
-        results += checker.compare(stale, examples, int(apply_lag_s * 1e6))
+        results += checker.compare(stale, examples, int(apply_lag_s * 1e6), row_causes)
     compared = sum(len(g) for n, g in by_view.items() if n in defs.views)
+    results += service_skew(defs, services, warehouse, kafka, row_causes, examples, skipped)
     return SkewReport(len(reads), compared, dict(skipped), tuple(results))
+
+
+def service_skew(
+    defs: Definitions,
+    rows: Sequence[ServiceRow],
+    warehouse: Warehouse,
+    kafka: str | None,
+    row_causes: Mapping[int, list[str]],
+    examples: int,
+    skipped: Counter[str],
+) -> list[FeatureSkew]:
+    """The on-demand outputs of logged service reads against the offline service snapshot."""
+    out: list[FeatureSkew] = []
+    for name in sorted({r.service for r in rows}):
+        index = [i for i, r in enumerate(rows) if r.service == name]
+        plan = defs.plans[name]
+        spine = pa.Table.from_pylist([dict(rows[i].request) for i in index]).append_column(
+            "ts", pa.array([rows[i].at_us for i in index], pa.timestamp("us", tz="UTC"))
+        )
+        try:
+            offline = build_service_snapshot(plan, defs.views, spine, warehouse, kafka,
+                                             allow_empty=True)  # fmt: skip
+        except (FlowError, StateError) as exc:
+            skipped[f"service {name!r}: {exc}"] += len(index)
+            continue
+        for step in plan.steps:
+            for output, _ in step.outputs:
+                column = f"{step.name}__{output}"
+                got = offline.column(column).to_pylist()
+                out.append(_output_skew(name, column, rows, index, got, row_causes, examples))
+    return out
+
+
+def _output_skew(
+    service: str,
+    column: str,
+    rows: Sequence[ServiceRow],
+    index: list[int],
+    offline: list[Any],
+    row_causes: Mapping[int, list[str]],
+    examples: int,
+) -> FeatureSkew:
+    counts: Counter[str] = Counter()
+    causes: Counter[str] = Counter()
+    shown: list[Mismatch] = []
+    diffs: list[tuple[float | None, float | None]] = []
+    for j, i in enumerate(index):
+        served = rows[i].values.get(column)
+        verdict = compare_values(served, offline[j])
+        counts[verdict] += 1
+        if verdict != "differ":
+            continue
+        found = row_causes.get(i, [])
+        reason = found[0] if found and UNEXPLAINED not in found else UNEXPLAINED
+        causes[reason] += 1
+        diffs.append(differences(served, offline[j]))
+        if len(shown) < examples:
+            key = orjson.dumps(dict(rows[i].request)).decode()
+            at, when = _iso(rows[i].at_us), _iso(rows[i].served_at_us)
+            shown.append(Mismatch(service, column, key, at, when, served, offline[j], reason))
+    absolute = [a for a, _ in diffs if a is not None]
+    relative = [r for _, r in diffs if r is not None]
+    return FeatureSkew(
+        service, column, len(index), counts["exact"], counts["close"], counts["differ"],
+        max(absolute, default=None), max(relative, default=None), dict(causes), tuple(shown),
+    )  # fmt: skip
 
 
 def _changed_versions(
@@ -204,11 +291,17 @@ class _ViewCheck:
         )
         return {name: column.to_pylist() for name, column in got.items()}
 
-    def compare(self, stale: set[int], examples: int, lag_us: int) -> list[FeatureSkew]:
+    def compare(
+        self, stale: set[int], examples: int, lag_us: int, row_causes: dict[int, list[str]]
+    ) -> list[FeatureSkew]:
         reasons: dict[int, str] = {}  # read index -> the cause of its mismatches
         out: list[FeatureSkew] = []
         for feature in self.layout.features:
             out.append(self._feature(feature.name, stale, reasons, examples, lag_us))
+        for i, reason in reasons.items():
+            row = self.reads[i].service_row
+            if row is not None:
+                row_causes.setdefault(row, []).append(reason)
         return out
 
     def _feature(
