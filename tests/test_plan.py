@@ -10,7 +10,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from flows.governance.history import read_history, view_history
+from flows.governance.history import read_history, record_rate, view_history
 from flows.plan import main as plan_main
 from state.definitions import recorded_module
 from state.store import ViewStore
@@ -264,3 +264,20 @@ def test_run_refuses_breaking_unless_allowed_and_records_history(
     again = run_command("flows.run", *common)  # the same definitions again: nothing appended
     assert again.returncode == 0, again.stderr
     assert len(read_history(state)) == 2
+
+
+def test_replay_time_uses_the_rate_measured_on_this_state(
+    deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(deployment / "state", state)
+    record_rate(state, 5_000, 1.0)  # too short a run to measure anything: ignored
+    record_rate(state, 200_000, 4.0)
+    text = DEFS.replace('last("channel"),', 'last("channel"), sum("amount", window="2h"),')
+    args = ["--features", str(write_module(tmp_path / "defs", text)), "--warehouse",
+            str(deployment / "wh"), "--state", str(state), "--json"]  # fmt: skip
+    assert plan_main(args) == 2
+    replay = by_name(orjson.loads(capsys.readouterr().out), "view")["spend"]["replay"]
+    assert replay["rate"] == 50_000
+    assert replay["rate_source"].startswith("measured")
+    assert replay["seconds"] == pytest.approx(EVENTS / 50_000)
