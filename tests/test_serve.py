@@ -5,6 +5,7 @@ status with its message, the bearer token, and reads while a replay switches ver
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -196,6 +197,17 @@ def test_not_found_method_and_too_large(http: Http) -> None:
     huge = http.request("POST", "/v1/views/spend", b'{"keys": ["' + b"x" * 200_000 + b'"]}')
     assert huge.status == 413
     assert "larger than" in huge.error
+
+
+def test_a_client_gone_mid_body_leaves_the_server_serving(server: Server, http: Http) -> None:
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/views/spend HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                b'{"keys": ["us'
+            )
+    assert http.post("/v1/views/spend", {"keys": ["user1"]}).status == 200
+    assert http.get("/healthz").status == 200
 
 
 def test_service_of_unknown_name_is_404(http: Http) -> None:

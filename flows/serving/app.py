@@ -64,6 +64,10 @@ _BAD_INPUT = (KeyTypeError, ServiceRequestError, InexactReadError)
 _MAX_MESSAGE = 800  # characters of an error message; the middle of a longer one is cut
 
 
+class _ClientGoneError(Exception):
+    """The client disconnected before its request body arrived."""
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Which endpoint a request is for; `name` is the view or service from the URL."""
@@ -108,6 +112,8 @@ class FeatureServer:
             self._authorize(scope)  # before routing: without the token nothing is revealed
             route = _route(scope["method"], scope["path"])
             reply = await self._answer(route, scope, receive)
+        except _ClientGoneError:
+            return  # nobody to answer
         except Exception as exc:  # every failure is an answer, never a dropped connection
             kind, reply = _failure(exc)
         await _send(send, reply)
@@ -171,6 +177,8 @@ class FeatureServer:
         size = 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGoneError
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
