@@ -105,13 +105,14 @@ def lowest_position(
     publications: list[Publication | None], versions: Mapping[str, int], partition: int
 ) -> LogPosition:
     """The lowest position of `partition` over every process; a missing publication, or one
-    of other view versions, counts as nothing applied."""
+    of other view versions, counts as nothing applied; a process without shards (no
+    positions) does not count."""
     lowest: LogPosition | None = None
     for pub in publications:
         if pub is None or dict(pub.versions) != dict(versions):
             return NOTHING_APPLIED
-        pos = pub.positions.get(partition, NOTHING_APPLIED)
-        if lowest is None or pos.offset < lowest.offset:
+        pos = pub.positions.get(partition)
+        if pos is not None and (lowest is None or pos.offset < lowest.offset):
             lowest = pos
     return lowest or NOTHING_APPLIED
 

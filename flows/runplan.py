@@ -180,7 +180,9 @@ def build_plan(
         start, marks = resume_points(progress, source.partitions)
         if separate_state:
             versions = {t.view.name: t.version for t in src_targets}
-            lowest = {p: LogPosition(start[p] - 1, marks[p]) for p in start}
+            # a process that holds no shard of the source (more processes than partitions)
+            # publishes no position: it has nothing to resume
+            lowest = {p: LogPosition(start[p] - 1, marks[p]) for p in start} if shards else {}
             publish(warehouse, name, cluster, Publication(process_id, versions, lowest))
         columns = arrow_schema(source.avro_schema())
         ends = {}

@@ -251,3 +251,5 @@ def test_shard_owners_and_the_lowest_published_position(tmp_path: Path) -> None:
     assert lowest_position(found, versions, 0) == LogPosition(30, 5)
     assert lowest_position(found, versions, 1) == NOTHING_APPLIED  # nobody applied any of it
     assert lowest_position(found, {"spend": 3}, 0) == NOTHING_APPLIED
+    no_shards = Publication(2, versions, {})  # a third process that owns no shard
+    assert lowest_position([*found, no_shards], versions, 0) == LogPosition(30, 5)
