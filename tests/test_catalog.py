@@ -40,6 +40,7 @@ def test_catalog_lists_lineage_owners_versions_and_freshness(
         "name": "amount_mean_1d",
         "agg": "mean",
         "column": "amount",
+        "param": None,
         "type": "double",
         "window": "1d",
         "hop": "1h",

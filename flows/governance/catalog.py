@@ -25,6 +25,7 @@ class FeatureEntry:
     name: str
     agg: str
     column: str | None
+    param: float | int | None  # the percentile's q, last_k's k
     type: str
     window: str  # "" = lifetime
     hop: str
@@ -162,6 +163,7 @@ def _feature_entry(
         name=f.name,
         agg=f.agg,
         column=f.column,
+        param=f.param,
         type=str(feature_type(f, defs.layouts[view.name])),
         window=format_duration(f.window_us) if f.window_us else "",
         hop=format_duration(f.hop_us) if f.hop_us else "",
@@ -264,8 +266,8 @@ def _view_lines(v: ViewEntry) -> list[str]:
         window = f"window {f.window} hop {f.hop}" if f.window else "lifetime"
         used = f"; used by {', '.join(f.consumers)}" if f.consumers else ""
         about = f" - {f.description}" if f.description else ""
-        col = f.column or ""
-        lines.append(f"    feature {f.name}: {f.agg}({col}) {window} -> {f.type}{used}{about}")
+        args = ", ".join(str(a) for a in (f.column, f.param) if a is not None)
+        lines.append(f"    feature {f.name}: {f.agg}({args}) {window} -> {f.type}{used}{about}")
     for r in v.history:
         lines.append(f"    history: v{r.version} layout {r.layout_sha256[:12]} ({r.recorded_at})")
     return lines
