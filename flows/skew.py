@@ -14,13 +14,17 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.segments import Warehouse
 from flows.cli import command_main
+from flows.errors import ConfigError
 from flows.governance.errors import ServedLogError
 from flows.governance.skew import SkewReport, logged_reads, skew_report
 from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
@@ -39,6 +43,7 @@ OPTIONS = (
         "seconds before a read within which an event may have arrived and not been applied yet",
         float,
     ),
+    Option("since", None, "only reads served at or after this ISO time (e.g. 2026-11-27T00:00Z)"),
     Option("json", False, "print the report as one JSON document", bool),
 )
 
@@ -50,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _skew(settings: Settings, _args: argparse.Namespace) -> int:
     report = run_skew(settings.features, settings.warehouse, settings.kafka, Path(settings.state),
-                      examples=settings.examples, apply_lag_s=settings.apply_lag)  # fmt: skip
+                      examples=settings.examples, apply_lag_s=settings.apply_lag,
+                      since=_since(settings.since))  # fmt: skip
     if settings.json:
         print(orjson.dumps(report_json(report), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -66,8 +72,10 @@ def run_skew(
     *,
     examples: int = 5,
     apply_lag_s: float = 60.0,
+    since: datetime | None = None,
 ) -> SkewReport:
-    """Read the served-feature log of `warehouse` and compare every read with the log.
+    """Read the served-feature log of `warehouse` and compare every read (served at or after
+    `since`) with the log.
 
     Raises:
         ServedLogError: the warehouse holds no served-feature log.
@@ -80,11 +88,25 @@ def run_skew(
             "served_log=ServedLog(warehouse) and serve "
             "some reads first"
         )
+    if since is not None:
+        served = served.filter(pc.greater_equal(served.column("served_at"), pa.scalar(since)))
     reads, services = logged_reads(served, defs)
     state = state if state is not None and (state / "FORMAT").is_file() else None
     wh = Warehouse(warehouse)
     return skew_report(defs, reads, wh, kafka, state, services=services, examples=examples,
                        apply_lag_s=apply_lag_s)  # fmt: skip
+
+
+def _since(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--since {text!r} is not an ISO-8601 time; write e.g. 2026-11-27T00:00:00Z"
+        ) from exc
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def report_json(report: SkewReport) -> dict[str, Any]:

@@ -206,6 +206,8 @@ def test_service_reads_compare_their_on_demand_outputs(deployment: Path, tmp_pat
     assert ratio.exact + ratio.within_tolerance == 10
     assert outputs["spend", "count_30m"].rows == 10  # the view part, through the view
     assert same.unexplained == 0
+    later = run_skew(served_defs, wh, None, state, since=datetime(2100, 1, 1, tzinfo=UTC))
+    assert later.compared == 0  # --since: only reads served from then on
     changed = write_module(tmp_path / "changed", base + ON_DEMAND.format(factor=3.0))
     other = run_skew(changed, wh, None, state)
     ratio = {(f.view, f.feature): f for f in other.features}["scored", "signals__ratio"]
