@@ -59,15 +59,15 @@ def evaluate_blobs(
     layout: ViewLayout,
     blobs: Sequence[bytes | None],
     t: int,
-    checks: Sequence[AsOf | None] | None = None,
+    checks: Checks | None = None,
     only: frozenset[str] | None = None,
 ) -> dict[str, list[Any]]:
     """Every feature of every entity as of t: {feature: one value per blob, in order} (with
     `only`, those features, in the layout's order).
 
     A None blob is an unknown key: the empty-window values (0 for count and sum, None else).
-    With `checks` (one per blob; None for a blob not to check), values are exact or refused,
-    as `evaluate_blob` decides for one entity.
+    With `checks`, values of known keys are exact or refused, as `evaluate_blob` decides for
+    one entity.
 
     Raises:
         InexactReadError: with `checks`, a window at t cannot be answered exactly (naming the
@@ -88,7 +88,7 @@ def evaluate_blobs(
             continue
         tiles = section.i64[section.index] if plan.hop else np.zeros(len(section.eid), np.int64)
         if checks is not None:
-            _check_exact(layout, group, plan, section, batch, tiles, t, checks)
+            _check_exact(layout, group, plan, section, batch, tiles, t, checks, blobs)
         _group_values(group, plan, section, batch, tiles, t, values, only)
     if (pos != batch.ends).any():
         raise _corrupt(layout, "its sections do not end where the blob ends")
@@ -241,6 +241,16 @@ def _corrupt(layout: ViewLayout, cause: str) -> CorruptStateError:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """What a checked batch read holds each known key's values to (`state.read.AsOf` for a
+    batch): its key, named when refused, and its partition's newest event time (None when
+    nothing is recorded)."""
+
+    keys: Sequence[str]
+    watermarks: Sequence[int | None]
+
+
 def _check_exact(
     layout: ViewLayout,
     group: HopGroup,
@@ -249,9 +259,10 @@ def _check_exact(
     batch: _Batch,
     tiles: I64,
     t: int,
-    checks: Sequence[AsOf | None],
+    checks: Checks,
+    blobs: Sequence[bytes | None],
 ) -> None:
-    """`state.read._check_exact` for every checked entity of the batch at once."""
+    """`state.read._check_exact` for every known key of the batch at once."""
     entities = len(sec.n)
     early = (t < batch.newest) & (sec.n > 1)
     if not plan.hop:
@@ -261,15 +272,14 @@ def _check_exact(
         mixed = early & (np.bincount(sec.eid[hit], minlength=entities) > 0)
     else:
         mixed = np.zeros(entities, dtype=bool)
-    pruned_at: dict[int | None, list[str]] = {}
-    for check in checks:  # the few partitions' watermarks, each looked at once
-        if check is not None and check.watermark not in pruned_at:
-            pruned_at[check.watermark] = _pruned(group, plan, t, check.watermark)
+    # the few partitions' watermarks, each looked at once
+    pruned_at = {wm: _pruned(group, plan, t, wm) for wm in set(checks.watermarks)}
     if not mixed.any() and not any(pruned_at.values()):
         return
-    for e, check in enumerate(checks):
-        if check is not None and (mixed[e] or pruned_at[check.watermark]):
-            newest, pruned = int(batch.newest[e]), pruned_at[check.watermark]
+    for e, (key, wm) in enumerate(zip(checks.keys, checks.watermarks, strict=True)):
+        if blobs[e] is not None and (mixed[e] or pruned_at[wm]):
+            check, pruned = AsOf(key, wm), pruned_at[wm]
+            newest = int(batch.newest[e])
             raise InexactReadError(
                 inexact_message(layout, group, t, newest, check, bool(mixed[e]), pruned)
             )

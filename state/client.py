@@ -3,8 +3,10 @@
 It runs inside the serving process and opens each view partition as a RocksDB secondary (a
 read-only follower, safe while `flows.run` writes). A background thread catches the open
 partitions up with the writer every `refresh_s` seconds and follows version switches, so a
-read never pays for either. A read is one RocksDB get of the entity's tile blob plus the merge
-of the tiles in each window (`state.read`).
+read never pays for either. `get` is one RocksDB get of the entity's tile blob plus the merge
+of the tiles in each window (`state.read`); `get_many` one multi-get per partition and one
+merge of every entity's windows together (`state.batch_read`), equal to `get` key by key. A
+read as of a given time takes the partition's newest event times in the same (multi-)get.
 
 Threads: any number of threads may share one client. Each read pins the `_OpenView` it uses (a
 reference count); a switch to a new version swaps in a fully opened new `_OpenView` and closes
@@ -31,7 +33,7 @@ import pyarrow as pa
 from rocksdict import Rdict
 
 from connectors.partitioner import partition_for
-from state.batch_read import empty_blob, evaluate_blobs
+from state.batch_read import Checks, empty_blob, evaluate_blobs
 from state.codec import (
     ENTITY_PREFIX,
     FOREIGN_WATERMARK,
@@ -267,9 +269,12 @@ class FeatureClient:
         try:
             texts = _key_texts(view, opened.layout, keys)
             if len(texts) <= _SINGLE_READS:
-                blobs, checks = self._blobs(opened, texts, at is not None)
-                layout = opened.layout
-                return [_evaluate(layout, b, t, c) for b, c in zip(blobs, checks, strict=True)]
+                blobs, marks = self._blobs(opened, texts, at is not None)
+                layout, strict = opened.layout, at is not None
+                return [
+                    _evaluate(layout, b, t, AsOf(k, m) if strict else None)
+                    for k, b, m in zip(texts, blobs, marks, strict=True)
+                ]
             columns = self._read_columns(opened, texts, t, at is not None, None)
         finally:
             self._unpin(opened)
@@ -296,11 +301,15 @@ class FeatureClient:
         """{feature: values} of the keys `texts`; each distinct key is read and merged once."""
         layout = opened.layout
         distinct = list(dict.fromkeys(texts)) if len(texts) > 1 else texts
-        blobs, checks = self._blobs(opened, distinct, strict)
+        blobs, marks = self._blobs(opened, distinct, strict)
         if len(distinct) > _SINGLE_READS:
-            columns = evaluate_blobs(layout, blobs, t, checks if strict else None, only)
+            checks = Checks(distinct, marks) if strict else None
+            columns = evaluate_blobs(layout, blobs, t, checks, only)
         else:
-            rows = [_evaluate(layout, b, t, c, only) for b, c in zip(blobs, checks, strict=True)]
+            rows = [
+                _evaluate(layout, b, t, AsOf(k, m) if strict else None, only)
+                for k, b, m in zip(distinct, blobs, marks, strict=True)
+            ]
             names = [f.name for f in layout.features if only is None or f.name in only]
             columns = {name: [r[name] for r in rows] for name in names}
         if len(distinct) == len(texts):
@@ -312,17 +321,17 @@ class FeatureClient:
 
     def _blobs(
         self, opened: _OpenView, keys: list[str], strict: bool
-    ) -> tuple[list[bytes | None], list[AsOf | None]]:
-        """Each key's blob (one multi-get per partition) and, when `strict`, what to check it
-        against: the partition's newest event time, read in the same multi-get (one consistent
-        view of the partition, so never older than what pruned the blobs)."""
+    ) -> tuple[list[bytes | None], list[int | None]]:
+        """Each key's blob (one multi-get per partition) and, when `strict`, its partition's
+        newest event time, read in the same multi-get (one consistent view of the partition,
+        so never older than what pruned the blobs)."""
         parts = opened.layout.partitions
         by_partition: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
             by_partition.setdefault(partition_for(key, parts), []).append(i)
         blobs: list[bytes | None] = [None] * len(keys)
-        checks: list[AsOf | None] = [None] * len(keys)
-        marks = _watermark_keys(parts) if strict else []
+        marks: list[int | None] = [None] * len(keys)
+        extra = _watermark_keys(parts) if strict else []
         for partition, positions in by_partition.items():
             db = opened.dbs.get(partition) or self._open_partition(opened, partition)
             if db is None:
@@ -333,16 +342,15 @@ class FeatureClient:
             wanted: list[str | int | float | bytes | bool] = [
                 ENTITY_PREFIX + keys[i].encode() for i in positions
             ]
-            found = db.get(wanted + marks)
+            found = db.get(wanted + extra)
             assert isinstance(found, list)
             for i, blob in zip(positions, found, strict=False):
                 blobs[i] = blob
             if strict:
                 newest = _newest(found[len(positions) :])
                 for i in positions:
-                    if blobs[i] is not None:
-                        checks[i] = AsOf(keys[i], newest)
-        return blobs, checks
+                    marks[i] = newest
+        return blobs, marks
 
     # --- feature services: one model's vector per row ---------------------------------------
 

@@ -9,8 +9,11 @@ sketches ride beside the rows as object arrays, vectors as (rows, width) float64
 - `combine`: runs of adjacent rows merge into one row each (associative, commutative);
 - `reduce_ranges` + `finalize`: the rows of a window merge, then become feature values.
 
-The write path (apply a batch), the read path (one key as of t) and the offline snapshot (many
-(key, t) rows) are the same three calls, so online and offline values cannot drift apart.
+The write path (apply a batch) and the offline snapshot (`flows.pointintime`, many (key, t)
+rows) build their tiles with these calls. The online read does not share the window merge: it
+merges an entity's stored tile columns itself (`state.read` for one key, `state.batch_read` for
+a batch), so online and offline are separate code, equal by test (the DuckDB oracle tests,
+tests/test_services.py, tests/test_reads_batch.py), not by construction.
 """
 
 from __future__ import annotations

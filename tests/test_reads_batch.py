@@ -38,7 +38,7 @@ from flows.spec import (
     sum,
     var,
 )
-from state.batch_read import empty_blob, evaluate_blobs
+from state.batch_read import Checks, empty_blob, evaluate_blobs
 from state.client import FeatureClient
 from state.codec import encode_key
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
@@ -243,14 +243,14 @@ def test_checked_reads_refuse_what_single_reads_refuse() -> None:
     ts = events.column("ts").cast(pa.int64()).to_numpy()
     inside = int(np.median(ts)) // MINUTE * MINUTE + 17
     with pytest.raises(InexactReadError) as batch_error:
-        evaluate_blobs(layout, blobs, inside, checks)
+        evaluate_blobs(layout, blobs, inside, Checks(keys, [None] * len(keys)))
     first_refused = next(
         k for k, b, c in zip(keys, blobs, checks, strict=True) if _refuses(layout, b, inside, c)
     )
     assert f"key {first_refused!r}" in str(batch_error.value)
     assert "no exact value as of" in str(batch_error.value)
     after = int(ts.max()) + 1
-    assert rows(layout, evaluate_blobs(layout, blobs, after, checks)) == [
+    assert rows(layout, evaluate_blobs(layout, blobs, after, Checks(keys, [None] * 21))) == [
         evaluate_blob(layout, b if b is not None else empty_blob(layout), after, c)
         for b, c in zip(blobs, checks, strict=True)
     ]
@@ -269,12 +269,13 @@ def test_checked_reads_refuse_pruned_windows_as_single_reads_do() -> None:
     ts = events.column("ts").cast(pa.int64()).to_numpy()
     boundary = int(np.median(ts)) // DAY * DAY  # on every hop boundary: no tile is mixed
     fresh = [AsOf(k, None) for k in keys]  # no watermark recorded: nothing pruned
-    assert rows(layout, evaluate_blobs(layout, blobs, boundary, fresh)) == [
+    no_marks = Checks(keys, [None] * len(keys))
+    assert rows(layout, evaluate_blobs(layout, blobs, boundary, no_marks)) == [
         evaluate_blob(layout, b, boundary, c) for b, c in zip(blobs, fresh, strict=True) if b
     ]
     pruned = [AsOf(k, int(ts.max()) + 30 * DAY) for k in keys]  # the writer moved far on
     with pytest.raises(InexactReadError, match="were pruned") as caught:
-        evaluate_blobs(layout, blobs, boundary, pruned)
+        evaluate_blobs(layout, blobs, boundary, Checks(keys, [c.watermark for c in pruned]))
     with pytest.raises(InexactReadError) as single:
         evaluate_blob(layout, blobs[0] or b"", boundary, pruned[0])
     assert str(caught.value) == str(single.value)
