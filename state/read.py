@@ -5,10 +5,14 @@ A read is one RocksDB get and this function. The blob stores each hop group's ti
 reductions (`sum`, `min`, `max` over memoryview slices) of the columns its features need; no
 structured array is built and no NumPy call is made for the common aggregations. The merge it
 performs is `state.tiles.combine` specialised to one contiguous range; the oracle tests hold the
-online read, the offline snapshot and the SQL oracle equal. `state.batch_read` is the same
-merge for many entities at once (NumPy across entities), equal to this one bit for bit. Vector features (`list[float]`) read
-the group's vector section as (tiles, length) matrices without copying: a window's element-wise
-mean is one NumPy sum over a slice of rows, its last value one row.
+online read, the offline snapshot and the SQL oracle equal (separate code, equal by test).
+Vector features (`list[float]`) read the group's vector section as (tiles, length) matrices
+without copying: a window's element-wise mean is one NumPy sum over a slice of rows, its last
+value one row. `state.batch_read` is this merge for many entities at once (NumPy across
+entities), equal to it bit for bit.
+
+`only` restricts a read to some features: the groups and windows of the others are skipped
+(a feature service reads only the features it serves).
 """
 
 from __future__ import annotations
