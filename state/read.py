@@ -33,6 +33,7 @@ _HEAD = struct.Struct("<Bq")
 _U32 = struct.Struct("<I")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
+_PLAIN = frozenset({"events", "count", "sum", "mean"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +311,16 @@ def _group_values(
             cnt = counts.get(f.cnt)
             if cnt is None:
                 cnt = counts[f.cnt] = sum(cols.q(f.cnt)[lo:hi])
-            if f.agg in SUMMARY_KIND and cnt:
+            agg = f.agg
+            if agg in _PLAIN and not f.vector:  # inline: feature_value's arithmetic
+                if agg == "sum":
+                    total = cols.total(f.value, lo, hi)
+                    values[f.name] = round(total) if f.integral else float(total)
+                elif agg == "mean":
+                    values[f.name] = cols.total(f.value, lo, hi) / cnt if cnt else None
+                else:
+                    values[f.name] = cnt
+            elif agg in SUMMARY_KIND and cnt:
                 if objs is None:
                     objs = decode_objects(group.object_fields, blob, objects_at, n)[0]
                 values[f.name] = summary_value(objs, lo, hi, f)
