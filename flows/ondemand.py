@@ -45,7 +45,7 @@ def cosine_similarity(a: Any, b: Any) -> pa.Array:
     ok = x_ok & y_ok
     out = np.zeros(len(left))
     if ok.any():
-        xs, ys = x[ok], y[ok]
+        xs, ys = (x, y) if ok.all() else (x[ok], y[ok])
         if xs.shape[1] != ys.shape[1]:
             raise ValueError(
                 f"cosine_similarity: vectors of dimension {xs.shape[1]} and {ys.shape[1]}; "
@@ -162,15 +162,16 @@ def _uniform_matrix(arr: pa.Array) -> F64 | None:
     item is null and every row has one non-zero length): the rows as a (n, dim) matrix."""
     if arr.null_count or not len(arr) or not pa.types.is_list(arr.type):
         return None
-    offsets = np.asarray(arr.offsets.to_numpy(), dtype=np.int64)  # this slice's n + 1 offsets
-    lengths = np.diff(offsets)
-    if lengths[0] <= 0 or (lengths != lengths[0]).any():
+    offsets = arr.offsets.to_numpy()  # this slice's n + 1 offsets
+    n, first, size = len(arr), int(offsets[0]), int(offsets[-1] - offsets[0])
+    dim = size // n
+    if dim <= 0 or dim * n != size or (n > 1 and (np.diff(offsets) != dim).any()):
         return None
-    flat = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    flat = arr.values.slice(first, size)
     if flat.null_count:
         return None
     values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64)
-    return values.reshape(len(arr), int(lengths[0]))
+    return values.reshape(n, dim)
 
 
 def _rows_with_null_items(arr: pa.Array) -> Mask:
