@@ -5,7 +5,9 @@ warehouse segments, with features count, sum and mean of amount over 30m, 14d an
 segments, the bytewax dataflow, the aggregation core, RocksDB commits. Against DuckDB computing
 the same windows per event with window SQL over the same Parquet segment files. Runs the flow
 with 1 and with 2 workers, reports events/s, wall time, peak memory (max RSS of the flow
-process), and the RocksDB get + read of one entity (p50/p99) through FeatureClient.
+process), and the RocksDB get + read of one entity (p50/p99) through FeatureClient
+(`scripts/bench_reads.py` measures the read path in detail, beside a raw RocksDB get and
+multi-get of the same keys).
 
     python scripts/bench_flow.py [--events 10000000] [--keys 100000] [--partitions 4]
 """
