@@ -16,7 +16,7 @@ joins the cluster, and every reader of a partition takes the minimum over all pr
 publications once the cluster has formed (bytewax connects every process before any partition
 is built, so each publication read is this run's):
 
-    <warehouse>/_cluster/<source>/h<process>.json
+    <warehouse>/_cluster/<source>/<views>/h<process>.json     <views>: a digest of the view names
         {"format": 1, "process_id": 0, "processes": 2, "versions": {"spend": 3, ...},
          "positions": {"0": [offset, watermark_us], ...}}   lowest applied per partition
 
@@ -27,8 +27,9 @@ slower.
 
 from __future__ import annotations
 
+import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,19 +81,28 @@ def publish(warehouse: str | Path, source: str, cluster: Cluster, publication: P
         "versions": dict(publication.versions),
         "positions": {str(p): [x.offset, x.watermark] for p, x in publication.positions.items()},
     }
-    rel = f"{CLUSTER_DIR}/{source}/h{publication.process_id}.json"
-    open_store(warehouse).write_bytes(rel, orjson.dumps(body))
+    folder = _folder(source, publication.versions)
+    open_store(warehouse).write_bytes(
+        f"{folder}/h{publication.process_id}.json", orjson.dumps(body)
+    )
+
+
+def _folder(source: str, views: Iterable[str]) -> str:
+    """Publications per source and set of views: deployments running other views of the same
+    source on the same warehouse keep theirs apart."""
+    digest = hashlib.sha256(",".join(sorted(views)).encode()).hexdigest()[:16]
+    return f"{CLUSTER_DIR}/{source}/{digest}"
 
 
 def read_publications(
-    warehouse: str | Path, source: str, processes: int
+    warehouse: str | Path, source: str, views: Iterable[str], processes: int
 ) -> list[Publication | None]:
-    """Every process's publication for `source` (None where a process has none)."""
-    store = open_store(warehouse)
+    """Every process's publication for `source` and `views` (None where a process has none)."""
+    store, folder = open_store(warehouse), _folder(source, views)
     found: list[Publication | None] = []
     for process in range(processes):
         try:
-            body = orjson.loads(store.read_bytes(f"{CLUSTER_DIR}/{source}/h{process}.json"))
+            body = orjson.loads(store.read_bytes(f"{folder}/h{process}.json"))
         except FileNotFoundError:
             found.append(None)
             continue
@@ -132,7 +142,7 @@ class ClusterStarts:
         with self._lock:
             if source not in self._cache:
                 self._cache[source] = read_publications(
-                    self.warehouse, source, self.cluster.processes
+                    self.warehouse, source, versions, self.cluster.processes
                 )
             publications = self._cache[source]
         return lowest_position(publications, versions, partition)

@@ -255,11 +255,17 @@ def test_shard_owners_and_the_lowest_published_position(tmp_path: Path) -> None:
     versions = {"spend": 2}
     cluster = Cluster(0, 2, separate_state=True)
     publish(warehouse, "txns", cluster, Publication(0, versions, {0: LogPosition(40, 7)}))
-    assert lowest_position(read_publications(warehouse, "txns", 2), versions, 0) == NOTHING_APPLIED
+    assert (
+        lowest_position(read_publications(warehouse, "txns", versions, 2), versions, 0)
+        == NOTHING_APPLIED
+    )
     publish(warehouse, "txns", cluster, Publication(1, versions, {0: LogPosition(30, 5)}))
-    found = read_publications(warehouse, "txns", 2)
+    found = read_publications(warehouse, "txns", versions, 2)
     assert lowest_position(found, versions, 0) == LogPosition(30, 5)
     assert lowest_position(found, versions, 1) == NOTHING_APPLIED  # nobody applied any of it
     assert lowest_position(found, {"spend": 3}, 0) == NOTHING_APPLIED
     no_shards = Publication(2, versions, {})  # a third process that owns no shard
     assert lowest_position([*found, no_shards], versions, 0) == LogPosition(30, 5)
+    other = Publication(1, {"channels": 1}, {0: LogPosition(5, 1)})  # another deployment's
+    publish(warehouse, "txns", cluster, other)
+    assert read_publications(warehouse, "txns", versions, 2) == found
