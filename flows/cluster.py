@@ -28,6 +28,7 @@ slower.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -97,18 +98,31 @@ def _folder(source: str, views: Iterable[str]) -> str:
 def read_publications(
     warehouse: str | Path, source: str, views: Iterable[str], processes: int
 ) -> list[Publication | None]:
-    """Every process's publication for `source` and `views` (None where a process has none)."""
+    """Every process's publication for `source` and `views`: None where a process has none,
+    or an unreadable one (said on stderr; its partitions are then read from the start)."""
     store, folder = open_store(warehouse), _folder(source, views)
     found: list[Publication | None] = []
     for process in range(processes):
+        rel = f"{folder}/h{process}.json"
         try:
-            body = orjson.loads(store.read_bytes(f"{folder}/h{process}.json"))
+            found.append(_parse(process, store.read_bytes(rel)))
         except FileNotFoundError:
             found.append(None)
-            continue
-        positions = {int(p): LogPosition(o, w) for p, (o, w) in body["positions"].items()}
-        found.append(Publication(process, body["versions"], positions))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            print(
+                f"cluster: {store.describe(rel)} is not a position publication ({exc!r}); "
+                "reading the partitions from the start (shards skip what they hold)",
+                file=sys.stderr,
+                flush=True,
+            )
+            found.append(None)
     return found
+
+
+def _parse(process: int, raw: bytes) -> Publication:
+    body = orjson.loads(raw)
+    positions = {int(p): LogPosition(int(o), w) for p, (o, w) in body["positions"].items()}
+    return Publication(process, dict(body["versions"]), positions)
 
 
 def lowest_position(

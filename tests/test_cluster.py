@@ -269,3 +269,6 @@ def test_shard_owners_and_the_lowest_published_position(tmp_path: Path) -> None:
     other = Publication(1, {"channels": 1}, {0: LogPosition(5, 1)})  # another deployment's
     publish(warehouse, "txns", cluster, other)
     assert read_publications(warehouse, "txns", versions, 2) == found
+    [mine] = [f for f in warehouse.rglob("h1.json") if b'"spend"' in f.read_bytes()]
+    mine.write_bytes(b"{not json")  # a torn or foreign object: its partitions from the start
+    assert read_publications(warehouse, "txns", versions, 2)[1] is None
