@@ -20,7 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.envelope import DeadLetter
-from state.codec import KEY_SEPARATOR, decode_words, encode_key, encode_words, vector_lengths
+from state.codec import (
+    KEY_SEPARATOR,
+    StoredGroup,
+    decode_many,
+    decode_words,
+    encode_key,
+    encode_many,
+    vector_lengths,
+)
 from state.layout import HopGroup, ViewLayout
 from state.store import LogPosition, PartitionProgress
 from state.tiles import (
@@ -32,7 +40,7 @@ from state.tiles import (
     run_starts,
     unit_block,
 )
-from state.vectors import check_lengths, concat_matrices, entity_objects, padded
+from state.vectors import check_lengths, concat_matrices, padded
 
 OFFSET = "_offset"
 Transform = Callable[[pa.Table], pa.Table]
@@ -360,8 +368,28 @@ class _OldState:
 
 
 def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
-    """The stored tiles of the touched keys, concatenated per group (one copy, no per-key
-    structured arrays)."""
+    """The stored tiles of the touched keys, concatenated per group: every blob decoded in one
+    NumPy pass per group (`state.codec.decode_many`), stored summaries left as bytes."""
+    decoded = decode_many(layout, blobs)
+    if decoded is None:  # an irregular blob: the per-blob decoder reads it or says why
+        return _load_old_per_key(layout, blobs)
+    stored, newest = decoded
+    blocks: list[TileBlock | None] = []
+    key_of_row: list[I64] = []
+    last_of_key: list[npt.NDArray[np.bool_]] = []
+    for group, g in zip(layout.groups, stored, strict=True):
+        key_of_row.append(np.repeat(np.arange(len(blobs), dtype=np.int64), g.counts))
+        last = np.zeros(len(g.words), dtype=bool)
+        last[np.cumsum(g.counts)[g.counts > 0] - 1] = True
+        last_of_key.append(last)
+        rows = np.ascontiguousarray(g.words).view(group.dtype).reshape(-1)
+        blocks.append(TileBlock(rows, g.objs) if len(rows) else None)
+    return _OldState(blocks, key_of_row, newest, last_of_key)
+
+
+def _load_old_per_key(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
+    """`_load_old` one blob at a time (the reference form, and the path that raises the
+    precise error for a damaged blob)."""
     words: list[list[npt.NDArray[np.int64]]] = [[] for _ in layout.groups]
     objs: list[dict[str, list[Any]]] = [
         {f: [] for f in (*g.object_fields, *g.vector_fields)} for g in layout.groups
@@ -455,18 +483,12 @@ def _encode_keys(
     newest: I64,
     lengths: dict[str, I64],
 ) -> dict[bytes, bytes]:
+    """Every touched key's new blob, encoded for all keys at once (`state.codec.encode_many`)."""
     n_keys = len(raw_keys)
-    bounds = [np.searchsorted(row_keys, np.arange(n_keys + 1)).tolist() for _, row_keys in merged]
-    words = []
-    for group, (block, _) in zip(layout.groups, merged, strict=True):
+    groups = []
+    for group, (block, row_keys) in zip(layout.groups, merged, strict=True):
         rows = np.ascontiguousarray(block.rows)
-        words.append(rows.view(np.int64).reshape(len(rows), len(group.dtype.names or ())))
-    newest_list = newest.tolist()
-    puts: dict[bytes, bytes] = {}
-    for kid in range(n_keys):
-        groups = []
-        for w, (block, _), b in zip(words, merged, bounds, strict=True):
-            a, z = b[kid], b[kid + 1]
-            groups.append((w[a:z], entity_objects(block.objs, a, z, lengths, kid)))
-        puts[raw_keys[kid]] = encode_words(layout, groups, newest_list[kid])
-    return puts
+        words = rows.view(np.int64).reshape(len(rows), len(group.dtype.names or ()))
+        counts = np.bincount(row_keys, minlength=n_keys).astype(np.int64)
+        groups.append(StoredGroup(words, block.objs, counts))
+    return dict(zip(raw_keys, encode_many(layout, groups, newest, lengths), strict=True))

@@ -27,8 +27,10 @@ this code could already read.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ import orjson
 
 from state import sketches
 from state.errors import CorruptStateError, FormatVersionError
-from state.layout import ViewLayout
+from state.layout import HopGroup, ViewLayout
 from state.tiles import TileBlock
 
 VALUE_FORMAT = 1
@@ -268,4 +270,263 @@ def decode_objects(
 def _object_array(values: list[Any]) -> np.ndarray[Any, np.dtype[np.object_]]:
     out = np.empty(len(values), dtype=object)
     out[:] = values
+    return out
+
+
+# -- The write path's batched form: every touched key's blob decoded and encoded at once ------
+#
+# Same bytes as `decode_words`/`encode_words`, one NumPy pass per hop group instead of a Python
+# loop per key. Stored summaries (KLL, HLL, last-k) stay undecoded: each is its stored bytes (a
+# type no raw event value has: bytes columns cannot be aggregated), which `state.sketches`
+# decodes only when a merge needs it and writes back unchanged otherwise.
+
+I64 = npt.NDArray[np.int64]
+INT64_MIN = int(np.iinfo(np.int64).min)
+
+
+class _IrregularBlobError(Exception):
+    """A blob the batched decoder cannot walk; the per-blob decoder says why (or reads it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGroup:
+    """One hop group's stored tiles of many keys: rows in key order (`counts[k]` rows of key
+    k), their object stats (summaries as their stored bytes) and vectors."""
+
+    words: Words
+    objs: dict[str, Any]
+    counts: I64
+
+
+def decode_many(
+    layout: ViewLayout, blobs: Sequence[bytes | None]
+) -> tuple[list[StoredGroup], I64] | None:
+    """The stored tiles of many keys per hop group (None blobs: keys without tiles) and each
+    key's newest event time (INT64_MIN without a blob); None when a blob is not regular
+    (the per-blob `decode_words` then reads it or says what is wrong)."""
+    present = np.asarray([i for i, b in enumerate(blobs) if b is not None], dtype=np.int64)
+    newest = np.full(len(blobs), INT64_MIN, dtype=np.int64)
+    if not len(present):
+        empty = [_empty_group(layout, g, len(blobs)) for g in range(len(layout.groups))]
+        return empty, newest
+    try:
+        groups, stored_newest = _BlobWalk(layout, [b for b in blobs if b is not None]).run()
+    except (_IrregularBlobError, IndexError, ValueError, orjson.JSONDecodeError):
+        return None
+    newest[present] = stored_newest
+    return [_spread(g, present, len(blobs)) for g in groups], newest
+
+
+def _empty_group(layout: ViewLayout, gi: int, n_keys: int) -> StoredGroup:
+    group = layout.groups[gi]
+    width = len(group.dtype.names or ())
+    objs: dict[str, Any] = {f: np.empty(0, dtype=object) for f in group.object_fields}
+    objs.update((f, np.zeros((0, 0))) for f in group.vector_fields)
+    return StoredGroup(np.zeros((0, width), np.int64), objs, np.zeros(n_keys, np.int64))
+
+
+def _spread(group: StoredGroup, present: I64, n_keys: int) -> StoredGroup:
+    counts = np.zeros(n_keys, dtype=np.int64)
+    counts[present] = group.counts
+    return StoredGroup(group.words, group.objs, counts)
+
+
+def _windows(buf: bytes, size: int) -> npt.NDArray[np.uint8]:
+    """Every `size`-byte window of `buf` as a row (a strided view, no copy)."""
+    u8 = np.frombuffer(buf, dtype=np.uint8)
+    rows = max(len(u8) - size + 1, 0)
+    return np.lib.stride_tricks.as_strided(u8, (rows, size), (1, 1), writeable=False)
+
+
+class _BlobWalk:
+    """Walks the blobs of a batch side by side, one section of every blob per step."""
+
+    def __init__(self, layout: ViewLayout, blobs: list[bytes]) -> None:
+        self.layout = layout
+        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+        self.buf = b"".join(blobs)
+        self.ends = np.cumsum(lengths)
+        self.pos = self.ends - lengths
+        self.w4, self.w8 = _windows(self.buf, 4), _windows(self.buf, 8)
+
+    def u32(self, pos: I64) -> I64:
+        return self.w4[pos].view("<u4").reshape(len(pos)).astype(np.int64)
+
+    def i64(self, pos: I64) -> I64:
+        return self.w8[pos].view("<i8").reshape(len(pos))
+
+    def run(self) -> tuple[list[StoredGroup], I64]:
+        if len(self.buf) < 9 * len(self.pos) or (self.w4[self.pos][:, 0] != VALUE_FORMAT).any():
+            raise _IrregularBlobError
+        newest = self.i64(self.pos + 1)
+        self.pos = self.pos + _HEAD.size
+        groups = [self.group(g) for g in self.layout.groups]
+        if (self.pos != self.ends).any():
+            raise _IrregularBlobError
+        return groups, newest
+
+    def group(self, group: HopGroup) -> StoredGroup:
+        n = self.u32(self.pos)
+        width = len(group.dtype.names or ())
+        base = self.pos + 4
+        self.pos = base + n * width * 8
+        if (self.pos > self.ends).any():
+            raise _IrregularBlobError
+        firsts = np.cumsum(n) - n
+        key = np.repeat(np.arange(len(n)), n)
+        row = np.arange(int(n.sum())) - firsts[key]
+        cols = np.arange(width)[None, :] * n[key][:, None] + row[:, None]
+        words = self.i64((base[key][:, None] + cols * 8).ravel()).reshape(len(key), width)
+        objs: dict[str, Any] = {}
+        if group.object_fields:
+            objs = self.objects(group.object_fields, n, firsts)
+        for f in group.vector_fields:
+            objs[f] = self.vectors(n, key, row)
+        return StoredGroup(words, objs, n)
+
+    def objects(self, fields: tuple[str, ...], n: I64, firsts: I64) -> dict[str, Any]:
+        end = self.pos + 4 + self.u32(self.pos)
+        doc_len = self.u32(self.pos + 4)
+        doc_at = self.pos + 8
+        buf = self.buf
+        docs = [buf[a:b] for a, b in zip(doc_at.tolist(), (doc_at + doc_len).tolist(), strict=True)]
+        loaded = orjson.loads(b"[" + b",".join(docs) + b"]")
+        self.pos = doc_at + doc_len
+        objs: dict[str, Any] = {}
+        for f in fields:
+            if _summary_kind(f) is None:
+                objs[f] = _object_array([v for d in loaded for v in d[f]])
+            else:
+                objs[f] = self.summaries(n, firsts)
+            if len(objs[f]) != int(n.sum()):
+                raise _IrregularBlobError
+        if (self.pos != end).any():
+            raise _IrregularBlobError
+        return objs
+
+    def summaries(self, n: I64, firsts: I64) -> npt.NDArray[np.object_]:
+        """One summary field of every key: n entries of u32 length + bytes, walked for all
+        keys at once (entry i of every key per step)."""
+        total = int(n.sum())
+        at, size = np.zeros(total, np.int64), np.zeros(total, np.int64)
+        live, i = np.flatnonzero(n > 0), 0
+        while len(live):
+            length = self.u32(self.pos[live])
+            at[firsts[live] + i], size[firsts[live] + i] = self.pos[live] + 4, length
+            self.pos[live] += 4 + length
+            i += 1
+            live = live[n[live] > i]
+        buf = self.buf
+        return _object_array(
+            [buf[a : a + s] if s else None for a, s in zip(at.tolist(), size.tolist(), strict=True)]
+        )
+
+    def vectors(self, n: I64, key: I64, row: I64) -> npt.NDArray[np.float64]:
+        dim = self.u32(self.pos)
+        width = int(dim.max()) if len(dim) else 0
+        out = np.zeros((len(key), width), dtype=np.float64)
+        if width:
+            cells = np.arange(width)[None, :] < dim[key][:, None]
+            at = (
+                self.pos[key][:, None]
+                + 4
+                + (row[:, None] * dim[key][:, None] + np.arange(width)) * 8
+            )
+            out[cells] = self.i64(at[cells]).view(np.float64)
+        self.pos = self.pos + 4 + 8 * n * dim
+        if (self.pos > self.ends).any():
+            raise _IrregularBlobError
+        return out
+
+
+def encode_many(
+    layout: ViewLayout,
+    groups: Sequence[StoredGroup],
+    newest: I64,
+    dims: dict[str, I64] | None = None,
+) -> list[bytes]:
+    """The blobs of many keys (key order), byte for byte what `encode_words` writes for each;
+    `dims`: per vector column, each key's vector length (vectors cut or zero-padded to it)."""
+    n_keys = len(newest)
+    heads = np.zeros(n_keys, dtype=[("v", "u1"), ("t", "<i8")])
+    heads["v"], heads["t"] = VALUE_FORMAT, newest
+    sections = [_group_sections(layout.groups[gi], g, dims or {}) for gi, g in enumerate(groups)]
+    raw = heads.tobytes()
+    size = _HEAD.size
+    out = []
+    for k in range(n_keys):
+        parts = [raw[k * size : (k + 1) * size]]
+        for section in sections:
+            parts.extend(section[k])
+        out.append(b"".join(parts))
+    return out
+
+
+def _group_sections(
+    group: HopGroup, stored: StoredGroup, dims: dict[str, I64]
+) -> list[list[bytes]]:
+    """Per key, the byte parts of one hop group's section."""
+    n = stored.counts
+    width = len(group.dtype.names or ())
+    firsts = np.cumsum(n) - n
+    key = np.repeat(np.arange(len(n)), n * width)
+    local = np.arange(len(key)) - firsts[key] * width
+    field, row = np.divmod(local, np.maximum(n[key], 1))
+    columns = stored.words.ravel()[(firsts[key] + row) * width + field].tobytes()
+    counts = n.astype("<u4").tobytes()
+    ends = ((firsts + n) * width * 8).tolist()
+    starts = (firsts * width * 8).tolist()
+    parts = [
+        [counts[4 * k : 4 * k + 4], columns[a:b]]
+        for k, (a, b) in enumerate(zip(starts, ends, strict=True))
+    ]
+    if group.object_fields:
+        for k, section in enumerate(_object_sections(group.object_fields, stored.objs, n)):
+            parts[k].extend(section)
+    for f in group.vector_fields:
+        for k, matrix in enumerate(_key_vectors(f, stored.objs[f], n, firsts, dims)):
+            parts[k].extend((_U32.pack(matrix.shape[1]), matrix.tobytes()))
+    return parts
+
+
+def _object_sections(
+    fields: tuple[str, ...], objs: dict[str, Any], n: I64
+) -> list[tuple[bytes, ...]]:
+    """Per key: u32 section length, then `_encode_objects`' bytes for its rows."""
+    bounds = np.concatenate([[0], np.cumsum(n)]).tolist()
+    plain = [(f, objs[f].tolist()) for f in fields if _summary_kind(f) is None]
+    docs = [orjson.dumps({f: v[a:z] for f, v in plain}) for a, z in itertools.pairwise(bounds)]
+    regions = [_summary_region(f, objs[f], bounds) for f in fields if _summary_kind(f)]
+    out: list[tuple[bytes, ...]] = []
+    for k, doc in enumerate(docs):
+        summary = b"".join(region[k] for region in regions)
+        out.append((_U32.pack(4 + len(doc) + len(summary)), _U32.pack(len(doc)), doc, summary))
+    return out
+
+
+def _summary_region(field: str, items: npt.NDArray[np.object_], bounds: list[int]) -> list[bytes]:
+    """Per key, its entries (u32 length + bytes) of one summary field; stored bytes are
+    written back as they are."""
+    kind = _summary_kind(field) or ""
+    raw = [x if isinstance(x, bytes) else sketches.encode(kind, x) for x in items.tolist()]
+    heads = np.fromiter(map(len, raw), dtype="<u4", count=len(raw)).tobytes()
+    out = []
+    for a, z in itertools.pairwise(bounds):
+        out.append(b"".join([p for i in range(a, z) for p in (heads[4 * i : 4 * i + 4], raw[i])]))
+    return out
+
+
+def _key_vectors(
+    field: str, matrix: npt.NDArray[Any], n: I64, firsts: I64, dims: dict[str, I64]
+) -> list[npt.NDArray[np.float64]]:
+    column = field.rpartition(".")[0]
+    own = dims.get(column)
+    out = []
+    for k, (a, count) in enumerate(zip(firsts.tolist(), n.tolist(), strict=True)):
+        rows = matrix[a : a + count]
+        dim = int(own[k]) if own is not None else int(rows.shape[1])
+        cut = rows[:, :dim]
+        if cut.shape[1] < dim:
+            cut = np.concatenate([cut, np.zeros((count, dim - cut.shape[1]))], axis=1)
+        out.append(np.ascontiguousarray(cut, dtype="<f8"))
     return out

@@ -8,8 +8,9 @@ sketches (Apache DataSketches) and the newest-k list.
 - last_k: the k newest values by (event time, offset), exact.
 
 In a tile row a summary is held as a Python object: a raw value for a one-event tile, a sketch
-object or list after a merge. `merge_objects` folds a run of them; `encode`/`decode` give bytes
-for the view store.
+object or list after a merge, or (on the write path) its stored bytes, decoded only when a
+merge needs it (raw values are never bytes: flows.spec refuses to aggregate a bytes column).
+`merge_objects` folds a run of them; `encode`/`decode` give bytes for the view store.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ LastK = list[tuple[int, int, Any]]  # (event time, offset, value), oldest first
 
 def merge_objects(kind: str, items: Sequence[Any], k: int = 0) -> Any:
     """Merge a run of summaries (or raw values) of one kind into one summary (None if empty)."""
+    if kind not in ("kll", "hll", "lastk"):
+        raise ValueError(f"unknown summary kind {kind!r}")
+    items = [decode(kind, x) if isinstance(x, bytes) else x for x in items]
     if kind == "kll":
         return _merge_kll(items)
     if kind == "hll":
         return _merge_hll(items)
-    if kind == "lastk":
-        return _merge_lastk(items, k)
-    raise ValueError(f"unknown summary kind {kind!r}")
+    return _merge_lastk(items, k)
 
 
 def _merge_kll(items: Sequence[Any]) -> Any:
@@ -95,6 +97,8 @@ def result(kind: str, summary: Any, param: float | int | None) -> Any:
 def encode(kind: str, summary: Any) -> bytes:
     if summary is None:
         return b""
+    if isinstance(summary, bytes):  # stored bytes, untouched since they were read
+        return summary
     if kind in ("kll", "hll"):
         if not isinstance(summary, ds.kll_doubles_sketch | ds.hll_sketch):
             summary = merge_objects(kind, [summary])
