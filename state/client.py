@@ -247,7 +247,7 @@ class FeatureClient:
                 return _evaluate(layout, None, t, None)
             if at is None:
                 return _evaluate(layout, db.get(encode_key(text)), t, None)
-            found = db.get([encode_key(text), *_watermark_keys(layout.partitions)])
+            found = db.get([encode_key(text), *_watermark_keys(layout.partitions, partition)])
             assert isinstance(found, list)
             return _evaluate(layout, found[0], t, AsOf(text, _newest(found[1:])))
         finally:
@@ -331,11 +331,11 @@ class FeatureClient:
             by_partition.setdefault(partition_for(key, parts), []).append(i)
         blobs: list[bytes | None] = [None] * len(keys)
         marks: list[int | None] = [None] * len(keys)
-        extra = _watermark_keys(parts) if strict else []
         for partition, positions in by_partition.items():
             db = opened.dbs.get(partition) or self._open_partition(opened, partition)
             if db is None:
                 continue
+            extra = _watermark_keys(parts, partition) if strict else []
             if len(positions) == 1 and not strict:  # a point get costs less than a multi-get
                 blobs[positions[0]] = db.get(ENTITY_PREFIX + keys[positions[0]].encode())
                 continue
@@ -672,18 +672,18 @@ def _spread(values: list[Any], index: list[int]) -> list[Any]:
     return out
 
 
-def _watermark_keys(partitions: int) -> list[str | int | float | bytes | bool]:
+def _watermark_keys(partitions: int, shard: int) -> list[str | int | float | bytes | bool]:
     """The metadata keys of a shard's newest event times: its own partition's, then each other
     source partition's (a shard learns positions only of the source's partitions: the flow
     refuses a topic whose partition count is not the source's)."""
-    found = _MARKS.get(partitions)
+    found = _MARKS.get((partitions, shard))
     if found is None:
-        others = [foreign_key(FOREIGN_WATERMARK, p) for p in range(partitions)]
-        found = _MARKS[partitions] = [WATERMARK, *others]
+        others = [foreign_key(FOREIGN_WATERMARK, p) for p in range(partitions) if p != shard]
+        found = _MARKS[(partitions, shard)] = [WATERMARK, *others]
     return found
 
 
-_MARKS: dict[int, list[str | int | float | bytes | bool]] = {}
+_MARKS: dict[tuple[int, int], list[str | int | float | bytes | bool]] = {}
 
 
 def _newest(raw: Sequence[bytes | None]) -> int | None:

@@ -44,7 +44,7 @@ from state.codec import encode_key
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import ViewLayout
 from state.read import AsOf, evaluate_blob
-from state.store import PartitionProgress, ViewStore
+from state.store import LogPosition, PartitionProgress, ViewStore
 from tests.oracle import feature_ok, oracle_values
 from tests.vector_oracle import differences, events_of, oracle_rows, well_formed
 
@@ -323,16 +323,24 @@ SMALL = FeatureView(
 )
 
 
-def write_store(root: Path, layout: ViewLayout, store: dict[bytes, bytes], newest: int) -> None:
-    """The view's entities in a real view store, each in its key's partition."""
+def write_store(
+    root: Path,
+    layout: ViewLayout,
+    store: dict[bytes, bytes],
+    newest: int,
+    others: dict[int, LogPosition] | None = None,
+) -> None:
+    """The view's entities in a real view store, each in its key's partition, every partition
+    at watermark `newest` and, with `others`, at those positions of other source partitions."""
     views = ViewStore(root)
     version = views.create_version(layout)
     for p in range(layout.partitions):
         mine = {
             k: v for k, v in store.items() if partition_for(k[1:].decode(), layout.partitions) == p
         }
+        foreign = {q: pos for q, pos in (others or {}).items() if q != p}
         db = views.open_partition(layout.view, version, p)
-        db.commit(mine, PartitionProgress(len(mine), newest, len(mine), 0))
+        db.commit(mine, PartitionProgress(len(mine), newest, len(mine), 0, foreign))
         db.close()
     views.switch(layout.view, version)
 
@@ -355,6 +363,32 @@ def test_client_get_many_equals_get(tmp_path: Path) -> None:
         assert client.get_many("small", [], at=None) == []
         with pytest.raises(InexactReadError, match="no exact value"):
             client.get_many("small", keys, at=(newest - 3 * HOUR + 7) / 1e6)
+
+
+def test_a_newer_event_time_routed_from_another_partition_counts(tmp_path: Path) -> None:
+    """A shard's newest event time is the newest over every source partition it applied
+    (records routed to it from others): reads as of a time whose tiles that pruned refuse,
+    `get` and `get_many` alike, though the shard's own partition is far behind."""
+    layout = FeatureView(
+        name="small", source=SMALL.source, features=[count(window="1h"), sum("qty", window="1d")]
+    ).layout()
+    events = make_events(2000, 30, seed=6)
+    newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
+    later = {2: LogPosition(10, newest + 40 * DAY)}  # partition 2's events are 40 days newer
+    write_store(tmp_path / "state", layout, apply_all(layout, events, batch=1000), newest, later)
+    keys = [f"u{k}" for k in range(30)]
+    boundary = (newest // DAY + 1) * DAY / 1e6  # on every hop boundary, after every event
+    with FeatureClient(tmp_path / "state") as client:
+        theirs = [k for k in keys if partition_for(k, 3) == 2]  # partition 2: its own mark
+        assert len(theirs) > 2
+        many = client.get_many("small", theirs, at=boundary)
+        assert many == [client.get("small", k, at=boundary) for k in theirs]
+        mine = [k for k in keys if partition_for(k, 3) != 2]
+        with pytest.raises(InexactReadError, match="were pruned"):
+            client.get("small", mine[0], at=boundary)
+        with pytest.raises(InexactReadError, match="were pruned"):
+            client.get_many("small", mine, at=boundary)
+        assert client.get_many("small", mine) == [client.get("small", k) for k in mine]
 
 
 # --- property: the vectorized merge is the per-entity merge --------------------------------
