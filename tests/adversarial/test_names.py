@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,16 @@ HOSTILE = [
 ]
 
 _OPENED: list[str] | None = None  # paths opened while a test records them
+_THREAD = [threading.get_ident()]  # the thread whose opens are recorded
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _OPENED is not None and event in ("open", "os.listdir", "os.scandir") and args:
-        if isinstance(args[0], str | bytes | Path):
-            _OPENED.append(str(args[0]))
+    # only the test's own thread: a client that another test leaked may still be refreshing
+    if _OPENED is None or threading.get_ident() != _THREAD[0]:
+        return
+    watched = event in ("open", "os.listdir", "os.scandir")
+    if watched and args and isinstance(args[0], str | bytes | Path):
+        _OPENED.append(str(args[0]))
 
 
 sys.addaudithook(_audit)
@@ -57,6 +62,7 @@ sys.addaudithook(_audit)
 def opened() -> Iterator[list[str]]:
     """Every path the process opens or lists while the test runs."""
     global _OPENED
+    _THREAD[0] = threading.get_ident()
     _OPENED = []
     try:
         yield _OPENED
@@ -108,7 +114,11 @@ def test_parent_directory_names_do_not_reach_another_store(
         assert direct.get("spend", "user1")["count"] > 0  # the aimed-at view holds data
     opened.clear()
     with FeatureClient(state) as client:
-        for name in ("../../../secret/views/spend", str(secret / "views" / "spend"), "../views/spend"):
+        for name in (
+            "../../../secret/views/spend",
+            str(secret / "views" / "spend"),
+            "../views/spend",
+        ):
             with pytest.raises(UnknownViewError):
                 client.get(name, "user1")
         assert client.views() == ["channels", "spend"]
