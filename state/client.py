@@ -135,8 +135,10 @@ class _OpenView:
         "layout",
         "lease",
         "manifests",
+        "marks",
         "readers",
         "retired",
+        "seq",
         "version",
     )
 
@@ -145,6 +147,12 @@ class _OpenView:
         self.dbs: dict[int, Rdict] = {}
         self.manifests: dict[int, bytes] = {}  # partition -> its writer's CURRENT when opened
         self.absent: dict[int, float] = {}  # partition -> when it was last found not created
+        # A secondary's data changes only when it catches up, so the partition's newest event
+        # time read right after a catch-up holds until the next one. `seq` guards it like a
+        # seqlock: odd while a catch-up runs (or before the first), bumped after `marks` is
+        # set; a read that sees the same even `seq` before and after its get may use `marks`.
+        self.seq: dict[int, int] = {}
+        self.marks: dict[int, int | None] = {}
         self.lease: VersionLease | None = None
         self.readers = 0
         self.retired = False
@@ -247,6 +255,12 @@ class FeatureClient:
                 return _evaluate(layout, None, t, None)
             if at is None:
                 return _evaluate(layout, db.get(encode_key(text)), t, None)
+            seq = opened.seq.get(partition, 1)
+            if not seq & 1:  # the newest event time noted at the last catch-up
+                newest = opened.marks[partition]
+                blob = db.get(encode_key(text))
+                if opened.seq.get(partition) == seq:  # no catch-up since: they agree
+                    return _evaluate(layout, blob, t, AsOf(text, newest))
             found = db.get([encode_key(text), *_watermark_keys(layout.partitions, partition)])
             assert isinstance(found, list)
             return _evaluate(layout, found[0], t, AsOf(text, _newest(found[1:])))
@@ -586,7 +600,7 @@ class FeatureClient:
                     reopened = True
                     continue
                 try:
-                    db.try_catch_up_with_primary()
+                    self._caught_up(opened, partition, db)
                 except Exception as exc:  # logged; retried next round, the others go on
                     where = f"view {view!r} v{opened.version} partition {partition}: catch-up"
                     ok = self._failed(where, exc)
@@ -600,6 +614,16 @@ class FeatureClient:
             self._stuck[view] = 0
             self._reopen(view, opened.version)
         return ok
+
+    @staticmethod
+    def _caught_up(opened: _OpenView, partition: int, db: Rdict) -> None:
+        """Catch a secondary up, then note its newest event time for reads (see `seq`)."""
+        opened.seq[partition] = opened.seq.get(partition, 0) | 1
+        db.try_catch_up_with_primary()
+        found = db.get(_watermark_keys(opened.layout.partitions, partition))
+        assert isinstance(found, list)
+        opened.marks[partition] = _newest(found)
+        opened.seq[partition] += 1
 
     def _reopen(self, view: str, version: int) -> None:
         """Swap in freshly opened secondaries of the same version (readers are not disturbed:
