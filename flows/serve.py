@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     values = settings.values
     print(settings.describe(), flush=True)
+    if values["port"] > 65535:
+        raise ConfigError(f"--port {values['port']} is not a TCP port; give 1 to 65535")
     if not 0 < values["refresh_interval"] <= 60:  # also refuses nan
         raise ConfigError(
             f"--refresh-interval {values['refresh_interval']!r} is out of range; give seconds "

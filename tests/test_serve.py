@@ -325,6 +325,9 @@ def test_bad_settings_stop_with_one_line(store: tuple[Path, Path, int], tmp_path
     bad_port = run_command("flows.serve", "--state", str(store[0]), "--port", "http")
     assert bad_port.returncode == 2
     assert "--port" in bad_port.stderr
+    too_high = run_command("flows.serve", "--state", str(store[0]), "--port", "70000")
+    assert too_high.returncode == 2
+    assert "--port 70000 is not a TCP port" in too_high.stderr
     for refresh in ("0", "-1", "nan"):
         bad = run_command("flows.serve", "--state", str(store[0]), "--refresh-interval", refresh)
         assert bad.returncode == 2
