@@ -42,6 +42,13 @@ OPTIONS = (
         "the interpreter for milliseconds, so a longer interval trims tail latency)",
         float,
     ),
+    Option(
+        "served-log",
+        None,
+        "warehouse (directory or URI) to log every served read to, as Parquet under _served/ "
+        "(for flows.skew); off when not given",
+    ),
+    Option("served-log-rate", 1.0, "fraction of reads logged with --served-log (0 to 1)", float),
 )
 
 
@@ -66,7 +73,13 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
         batch_limit=values["batch_limit"],
         token_file=values["token_file"],
         refresh_s=values["refresh_interval"],
+        served_log=values["served_log"],
+        served_log_rate=values["served_log_rate"],
     )
+    if not 0 <= config.served_log_rate <= 1:  # also refuses nan
+        raise ConfigError(
+            f"--served-log-rate {config.served_log_rate!r} is out of range; give 0 to 1"
+        )
     check_store(Path(config.state), create=False)
     listener = Listener(values["host"], values["port"], values["workers"])
     print(

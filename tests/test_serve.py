@@ -417,3 +417,19 @@ def test_reads_while_a_replay_switches_versions(
     assert failures == []
     assert sum(counts) > 20
     assert versions >= {2}  # the server switched to the replayed version while serving
+
+
+def test_served_reads_are_logged_for_flows_skew(
+    store: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    """`--served-log WAREHOUSE`: what the server answered lands as Parquet under _served/."""
+    from state.servedlog import read_served
+
+    with serving(store[0], "--served-log", str(tmp_path / "wh")) as running:
+        http = running.http()
+        answer = http.post("/v1/views/spend", {"keys": ["user1", "user2"]})
+        assert answer.status == 200
+        http.close()
+    logged = read_served(tmp_path / "wh")  # the server flushed its log when it stopped
+    assert logged.num_rows == 2
+    assert sorted(logged.column("key").to_pylist()) == ["user1", "user2"]

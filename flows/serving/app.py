@@ -44,6 +44,7 @@ from state.errors import (
     UnknownServiceError,
     UnknownViewError,
 )
+from state.servedlog import ServedLog
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -210,7 +211,12 @@ def create_app() -> FeatureServer:
 
 
 def _open_client(config: ServeConfig) -> FeatureClient:
-    return FeatureClient(config.state, refresh_s=config.refresh_s, features=config.features)
+    log = None
+    if config.served_log:
+        log = ServedLog(config.served_log, rate=config.served_log_rate)
+    return FeatureClient(
+        config.state, refresh_s=config.refresh_s, features=config.features, served_log=log
+    )
 
 
 def _route(method: str, path: str) -> Route:

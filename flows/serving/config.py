@@ -30,6 +30,8 @@ class ServeConfig:
         token_file: file holding the bearer token every endpoint but /healthz requires.
         refresh_s: seconds between the client's catch-ups with the writer (FeatureClient's
             `refresh_s`): how stale a read may be, against the time catch-ups take.
+        served_log: warehouse to log served reads to (state.servedlog), None = no log.
+        served_log_rate: the fraction of reads logged.
     """
 
     state: str
@@ -37,6 +39,8 @@ class ServeConfig:
     batch_limit: int = 1000
     token_file: str | None = None
     refresh_s: float = 0.05
+    served_log: str | None = None
+    served_log_rate: float = 1.0
 
     @property
     def max_body_bytes(self) -> int:
