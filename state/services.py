@@ -225,7 +225,7 @@ def request_columns(
     """
     out: dict[str, pa.Array] = {}
     for field, kind in plan.request:
-        fast = _float_values(rows, field, kind)
+        fast = _plain_values(rows, field, kind)
         if fast is not None:
             out[field] = fast
             continue
@@ -240,30 +240,39 @@ def request_columns(
     return out
 
 
-def _float_values(
+def _plain_values(
     rows: pa.Table | Sequence[Mapping[str, Any]], field: str, kind: str
 ) -> pa.Array | None:
-    """A float or float-vector field given as Python floats, built straight in its declared
-    type (what `pa.array` then `conform` gives: the same C conversion of each double, without
-    the cast's set-up); None for anything else, which takes the checked path."""
-    if kind not in _FLOAT_KINDS or isinstance(rows, pa.Table):
+    """A field whose values are all plain Python values of its declared kind (or None), built
+    straight in its declared Arrow type: what `pa.array` then `conform` gives (the same C
+    conversion of each value, without the inference and the cast); None for anything else,
+    which takes the checked path (and its error messages)."""
+    plain = _PLAIN_CHECKS.get(kind)
+    if plain is None or isinstance(rows, pa.Table):
         return None
     try:
         values = [row[field] for row in rows]
-    except (KeyError, TypeError):
-        return None  # the checked path names what is missing or wrong
-    if kind in ("float", "double"):
-        plain = all(type(v) is float or v is None for v in values)
-    else:
-        plain = all(v is None or (type(v) is list and _floats(v)) for v in values)
-    return pa.array(values, FIELD_TYPES[kind]) if plain else None
+        if not all(v is None or plain(v) for v in values):
+            return None
+        return pa.array(values, FIELD_TYPES[kind])
+    except (KeyError, TypeError, OverflowError, pa.ArrowException):
+        return None  # missing, not a row, or out of range: the checked path names it
 
 
-def _floats(items: list[Any]) -> bool:
-    return all(type(x) is float for x in items)
+def _float_list(v: Any) -> bool:
+    return type(v) is list and all(type(x) is float for x in v)
 
 
-_FLOAT_KINDS = frozenset({"float", "double", "array<float>", "array<double>"})
+_PLAIN_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "float": lambda v: type(v) is float,
+    "double": lambda v: type(v) is float,
+    "int": lambda v: type(v) is int,
+    "long": lambda v: type(v) is int,
+    "string": lambda v: type(v) is str,
+    "boolean": lambda v: type(v) is bool,
+    "array<float>": _float_list,
+    "array<double>": _float_list,
+}
 
 
 def check_entity_columns(plan: ServicePlan, rows: pa.Table | Sequence[Mapping[str, Any]]) -> None:
@@ -285,7 +294,7 @@ def _field_values(
     values = [row[field] for row in rows]
     try:
         return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:  # e.g. 2**70
         kinds = sorted({type(v).__name__ for v in values if v is not None})
         raise RequestTypeError(
             f"service {plan.name!r}: request field {field!r} has values of mixed or "

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flows.ondemand import cosine_similarity
-from state.services import FIELD_TYPES, _float_values, conform
+from state.errors import RequestTypeError
+from state.services import FIELD_TYPES, ServicePlan, _plain_values, conform, request_columns
 
 EDGES = [0.1, 1 / 3, 1e300, -1e-320, 3.4028235e38, 3.4028236e38, math.inf, -0.0, 16777217.0]
 
@@ -37,7 +38,7 @@ def test_float_fields_built_directly_equal_the_checked_path(kind: str) -> None:
     else:
         values = [*EDGES, None, math.nan]
     rows = [{"x": v} for v in values]
-    fast = _float_values(rows, "x", kind)
+    fast = _plain_values(rows, "x", kind)
     assert fast is not None
     checked = conform(pa.array(values), kind)
     assert checked is not None
@@ -45,13 +46,40 @@ def test_float_fields_built_directly_equal_the_checked_path(kind: str) -> None:
     assert same_values(fast, checked)
 
 
+@pytest.mark.parametrize(
+    ("kind", "values"),
+    [
+        ("int", [0, -(2**31), 2**31 - 1, None]),
+        ("long", [0, -(2**63), 2**63 - 1, None]),
+        ("string", ["web", "", "\u00e9\u0000", None]),
+        ("boolean", [True, False, None]),
+    ],
+)
+def test_plain_fields_built_directly_equal_the_checked_path(kind: str, values: list[Any]) -> None:
+    fast = _plain_values([{"x": v} for v in values], "x", kind)
+    checked = conform(pa.array(values), kind)
+    assert fast is not None
+    assert checked is not None
+    assert same_values(fast, checked)
+
+
 def test_other_values_take_the_checked_path() -> None:
-    assert _float_values([{"x": 1}], "x", "double") is None  # an int: inferred, then cast
-    assert _float_values([{"x": True}], "x", "float") is None  # refused by the checked path
-    assert _float_values([{"x": [1.0, 2]}], "x", "array<float>") is None
-    assert _float_values([{"y": 1.0}], "x", "double") is None  # missing: named by it
-    assert _float_values(pa.table({"x": [1.0]}), "x", "double") is None
-    assert _float_values([{"x": "1.0"}], "x", "string") is None
+    assert _plain_values([{"x": 1}], "x", "double") is None  # an int: inferred, then cast
+    assert _plain_values([{"x": True}], "x", "float") is None  # refused by the checked path
+    assert _plain_values([{"x": True}], "x", "long") is None
+    assert _plain_values([{"x": 2**31}], "x", "int") is None  # out of range: refused there
+    assert _plain_values([{"x": 2**70}], "x", "long") is None
+    assert _plain_values([{"x": [1.0, 2]}], "x", "array<float>") is None
+    assert _plain_values([{"y": 1.0}], "x", "double") is None  # missing: named by it
+    assert _plain_values(pa.table({"x": [1.0]}), "x", "double") is None
+    assert _plain_values([{"x": 1.0}], "x", "string") is None
+
+
+@pytest.mark.parametrize(("kind", "value"), [("int", 2**31), ("long", 2**70), ("int", True)])
+def test_out_of_range_and_wrong_kind_ints_are_request_errors(kind: str, value: Any) -> None:
+    plan = ServicePlan("svc", (), (("x", kind),), (), ())
+    with pytest.raises(RequestTypeError, match="request field 'x'"):
+        request_columns(plan, [{"x": value}])
 
 
 @settings(max_examples=60)
