@@ -25,7 +25,7 @@ from flows.runplan import build_plan
 from flows.run import claim_versions, execute
 from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions
-from state.client import to_micros
+from state.timestamps import to_micros
 from state.store import VersionCleanup, ViewStore
 
 OPTIONS = (

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,31 +74,16 @@ from state.store import (
     read_layout,
     scratch_dir,
 )
+from state.timestamps import Timestamp, to_micros
 
-Timestamp = datetime | int | float
 log = logging.getLogger(__name__)
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RECHECK_S = 1.0  # a reader looks at CURRENT itself when the catch-up thread has not for this long
 _MAX_BACKOFF_S = 2.0
 _SINGLE_READS = (
     2  # up to this many keys, get_many reads key by key (the batch's fixed cost is more)
 )
 _REOPEN_AFTER = 5  # rounds in a row a view's catch-up failed before its secondaries reopen
-
-
-def to_micros(t: Timestamp) -> int:
-    """A timezone-aware datetime, or epoch seconds (int/float), as epoch microseconds."""
-    if isinstance(t, datetime):
-        if t.tzinfo is None:
-            raise ValueError(
-                f"timestamp {t!r} has no timezone; pass an aware datetime "
-                "(e.g. datetime.now(timezone.utc))"
-            )
-        return (t - _EPOCH) // timedelta(microseconds=1)  # exact before 1970 too
-    if isinstance(t, bool) or not isinstance(t, int | float):
-        raise TypeError(f"timestamp {t!r} must be an aware datetime or epoch seconds")
-    return round(t * 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)

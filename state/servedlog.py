@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from connectors.objectstore import Store, open_store
 from state.codec import key_text
+from state.timestamps import to_micros
 
 SERVED_FORMAT = "1"
 SERVED_DIR = "_served"
@@ -208,7 +209,6 @@ class ServedLog:
 
 def served_table(batch: Sequence[_Read]) -> pa.Table:
     """The Parquet rows of queued reads: one row per key (view) or request row (service)."""
-    from state.client import to_micros  # the client imports this module
 
     cols: dict[str, list[Any]] = {f.name: [] for f in SCHEMA}
     for kind, name, version, asked, now, at, values, wall in batch:
