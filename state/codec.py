@@ -505,15 +505,21 @@ def _object_sections(
 
 
 def _summary_region(field: str, items: npt.NDArray[np.object_], bounds: list[int]) -> list[bytes]:
-    """Per key, its entries (u32 length + bytes) of one summary field; stored bytes are
-    written back as they are."""
+    """Per key, its entries (u32 length + bytes) of one summary field, interleaved for all rows
+    at once; stored bytes are written back as they are."""
     kind = _summary_kind(field) or ""
     raw = [x if isinstance(x, bytes) else sketches.encode(kind, x) for x in items.tolist()]
-    heads = np.fromiter(map(len, raw), dtype="<u4", count=len(raw)).tobytes()
-    out = []
-    for a, z in itertools.pairwise(bounds):
-        out.append(b"".join([p for i in range(a, z) for p in (heads[4 * i : 4 * i + 4], raw[i])]))
-    return out
+    lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+    ends = np.cumsum(4 + lengths)
+    heads = (ends - 4 - lengths)[:, None] + np.arange(4)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    out[heads] = lengths.astype("<u4").view(np.uint8).reshape(-1, 4)
+    body = np.ones(len(out), dtype=bool)
+    body[heads] = False
+    out[body] = np.frombuffer(b"".join(raw), dtype=np.uint8)
+    region = out.tobytes()
+    at = np.concatenate([[0], ends])[bounds].tolist()
+    return [region[a:z] for a, z in itertools.pairwise(at)]
 
 
 def _key_vectors(
