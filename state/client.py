@@ -132,11 +132,12 @@ class _OpenView:
         self.manifests: dict[int, bytes] = {}  # partition -> its writer's CURRENT when opened
         self.absent: dict[int, float] = {}  # partition -> when it was last found not created
         # A secondary's data changes only when it catches up, so the partition's newest event
-        # time read right after a catch-up holds until the next one. `seq` guards it like a
-        # seqlock: odd while a catch-up runs (or before the first), bumped after `marks` is
-        # set; a read that sees the same even `seq` before and after its get may use `marks`.
+        # time a read found holds until the next catch-up. `seq` counts catch-ups like a
+        # seqlock (odd while one runs); `marks` keeps the newest time with the `seq` it was
+        # read at, and a read that sees that same even `seq` before and after its get may
+        # use it instead of reading it again.
         self.seq: dict[int, int] = {}
-        self.marks: dict[int, int | None] = {}
+        self.marks: dict[int, tuple[int, int | None]] = {}
         self.lease: VersionLease | None = None
         self.readers = 0
         self.retired = False
@@ -239,15 +240,19 @@ class FeatureClient:
                 return _evaluate(layout, None, t, None)
             if at is None:
                 return _evaluate(layout, db.get(encode_key(text)), t, None)
-            seq = opened.seq.get(partition, 1)
-            if not seq & 1:  # the newest event time noted at the last catch-up
-                newest = opened.marks[partition]
+            seq = opened.seq.get(partition, 0)
+            noted = opened.marks.get(partition)
+            if noted is not None and noted[0] == seq:  # found since the last catch-up
                 blob = db.get(encode_key(text))
-                if opened.seq.get(partition) == seq:  # no catch-up since: they agree
-                    return _evaluate(layout, blob, t, AsOf(text, newest))
+                if opened.seq.get(partition, 0) == seq:  # and no catch-up ran around the get
+                    return _evaluate(layout, blob, t, AsOf(text, noted[1]))
+                seq = opened.seq.get(partition, 0)
             found = db.get([encode_key(text), *_watermark_keys(layout.partitions, partition)])
             assert isinstance(found, list)
-            return _evaluate(layout, found[0], t, AsOf(text, _newest(found[1:])))
+            newest = _newest(found[1:])
+            if not seq & 1 and opened.seq.get(partition, 0) == seq:
+                opened.marks[partition] = (seq, newest)
+            return _evaluate(layout, found[0], t, AsOf(text, newest))
         finally:
             self._unpin(opened)
 
@@ -601,12 +606,9 @@ class FeatureClient:
 
     @staticmethod
     def _caught_up(opened: _OpenView, partition: int, db: Rdict) -> None:
-        """Catch a secondary up, then note its newest event time for reads (see `seq`)."""
+        """Catch a secondary up, counting it in `seq` (odd while it runs)."""
         opened.seq[partition] = opened.seq.get(partition, 0) | 1
         db.try_catch_up_with_primary()
-        found = db.get(_watermark_keys(opened.layout.partitions, partition))
-        assert isinstance(found, list)
-        opened.marks[partition] = _newest(found)
         opened.seq[partition] += 1
 
     def _reopen(self, view: str, version: int) -> None:

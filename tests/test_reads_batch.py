@@ -10,6 +10,9 @@ with the store's own commit, read by `get` and `get_many` through RocksDB second
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -379,23 +382,57 @@ def test_a_newer_event_time_routed_from_another_partition_counts(tmp_path: Path)
     write_store(tmp_path / "state", layout, apply_all(layout, events, batch=1000), newest, later)
     keys = [f"u{k}" for k in range(30)]
     boundary = (newest // DAY + 1) * DAY / 1e6  # on every hop boundary, after every event
-    with FeatureClient(tmp_path / "state") as client:
-        theirs = [k for k in keys if partition_for(k, 3) == 2]  # partition 2: its own mark
-        assert len(theirs) > 2
-        many = client.get_many("small", theirs, at=boundary)
-        assert many == [client.get("small", k, at=boundary) for k in theirs]
-        mine = [k for k in keys if partition_for(k, 3) != 2]
-        for _ in range(2):  # before the first catch-up round, then with the marks it notes
-            with pytest.raises(InexactReadError, match="were pruned"):
-                client.get("small", mine[0], at=boundary)
-            with pytest.raises(InexactReadError, match="were pruned"):
-                client.get_many("small", mine, at=boundary)
-            assert client.get_many("small", mine) == [client.get("small", k) for k in mine]
-            assert [client.get("small", k, at=boundary) for k in theirs] == many
-            deadline = time.monotonic() + 30
-            while client.health().last_catch_up is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert client.health().last_catch_up is not None
+    theirs = [k for k in keys if partition_for(k, 3) == 2]  # partition 2: its own mark
+    mine = [k for k in keys if partition_for(k, 3) != 2]
+    assert len(theirs) > 2
+    assert len(mine) > 2
+    # refresh_s=3600: no catch-up during the test, so the second read of a partition uses
+    # the newest event time the first one found; the default client catches up meanwhile
+    for refresh_s in (3600.0, 0.05):
+        with FeatureClient(tmp_path / "state", refresh_s=refresh_s) as client:
+            many = client.get_many("small", theirs, at=boundary)
+            for _ in range(3):
+                assert [client.get("small", k, at=boundary) for k in theirs] == many
+                for key in mine:
+                    with pytest.raises(InexactReadError, match="were pruned"):
+                        client.get("small", key, at=boundary)
+                with pytest.raises(InexactReadError, match="were pruned"):
+                    client.get_many("small", mine, at=boundary)
+                assert client.get_many("small", mine) == [client.get("small", k) for k in mine]
+                time.sleep(refresh_s if refresh_s < 1 else 0)
+
+
+EXIT_UNCLOSED = """
+import sys, time
+from state.client import FeatureClient
+client = FeatureClient(sys.argv[1], refresh_s=0.001)  # catching up all the time
+for _ in range(50):
+    client.get("small", "u1", at=2e9)
+time.sleep(0.05)
+"""  # and no close(): the interpreter exits with the catch-up thread running
+
+
+def test_a_process_exits_cleanly_with_an_unclosed_client(tmp_path: Path) -> None:
+    """The catch-up thread is a daemon thread: at exit it must not be inside a RocksDB call
+    that releases the GIL (an earlier version read watermarks there and aborted the process
+    with "FATAL: exception not rethrown" in 12 exits of 15)."""
+    layout = SMALL.layout()
+    events = make_events(500, 10, seed=2)
+    newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
+    write_store(tmp_path / "state", layout, apply_all(layout, events, batch=500), newest)
+    script = tmp_path / "unclosed.py"
+    script.write_text(EXIT_UNCLOSED)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for _ in range(8):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "state")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 # --- property: the vectorized merge is the per-entity merge --------------------------------
