@@ -25,8 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import bytewax.operators as op
 import numpy as np
@@ -37,19 +36,23 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from connectors.envelope import PARTITION
 from connectors.errors import ConnectorError
-from connectors.log import KafkaTail, LogBatch, PartitionLog
+from connectors.log import LogBatch, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import KEY
-from flows.cluster import Cluster, ClusterStarts
 from flows.deadletters import DeadLetterWriter
 from flows.errors import FlowError
 from flows.metrics import Metrics
 from flows.quarantine import apply_guarded, validate_guarded
-from flows.shards import PartitionMark, Rekeyed, Routed
-from flows.spec import FeatureView
-from flows.validate import EventRules
+from flows.runplan import (
+    FlowPlan,
+    SourcePlan,
+    ViewTarget,
+    caught_up,
+    part_key,
+    split_part_key,
+)
+from flows.shards import PartitionMark, Routed
 from state.errors import StateError
-from state.layout import ViewLayout
 from state.store import LogPosition, PartitionProgress, PartitionStore, ViewStore
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
@@ -57,86 +60,20 @@ _VERSION_CHECK_S = 2.0
 KNOWN_ERRORS = (ConnectorError, FlowError, StateError)
 
 
-@dataclass(frozen=True)
-class ViewTarget:
-    """A view version the flow writes; `switch_when_caught_up` makes it live at the end."""
+@dataclass(eq=False)
+class FlowControl:
+    """What changes while the flow runs: its stop and restart signals, the known errors that
+    ended it, and its metrics. The plan says what to run; this says how the run is going."""
 
-    view: FeatureView
-    layout: ViewLayout
-    version: int
-    switch_when_caught_up: bool = False
-
-
-@dataclass(frozen=True)
-class SourcePlan:
-    """One source's partitions: where to start, where to stop, and the views fed from it."""
-
-    name: str
-    key: str
-    timestamp: str
-    arrow_schema: pa.Schema
-    targets: tuple[ViewTarget, ...]
-    start: dict[int, int]  # partition -> first offset to read
-    stop: dict[int, int] | None  # partition -> offset to stop at (exclusive); None = follow
-    catch_up: dict[int, int]  # partition -> end of the log when the flow started
-    kafka: KafkaTail | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)  # for fields added to the schema
-    start_watermark: dict[int, int | None] = field(default_factory=dict)  # at start, per partition
-    rekeyed: tuple[Rekeyed, ...] = ()  # the views with their own key (routed by it)
-    rules: EventRules | None = None  # what records must satisfy (default: key and time present)
-
-    @property
-    def event_rules(self) -> EventRules:
-        return self.rules or EventRules(self.name, self.key, self.timestamp)
-
-
-@dataclass(frozen=True)
-class FlowPlan:
-    """Everything the dataflow needs; built by flows.run / flows.replay."""
-
-    warehouse: str | Path  # a directory or an object-store URI
-    state: Path
-    sources: dict[str, SourcePlan]
-    kafka_bootstrap: str | None = None
-    batch_rows: int = 4_000_000  # records per replay batch from segments (memory vs speed)
     metrics: Metrics = field(default_factory=Metrics)
     stop: threading.Event = field(default_factory=threading.Event)  # set = end cleanly now
     restart: threading.Event = field(default_factory=threading.Event)  # set = rebuild the plan
-    watch_versions: bool = False  # follow mode: restart when a replay switches a live view
     failures: list[Exception] = field(default_factory=list)  # known errors that ended the flow
-    cluster: Cluster = field(default_factory=Cluster)  # this process's place in the cluster
-    starts: ClusterStarts | None = None  # separate state dirs: resume points of the cluster
 
     def fail(self, exc: Exception) -> None:
         """End the flow cleanly because of a known error; `run_dataflow` raises it after."""
         self.failures.append(exc)
         self.stop.set()
-
-    def part_keys(self) -> list[str]:
-        return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
-
-    def owned_part_keys(self) -> list[str]:
-        """The partitions this process lists to bytewax (log reader and view shard alike):
-        in a cluster only the shards it owns (flows.cluster), so the mapping is ours."""
-        return [k for k in self.part_keys() if self.cluster.owns(split_part_key(k)[1])]
-
-    def resume_at(self, source: str, partition: int) -> LogPosition:
-        """The position a source partition resumes after: the lowest any view shard applied
-        (of the whole cluster when each process has its own state directory)."""
-        sp = self.sources[source]
-        if self.starts is None:
-            return LogPosition(sp.start[partition] - 1, sp.start_watermark.get(partition))
-        versions = {t.view.name: t.version for t in sp.targets}
-        return self.starts.position(source, versions, partition)
-
-
-def part_key(source: str, partition: int) -> str:
-    return f"{source}/p{partition:04d}"
-
-
-def split_part_key(key: str) -> tuple[str, int]:
-    source, _, part = key.rpartition("/p")
-    return source, int(part)
 
 
 class _VersionWatch:
@@ -146,8 +83,8 @@ class _VersionWatch:
     the old one fresh. Built from another definition (a newer deployment), the flow stops with
     an error: it must never write, or make live again, an older definition over a newer one."""
 
-    def __init__(self, plan: FlowPlan, source: SourcePlan) -> None:
-        self._plan, self._store = plan, ViewStore(plan.state)
+    def __init__(self, plan: FlowPlan, control: FlowControl, source: SourcePlan) -> None:
+        self._plan, self._control, self._store = plan, control, ViewStore(plan.state)
         self._targets = source.targets
         self._next_check = time.monotonic() + _VERSION_CHECK_S
 
@@ -161,10 +98,10 @@ class _VersionWatch:
             if live is None or live <= target.version:
                 continue
             if self._store.layout(name, live).same_semantics(target.layout):
-                self._plan.restart.set()
-                self._plan.stop.set()
+                self._control.restart.set()
+                self._control.stop.set()
             else:
-                self._plan.fail(
+                self._control.fail(
                     FlowError(
                         f"view {name!r}: the deployed definition changed (v{live} is live, built "
                         f"from another definition); this flows.run runs v{target.version}'s "
@@ -174,9 +111,11 @@ class _VersionWatch:
 
 
 class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
-    def __init__(self, key: str, log: PartitionLog, plan: FlowPlan, watch: _VersionWatch) -> None:
-        self._key, self._log, self._stop, self._watch = key, log, plan.stop, watch
-        self._plan = plan
+    def __init__(
+        self, key: str, log: PartitionLog, control: FlowControl, watch: _VersionWatch
+    ) -> None:
+        self._key, self._log, self._stop, self._watch = key, log, control.stop, watch
+        self._control = control
         self._next_lag_report = 0.0
         self._awake: datetime | None = None
 
@@ -187,7 +126,7 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
         try:
             batch = self._log.read()
         except KNOWN_ERRORS as exc:  # e.g. a retention gap: stop the flow, report it after
-            self._plan.fail(exc)
+            self._control.fail(exc)
             raise StopIteration from exc
         if batch is None:
             if self._log.done:
@@ -205,7 +144,7 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
             self._next_lag_report = now + 1.0
             lag = self._log.kafka_lag()
             if lag is not None:
-                self._plan.metrics.kafka_lag(self._log.source, self._log.partition, lag)
+                self._control.metrics.kafka_lag(self._log.source, self._log.partition, lag)
 
     def next_awake(self) -> datetime | None:
         return self._awake
@@ -220,8 +159,8 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
 class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
     """Every partition of every source in the plan, each read as segments then Kafka."""
 
-    def __init__(self, plan: FlowPlan) -> None:
-        self._plan = plan
+    def __init__(self, plan: FlowPlan, control: FlowControl) -> None:
+        self._plan, self._control = plan, control
 
     def list_parts(self) -> list[str]:
         return self._plan.owned_part_keys()
@@ -240,14 +179,17 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             batch_rows=self._plan.batch_rows,
             defaults=sp.defaults,
         )
-        return _LogPartition(for_part, log, self._plan, _VersionWatch(self._plan, sp))
+        watch = _VersionWatch(self._plan, self._control, sp)
+        return _LogPartition(for_part, log, self._control, watch)
 
 
 class _ViewPartition(StatefulSinkPartition[Routed, None]):
     """One view shard of one source: applies what every source partition routes to it."""
 
-    def __init__(self, plan: FlowPlan, source: SourcePlan, shard: int) -> None:
-        self._plan, self._source, self._shard = plan, source, shard
+    def __init__(
+        self, plan: FlowPlan, control: FlowControl, source: SourcePlan, shard: int
+    ) -> None:
+        self._plan, self._control, self._source, self._shard = plan, control, source, shard
         store = ViewStore(plan.state)
         self._stores: list[PartitionStore] = [
             store.open_partition(t.view.name, t.version, shard) for t in source.targets
@@ -264,14 +206,14 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self._switcher.check(self._progress)
 
     def write_batch(self, items: list[Routed]) -> None:
-        if self._plan.failures:
+        if self._control.failures:
             return  # the flow is ending on an error: apply nothing more (a rerun resumes here)
         try:
             for group in _runs_of_groups(items):
                 self._apply(group)
             self._switcher.check(self._progress)
         except KNOWN_ERRORS as exc:
-            self._plan.fail(exc)
+            self._control.fail(exc)
 
     def _apply(self, items: list[Routed]) -> None:
         """Apply what one routing group received at once: one merge and one commit per view."""
@@ -289,10 +231,10 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             self._write_late(target, result.late)
             if result.poison:
                 self._dead.write(list(result.poison))
-                self._plan.metrics.dead_letters(self._source.name, len(result.poison))
+                self._control.metrics.dead_letters(self._source.name, len(result.poison))
             self._stores[i].commit(result.puts, result.progress)
             self._progress[i] = result.progress
-            self._plan.metrics.applied(target.view.name, self._shard, result, parts[-1])
+            self._control.metrics.applied(target.view.name, self._shard, result, parts[-1])
 
     def _receive(self, item: Routed, chosen: list[int], received: dict[int, int]) -> None:
         """Check that nothing was lost before the item (`received`: the end of the items of
@@ -306,7 +248,7 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         floor = min((pos.offset for pos in positions), default=-1)
         letters = [d for d in item.dead_letters if d.offset is None or d.offset > floor]
         self._dead.write(letters)
-        self._plan.metrics.dead_letters(self._source.name, len(letters))
+        self._control.metrics.dead_letters(self._source.name, len(letters))
 
     def _write_late(self, target: ViewTarget, late: pa.Table) -> None:
         if not late.num_rows:
@@ -328,7 +270,7 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             except Exception:
                 # After a failed commit (a full disk) RocksDB refuses to close cleanly; what was
                 # committed is in its log. The flow is ending on that first error: report it.
-                if not self._plan.failures:
+                if not self._control.failures:
                     raise
 
 
@@ -378,16 +320,11 @@ class _Switcher:
             self._store.finish_catch_up(target.view.name, target.version, self._shard, self._shards)
 
 
-def caught_up(progress: PartitionProgress, shard: int, ends: dict[int, int]) -> bool:
-    """A shard has applied every source partition up to the log's end as of the start."""
-    return all(progress.position(p, shard).offset + 1 >= end for p, end in ends.items())
-
-
 class ViewSink(FixedPartitionedSink[Routed, None]):
     """Routes each view shard's slices to the worker that owns the shard's view stores."""
 
-    def __init__(self, plan: FlowPlan) -> None:
-        self._plan = plan
+    def __init__(self, plan: FlowPlan, control: FlowControl) -> None:
+        self._plan, self._control = plan, control
         self._parts = plan.part_keys()
         self._index = {key: i for i, key in enumerate(self._parts)}
 
@@ -402,9 +339,9 @@ class ViewSink(FixedPartitionedSink[Routed, None]):
     ) -> StatefulSinkPartition[Routed, None]:
         source, shard = split_part_key(for_part)
         try:
-            return _ViewPartition(self._plan, self._plan.sources[source], shard)
+            return _ViewPartition(self._plan, self._control, self._plan.sources[source], shard)
         except KNOWN_ERRORS as exc:  # e.g. a full disk: stop the flow, report it after
-            self._plan.fail(exc)
+            self._control.fail(exc)
             return _Refusing()
 
 
@@ -418,10 +355,10 @@ class _Refusing(StatefulSinkPartition[Routed, None]):
         return None
 
 
-def build_dataflow(plan: FlowPlan) -> Dataflow:
+def build_dataflow(plan: FlowPlan, control: FlowControl) -> Dataflow:
     """The dataflow of the diagram above, for every source and view version in `plan`."""
     flow = Dataflow("featureflow")
-    log = op.input("log", flow, LogSource(plan))
+    log = op.input("log", flow, LogSource(plan, control))
 
     def mark(
         state: PartitionMark | None, batch: LogBatch
@@ -430,7 +367,7 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
         if state is None:
             resume = plan.resume_at(batch.source, batch.partition)
             state = PartitionMark(resume.offset + 1, resume.watermark)
-        plan.metrics.records_read(batch.source, batch.events.num_rows + len(batch.dead_letters))
+        control.metrics.records_read(batch.source, batch.events.num_rows + len(batch.dead_letters))
         checked = validate_guarded(batch, sp.event_rules)
         marked = state.mark(checked, sp.timestamp, sp.catch_up[batch.partition], time.monotonic())
         plain = any(not t.layout.rekeyed for t in sp.targets)
@@ -439,12 +376,16 @@ def build_dataflow(plan: FlowPlan) -> Dataflow:
 
     marked = op.stateful_map("validate", log, mark)
     routed = op.flat_map("route", marked, lambda item: item[1])
-    op.output("views", routed, ViewSink(plan))
+    op.output("views", routed, ViewSink(plan, control))
     return flow
 
 
 def run_dataflow(
-    plan: FlowPlan, workers: int = 1, addresses: list[str] | None = None, process_id: int = 0
+    plan: FlowPlan,
+    control: FlowControl,
+    workers: int = 1,
+    addresses: list[str] | None = None,
+    process_id: int = 0,
 ) -> None:
     """Run the dataflow in this process (1 or more worker threads, optionally a process of a
     cluster) through bytewax's production entry point (`bytewax.run.cli_main`, what
@@ -454,7 +395,7 @@ def run_dataflow(
     run = cast(Callable[..., None], cli_main)  # an untyped extension function
     try:
         run(
-            build_dataflow(plan),
+            build_dataflow(plan, control),
             workers_per_process=workers,
             process_id=process_id if addresses else None,
             addresses=addresses or None,
@@ -468,5 +409,5 @@ def run_dataflow(
             "when one process dies: restart every process (each continues from its applied "
             "offsets; a host that lost its --state starts with --restore)"
         ) from exc
-    if plan.failures:
-        raise plan.failures[0]
+    if control.failures:
+        raise control.failures[0]

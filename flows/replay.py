@@ -20,13 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flows.cli import command_main
+from flows.dataflow import FlowControl
 from flows.errors import ConfigError
-from flows.runplan import build_plan
 from flows.run import claim_versions, execute
+from flows.runplan import build_plan
 from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
 from flows.spec import FeatureView, load_definitions
-from state.timestamps import to_micros
 from state.store import VersionCleanup, ViewStore
+from state.timestamps import to_micros
 
 OPTIONS = (
     *COMMON,
@@ -67,7 +68,9 @@ def _replay(settings: Settings, _args: argparse.Namespace) -> int:
         for t in sp.targets:
             print(f"replaying view {t.view.name!r} into version v{t.version}", flush=True)
     with claim_versions(plan, 0):
-        code = execute(plan, workers=settings.workers, status_interval=settings.status_interval)
+        code = execute(
+            plan, FlowControl(), workers=settings.workers, status_interval=settings.status_interval
+        )
     store = ViewStore(settings.state)
     for sp in plan.sources.values():
         for t in sp.targets:

@@ -25,12 +25,12 @@ from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
 from flows.checkpoints import restore_views
 from flows.cli import command_main
-from flows.dataflow import FlowPlan, run_dataflow
+from flows.dataflow import FlowControl, run_dataflow
 from flows.demo import ensure_demo_data
 from flows.governance.breaking import refuse_breaking
 from flows.governance.history import record_history, record_rate
 from flows.metrics import ConsoleReporter, Metrics
-from flows.runplan import build_plan
+from flows.runplan import FlowPlan, build_plan
 from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
 from flows.spec import Definitions, Source, load_definitions
 from state.client import FeatureClient
@@ -130,7 +130,6 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
             state=Path(settings.state),
             kafka=settings.kafka,
             until_caught_up=settings.until_caught_up,
-            metrics=metrics,
             process_id=settings.process_id or 0,
             batch_rows=settings.batch_rows,
             processes=len(settings.addresses.split(";")) if settings.addresses else 1,
@@ -140,15 +139,17 @@ def _run(settings: Settings, _args: argparse.Namespace) -> int:
         if not settings.process_id or settings.separate_state:
             _record(plan, defs)
         addresses = settings.addresses.split(";") if settings.addresses else None
+        control = FlowControl(metrics)
         with claim_versions(plan, settings.process_id or 0):
             code = execute(
                 plan,
+                control,
                 workers=settings.workers,
                 addresses=addresses,
                 process_id=settings.process_id or 0,
                 status_interval=settings.status_interval,
             )
-        if not plan.restart.is_set():
+        if not control.restart.is_set():
             if not settings.process_id:
                 _print_service_sample(plan, defs, _demo_spine(settings))
             return code
@@ -251,6 +252,7 @@ def claim_versions(plan: FlowPlan, process_id: int) -> contextlib.ExitStack:
 
 def execute(
     plan: FlowPlan,
+    control: FlowControl,
     *,
     workers: int = 1,
     addresses: list[str] | None = None,
@@ -258,8 +260,8 @@ def execute(
     status_interval: float = 5.0,
 ) -> int:
     """Run the dataflow, then print the summary (also after Ctrl-C)."""
-    track_catch_up(plan)
-    reporter = ConsoleReporter(plan.metrics, status_interval)
+    track_catch_up(plan, control.metrics)
+    reporter = ConsoleReporter(control.metrics, status_interval)
     reporter.start()
     started = time.perf_counter()
     # Ctrl-C / SIGTERM end the flow cleanly: the sources stop at their next batch, the sinks
@@ -268,24 +270,24 @@ def execute(
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
-        plan.stop.set()
+        control.stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run_dataflow(plan, workers, addresses, process_id)
+        run_dataflow(plan, control, workers, addresses, process_id)
     finally:
         reporter.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    stopped_by = _signal_name(received[0]) if received and not plan.restart.is_set() else None
+    stopped_by = _signal_name(received[0]) if received and not control.restart.is_set() else None
     if not plan.watch_versions and not received:  # --until-caught-up: a whole replay, timed
         elapsed = time.perf_counter() - started
-        record_rate(plan.state, sum(plan.metrics.read_totals().values()), elapsed)
-    _print_summary(plan, time.perf_counter() - started, stopped_by)
+        record_rate(plan.state, sum(control.metrics.read_totals().values()), elapsed)
+    _print_summary(plan, control.metrics, time.perf_counter() - started, stopped_by)
     return 0
 
 
-def track_catch_up(plan: FlowPlan) -> None:
+def track_catch_up(plan: FlowPlan, metrics: Metrics) -> None:
     """Tell the metrics how much of the log is to be applied (progress bar, lag gauges)."""
     total = 0
     for sp in plan.sources.values():
@@ -293,9 +295,9 @@ def track_catch_up(plan: FlowPlan) -> None:
         marks = [m for m in sp.start_watermark.values() if m is not None]
         for t in sp.targets:
             for p, end in sp.catch_up.items():
-                plan.metrics.catch_up_target(t.view.name, p, end)
-            plan.metrics.resumed(t.view.name, max(marks, default=None))
-    plan.metrics.to_catch_up = total
+                metrics.catch_up_target(t.view.name, p, end)
+            metrics.resumed(t.view.name, max(marks, default=None))
+    metrics.to_catch_up = total
 
 
 def _print_plan(plan: FlowPlan) -> None:
@@ -319,9 +321,11 @@ def _signal_name(signum: int) -> str:
     return "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
-def _print_summary(plan: FlowPlan, elapsed: float, stopped_by: str | None) -> None:
-    per_view, late, dead = plan.metrics.totals()
-    read = sum(plan.metrics.read_totals().values())
+def _print_summary(
+    plan: FlowPlan, metrics: Metrics, elapsed: float, stopped_by: str | None
+) -> None:
+    per_view, late, dead = metrics.totals()
+    read = sum(metrics.read_totals().values())
     events = max(per_view.values(), default=0)
     rate = read / elapsed if elapsed > 0 else 0.0
     how = f"stopped by {stopped_by}" if stopped_by else "done"

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
 
 from connectors.avro import arrow_schema
 from connectors.kafka import ensure_topic
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.cluster import Cluster, ClusterStarts, Publication, publish
-from flows.dataflow import FlowPlan, SourcePlan, ViewTarget, caught_up
 from flows.errors import ConfigError
-from flows.metrics import Metrics
 from flows.schemas import field_defaults, schema_store
 from flows.shards import Rekeyed
 from flows.spec import FeatureView
@@ -31,6 +33,86 @@ from state.store import (
     partition_dir,
     read_partition_progress,
 )
+
+
+@dataclass(frozen=True)
+class ViewTarget:
+    """A view version the flow writes; `switch_when_caught_up` makes it live at the end."""
+
+    view: FeatureView
+    layout: ViewLayout
+    version: int
+    switch_when_caught_up: bool = False
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """One source's partitions: where to start, where to stop, and the views fed from it."""
+
+    name: str
+    key: str
+    timestamp: str
+    arrow_schema: pa.Schema
+    targets: tuple[ViewTarget, ...]
+    start: dict[int, int]  # partition -> first offset to read
+    stop: dict[int, int] | None  # partition -> offset to stop at (exclusive); None = follow
+    catch_up: dict[int, int]  # partition -> end of the log when the flow started
+    kafka: KafkaTail | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # for fields added to the schema
+    start_watermark: dict[int, int | None] = field(default_factory=dict)  # at start, per partition
+    rekeyed: tuple[Rekeyed, ...] = ()  # the views with their own key (routed by it)
+    rules: EventRules | None = None  # what records must satisfy (default: key and time present)
+
+    @property
+    def event_rules(self) -> EventRules:
+        return self.rules or EventRules(self.name, self.key, self.timestamp)
+
+
+@dataclass(frozen=True)
+class FlowPlan:
+    """Everything the dataflow needs, as plain data; built by flows.run / flows.replay
+    (`build_plan`). What changes while the flow runs (stop, restart, failures, metrics) is the
+    dataflow's `FlowControl`, not part of the plan."""
+
+    warehouse: str | Path  # a directory or an object-store URI
+    state: Path
+    sources: dict[str, SourcePlan]
+    kafka_bootstrap: str | None = None
+    batch_rows: int = 4_000_000  # records per replay batch from segments (memory vs speed)
+    watch_versions: bool = False  # follow mode: restart when a replay switches a live view
+    cluster: Cluster = field(default_factory=Cluster)  # this process's place in the cluster
+    starts: ClusterStarts | None = None  # separate state dirs: resume points of the cluster
+
+    def part_keys(self) -> list[str]:
+        return sorted(part_key(s, p) for s, plan in self.sources.items() for p in plan.start)
+
+    def owned_part_keys(self) -> list[str]:
+        """The partitions this process lists to bytewax (log reader and view shard alike):
+        in a cluster only the shards it owns (flows.cluster), so the mapping is ours."""
+        return [k for k in self.part_keys() if self.cluster.owns(split_part_key(k)[1])]
+
+    def resume_at(self, source: str, partition: int) -> LogPosition:
+        """The position a source partition resumes after: the lowest any view shard applied
+        (of the whole cluster when each process has its own state directory)."""
+        sp = self.sources[source]
+        if self.starts is None:
+            return LogPosition(sp.start[partition] - 1, sp.start_watermark.get(partition))
+        versions = {t.view.name: t.version for t in sp.targets}
+        return self.starts.position(source, versions, partition)
+
+
+def caught_up(progress: PartitionProgress, shard: int, ends: dict[int, int]) -> bool:
+    """A shard has applied every source partition up to the log's end as of the start."""
+    return all(progress.position(p, shard).offset + 1 >= end for p, end in ends.items())
+
+
+def part_key(source: str, partition: int) -> str:
+    return f"{source}/p{partition:04d}"
+
+
+def split_part_key(key: str) -> tuple[str, int]:
+    source, _, part = key.rpartition("/p")
+    return source, int(part)
 
 
 def choose_targets(
@@ -140,7 +222,6 @@ def build_plan(
     kafka: str | None,
     until_caught_up: bool,
     rebuild: bool = False,
-    metrics: Metrics | None = None,
     process_id: int = 0,
     batch_rows: int = 4_000_000,
     processes: int = 1,
@@ -221,7 +302,6 @@ def build_plan(
         sources=sources,
         kafka_bootstrap=kafka,
         batch_rows=batch_rows,
-        metrics=metrics or Metrics(),
         watch_versions=not until_caught_up,
         cluster=cluster,
         starts=ClusterStarts(warehouse, cluster) if separate_state else None,
