@@ -8,11 +8,16 @@ rates actually reached. Needs the broker of scripts/kafka (KAFKA_BOOTSTRAP, defa
 127.0.0.1:9092).
 
     python scripts/bench_freshness.py [--rate 20000] [--seconds 30] [--partitions 4]
-                                      [--example]
+                                      [--example] [--history-minutes 60]
 
 With --example the flow runs the shipped example's user view (flows/examples/
 card_transactions.py: 10 features incl. a KLL p95, a 180-day sum and a 7-day std) instead of the
 4-feature view below; the events then also carry a merchant and a channel.
+
+With --history-minutes M, every key first gets one event per minute of the past M minutes and the
+measurement starts once the flow has applied them: the tiles a flow that has been live for M
+minutes holds (a 1-hour KLL window keeps up to 60 one-minute sketches per key), which is what
+makes each touched key dearer to merge than in a fresh flow.
 """
 
 from __future__ import annotations
@@ -127,9 +132,40 @@ def background_load(
     producer.flush()
 
 
-def probes(
-    bootstrap: str, topic: str, state: Path, seconds: float, example: bool
-) -> list[float]:
+def prefill(bootstrap: str, topic: str, keys: int, minutes: int, example: bool) -> int:
+    """One event per key per minute of the past `minutes` minutes, in event-time order."""
+    producer = AvroProducer(bootstrap, topic, event_schema(example), {"linger.ms": 20})
+    rng = np.random.default_rng(2)
+    extra = {"merchant": "m1", "channel": "web"} if example else {}
+    now_us = time.time_ns() // 1000
+    for minute in range(minutes, 0, -1):
+        at = now_us - minute * 60_000_000 + np.sort(rng.integers(0, 60_000_000, keys))
+        amounts = np.round(rng.lognormal(3, 1, keys), 2).tolist()
+        records = [
+            {"user_id": f"u{u}", "ts": int(t), "amount": a, **extra}
+            for u, t, a in zip(rng.permutation(keys).tolist(), at.tolist(), amounts, strict=True)
+        ]
+        producer.produce(records, key_field="user_id")
+        producer.flush()  # one minute at a time: the producer's queue stays small
+    return keys * minutes
+
+
+def wait_applied(bootstrap: str, topic: str, state: Path, example: bool) -> None:
+    """Until an event produced now is readable (the flow has applied everything before it)."""
+    producer = AvroProducer(bootstrap, topic, event_schema(example), {"linger.ms": 0})
+    key = f"caught-up-{uuid.uuid4().hex[:8]}"
+    producer.produce([{"user_id": key, "ts": time.time_ns() // 1000, "amount": 1.0}], "user_id")
+    producer.flush()
+    count = "count_30m" if example else "count"
+    deadline = time.monotonic() + 600
+    with FeatureClient(state, refresh_s=0.1) as client:
+        while client.get("live", key, at=time.time_ns() / 1e9)[count] < 1:
+            if time.monotonic() > deadline:
+                raise SystemExit("the flow did not apply the history in 10 minutes")
+            time.sleep(0.2)
+
+
+def probes(bootstrap: str, topic: str, state: Path, seconds: float, example: bool) -> list[float]:
     producer = AvroProducer(bootstrap, topic, event_schema(example), {"linger.ms": 0})
     count = "count_30m" if example else "count"
     latencies: list[float] = []
@@ -182,6 +218,12 @@ def main() -> None:
     parser.add_argument(
         "--example", action="store_true", help="run the shipped example's user view (10 features)"
     )
+    parser.add_argument(
+        "--history-minutes",
+        type=int,
+        default=0,
+        help="first give every key one event per minute of the past M minutes (steady state)",
+    )
     args = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
     topic = f"bench-fresh-{uuid.uuid4().hex[:8]}"
@@ -192,6 +234,11 @@ def main() -> None:
         flow = start_flow(tmp, bootstrap, topic, args.partitions, args.example)
         try:
             wait_live(tmp / "state")
+            if args.history_minutes:
+                began = time.monotonic()
+                n = prefill(bootstrap, topic, args.keys, args.history_minutes, args.example)
+                wait_applied(bootstrap, topic, tmp / "state", args.example)
+                print(f"history: {n:,} events applied in {time.monotonic() - began:.1f} s")
             stop, sent = threading.Event(), [0]
             load = threading.Thread(
                 target=background_load,
