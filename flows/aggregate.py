@@ -11,7 +11,7 @@ returns the new entity blobs plus the partition's progress, ready for one atomic
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from connectors.envelope import DeadLetter
 from state.codec import (
     KEY_SEPARATOR,
+    StoredEntries,
     StoredGroup,
     decode_many,
     decode_words,
@@ -365,12 +366,29 @@ class _OldState:
     key_of_row: list[I64]  # per group: key id of every stored row
     newest: I64
     last_of_key: list[npt.NDArray[np.bool_]]  # per group: the row is its key's boundary row
+    # per group: summary fields left in the stored bytes (not in blocks' objs); empty when
+    # every field was decoded (the per-blob path)
+    entries: list[dict[str, StoredEntries]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Merged:
+    """One group's new tiles of the touched keys: the merged rows (stored rows the batch
+    touched + its events), and the stored rows it left as they were (`kept`, summary items
+    left out: their entries are written back from the stored bytes)."""
+
+    block: TileBlock
+    row_keys: I64
+    kept: TileBlock | None = None
+    kept_keys: I64 | None = None
+    kept_rows: I64 | None = None  # their index among the group's stored rows
+    entries: dict[str, StoredEntries] = field(default_factory=dict)
 
 
 def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
     """The stored tiles of the touched keys, concatenated per group: every blob decoded in one
     NumPy pass per group (`state.codec.decode_many`), stored summaries left as bytes."""
-    decoded = decode_many(layout, blobs)
+    decoded = decode_many(layout, blobs, lazy=True)
     if decoded is None:  # an irregular blob: the per-blob decoder reads it or says why
         return _load_old_per_key(layout, blobs)
     stored, newest = decoded
@@ -384,7 +402,7 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
         last_of_key.append(last)
         rows = np.ascontiguousarray(g.words).view(group.dtype).reshape(-1)
         blocks.append(TileBlock(rows, g.objs) if len(rows) else None)
-    return _OldState(blocks, key_of_row, newest, last_of_key)
+    return _OldState(blocks, key_of_row, newest, last_of_key, [g.entries for g in stored])
 
 
 def _load_old_per_key(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
@@ -444,12 +462,14 @@ def _merge_group(
     newest: I64,
     ev: SortedEvents,
     watermark: int | None,
-) -> tuple[TileBlock, I64]:
+) -> _Merged:
     """Merge a batch's events into the touched keys' stored tiles of one hop group.
 
     Every key's tiles end with a boundary row: the events at exactly its newest event time,
     kept apart from the rest of their tile, so that a read as of exactly that time can leave
-    them out (the window is exclusive of t). Rows sort by (key, tile, boundary).
+    them out (the window is exclusive of t). Rows sort by (key, tile, boundary). Only a key's
+    stored rows from its batch's oldest tile (and its boundary row's tile) on take part in the
+    merge; the older ones stay as stored, unless no window can reach them any more.
     """
     fresh = unit_block(
         group, ev.ts, ev.off, {c.column: ev.columns[c.column] for c in group.columns}
@@ -457,38 +477,123 @@ def _merge_group(
     row_keys = ev.kid
     boundary = ev.ts == newest[ev.kid]
     stored = old.blocks[gi]
+    oldest = _oldest_tile(group, watermark)
+    merged = _Merged(fresh, row_keys)
     if stored is not None:
         old_keys = old.key_of_row[gi]
-        still = old.last_of_key[gi] & (old.newest[old_keys] == newest[old_keys])
-        fresh = concat_blocks(group, [stored, fresh])
-        row_keys = np.concatenate([old_keys, ev.kid])
+        entries = old.entries[gi] if old.entries else {}
+        touched = _touched_rows(old, gi, stored, ev.kid, fresh.rows["tile"], len(newest), entries)
+        kept = np.flatnonzero(~touched & (stored.rows["tile"] >= oldest))
+        merged = _Merged(
+            fresh,
+            row_keys,
+            _stored_rows(stored, entries, kept, False),
+            old_keys[kept],
+            kept,
+            entries,
+        )
+        rows = np.flatnonzero(touched)
+        still = old.last_of_key[gi][rows] & (old.newest[old_keys[rows]] == newest[old_keys[rows]])
+        fresh = concat_blocks(group, [_stored_rows(stored, entries, rows, True), fresh])
+        row_keys = np.concatenate([old_keys[rows], ev.kid])
         boundary = np.concatenate([still, boundary])
         order = np.lexsort((boundary, fresh.rows["tile"], row_keys))
         fresh, row_keys, boundary = fresh.take(order), row_keys[order], boundary[order]
     starts = run_starts(row_keys, fresh.rows["tile"], boundary)
     block = combine(group, fresh, starts)
     row_keys = row_keys[starts]
-    if group.hop_us and watermark is not None:
-        oldest = watermark // group.hop_us - group.max_window_us // group.hop_us
-        keep = block.rows["tile"] >= oldest
-        if not keep.all():
-            block, row_keys = block.take(np.flatnonzero(keep)), row_keys[keep]
-    return block, row_keys
+    keep = block.rows["tile"] >= oldest
+    if not keep.all():
+        block, row_keys = block.take(np.flatnonzero(keep)), row_keys[keep]
+    merged.block, merged.row_keys = block, row_keys
+    return merged
+
+
+def _oldest_tile(group: HopGroup, watermark: int | None) -> int:
+    """The oldest tile a window of the group can still reach (older ones are pruned)."""
+    if not group.hop_us or watermark is None:
+        return int(np.iinfo(np.int64).min)
+    return watermark // group.hop_us - group.max_window_us // group.hop_us
+
+
+def _touched_rows(
+    old: _OldState,
+    gi: int,
+    stored: TileBlock,
+    kid: I64,
+    tiles: I64,
+    n_keys: int,
+    entries: dict[str, StoredEntries],
+) -> npt.NDArray[np.bool_]:
+    """Which stored rows the batch merges into: per key, those from its events' oldest tile
+    and from its boundary row's tile on (all of them when summaries were decoded)."""
+    if not entries:
+        return np.ones(len(stored), dtype=bool)
+    old_keys, stored_tiles = old.key_of_row[gi], stored.rows["tile"]
+    touch_from = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)
+    starts = run_starts(kid)  # events sort by (key, time): a key's first has its oldest tile
+    touch_from[kid[starts]] = tiles[starts]
+    last = old.last_of_key[gi]
+    touch_from[old_keys[last]] = np.minimum(touch_from[old_keys[last]], stored_tiles[last])
+    return np.asarray(stored_tiles >= touch_from[old_keys])
+
+
+def _stored_rows(
+    stored: TileBlock, entries: dict[str, StoredEntries], rows: I64, with_summaries: bool
+) -> TileBlock:
+    """Stored rows `rows`, their summaries as stored bytes (or None placeholders)."""
+    part = stored.take(rows)
+    for name, stored_entries in entries.items():
+        part.objs[name] = (
+            stored_entries.items(rows) if with_summaries else np.full(len(rows), None, object)
+        )
+    return part
 
 
 def _encode_keys(
     layout: ViewLayout,
     raw_keys: list[bytes],
-    merged: list[tuple[TileBlock, I64]],
+    merged: list[_Merged],
     newest: I64,
     lengths: dict[str, I64],
 ) -> dict[bytes, bytes]:
-    """Every touched key's new blob, encoded for all keys at once (`state.codec.encode_many`)."""
+    """Every touched key's new blob, encoded for all keys at once (`state.codec.encode_many`);
+    the summaries of stored rows the batch left alone are copied from their stored bytes."""
     n_keys = len(raw_keys)
-    groups = []
-    for group, (block, row_keys) in zip(layout.groups, merged, strict=True):
-        rows = np.ascontiguousarray(block.rows)
-        words = rows.view(np.int64).reshape(len(rows), len(group.dtype.names or ()))
-        counts = np.bincount(row_keys, minlength=n_keys).astype(np.int64)
-        groups.append(StoredGroup(words, block.objs, counts))
+    groups = [
+        _group_to_encode(group, m, n_keys) for group, m in zip(layout.groups, merged, strict=True)
+    ]
     return dict(zip(raw_keys, encode_many(layout, groups, newest, lengths), strict=True))
+
+
+def _group_to_encode(group: HopGroup, m: _Merged, n_keys: int) -> StoredGroup:
+    block, keys = m.block, m.row_keys
+    leading: dict[str, list[bytes]] = {}
+    lead_rows = None
+    if m.kept is not None and m.kept_keys is not None and m.kept_rows is not None:
+        both = concat_blocks(group, [m.kept, block])
+        keys = np.concatenate([m.kept_keys, keys])
+        order = np.argsort(keys, kind="stable")  # per key: the kept (older) rows first
+        block, keys = both.take(order), keys[order]
+        lead_rows = np.bincount(m.kept_keys, minlength=n_keys).astype(np.int64)
+        leading = {
+            f: _kept_spans(e, m.kept_rows, m.kept_keys, n_keys) for f, e in m.entries.items()
+        }
+    rows = np.ascontiguousarray(block.rows)
+    words = rows.view(np.int64).reshape(len(rows), len(group.dtype.names or ()))
+    counts = np.bincount(keys, minlength=n_keys).astype(np.int64)
+    return StoredGroup(words, block.objs, counts, leading=leading, leading_rows=lead_rows)
+
+
+def _kept_spans(entries: StoredEntries, rows: I64, keys: I64, n_keys: int) -> list[bytes]:
+    """Per key, the stored entries of its kept rows (contiguous in its blob), or b""."""
+    out = [b""] * n_keys
+    if not len(rows):
+        return out
+    starts = run_starts(keys)
+    lasts = np.append(starts[1:], len(rows)) - 1
+    for k, a, z in zip(
+        keys[starts].tolist(), rows[starts].tolist(), rows[lasts].tolist(), strict=True
+    ):
+        out[k] = entries.span(a, z)
+    return out

@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -289,28 +289,57 @@ class _IrregularBlobError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class StoredEntries:
+    """A summary field's entries of stored rows, left in the blobs' bytes: row i's entry
+    (u32 length + bytes) is buf[start[i]:end[i]]."""
+
+    buf: bytes
+    start: I64
+    end: I64
+
+    def items(self, rows: I64) -> npt.NDArray[np.object_]:
+        """The stored bytes of `rows` (None for an empty entry)."""
+        buf = self.buf
+        spans = zip((self.start[rows] + 4).tolist(), self.end[rows].tolist(), strict=True)
+        return _object_array([buf[a:z] if z > a else None for a, z in spans])
+
+    def span(self, first: int, last: int) -> bytes:
+        """The entries of rows first..last (inclusive), as they are stored."""
+        return self.buf[int(self.start[first]) : int(self.end[last])]
+
+
+@dataclass(frozen=True, slots=True)
 class StoredGroup:
-    """One hop group's stored tiles of many keys: rows in key order (`counts[k]` rows of key
-    k), their object stats (summaries as their stored bytes) and vectors."""
+    """One hop group's tiles of many keys: rows in key order (`counts[k]` rows of key k), their
+    object stats (summaries as their stored bytes) and vectors.
+
+    Decoded with `lazy`, summary fields are in `entries` instead of `objs`. For encoding,
+    `leading[f][k]` may hold the stored entries of key k's first `leading_rows[k]` rows of
+    summary field f, written as they are (the rows' `objs[f]` items are then ignored)."""
 
     words: Words
     objs: dict[str, Any]
     counts: I64
+    entries: dict[str, StoredEntries] = field(default_factory=dict)
+    leading: dict[str, list[bytes]] = field(default_factory=dict)
+    leading_rows: I64 | None = None
 
 
 def decode_many(
-    layout: ViewLayout, blobs: Sequence[bytes | None]
+    layout: ViewLayout, blobs: Sequence[bytes | None], lazy: bool = False
 ) -> tuple[list[StoredGroup], I64] | None:
     """The stored tiles of many keys per hop group (None blobs: keys without tiles) and each
     key's newest event time (INT64_MIN without a blob); None when a blob is not regular
-    (the per-blob `decode_words` then reads it or says what is wrong)."""
+    (the per-blob `decode_words` then reads it or says what is wrong). With `lazy`, summary
+    fields stay in the blobs' bytes (`StoredGroup.entries`)."""
     present = np.asarray([i for i, b in enumerate(blobs) if b is not None], dtype=np.int64)
     newest = np.full(len(blobs), INT64_MIN, dtype=np.int64)
     if not len(present):
         empty = [_empty_group(layout, g, len(blobs)) for g in range(len(layout.groups))]
         return empty, newest
     try:
-        groups, stored_newest = _BlobWalk(layout, [b for b in blobs if b is not None]).run()
+        walk = _BlobWalk(layout, [b for b in blobs if b is not None], lazy)
+        groups, stored_newest = walk.run()
     except (_IrregularBlobError, IndexError, ValueError, orjson.JSONDecodeError):
         return None
     newest[present] = stored_newest
@@ -328,7 +357,7 @@ def _empty_group(layout: ViewLayout, gi: int, n_keys: int) -> StoredGroup:
 def _spread(group: StoredGroup, present: I64, n_keys: int) -> StoredGroup:
     counts = np.zeros(n_keys, dtype=np.int64)
     counts[present] = group.counts
-    return StoredGroup(group.words, group.objs, counts)
+    return StoredGroup(group.words, group.objs, counts, group.entries)
 
 
 def _windows(buf: bytes, size: int) -> npt.NDArray[np.uint8]:
@@ -341,8 +370,9 @@ def _windows(buf: bytes, size: int) -> npt.NDArray[np.uint8]:
 class _BlobWalk:
     """Walks the blobs of a batch side by side, one section of every blob per step."""
 
-    def __init__(self, layout: ViewLayout, blobs: list[bytes]) -> None:
-        self.layout = layout
+    def __init__(self, layout: ViewLayout, blobs: list[bytes], lazy: bool) -> None:
+        self.layout, self.lazy = layout, lazy
+        self.entries: dict[str, StoredEntries] = {}
         lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
         self.buf = b"".join(blobs)
         self.ends = np.cumsum(lengths)
@@ -378,11 +408,12 @@ class _BlobWalk:
         cols = np.arange(width)[None, :] * n[key][:, None] + row[:, None]
         words = self.i64((base[key][:, None] + cols * 8).ravel()).reshape(len(key), width)
         objs: dict[str, Any] = {}
+        self.entries = {}
         if group.object_fields:
             objs = self.objects(group.object_fields, n, firsts)
         for f in group.vector_fields:
             objs[f] = self.vectors(n, key, row)
-        return StoredGroup(words, objs, n)
+        return StoredGroup(words, objs, n, self.entries)
 
     def objects(self, fields: tuple[str, ...], n: I64, firsts: I64) -> dict[str, Any]:
         end = self.pos + 4 + self.u32(self.pos)
@@ -397,14 +428,16 @@ class _BlobWalk:
             if _summary_kind(f) is None:
                 objs[f] = _object_array([v for d in loaded for v in d[f]])
             else:
-                objs[f] = self.summaries(n, firsts)
-            if len(objs[f]) != int(n.sum()):
+                self.entries[f] = self.summaries(n, firsts)
+                if not self.lazy:
+                    objs[f] = self.entries.pop(f).items(np.arange(int(n.sum())))
+            if len(objs[f] if f in objs else self.entries[f].start) != int(n.sum()):
                 raise _IrregularBlobError
         if (self.pos != end).any():
             raise _IrregularBlobError
         return objs
 
-    def summaries(self, n: I64, firsts: I64) -> npt.NDArray[np.object_]:
+    def summaries(self, n: I64, firsts: I64) -> StoredEntries:
         """One summary field of every key: n entries of u32 length + bytes, walked for all
         keys at once (entry i of every key per step)."""
         total = int(n.sum())
@@ -416,10 +449,7 @@ class _BlobWalk:
             self.pos[live] += 4 + length
             i += 1
             live = live[n[live] > i]
-        buf = self.buf
-        return _object_array(
-            [buf[a : a + s] if s else None for a, s in zip(at.tolist(), size.tolist(), strict=True)]
-        )
+        return StoredEntries(self.buf, at - 4, at + size)
 
     def vectors(self, n: I64, key: I64, row: I64) -> npt.NDArray[np.float64]:
         dim = self.u32(self.pos)
@@ -450,65 +480,66 @@ def encode_many(
     n_keys = len(newest)
     heads = np.zeros(n_keys, dtype=[("v", "u1"), ("t", "<i8")])
     heads["v"], heads["t"] = VALUE_FORMAT, newest
-    sections = [_group_sections(layout.groups[gi], g, dims or {}) for gi, g in enumerate(groups)]
-    raw = heads.tobytes()
-    size = _HEAD.size
-    out = []
-    for k in range(n_keys):
-        parts = [raw[k * size : (k + 1) * size]]
-        for section in sections:
-            parts.extend(section[k])
-        out.append(b"".join(parts))
-    return out
+    columns = [_slices(heads.tobytes(), np.full(n_keys, _HEAD.size))]
+    for gi, g in enumerate(groups):
+        columns += _group_columns(layout.groups[gi], g, dims or {})
+    return [b"".join(parts) for parts in zip(*columns, strict=True)]
 
 
-def _group_sections(
-    group: HopGroup, stored: StoredGroup, dims: dict[str, I64]
-) -> list[list[bytes]]:
-    """Per key, the byte parts of one hop group's section."""
+def _slices(raw: bytes, sizes: I64) -> list[bytes]:
+    """`raw` cut into consecutive pieces of `sizes` bytes."""
+    ends = np.cumsum(sizes)
+    return [raw[a:z] for a, z in zip((ends - sizes).tolist(), ends.tolist(), strict=True)]
+
+
+def _group_columns(group: HopGroup, stored: StoredGroup, dims: dict[str, I64]) -> list[list[bytes]]:
+    """One hop group's section as columns of byte parts, one part per key in each."""
     n = stored.counts
     width = len(group.dtype.names or ())
     firsts = np.cumsum(n) - n
     key = np.repeat(np.arange(len(n)), n * width)
     local = np.arange(len(key)) - firsts[key] * width
-    field, row = np.divmod(local, np.maximum(n[key], 1))
-    columns = stored.words.ravel()[(firsts[key] + row) * width + field].tobytes()
-    counts = n.astype("<u4").tobytes()
-    ends = ((firsts + n) * width * 8).tolist()
-    starts = (firsts * width * 8).tolist()
-    parts = [
-        [counts[4 * k : 4 * k + 4], columns[a:b]]
-        for k, (a, b) in enumerate(zip(starts, ends, strict=True))
-    ]
+    column, row = np.divmod(local, np.maximum(n[key], 1))
+    words = stored.words.ravel()[(firsts[key] + row) * width + column].tobytes()
+    out = [_slices(n.astype("<u4").tobytes(), np.full(len(n), 4)), _slices(words, n * width * 8)]
     if group.object_fields:
-        for k, section in enumerate(_object_sections(group.object_fields, stored.objs, n)):
-            parts[k].extend(section)
+        out += _object_columns(group.object_fields, stored)
     for f in group.vector_fields:
-        for k, matrix in enumerate(_key_vectors(f, stored.objs[f], n, firsts, dims)):
-            parts[k].extend((_U32.pack(matrix.shape[1]), matrix.tobytes()))
-    return parts
-
-
-def _object_sections(
-    fields: tuple[str, ...], objs: dict[str, Any], n: I64
-) -> list[tuple[bytes, ...]]:
-    """Per key: u32 section length, then `_encode_objects`' bytes for its rows."""
-    bounds = np.concatenate([[0], np.cumsum(n)]).tolist()
-    plain = [(f, objs[f].tolist()) for f in fields if _summary_kind(f) is None]
-    docs = [orjson.dumps({f: v[a:z] for f, v in plain}) for a, z in itertools.pairwise(bounds)]
-    regions = [_summary_region(f, objs[f], bounds) for f in fields if _summary_kind(f)]
-    out: list[tuple[bytes, ...]] = []
-    for k, doc in enumerate(docs):
-        summary = b"".join(region[k] for region in regions)
-        out.append((_U32.pack(4 + len(doc) + len(summary)), _U32.pack(len(doc)), doc, summary))
+        matrices = _key_vectors(f, stored.objs[f], n, firsts, dims)
+        out.append([_U32.pack(m.shape[1]) + m.tobytes() for m in matrices])
     return out
 
 
-def _summary_region(field: str, items: npt.NDArray[np.object_], bounds: list[int]) -> list[bytes]:
+def _object_columns(fields: tuple[str, ...], stored: StoredGroup) -> list[list[bytes]]:
+    """Per key: u32 section length, u32 document length, the document, the summaries."""
+    objs, n = stored.objs, stored.counts
+    bounds = np.concatenate([[0], np.cumsum(n)]).tolist()
+    plain = [(f, objs[f].tolist()) for f in fields if _summary_kind(f) is None]
+    docs = [orjson.dumps({f: v[a:z] for f, v in plain}) for a, z in itertools.pairwise(bounds)]
+    regions = [_summary_region(f, stored) for f in fields if _summary_kind(f)]
+    summaries = (
+        regions[0] if len(regions) == 1 else [b"".join(r) for r in zip(*regions, strict=True)]
+    )
+    if not regions:
+        summaries = [b""] * len(docs)
+    doc_sizes = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    sum_sizes = np.fromiter(map(len, summaries), dtype=np.int64, count=len(docs))
+    sizes = np.stack([4 + doc_sizes + sum_sizes, doc_sizes], axis=1).astype("<u4").tobytes()
+    pieces = _slices(sizes, np.full(2 * len(docs), 4))
+    return [pieces[0::2], pieces[1::2], docs, summaries]
+
+
+def _summary_region(name: str, stored: StoredGroup) -> list[bytes]:
     """Per key, its entries (u32 length + bytes) of one summary field, interleaved for all rows
-    at once; stored bytes are written back as they are."""
-    kind = _summary_kind(field) or ""
-    raw = [x if isinstance(x, bytes) else sketches.encode(kind, x) for x in items.tolist()]
+    at once; stored bytes (items and `leading` spans alike) are written back as they are."""
+    kind = _summary_kind(name) or ""
+    n = stored.counts
+    lead = stored.leading_rows if name in stored.leading else None
+    rows = np.ones(len(stored.objs[name]), dtype=bool)
+    if lead is not None:  # rows covered by the leading spans are not encoded again
+        rows[_leading_mask(n, lead)] = False
+    items = stored.objs[name][rows].tolist()
+    raw = [x if isinstance(x, bytes) else sketches.encode(kind, x) for x in items]
     lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
     ends = np.cumsum(4 + lengths)
     heads = (ends - 4 - lengths)[:, None] + np.arange(4)
@@ -518,8 +549,19 @@ def _summary_region(field: str, items: npt.NDArray[np.object_], bounds: list[int
     body[heads] = False
     out[body] = np.frombuffer(b"".join(raw), dtype=np.uint8)
     region = out.tobytes()
-    at = np.concatenate([[0], ends])[bounds].tolist()
-    return [region[a:z] for a, z in itertools.pairwise(at)]
+    own = n - (lead if lead is not None else 0)
+    at = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(own)])].tolist()
+    spans = [region[a:z] for a, z in itertools.pairwise(at)]
+    if lead is None:
+        return spans
+    return [a + b for a, b in zip(stored.leading[name], spans, strict=True)]
+
+
+def _leading_mask(n: I64, lead: I64) -> npt.NDArray[np.bool_]:
+    """Which rows (keys' rows in order, `n[k]` per key) are among their key's first lead[k]."""
+    firsts = np.cumsum(n) - n
+    key = np.repeat(np.arange(len(n)), n)
+    return np.asarray((np.arange(int(n.sum())) - firsts[key]) < lead[key])
 
 
 def _key_vectors(

@@ -165,3 +165,48 @@ def test_a_damaged_blob_is_refused_as_before() -> None:
         apply_batch(
             LAYOUT, batch, PartitionProgress(-1, None, 0, 0), lambda keys: [store[key]] * len(keys)
         )
+
+
+def one_key(minutes: list[float], offset: int) -> pa.Table:
+    n = len(minutes)
+    return pa.table(
+        {
+            "k": ["a"] * n,
+            "ts": pa.array([int(m * MINUTE) for m in minutes], pa.timestamp("us", tz="UTC")),
+            "x": pa.array([float(i + offset) for i in range(n)], pa.float64()),
+            "s": pa.array([f"s{i % 3}" for i in range(n)], pa.string()),
+            "v": pa.array([[1.0, 2.0]] * n, pa.list_(pa.float64())),
+            "_offset": pa.array(np.arange(offset, offset + n), pa.int64()),
+        }
+    )
+
+
+def summary_entries(blob: bytes) -> dict[str, list[bytes]]:
+    decoded = decode_many(LAYOUT, [blob], lazy=True)
+    assert decoded is not None
+    out = {}
+    for group in decoded[0]:
+        for name, entries in group.entries.items():
+            out[name] = [entries.span(i, i) for i in range(len(entries.start))]
+    return out
+
+
+def test_untouched_tiles_keep_their_stored_bytes_and_late_tiles_merge() -> None:
+    """A batch that touches a key's newest tile writes its older summary entries back byte for
+    byte; an event into an older tile merges there; values equal one merge of every event."""
+    first = one_key([float(m) for m in range(0, 50)], 0)
+    newest = one_key([52.5], 100)
+    older = one_key([12.5], 200)
+    store = applied([first])
+    before = summary_entries(store[encode_key("a")])
+    store = applied([first, newest])
+    after = summary_entries(store[encode_key("a")])
+    assert len(before["x.kll"]) == 11  # 5-minute tiles 0..9 and the boundary row
+    for name, entries in before.items():  # the last two: the newest tile and its boundary row
+        assert after[name][: len(entries) - 2] == entries[:-2], name
+    everything = applied([first, newest, older])
+    once = applied([pa.concat_tables([first, newest, older])])
+    t = 60 * MINUTE
+    assert evaluate_blob(LAYOUT, everything[encode_key("a")], t) == evaluate_blob(
+        LAYOUT, once[encode_key("a")], t
+    )
