@@ -497,10 +497,13 @@ def _group_columns(group: HopGroup, stored: StoredGroup, dims: dict[str, I64]) -
     n = stored.counts
     width = len(group.dtype.names or ())
     firsts = np.cumsum(n) - n
-    key = np.repeat(np.arange(len(n)), n * width)
-    local = np.arange(len(key)) - firsts[key] * width
-    column, row = np.divmod(local, np.maximum(n[key], 1))
-    words = stored.words.ravel()[(firsts[key] + row) * width + column].tobytes()
+    rows = np.repeat(n, n)  # per row, its key's row count
+    # word (r, f) goes to its key's block, column-major: firsts*width + f*n + (r - firsts)
+    home = np.repeat(firsts * (width - 1), n) + np.arange(len(rows))
+    dest = home[:, None] + np.arange(width)[None, :] * rows[:, None]
+    flat = np.empty(len(rows) * width, dtype=np.int64)
+    flat[dest.ravel()] = stored.words.ravel()
+    words = flat.tobytes()
     out = [_slices(n.astype("<u4").tobytes(), np.full(len(n), 4)), _slices(words, n * width * 8)]
     if group.object_fields:
         out += _object_columns(group.object_fields, stored)
