@@ -212,10 +212,8 @@ def _window_rows(
         first_tile = np.full_like(
             head, min(int(tile_idx.min()), int(head.min())) if len(tile_idx) else int(head.min())
         )
-    lo = _search(tile_kid, tile_idx, q_kid, first_tile)
-    hi = _search(tile_kid, tile_idx, q_kid, head)
-    elo = _search(ev.kid, ev.ts, q_kid, head * hop)
-    ehi = _search(ev.kid, ev.ts, q_kid, q_t)
+    lo, hi = _search_both(tile_kid, tile_idx, q_kid, first_tile, head)
+    elo, ehi = _search_both(ev.kid, ev.ts, q_kid, head * hop, q_t)
     if additive:
         return _additive_rows(group, tiles, units, (lo, hi), (elo, ehi))
     full = reduce_ranges(group, tiles, lo, hi)
@@ -265,7 +263,12 @@ def _range_reduce(
     ufunc: np.ufunc, values: npt.NDArray[Any], lo: I64, hi: I64, identity: float
 ) -> npt.NDArray[Any]:
     """ufunc over values[lo[i]:hi[i]] for every i (identity where the range is empty); over
-    the rows of a 2-D `values` (vectors) element-wise."""
+    the rows of a 2-D `values` (vectors) element-wise. Integer sums (counts) come from one
+    prefix sum: exact, and one subtraction per range."""
+    if ufunc is np.add and values.ndim == 1 and values.dtype.kind in "iu":
+        prefix = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(values, out=prefix[1:])
+        return np.where(hi > lo, prefix[np.maximum(hi, lo)] - prefix[lo], 0)
     extra = np.full((1, *values.shape[1:]), identity, dtype=values.dtype)
     extended = np.concatenate([values, extra])
     bounds = np.empty(2 * len(lo), dtype=np.int64)
@@ -273,6 +276,12 @@ def _range_reduce(
     out = ufunc.reduceat(extended, bounds, axis=0)[0::2]
     out[hi <= lo] = identity
     return out
+
+
+def _search_both(kid: I64, val: I64, q_kid: I64, a: I64, b: I64) -> tuple[I64, I64]:
+    """`_search` of (q_kid, a) and of (q_kid, b): one composite of the sorted rows for both."""
+    both = _search(kid, val, np.concatenate([q_kid, q_kid]), np.concatenate([a, b]))
+    return both[: len(q_kid)], both[len(q_kid) :]
 
 
 def _search(kid: I64, val: I64, q_kid: I64, q_val: I64) -> I64:
