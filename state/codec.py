@@ -403,16 +403,23 @@ class _BlobWalk:
         if (self.pos > self.ends).any():
             raise _IrregularBlobError
         firsts = np.cumsum(n) - n
-        key = np.repeat(np.arange(len(n)), n)
-        row = np.arange(int(n.sum())) - firsts[key]
-        cols = np.arange(width)[None, :] * n[key][:, None] + row[:, None]
-        words = self.i64((base[key][:, None] + cols * 8).ravel()).reshape(len(key), width)
+        words = np.empty((int(n.sum()), width), dtype=np.int64)
+        for a in range(0, len(n), ENCODE_CHUNK):  # keys a chunk at a time: bounded temporaries
+            keys = np.arange(a, min(a + ENCODE_CHUNK, len(n)))
+            key = np.repeat(keys, n[keys])
+            row = np.arange(len(key)) + (firsts[a] - firsts[key])
+            at, step = base[key] + row * 8, n[key] * 8  # column j of a row: at + j * step
+            for j in range(width):
+                words[firsts[a] : firsts[a] + len(key), j] = self.i64(at + j * step)
         objs: dict[str, Any] = {}
         self.entries = {}
         if group.object_fields:
             objs = self.objects(group.object_fields, n, firsts)
-        for f in group.vector_fields:
-            objs[f] = self.vectors(n, key, row)
+        if group.vector_fields:
+            key = np.repeat(np.arange(len(n)), n)
+            row = np.arange(len(key)) - firsts[key]
+            for f in group.vector_fields:
+                objs[f] = self.vectors(n, key, row)
         return StoredGroup(words, objs, n, self.entries)
 
     def objects(self, fields: tuple[str, ...], n: I64, firsts: I64) -> dict[str, Any]:
@@ -477,12 +484,42 @@ def encode_many(
 ) -> list[bytes]:
     """The blobs of many keys (key order), byte for byte what `encode_words` writes for each;
     `dims`: per vector column, each key's vector length (vectors cut or zero-padded to it)."""
+    blobs: list[bytes] = []
+    firsts = [np.concatenate([[0], np.cumsum(g.counts)]) for g in groups]
+    for a in range(0, len(newest), ENCODE_CHUNK):  # bounded temporaries on a replay's batch
+        z = min(a + ENCODE_CHUNK, len(newest))
+        part = [
+            _key_range(g, a, z, int(f[a]), int(f[z])) for g, f in zip(groups, firsts, strict=True)
+        ]
+        own_dims = {c: v[a:z] for c, v in (dims or {}).items()}
+        blobs += _encode_chunk(layout, part, newest[a:z], own_dims)
+    return blobs
+
+
+ENCODE_CHUNK = 16_384  # keys encoded together
+
+
+def _key_range(group: StoredGroup, a: int, z: int, first: int, last: int) -> StoredGroup:
+    """Keys a..z-1 of a group (their rows first..last-1)."""
+    lead = group.leading_rows
+    return StoredGroup(
+        group.words[first:last],
+        {f: v[first:last] for f, v in group.objs.items()},
+        group.counts[a:z],
+        leading={f: v[a:z] for f, v in group.leading.items()},
+        leading_rows=None if lead is None else lead[a:z],
+    )
+
+
+def _encode_chunk(
+    layout: ViewLayout, groups: list[StoredGroup], newest: I64, dims: dict[str, I64]
+) -> list[bytes]:
     n_keys = len(newest)
     heads = np.zeros(n_keys, dtype=[("v", "u1"), ("t", "<i8")])
     heads["v"], heads["t"] = VALUE_FORMAT, newest
     columns = [_slices(heads.tobytes(), np.full(n_keys, _HEAD.size))]
     for gi, g in enumerate(groups):
-        columns += _group_columns(layout.groups[gi], g, dims or {})
+        columns += _group_columns(layout.groups[gi], g, dims)
     return [b"".join(parts) for parts in zip(*columns, strict=True)]
 
 
@@ -500,9 +537,9 @@ def _group_columns(group: HopGroup, stored: StoredGroup, dims: dict[str, I64]) -
     rows = np.repeat(n, n)  # per row, its key's row count
     # word (r, f) goes to its key's block, column-major: firsts*width + f*n + (r - firsts)
     home = np.repeat(firsts * (width - 1), n) + np.arange(len(rows))
-    dest = home[:, None] + np.arange(width)[None, :] * rows[:, None]
     flat = np.empty(len(rows) * width, dtype=np.int64)
-    flat[dest.ravel()] = stored.words.ravel()
+    for j in range(width):  # a column at a time: temporaries stay one column long
+        flat[home + j * rows] = stored.words[:, j]
     words = flat.tobytes()
     out = [_slices(n.astype("<u4").tobytes(), np.full(len(n), 4)), _slices(words, n * width * 8)]
     if group.object_fields:

@@ -23,7 +23,7 @@ from flows.spec import (
     percentile,
     sum,
 )
-from state import sketches
+from state import codec, sketches
 from state.codec import (
     StoredGroup,
     decode_many,
@@ -222,3 +222,26 @@ def test_event_order_is_the_key_time_offset_lexsort() -> None:
         for offsets in (np.arange(n) * 3 + 7, rng.permutation(n)):
             expected = np.lexsort((offsets, ts, kid))
             assert np.array_equal(_event_order(kid, ts, offsets), expected)
+
+
+def test_encode_many_in_chunks_of_keys_gives_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """decode_many and encode_many bound their temporaries by working on keys in chunks: any
+    chunk size, the same tiles and blobs (leading spans of kept rows included)."""
+    applied_default = applied(batches(6))
+    store = applied(batches(4))
+    blobs: list[bytes | None] = [store[k] for k in sorted(store)]
+    decoded = decode_many(LAYOUT, blobs)
+    assert decoded is not None
+    groups, newest = decoded
+    dims = {"v": np.full(len(blobs), 2, dtype=np.int64)}
+    whole = encode_many(LAYOUT, groups, newest, dims)
+    assert whole == blobs
+    for size in (1, 3, 7):
+        monkeypatch.setattr(codec, "ENCODE_CHUNK", size)
+        assert encode_many(LAYOUT, groups, newest, dims) == whole
+        again = decode_many(LAYOUT, blobs)  # decoded a chunk of keys at a time too
+        assert again is not None
+        assert all(np.array_equal(a.words, b.words) for a, b in zip(again[0], groups, strict=True))
+    assert applied(batches(6)) == applied_default  # the write path, kept rows' spans too
