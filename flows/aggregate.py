@@ -356,8 +356,10 @@ def _merge_into_tiles(
     blobs = get_blobs(raw_keys)
     old = _load_old(layout, blobs)
     lengths = _vector_lengths(layout, ev, blobs, keys)
+    del blobs  # peak memory: the stored blobs and their decoded rows go before encoding
     newest = _newest_per_key(ev.kid, ev.ts, old.newest)
     merged = [_merge_group(g, gi, old, newest, ev, watermark) for gi, g in enumerate(layout.groups)]
+    del old, ev
     return _encode_keys(layout, raw_keys, merged, newest, lengths)
 
 
@@ -391,12 +393,13 @@ class _OldState:
 @dataclass(slots=True)
 class _Merged:
     """One group's new tiles of the touched keys: the merged rows (stored rows the batch
-    touched + its events), and the stored rows it left as they were (`kept`, summary items
+    touched + its events), and the stored rows it left as they were (`kept_rows` of `stored`,
+    taken only when encoding, after the merge's temporaries are gone; summary items
     left out: their entries are written back from the stored bytes)."""
 
     block: TileBlock
     row_keys: I64
-    kept: TileBlock | None = None
+    stored: TileBlock | None = None
     kept_keys: I64 | None = None
     kept_rows: I64 | None = None  # their index among the group's stored rows
     entries: dict[str, StoredEntries] = field(default_factory=dict)
@@ -495,20 +498,14 @@ def _merge_group(
     boundary = ev.ts == newest[ev.kid]
     stored = old.blocks[gi]
     oldest = _oldest_tile(group, watermark)
-    merged = _Merged(fresh, row_keys)
+    kept_part: tuple[TileBlock | None, I64 | None, I64 | None] = (None, None, None)
+    entries: dict[str, StoredEntries] = {}
     if stored is not None:
         old_keys = old.key_of_row[gi]
         entries = old.entries[gi] if old.entries else {}
         touched = _touched_rows(old, gi, stored, ev.kid, fresh.rows["tile"], len(newest), entries)
         kept = np.flatnonzero(~touched & (stored.rows["tile"] >= oldest))
-        merged = _Merged(
-            fresh,
-            row_keys,
-            _stored_rows(stored, entries, kept, False),
-            old_keys[kept],
-            kept,
-            entries,
-        )
+        kept_part = (stored, old_keys[kept], kept)
         rows = np.flatnonzero(touched)
         still = old.last_of_key[gi][rows] & (old.newest[old_keys[rows]] == newest[old_keys[rows]])
         fresh = concat_blocks(group, [_stored_rows(stored, entries, rows, True), fresh])
@@ -522,8 +519,7 @@ def _merge_group(
     keep = block.rows["tile"] >= oldest
     if not keep.all():
         block, row_keys = block.take(np.flatnonzero(keep)), row_keys[keep]
-    merged.block, merged.row_keys = block, row_keys
-    return merged
+    return _Merged(block, row_keys, *kept_part, entries)
 
 
 def _oldest_tile(group: HopGroup, watermark: int | None) -> int:
@@ -559,6 +555,8 @@ def _stored_rows(
     stored: TileBlock, entries: dict[str, StoredEntries], rows: I64, with_summaries: bool
 ) -> TileBlock:
     """Stored rows `rows`, their summaries as stored bytes (or None placeholders)."""
+    if not entries and len(rows) == len(stored):  # every row (sorted, distinct): no copy
+        return stored
     part = stored.take(rows)
     for name, stored_entries in entries.items():
         part.objs[name] = (
@@ -577,9 +575,9 @@ def _encode_keys(
     """Every touched key's new blob, encoded for all keys at once (`state.codec.encode_many`);
     the summaries of stored rows the batch left alone are copied from their stored bytes."""
     n_keys = len(raw_keys)
-    groups = [
-        _group_to_encode(group, m, n_keys) for group, m in zip(layout.groups, merged, strict=True)
-    ]
+    groups: list[StoredGroup] = []
+    while merged:  # taken out of the list one by one: each group's merge rows go once converted
+        groups.append(_group_to_encode(layout.groups[len(groups)], merged.pop(0), n_keys))
     return dict(zip(raw_keys, encode_many(layout, groups, newest, lengths), strict=True))
 
 
@@ -587,8 +585,9 @@ def _group_to_encode(group: HopGroup, m: _Merged, n_keys: int) -> StoredGroup:
     block, keys = m.block, m.row_keys
     leading: dict[str, list[bytes]] = {}
     lead_rows = None
-    if m.kept is not None and m.kept_keys is not None and m.kept_rows is not None:
-        both = concat_blocks(group, [m.kept, block])
+    if m.stored is not None and m.kept_keys is not None and m.kept_rows is not None:
+        kept = _stored_rows(m.stored, m.entries, m.kept_rows, False)
+        both = concat_blocks(group, [kept, block])
         keys = np.concatenate([m.kept_keys, keys])
         order = np.argsort(keys, kind="stable")  # per key: the kept (older) rows first
         block, keys = both.take(order), keys[order]
