@@ -181,7 +181,7 @@ class LocalStore:
 
         def link(tmp: Path) -> None:
             tmp.write_bytes(data)
-            _fsync(tmp)
+            fsync_path(tmp)
             try:
                 os.link(tmp, path)
                 made[0] = True
@@ -477,14 +477,14 @@ def replace_atomically(
 
     def replace(tmp: Path) -> None:
         write(tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
 
     def run() -> None:
         _with_temp(path, replace)
         if on_replaced is not None:
             on_replaced()
-        _fsync(path.parent)
+        fsync_path(path.parent)
 
     _guard_disk(path, run)
 
@@ -510,7 +510,8 @@ def _guard_disk(path: Path, run: Callable[[], None]) -> None:
         ) from exc
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (what makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -58,7 +58,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type:
 from connectors.avro import SingleObjectWriter
 from connectors.envelope import DeadLetter, dead_letter_table
 from connectors.errors import SchemaError
-from connectors.objectstore import LocalStore, VersionedDocument, open_store
+from connectors.objectstore import LocalStore, VersionedDocument, fsync_path, open_store
 from connectors.segments import DEAD_LETTER_DIR, write_dead_letters
 from flows.errors import DeadLetterError
 
@@ -372,9 +372,7 @@ class SentOffsets:
     def _read(self) -> tuple[int, dict[int, list[tuple[int, int]]]]:
         try:
             version, data = (
-                (0, self._path.read_bytes())
-                if isinstance(self._path, Path)
-                else self._path.read()
+                (0, self._path.read_bytes()) if isinstance(self._path, Path) else self._path.read()
             )
         except FileNotFoundError:
             return 0, {}
@@ -412,7 +410,7 @@ class SentOffsets:
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
             try:
                 tmp.write_bytes(data)
-                _fsync(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -462,14 +460,6 @@ def _merged(spans: list[tuple[int, int]], offsets: list[int]) -> list[tuple[int,
         else:
             out.append((a, b))
     return out
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["DeadLetterWriter", "KafkaDeadLetters", "SentOffsets", "dlq_topic"]

@@ -52,6 +52,7 @@ from state.services import (
     feature_column,
     request_columns,
 )
+from state.store import pid_alive
 
 SPINE_TS = "ts"
 SNAPSHOT_FORMAT = "1"
@@ -418,18 +419,8 @@ def write_parquet_atomic(table: pa.Table, out: Path) -> None:
 def _remove_stale_temporaries(out: Path) -> None:
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ class ViewStore:
             pid = int((self.version_dir(view, version) / _CREATOR).read_text())
         except (OSError, ValueError):
             return True  # made before creators were recorded: nobody will finish it
-        return pid != os.getpid() and not _alive(pid)
+        return pid != os.getpid() and not pid_alive(pid)
 
     def keep_versions(self, view: str, count: int) -> VersionCleanup:
         """Keep the live version and the newest complete ones, `count` in all; delete the
@@ -476,14 +476,15 @@ def _clear_marker_leftovers(root: Path) -> bool:
     in_progress = False
     for tmp in root.glob(f".{_FORMAT_FILE}.tmp-*") if root.exists() else []:
         pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and pid_alive(int(pid)):
             in_progress = True
         else:
             tmp.unlink(missing_ok=True)
     return in_progress
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that pid runs (the owner of a temporary file or marker)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -603,7 +604,7 @@ def sweep_scratch(tmp: Path) -> list[Path]:
     removed = []
     for entry in tmp.iterdir():
         match = _SCRATCH.match(entry.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

@@ -17,8 +17,10 @@ import pytest
 
 from state.store import ViewStore
 from tests.helpers import REPO, make_events, run_command, write_definitions
+from tests.test_crash import INJECT
 
 NEW_COUNT = 'count(window="45m", hop="15m")'
+INJECT_REPLAY = INJECT.replace("from flows.run import main", "from flows.replay import main")
 
 
 def _wait(condition: object, timeout: float = 60) -> None:
@@ -148,12 +150,17 @@ def test_killed_replay_leftover_is_removed_not_counted(store_dir: Path) -> None:
     args = _args(store_dir, store_dir / "defs" / "features.py")
     assert run_command("flows.run", *args, "--until-caught-up").returncode == 0
     store = ViewStore(store_dir / "state")
-    replay = _start("flows.replay", *args, "--views", "spend")
-    try:
-        _wait(lambda: (store.version_dir("spend", 2) / "layout.json").is_file(), timeout=30)
-    finally:
-        replay.kill()  # kill -9 while the new version is being built
-        replay.communicate(timeout=60)
+    # The replay kills itself (SIGKILL) when the first partition of v2 has caught up: v2 is
+    # half-built, whatever the machine's speed.
+    killed = subprocess.run(
+        [sys.executable, "-c", INJECT_REPLAY, "spend/v2/caught_up/p*", *args, "--views", "spend"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stdout + killed.stderr
     assert store.current_version("spend") == 1, "the replay finished before it was killed"
     assert store.versions("spend") == [1, 2]
     result = run_command("flows.replay", *args, "--views", "spend", "--keep-versions", "2")
