@@ -55,14 +55,30 @@ class Http:
         if token or self.token:
             headers["Authorization"] = f"Bearer {token or self.token}"
         try:
-            self.conn.request(method, path, body=body, headers=headers)
-            response = self.conn.getresponse()
-        except (http.client.HTTPException, OSError):
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            raise
+            response = self._send(method, path, body, headers)
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed the kept-alive connection after its last answer (it may, e.g.
+            # after refusing a request whose body it did not read): once more, on a new one.
+            self._reconnect()
+            response = self._send(method, path, body, headers)
         data = response.read()
+        if response.will_close:
+            self._reconnect()
         return Answer(response.status, data, {k.lower(): v for k, v in response.getheaders()})
+
+    def _send(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> http.client.HTTPResponse:
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            return self.conn.getresponse()
+        except (http.client.HTTPException, OSError):
+            self._reconnect()
+            raise
+
+    def _reconnect(self) -> None:
+        self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
 
     def post(self, path: str, value: Any, token: str | None = None) -> Answer:
         return self.request("POST", path, orjson.dumps(value), token)
