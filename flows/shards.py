@@ -217,6 +217,7 @@ def _null_keys(
     if not keys.null_count:
         return []
     rows = np.flatnonzero(np.asarray(keys.is_null().to_numpy(zero_copy_only=False), dtype=bool))
+
     def nulls(row: int) -> str:
         return ", ".join(repr(c) for c in layout.key_columns if not events.column(c)[row].is_valid)
 

@@ -40,6 +40,7 @@ def window_bounds(tiles: I64, hop_us: int, window_us: int, t: I64) -> tuple[I64,
     hi = np.searchsorted(tiles, head, side="right")
     return lo.astype(np.int64, copy=False), hi.astype(np.int64, copy=False)
 
+
 SCHEMA = {
     "type": "record",
     "name": "E",

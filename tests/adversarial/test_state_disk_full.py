@@ -26,9 +26,7 @@ def small_state(tmp_path: Path) -> Iterator[Path]:
         yield mount
 
 
-def test_a_full_state_disk_names_the_path_and_recovers(
-    tmp_path: Path, small_state: Path
-) -> None:
+def test_a_full_state_disk_names_the_path_and_recovers(tmp_path: Path, small_state: Path) -> None:
     features = write_definitions(tmp_path / "defs", partitions=3)
     events = make_events(60_000, 3000, seed=4)
     ingest_table(load_definitions(features).sources["txns"], events, Warehouse(tmp_path / "wh"))
