@@ -31,6 +31,7 @@ from state.codec import (
     vector_lengths,
 )
 from state.layout import HopGroup, ViewLayout
+from state.services import FIELD_TYPES
 from state.store import LogPosition, PartitionProgress
 from state.tiles import (
     I64,
@@ -238,14 +239,8 @@ def _transformed(table: pa.Table, layout: ViewLayout, transform: Transform) -> p
     return _typed(result, layout)
 
 
-DERIVED_ARROW = {
-    "int": pa.int32(),
-    "long": pa.int64(),
-    "float": pa.float32(),
-    "double": pa.float64(),
-    "string": pa.string(),
-    "boolean": pa.bool_(),
-}
+# The Arrow type of each scalar type a derived column may declare (the request-field table's).
+DERIVED_ARROW = {name: kind for name, kind in FIELD_TYPES.items() if not name.startswith("array")}
 
 
 def _typed(table: pa.Table, layout: ViewLayout) -> pa.Table:
