@@ -5,6 +5,7 @@ equal the embedded client's."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,6 +63,14 @@ def test_reads_while_flows_run_writes(
             newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
             at = (newest + MINUTE) / 1e6
             http = server.http()
+            # The server's client catches up with the writer on its own cadence: wait until it
+            # has every event (not a fixed time), then compare its answers with a fresh client.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                rows = http.post("/v1/views/spend", {"keys": keys, "at": at}).json()["rows"]
+                if sum(row["count"] for row in rows) == 6000:
+                    break
+                time.sleep(0.05)
             served = {
                 v: http.post(f"/v1/views/{v}", {"keys": keys, "at": at})
                 for v in ("spend", "channels")
