@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -83,6 +84,10 @@ _MAX_BACKOFF_S = 2.0
 _SINGLE_READS = (
     2  # up to this many keys, get_many reads key by key (the batch's fixed cost is more)
 )
+# A catch-up costs ~0.5-1 ms per partition even when nothing changed, and holds the GIL (a read
+# waits for it): a partition whose WAL and MANIFEST files did not change since the last one is
+# skipped, and caught up anyway this often (in case a file system reports sizes lazily).
+_FORCE_CATCH_UP_S = 10.0
 _REOPEN_AFTER = 5  # rounds in a row a view's catch-up failed before its secondaries reopen
 
 
@@ -124,6 +129,7 @@ class _OpenView:
         "retired",
         "seq",
         "version",
+        "written",
     )
 
     def __init__(self, version: int, layout: ViewLayout, directory: Path) -> None:
@@ -138,6 +144,8 @@ class _OpenView:
         # use it instead of reading it again.
         self.seq: dict[int, int] = {}
         self.marks: dict[int, tuple[int, int | None]] = {}
+        # partition -> (its writer's files as of the last catch-up, when it was forced)
+        self.written: dict[int, tuple[tuple[tuple[str, int, int], ...], float]] = {}
         self.lease: VersionLease | None = None
         self.readers = 0
         self.retired = False
@@ -234,25 +242,8 @@ class FeatureClient:
         try:
             layout = opened.layout
             text = _key_text(view, layout, key)
-            partition = partition_for(text, layout.partitions)
-            db = opened.dbs.get(partition) or self._open_partition(opened, partition)
-            if db is None:
-                return _evaluate(layout, None, t, None)
-            if at is None:
-                return _evaluate(layout, db.get(encode_key(text)), t, None)
-            seq = opened.seq.get(partition, 0)
-            noted = opened.marks.get(partition)
-            if noted is not None and noted[0] == seq:  # found since the last catch-up
-                blob = db.get(encode_key(text))
-                if opened.seq.get(partition, 0) == seq:  # and no catch-up ran around the get
-                    return _evaluate(layout, blob, t, AsOf(text, noted[1]))
-                seq = opened.seq.get(partition, 0)
-            found = db.get([encode_key(text), *_watermark_keys(layout.partitions, partition)])
-            assert isinstance(found, list)
-            newest = _newest(found[1:])
-            if not seq & 1 and opened.seq.get(partition, 0) == seq:
-                opened.marks[partition] = (seq, newest)
-            return _evaluate(layout, found[0], t, AsOf(text, newest))
+            blob, newest = self._one_blob(opened, text, at is not None)
+            return _evaluate(layout, blob, t, AsOf(text, newest) if at is not None else None)
         finally:
             self._unpin(opened)
 
@@ -303,7 +294,11 @@ class FeatureClient:
     ) -> dict[str, list[Any]]:
         """{feature: values} of the keys `texts`; each distinct key is read and merged once."""
         layout = opened.layout
-        distinct = list(dict.fromkeys(texts)) if len(texts) > 1 else texts
+        if len(texts) == 1:  # one request: `get`'s read
+            blob, newest = self._one_blob(opened, texts[0], strict)
+            row = _evaluate(layout, blob, t, AsOf(texts[0], newest) if strict else None, only)
+            return {name: [value] for name, value in row.items()}
+        distinct = list(dict.fromkeys(texts))
         blobs, marks = self._blobs(opened, distinct, strict)
         if len(distinct) > _SINGLE_READS:
             checks = Checks(distinct, marks) if strict else None
@@ -321,6 +316,31 @@ class FeatureClient:
         return {
             name: _spread(values, [where[k] for k in texts]) for name, values in columns.items()
         }
+
+    def _one_blob(
+        self, opened: _OpenView, text: str, strict: bool
+    ) -> tuple[bytes | None, int | None]:
+        """One key's blob (a point get) and, when `strict`, its partition's newest event time
+        (see `_blobs`; noted per catch-up round, so most strict reads are one point get too)."""
+        partition = partition_for(text, opened.layout.partitions)
+        db = opened.dbs.get(partition) or self._open_partition(opened, partition)
+        if db is None:
+            return None, None
+        if not strict:
+            return db.get(encode_key(text)), None
+        seq = opened.seq.get(partition, 0)
+        noted = opened.marks.get(partition)
+        if noted is not None and noted[0] == seq:  # found since the last catch-up
+            blob = db.get(encode_key(text))
+            if opened.seq.get(partition, 0) == seq:  # and no catch-up ran around the get
+                return blob, noted[1]
+            seq = opened.seq.get(partition, 0)
+        found = db.get([encode_key(text), *_watermark_keys(opened.layout.partitions, partition)])
+        assert isinstance(found, list)
+        newest = _newest(found[1:])
+        if not seq & 1 and opened.seq.get(partition, 0) == seq:
+            opened.marks[partition] = (seq, newest)
+        return found[0], newest
 
     def _blobs(
         self, opened: _OpenView, keys: list[str], strict: bool
@@ -589,7 +609,7 @@ class FeatureClient:
                     reopened = True
                     continue
                 try:
-                    self._caught_up(opened, partition, db)
+                    self._caught_up_if_written(opened, partition, db)
                 except Exception as exc:  # logged; retried next round, the others go on
                     where = f"view {view!r} v{opened.version} partition {partition}: catch-up"
                     ok = self._failed(where, exc)
@@ -603,6 +623,17 @@ class FeatureClient:
             self._stuck[view] = 0
             self._reopen(view, opened.version)
         return ok
+
+    @classmethod
+    def _caught_up_if_written(cls, opened: _OpenView, partition: int, db: Rdict) -> None:
+        """Catch a secondary up if its writer wrote since the last time (or a while ago)."""
+        files = _written(partition_dir(opened.directory, partition))
+        last = opened.written.get(partition)
+        now = time.monotonic()
+        if files and last is not None and last[0] == files and now - last[1] < _FORCE_CATCH_UP_S:
+            return
+        cls._caught_up(opened, partition, db)  # files looked at before: a write meanwhile
+        opened.written[partition] = (files, now)
 
     @staticmethod
     def _caught_up(opened: _OpenView, partition: int, db: Rdict) -> None:
@@ -700,6 +731,23 @@ def _newest(raw: Sequence[bytes | None]) -> int | None:
     """The newest of the event times read with `_watermark_keys` (None if none is recorded)."""
     marks = [decode_int(m) for m in raw if m is not None]
     return max(marks) if marks else None
+
+
+def _written(primary: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a secondary's catch-up reads, as file (name, size, mtime): the writer's WAL files
+    (appended on every write) and MANIFEST files (appended on every flush or compaction, a new
+    one when it reopens). Unchanged, a catch-up would find nothing new."""
+    try:
+        with os.scandir(primary) as entries:
+            found = [
+                (e.name, st.st_size, st.st_mtime_ns)
+                for e in entries
+                if e.name.endswith(".log") or e.name.startswith("MANIFEST-")
+                for st in (e.stat(),)
+            ]
+    except OSError:
+        return ()  # gone or unreadable: no skipping, let the catch-up find out
+    return tuple(sorted(found))
 
 
 def _manifest(primary: Path) -> bytes:
