@@ -13,6 +13,7 @@ batch of `flows.snapshot --service`), so the values agree by construction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,30 +34,85 @@ Mask = npt.NDArray[np.bool_]
 def cosine_similarity(a: Any, b: Any) -> pa.Array:
     """Row-wise cosine similarity of two vector columns (lists of numbers), as float64.
 
-    Null where either vector is null, holds a null element, or is all zeros.
+    Null where either vector is null, holds a null element, or is all zeros. Each row's sums
+    run over its items in order (`_cosine_rows` for a few rows, `_cosine_matrix` column by
+    column for many), so a row gets the same float64 value whatever batch it is in.
 
     Raises:
         ValueError: the columns differ in length, or two vectors of a row differ in dimension.
     """
     left, right = _array(a), _array(b)
     _same_length(("a", left), ("b", right))
+    if len(left) <= _SMALL:  # a request or a few: Python floats beat the kernels' set-up
+        values = _cosine_rows(_vectors(left, "a"), _vectors(right, "b"))
+        return pa.array(values, pa.float64())
     x, x_ok = _matrix(left, "a")
     y, y_ok = _matrix(right, "b")
-    ok = x_ok & y_ok
-    out = np.zeros(len(left))
-    if ok.any():
-        xs, ys = (x, y) if ok.all() else (x[ok], y[ok])
-        if xs.shape[1] != ys.shape[1]:
-            raise ValueError(
-                f"cosine_similarity: vectors of dimension {xs.shape[1]} and {ys.shape[1]}; "
-                "compare vectors of one dimension"
-            )
-        norms = np.linalg.norm(xs, axis=1) * np.linalg.norm(ys, axis=1)
-        dots = np.einsum("ij,ij->i", xs, ys)
-        nonzero = norms > 0
-        out[ok] = np.divide(dots, norms, out=np.zeros_like(dots), where=nonzero)
-        ok[ok] = nonzero
+    return _cosine_matrix(x, y, x_ok & y_ok)
+
+
+def _cosine_matrix(x: F64, y: F64, ok: Mask) -> pa.Array:
+    if x.shape[1] != y.shape[1]:  # rows that are not both valid are zeros of any width
+        _check_dims(x.shape[1], y.shape[1], bool(ok.any()))
+        return pa.nulls(len(ok), pa.float64())
+    n = len(ok)
+    dots, xx, yy = np.zeros(n), np.zeros(n), np.zeros(n)
+    for xj, yj in zip(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T), strict=True):
+        dots += xj * yj  # item by item, in order: what `_cosine_rows` adds
+        xx += xj * xj
+        yy += yj * yj
+    norms = np.sqrt(xx) * np.sqrt(yy)
+    ok &= norms > 0  # invalid rows are zeros, so their norm is 0 too
+    out = np.divide(dots, norms, out=np.zeros(n), where=ok)
     return pa.array(out, mask=~ok)
+
+
+def _cosine_rows(xs: list[list[float] | None], ys: list[list[float] | None]) -> list[float | None]:
+    """`_cosine_matrix` row by row in Python floats, with the same operations in the same
+    order (IEEE float64 products, sums, square roots and quotients: equal bit for bit)."""
+    _check_dims(_dim(xs, "a"), _dim(ys, "b"), any(u and v for u, v in zip(xs, ys, strict=True)))
+    out: list[float | None] = []
+    for u, v in zip(xs, ys, strict=True):
+        if not u or not v:
+            out.append(None)
+            continue
+        dot = uu = vv = 0.0
+        for p, q in zip(u, v, strict=True):
+            dot += p * q
+            uu += p * p
+            vv += q * q
+        norm = math.sqrt(uu) * math.sqrt(vv)
+        out.append(dot / norm if norm > 0 else None)
+    return out
+
+
+def _vectors(arr: pa.Array, name: str) -> list[list[float] | None]:
+    """The rows as lists of floats; None for a null row, an empty row or a row with a null
+    item (the rows `_matrix` marks invalid)."""
+    _vector_type(arr, name)
+    return [[float(x) for x in row] if row and None not in row else None for row in arr.to_pylist()]
+
+
+def _dim(rows: list[list[float] | None], name: str) -> int:
+    dims = sorted({len(row) for row in rows if row})
+    if len(dims) > 1:
+        _ragged(name, dims)
+    return dims[0] if dims else 0
+
+
+def _check_dims(x_dim: int, y_dim: int, compared: bool) -> None:
+    if compared and x_dim != y_dim:
+        raise ValueError(
+            f"cosine_similarity: vectors of dimension {x_dim} and {y_dim}; "
+            "compare vectors of one dimension"
+        )
+
+
+def _ragged(name: str, dims: list[int]) -> None:
+    raise ValueError(
+        f"cosine_similarity: {name} holds vectors of dimensions {dims}; every vector of a "
+        "column must have one dimension"
+    )
 
 
 def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> pa.Array:
@@ -118,9 +174,10 @@ def _array(values: Any) -> pa.Array:
 
 
 def _same_length(*named: tuple[str, pa.Array]) -> None:
+    if len({len(arr) for _, arr in named}) == 1:
+        return
     lengths = {name: len(arr) for name, arr in named}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"arguments of different lengths {lengths}; pass columns of one table")
+    raise ValueError(f"arguments of different lengths {lengths}; pass columns of one table")
 
 
 def _floats(arr: pa.Array) -> tuple[F64, Mask]:
@@ -133,10 +190,9 @@ def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
     """Rows as a (n, dim) float64 matrix (zeros for invalid rows) and which rows are valid."""
     if pa.types.is_null(arr.type):
         return np.zeros((len(arr), 0)), np.zeros(len(arr), dtype=bool)
-    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) and not (
-        pa.types.is_fixed_size_list(arr.type)
-    ):
-        raise TypeError(f"cosine_similarity: {name} has type {arr.type}; pass vector columns")
+    _vector_type(arr, name)
+    if arr.null_count == len(arr):  # no vector at all (e.g. a request for an unknown user)
+        return np.zeros((len(arr), 0)), np.zeros(len(arr), dtype=bool)
     uniform = _uniform_matrix(arr)
     if uniform is not None:
         return uniform, np.ones(len(arr), dtype=bool)
@@ -145,10 +201,7 @@ def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
     ok = (lengths > 0) & ~has_null_item
     dims = np.unique(lengths[ok])
     if len(dims) > 1:
-        raise ValueError(
-            f"cosine_similarity: {name} holds vectors of dimensions {dims.tolist()}; every "
-            "vector of a column must have one dimension"
-        )
+        _ragged(name, dims.tolist())
     dim = int(dims[0]) if len(dims) else 0
     out = np.zeros((len(arr), dim))
     if ok.any():
@@ -157,18 +210,25 @@ def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
     return out, ok
 
 
+def _vector_type(arr: pa.Array, name: str) -> None:
+    t = arr.type
+    if not (pa.types.is_null(t) or pa.types.is_list(t) or pa.types.is_large_list(t)) and not (
+        pa.types.is_fixed_size_list(t)
+    ):
+        raise TypeError(f"cosine_similarity: {name} has type {t}; pass vector columns")
+
+
 def _uniform_matrix(arr: pa.Array) -> F64 | None:
     """The common case without the kernels' set-up (what `_matrix` computes, when no row or
     item is null and every row has one non-zero length): the rows as a (n, dim) matrix."""
     if arr.null_count or not len(arr) or not pa.types.is_list(arr.type):
         return None
-    offsets = arr.offsets.to_numpy()  # this slice's n + 1 offsets
-    n, first, size = len(arr), int(offsets[0]), int(offsets[-1] - offsets[0])
+    flat = arr.flatten()  # the items of this slice's rows
+    n, size = len(arr), len(flat)
     dim = size // n
-    if dim <= 0 or dim * n != size or (n > 1 and (np.diff(offsets) != dim).any()):
+    if dim <= 0 or dim * n != size or flat.null_count:
         return None
-    flat = arr.values.slice(first, size)
-    if flat.null_count:
+    if n > 1 and (np.diff(arr.offsets.to_numpy()) != dim).any():
         return None
     values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64)
     return values.reshape(n, dim)

@@ -2,8 +2,8 @@
 
 - float and float-vector request fields given as Python floats are built straight in their
   declared Arrow type (`state.services._float_values`) instead of inferred and cast;
-- `cosine_similarity` reads vector columns without nulls and of one length straight from their
-  offsets and values (`flows.ondemand._uniform_matrix`).
+- `cosine_similarity` computes a few rows in Python floats and many as a matrix (read straight
+  from the offsets and values when no row is null and all have one length), equal bit for bit.
 """
 
 from __future__ import annotations
@@ -84,9 +84,10 @@ def test_out_of_range_and_wrong_kind_ints_are_request_errors(kind: str, value: A
 
 @settings(max_examples=60)
 @given(st.data(), st.integers(1, 6), st.integers(0, 3))
-def test_cosine_fast_path_equals_the_general_path(data: st.DataObject, dim: int, cut: int) -> None:
-    """Columns without nulls and of one length (the fast path), against the same columns
-    read by the general path (a null row appended forces it), sliced or not."""
+def test_cosine_paths_agree_bit_for_bit(data: st.DataObject, dim: int, cut: int) -> None:
+    """A few rows (Python floats), the same rows among many without nulls (the uniform matrix)
+    and among many with a null row (the general matrix): equal to the last bit, sliced or not.
+    So a request's value online is the value its spine row gets in a snapshot batch."""
     n = data.draw(st.integers(1, 8))
     vec = st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=dim, max_size=dim)
     a_rows = data.draw(st.lists(vec, min_size=n, max_size=n))
@@ -94,12 +95,34 @@ def test_cosine_fast_path_equals_the_general_path(data: st.DataObject, dim: int,
     a = pa.array([*a_rows, [0.0] * dim], pa.list_(pa.float32()))
     b = pa.array([*b_rows, [1.0] * dim], pa.list_(pa.float64()))
     start = min(cut, n - 1)
-    fast = cosine_similarity(a.slice(start, n - start), b.slice(start, n - start))
-    general = cosine_similarity(
-        pa.concat_arrays([a.slice(start, n - start), pa.array([None], a.type)]),
-        pa.concat_arrays([b.slice(start, n - start), pa.array([None], b.type)]),
+    few = cosine_similarity(a.slice(start, n - start), b.slice(start, n - start))
+    pad = 40
+    uniform = cosine_similarity(
+        pa.concat_arrays([a.slice(start, n - start), pa.array([[1.0] * dim] * pad, a.type)]),
+        pa.concat_arrays([b.slice(start, n - start), pa.array([[2.0] * dim] * pad, b.type)]),
     )
-    assert same_values(fast, general.slice(0, n - start))
+    general = cosine_similarity(
+        pa.concat_arrays([a.slice(start, n - start), pa.array([None] * pad, a.type)]),
+        pa.concat_arrays([b.slice(start, n - start), pa.array([None] * pad, b.type)]),
+    )
+    assert same_values(few, uniform.slice(0, n - start))
+    assert same_values(few, general.slice(0, n - start))
+
+
+@pytest.mark.parametrize("rows", [2, 40])
+def test_cosine_nulls_zeros_and_dimensions_on_both_paths(rows: int) -> None:
+    half = rows // 2
+    a = pa.array([[1.0, 2.0]] * half + [None] * (rows - half))
+    b = pa.array([[2.0, 4.0]] * half + [[1.0, 0.0]] * (rows - half))
+    assert cosine_similarity(a, b).to_pylist() == [pytest.approx(1.0)] * half + [None] * (
+        rows - half
+    )
+    nulls = pa.nulls(rows, pa.list_(pa.float64()))
+    assert cosine_similarity(nulls, b).to_pylist() == [None] * rows
+    with pytest.raises(ValueError, match="dimension 2 and 3"):
+        cosine_similarity(a, pa.array([[1.0, 2.0, 3.0]] * rows))
+    with pytest.raises(TypeError, match="a has type int64"):
+        cosine_similarity(pa.array(list(range(rows))), b)
 
 
 def test_cosine_fast_path_leaves_ragged_and_null_columns_to_the_general_path() -> None:
