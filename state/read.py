@@ -17,12 +17,18 @@ entities), equal to it bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import struct
+import sys
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import numpy as np
 
 from state import sketches
 from state.codec import VALUE_FORMAT, decode_objects, decode_vectors
@@ -121,6 +127,21 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> C
     return base
 
 
+_SHORT = 128  # rows up to which Python's int sums and loops beat NumPy's call overhead
+
+
+def _sequential_sum(values: Iterable[float]) -> float:
+    return functools.reduce(operator.add, values, 0.0)
+
+
+# The float64 sum of values added one by one in order from 0.0, as the batch read adds them
+# (`np.bincount`): Python's `sum` up to 3.11 (the fastest); from 3.12 `sum` compensates
+# rounding, so a plain left fold there.
+ordered_sum: Callable[[Iterable[float]], float] = (
+    sum if sys.version_info < (3, 12) else _sequential_sum
+)
+
+
 class Columns:
     """Lazy typed views of one group's column-major tile block."""
 
@@ -132,12 +153,26 @@ class Columns:
         self.vectors: dict[str, Any] = {}  # vector field -> (n, length) float64 matrix
 
     def total(self, j: int, lo: int, hi: int) -> float:
-        """Sum of float column j over rows [lo, hi), computed once per read."""
+        """Sum of float column j over rows [lo, hi) added in row order from 0.0 (as the batch
+        read adds them, whatever Python's `sum` does), computed once per read."""
         key = (j, lo, hi)
         found = self._totals.get(key)
         if found is None:
-            found = self._totals[key] = sum(self.d(j)[lo:hi])
+            found = self._totals[key] = ordered_sum(self.d(j)[lo:hi])
         return found
+
+    def count(self, j: int, lo: int, hi: int) -> int:
+        """Sum of int column j over rows [lo, hi) (exact in any order)."""
+        if hi - lo <= _SHORT:
+            return sum(self.q(j)[lo:hi])
+        return int(self.array(j, lo, hi, np.int64).sum())
+
+    def array(self, j: int, lo: int, hi: int, kind: type[np.generic]) -> Any:
+        """Rows [lo, hi) of column j as a NumPy view of `kind` (np.int64 or np.float64)."""
+        return np.frombuffer(self._mv, kind, hi - lo, self._at(j, lo))
+
+    def _at(self, j: int, row: int) -> int:
+        return self._base + 8 * (self._n * j + row)
 
     def q(self, j: int) -> memoryview:
         start = self._base + 8 * self._n * j
@@ -310,7 +345,7 @@ def _group_values(
                 continue
             cnt = counts.get(f.cnt)
             if cnt is None:
-                cnt = counts[f.cnt] = sum(cols.q(f.cnt)[lo:hi])
+                cnt = counts[f.cnt] = cols.count(f.cnt, lo, hi)
             agg = f.agg
             if agg in _PLAIN and not f.vector:  # inline: feature_value's arithmetic
                 if agg == "sum":
@@ -374,14 +409,21 @@ def feature_value(
 
 def _m2(cols: Columns, f: CompiledFeature, lo: int, hi: int, cnt: int) -> float:
     """Chan's merge of the window's tiles: sum(M2_i) + sum(n_i * (mean_i - mean)^2)."""
-    counts, sums = cols.q(f.cnt)[lo:hi], cols.d(f.value)[lo:hi]
     mean = cols.total(f.value, lo, hi) / cnt
-    spread = 0.0
-    for n_i, s_i in zip(counts, sums, strict=True):
-        if n_i:
-            dev = s_i / n_i - mean
-            spread += n_i * dev * dev
-    return sum(cols.d(f.m2)[lo:hi]) + spread
+    if hi - lo <= _SHORT:
+        spread = 0.0
+        for n_i, s_i in zip(cols.q(f.cnt)[lo:hi], cols.d(f.value)[lo:hi], strict=True):
+            if n_i:
+                dev = s_i / n_i - mean
+                spread += n_i * dev * dev
+    else:  # the same terms, vectorized, added in the same order
+        counts = cols.array(f.cnt, lo, hi, np.int64)
+        used = counts != 0
+        n_i = counts[used].astype(np.float64)
+        dev = cols.array(f.value, lo, hi, np.float64)[used] / n_i - mean
+        terms = n_i * dev * dev
+        spread = float(np.cumsum(terms)[-1]) if len(terms) else 0.0
+    return cols.total(f.m2, lo, hi) + spread
 
 
 def _edge_row(cols: Columns, f: CompiledFeature, lo: int, hi: int) -> int:
