@@ -41,11 +41,17 @@ def merchant_rates(seed: int = 7) -> npt.NDArray[np.float64]:
 
 
 def demo_table(
-    n_events: int = 1_000_000, n_users: int = 10_000, days: int = 180, seed: int = 7
+    n_events: int = 1_000_000,
+    n_users: int = 10_000,
+    days: int = 180,
+    seed: int = 7,
+    end: datetime = DEMO_END,
 ) -> pa.Table:
-    """The demo events in log (arrival) order, as an Arrow table of the transaction schema."""
+    """The demo events in log (arrival) order, as an Arrow table of the transaction schema:
+    `days` of history up to `end` (a benchmark passes the current time, so that reads "now"
+    see full windows)."""
     rng = np.random.default_rng(seed)
-    end_us = int(DEMO_END.timestamp()) * 1_000_000
+    end_us = int(end.timestamp()) * 1_000_000
     span_us = days * 86_400_000_000
     activity = rng.lognormal(0.0, 1.0, n_users)
     users = rng.choice(n_users, size=n_events, p=activity / activity.sum())
@@ -94,10 +100,12 @@ def text_embeddings(
     return pa.ListArray.from_arrays(offsets, flat)
 
 
-def merchant_table(n_events: int = 300_000, days: int = 180, seed: int = 7) -> pa.Table:
+def merchant_table(
+    n_events: int = 300_000, days: int = 180, seed: int = 7, end: datetime = DEMO_END
+) -> pa.Table:
     """Merchant events in log order: settled payments, each charged back (1.0) or not (0.0)."""
     rng = np.random.default_rng(seed + 2)
-    end_us = int(DEMO_END.timestamp()) * 1_000_000
+    end_us = int(end.timestamp()) * 1_000_000
     ts = np.sort(rng.integers(end_us - days * 86_400_000_000, end_us, n_events))
     merchant = np.minimum(rng.zipf(1.3, n_events), N_MERCHANTS)
     chargeback = (rng.random(n_events) < merchant_rates(seed)[merchant]).astype(np.float64)
@@ -110,11 +118,13 @@ def merchant_table(n_events: int = 300_000, days: int = 180, seed: int = 7) -> p
     )
 
 
-def demo_spine(events: pa.Table, rows: int = SPINE_ROWS, seed: int = 7) -> pa.Table:
-    """A labelled spine for the `fraud_model` service: transactions of the last 30 days, each
-    with its user, merchant, request fields, time and `is_fraud` label (features come from
-    events strictly before it)."""
-    end_us = int(DEMO_END.timestamp()) * 1_000_000
+def demo_spine(
+    events: pa.Table, rows: int = SPINE_ROWS, seed: int = 7, end: datetime = DEMO_END
+) -> pa.Table:
+    """A labelled spine for the `fraud_model` service: transactions of the 30 days before
+    `end`, each with its user, merchant, request fields, time and `is_fraud` label (features
+    come from events strictly before it)."""
+    end_us = int(end.timestamp()) * 1_000_000
     recent = events.filter(
         pc.greater_equal(
             events.column("ts"),

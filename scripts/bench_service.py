@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,14 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-service-"))
     defs = load_definitions(EXAMPLE_FEATURES)
-    if args.reuse and (work / "state").is_dir():
-        events = demo_table(args.events, n_users=args.users)  # deterministic: the same data
+    if args.reuse and (work / "state").is_dir() and (work / "end.txt").is_file():
+        end = datetime.fromisoformat((work / "end.txt").read_text())
+        events = demo_table(args.events, n_users=args.users, end=end)  # the same data
     else:
-        events = deploy(work, defs, args.events, args.users)
+        # History up to this minute, so that a read "now" sees full windows (as serving does).
+        end = datetime.now(UTC).replace(second=0, microsecond=0)
+        events = deploy(work, defs, args.events, args.users, end)
+        (work / "end.txt").write_text(end.isoformat())
     with FeatureClient(work / "state") as client:
         rows = requests(client, events, 1000)
         ours = best_of(client, rows, args.calls, args.runs)
@@ -147,18 +152,21 @@ def main() -> None:
         if not args.skip_feast:
             feast_side(client, rows, work, args, ours)
     if not args.skip_snapshot:
-        offline(work, defs, events, args.spine_rows)
+        offline(work, defs, events, args.spine_rows, end)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def deploy(work: Path, defs: Any, n_events: int, n_users: int) -> pa.Table:
+def deploy(work: Path, defs: Any, n_events: int, n_users: int, end: datetime) -> pa.Table:
     started = time.perf_counter()
-    events = demo_table(n_events, n_users=n_users)
+    events = demo_table(n_events, n_users=n_users, end=end)
     wh = Warehouse(work / "warehouse")
     ingest_table(defs.sources["transactions"], events, wh, keep_order=True)
     ingest_table(
-        defs.sources["merchant_events"], merchant_table(n_events // 10), wh, keep_order=True
+        defs.sources["merchant_events"],
+        merchant_table(n_events // 10, end=end),
+        wh,
+        keep_order=True,
     )
     run = subprocess.run(
         [
@@ -293,8 +301,10 @@ def feast_side(
     print(f"ours  sample: {client.get_service('fraud_model', rows[0])}")
 
 
-def offline(work: Path, defs: Any, events: pa.Table, spine_rows: int, repeat: int = 2) -> None:
-    spine = demo_spine(events, rows=spine_rows)
+def offline(
+    work: Path, defs: Any, events: pa.Table, spine_rows: int, end: datetime, repeat: int = 2
+) -> None:
+    spine = demo_spine(events, rows=spine_rows, end=end)
     wh = Warehouse(work / "warehouse")
     _, plan = defs.service("fraud_model")
     views = [defs.views[r.view] for r in plan.reads]
