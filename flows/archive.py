@@ -21,7 +21,6 @@ have the source's partition count.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -40,25 +39,38 @@ from flows.cli import command_main
 from flows.deadletters import DeadLetterWriter
 from flows.errors import ConfigError
 from flows.schemas import register_current
-from flows.settings import Option, Settings, build_parser, common
+from flows.settings import (
+    FEATURES,
+    KAFKA,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    CommandSettings,
+    option,
+)
 from flows.spec import Source, load_definitions
 
 NO_RECORDS = "archived: no data record (dead letters, transaction markers or aborted transactions)"
 
-OPTIONS = (
-    *common("features", "warehouse", "kafka", "warehouse-endpoint"),
-    Option("source", None, "source to archive (default: every source in the definitions)"),
-    Option("segment-rows", 1_000_000, "records per segment (roll by size)", int),
-    Option(
-        "max-age",
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSettings(CommandSettings):
+    """Settings of flows.archive (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    kafka: str | None = KAFKA.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    source: str | None = option(
+        None, "source to archive (default: every source in the definitions)"
+    )
+    segment_rows: int = option(1_000_000, "records per segment (roll by size)")
+    max_age: float = option(
         3600.0,
         "archive a smaller trailing range once its oldest record is this "
         "many seconds old (roll by age)",
-        float,
-    ),
-    Option("follow", False, "keep archiving every --interval seconds until Ctrl-C", bool),
-    Option("interval", 60.0, "seconds between archiving rounds with --follow", float),
-)
+    )
+    follow: bool = option(False, "keep archiving every --interval seconds until Ctrl-C")
+    interval: float = option(60.0, "seconds between archiving rounds with --follow")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +80,10 @@ class ArchiveReport:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.archive", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _archive)
+    return command_main("flows.archive", __doc__, ArchiveSettings, _archive, argv)
 
 
-def _archive(settings: Settings, _args: argparse.Namespace) -> int:
+def _archive(settings: ArchiveSettings) -> int:
     if not settings.kafka:
         raise ConfigError("--kafka HOST:PORT is required: archive moves records from Kafka")
     defs = load_definitions(settings.features)

@@ -5,7 +5,6 @@ definitions history of a view (`--history VIEW`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -17,24 +16,29 @@ from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.governance.catalog import build_catalog, catalog_lines, search_catalog
 from flows.governance.history import view_history
-from flows.settings import Option, Settings, build_parser, common
+from flows.settings import FEATURES, STATE, CommandSettings, option
 from flows.spec import load_definitions
 
-OPTIONS = (
-    *common("features", "state"),
-    Option("search", None, "only what matches this text (names and descriptions, any case)"),
-    Option("tag", None, "only what carries this tag: KEY or KEY=VALUE"),
-    Option("history", None, "print the definitions history of this view"),
-    Option("json", False, "print the catalog as one JSON document", bool),
-)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CatalogSettings(CommandSettings):
+    """Settings of flows.catalog (see its --help)."""
+
+    features: str = FEATURES.field()
+    state: str = STATE.field()
+    search: str | None = option(
+        None, "only what matches this text (names and descriptions, any case)"
+    )
+    tag: str | None = option(None, "only what carries this tag: KEY or KEY=VALUE")
+    history: str | None = option(None, "print the definitions history of this view")
+    json: bool = option(False, "print the catalog as one JSON document")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.catalog", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _catalog)
+    return command_main("flows.catalog", __doc__, CatalogSettings, _catalog, argv)
 
 
-def _catalog(settings: Settings, _args: argparse.Namespace) -> int:
+def _catalog(settings: CatalogSettings) -> int:
     state = Path(settings.state)
     if settings.history:
         return _history(state, settings.history, settings.json)

@@ -9,36 +9,40 @@ one into an empty state directory and continues from its offsets.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flows.checkpoints import write_checkpoints
 from flows.cli import command_main
-from flows.settings import Option, Settings, build_parser, common
+from flows.settings import STATE, WAREHOUSE, WAREHOUSE_ENDPOINT, CommandSettings, option
 
-OPTIONS = (
-    *common("warehouse", "state", "warehouse-endpoint"),
-    Option("views", None, "comma-separated views to checkpoint (default: every view)"),
-    Option("keep", 3, "complete checkpoints to keep per view (older ones are deleted)", int, 0),
-    Option(
-        "process-id",
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSettings(CommandSettings):
+    """Settings of flows.checkpoint (see its --help)."""
+
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    views: str | None = option(None, "comma-separated views to checkpoint (default: every view)")
+    keep: int = option(
+        3, "complete checkpoints to keep per view (older ones are deleted)", minimum=0
+    )
+    process_id: int = option(
         0,
         "bytewax cluster: the process whose state directory this is (checkpoints are per "
         "process: each holds the shards that process owns)",
-        int,
-        0,
-    ),
-)
+        minimum=0,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.checkpoint", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _checkpoint)
+    return command_main("flows.checkpoint", __doc__, CheckpointSettings, _checkpoint, argv)
 
 
-def _checkpoint(settings: Settings, _args: argparse.Namespace) -> int:
+def _checkpoint(settings: CheckpointSettings) -> int:
     views = settings.views.split(",") if settings.views else None
     for w in write_checkpoints(
         Path(settings.state), settings.warehouse, views, settings.process_id, settings.keep

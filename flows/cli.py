@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import sys
 from collections.abc import Callable, Sequence
 
 from connectors.errors import ConnectorError
 from flows.errors import FlowError
-from flows.settings import Option, Settings, resolve
+from flows.settings import S, resolve
 from state.errors import StateError
 
 EXIT_ERROR = 2
@@ -17,16 +16,18 @@ KNOWN_ERRORS = (FlowError, ConnectorError, StateError)
 
 
 def command_main(
-    parser: argparse.ArgumentParser,
-    options: Sequence[Option],
+    command: str,
+    doc: str | None,
+    settings: type[S],
+    body: Callable[[S], int],
     argv: Sequence[str] | None,
-    body: Callable[[Settings, argparse.Namespace], int],
 ) -> int:
-    """Resolve settings and run `body`; a known error prints one clear line and exits 2."""
+    """Resolve the settings of `python -m <command>` (its --help opens with the first line of
+    `doc`) and run `body`; a known error prints one clear line and exits 2."""
     try:
-        settings = resolve(parser, options, argv)
-        args = parser.parse_args(argv)
-        return body(settings, args)
+        description = (doc or command).splitlines()[0]
+        resolved = resolve(settings, argv, prog=f"python -m {command}", description=description)
+        return body(resolved)
     except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

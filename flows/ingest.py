@@ -44,7 +44,14 @@ from connectors.segments import IngestedFile, LogTransaction, Warehouse, write_d
 from flows.cli import command_main
 from flows.errors import DefinitionError
 from flows.schemas import register_current
-from flows.settings import Option, Settings, build_parser, common
+from flows.settings import (
+    FEATURES,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    CommandSettings,
+    arguments,
+    option,
+)
 from flows.spec import Source, load_definitions
 
 SEGMENT_ROWS = 1_000_000
@@ -267,48 +274,43 @@ def _refuse_repeats(files: Sequence[HistoryFile]) -> None:
         seen[f.sha256] = f.path
 
 
-OPTIONS = (
-    *common("features", "warehouse", "warehouse-endpoint"),
-    Option("source", None, "source name (default: the only source in the definitions)"),
-    Option(
-        "keep-order",
+@dataclass(frozen=True, slots=True)
+class IngestSettings(CommandSettings):
+    """Settings of flows.ingest (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    source: str | None = option(None, "source name (default: the only source in the definitions)")
+    keep_order: bool = option(
         False,
         "keep the files' row order in the log (default: event-time "
         "order, so that history sorted by key does not look late)",
-        bool,
-    ),
-    Option(
-        "force",
+    )
+    force: bool = option(
         False,
         "ingest files whose content was already ingested (by sha256; default: refuse them, "
         "since their rows would be in the log twice)",
-        bool,
-    ),
-    Option(
-        "time-unit",
+    )
+    time_unit: str | None = option(
         None,
         f"unit of integer epoch times in the files: {'|'.join(TIME_UNITS)} (default: the "
         "event-time field's Avro unit, millis or micros)",
-    ),
-)
+    )
+    files: tuple[str, ...] = arguments(
+        "FILE", "Parquet, CSV or JSON-lines files (gzip/zstd/bzip2 data too), or directories"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.ingest", __doc__.splitlines()[0], OPTIONS)
-    parser.add_argument(
-        "files",
-        nargs="+",
-        metavar="FILE",
-        help="Parquet, CSV or JSON-lines files (gzip/zstd/bzip2 data too), or directories",
-    )
-    return command_main(parser, OPTIONS, argv, _ingest_command)
+    return command_main("flows.ingest", __doc__, IngestSettings, _ingest_command, argv)
 
 
-def _ingest_command(settings: Settings, args: object) -> int:
+def _ingest_command(settings: IngestSettings) -> int:
     defs = load_definitions(settings.features)
     source = _pick_source(defs.sources, settings.source)
     warehouse = Warehouse(settings.warehouse)
-    paths = [p for f in args.files for p in history_files(f)]  # type: ignore[attr-defined]
+    paths = [p for f in settings.files for p in history_files(f)]
     if not settings.force:
         _refuse_known(warehouse, source, paths)
     schema = arrow_schema(source.avro_schema())

@@ -13,7 +13,6 @@ read) is `flows.runplan`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -27,24 +26,38 @@ from flows.cli import KNOWN_ERRORS, command_main
 from flows.governance.cost import with_costs
 from flows.governance.deployed import read_deployed
 from flows.governance.diff import UNCHANGED, Change, Plan, diff_definitions
-from flows.settings import Option, Settings, build_parser, common
+from flows.settings import (
+    FEATURES,
+    KAFKA,
+    STATE,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    CommandSettings,
+    option,
+)
 from flows.spec import load_definitions
 
 EXIT_SAME, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 _MARK = {"new": "+", "changed": "~", "unchanged": "=", "removed": "-"}
 
-OPTIONS = (
-    *common("features", "warehouse", "state", "kafka", "warehouse-endpoint"),
-    Option("json", False, "print the plan as one JSON document", bool),
-)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanSettings(CommandSettings):
+    """Settings of flows.plan (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    json: bool = option(False, "print the plan as one JSON document")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.plan", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _plan)
+    return command_main("flows.plan", __doc__, PlanSettings, _plan, argv)
 
 
-def _plan(settings: Settings, _args: argparse.Namespace) -> int:
+def _plan(settings: PlanSettings) -> int:
     try:
         plan = make_plan(
             settings.features, Path(settings.state), settings.warehouse, settings.kafka

@@ -10,10 +10,9 @@ following `flows.run` of the same definitions continues on the new version by it
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,37 +21,52 @@ import pyarrow.compute as pc
 from flows.cli import command_main
 from flows.dataflow import FlowControl
 from flows.errors import ConfigError
-from flows.run import claim_versions, execute
+from flows.run import claim_versions, execute, load_views
 from flows.runplan import build_plan
-from flows.settings import COMMON, DATAFLOW, Option, Settings, build_parser
-from flows.spec import FeatureView, load_definitions
+from flows.settings import (
+    BATCH_ROWS,
+    FEATURES,
+    KAFKA,
+    STATE,
+    STATUS_INTERVAL,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    WORKERS,
+    CommandSettings,
+    option,
+)
+from flows.spec import FeatureView
 from state.store import VersionCleanup, ViewStore
 from state.timestamps import to_micros
 
-OPTIONS = (
-    *COMMON,
-    Option("views", None, "comma-separated views to rebuild (default: all)"),
-    Option("from-time", None, "only apply events at or after this ISO-8601 UTC time"),
-    Option(
-        "keep-versions",
+
+@dataclass(frozen=True, slots=True)
+class ReplaySettings(CommandSettings):
+    """Settings of flows.replay (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    workers: int = WORKERS.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    views: str | None = option(None, "comma-separated views to rebuild (default: all)")
+    from_time: str | None = option(None, "only apply events at or after this ISO-8601 UTC time")
+    keep_versions: int = option(
         2,
         "how many complete versions of each view to keep (live included); versions in use "
         "are never removed, unfinished ones of killed runs are",
-        int,
-    ),
-    *DATAFLOW,
-)
+    )
+    status_interval: float = STATUS_INTERVAL.field()
+    batch_rows: int = BATCH_ROWS.field()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.replay", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _replay)
+    return command_main("flows.replay", __doc__, ReplaySettings, _replay, argv)
 
 
-def _replay(settings: Settings, _args: argparse.Namespace) -> int:
-    print(settings.describe(), flush=True)
-    defs = load_definitions(settings.features)
-    views = defs.select(settings.views.split(",") if settings.views else None)
+def _replay(settings: ReplaySettings) -> int:
+    _, views = load_views(settings)
     if settings.from_time:
         views = [_from_time(v, settings.from_time) for v in views]
     plan = build_plan(

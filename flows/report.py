@@ -8,9 +8,9 @@ The plots are plotly charts with plotly.js inlined: the file needs no network to
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.segments import Warehouse
@@ -18,25 +18,38 @@ from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.governance.report import ReportInputs, build_report
 from flows.governance.skew import SkewReport, logged_reads, skew_report
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import (
+    FEATURES,
+    KAFKA,
+    STATE,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    CommandSettings,
+    option,
+)
 from flows.spec import Definitions, load_definitions
 from state.servedlog import read_served
 from state.store import check_store
 
-OPTIONS = (
-    *COMMON[:4],
-    WAREHOUSE_ENDPOINT,
-    Option("out", None, "the HTML file to write"),
-    Option("skip-skew", False, "leave out the skew section (it replays the logged reads)", bool),
-)
+
+@dataclass(frozen=True, slots=True)
+class ReportSettings(CommandSettings):
+    """Settings of flows.report (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    out: str | None = option(None, "the HTML file to write")
+    skip_skew: bool = option(False, "leave out the skew section (it replays the logged reads)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.report", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _report)
+    return command_main("flows.report", __doc__, ReportSettings, _report, argv)
 
 
-def _report(settings: Settings, _args: argparse.Namespace) -> int:
+def _report(settings: ReportSettings) -> int:
     if not settings.out:
         raise ConfigError("--out FILE is required: where to write the HTML report")
     state = Path(settings.state)

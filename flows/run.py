@@ -8,14 +8,14 @@ the log for new data until Ctrl-C (or stops once caught up with --until-caught-u
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow.parquet as pq
 
@@ -31,63 +31,96 @@ from flows.governance.breaking import refuse_breaking
 from flows.governance.history import record_history, record_rate
 from flows.metrics import ConsoleReporter, Metrics
 from flows.runplan import FlowPlan, build_plan
-from flows.settings import COMMON, DATAFLOW, EXAMPLE_FEATURES, Option, Settings, build_parser
-from flows.spec import Definitions, Source, load_definitions
+from flows.settings import (
+    BATCH_ROWS,
+    EXAMPLE_FEATURES,
+    FEATURES,
+    KAFKA,
+    STATE,
+    STATUS_INTERVAL,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    WORKERS,
+    CommandSettings,
+    option,
+)
+from flows.spec import Definitions, FeatureView, Source, load_definitions
 from state.client import FeatureClient
 from state.codec import KEY_SEPARATOR, decode_key, entity_newest
 from state.definitions import record_definitions
 from state.errors import StateError
 from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
 
-OPTIONS = (
-    *COMMON,
-    Option("views", None, "comma-separated views to run (default: all in the definitions)"),
-    Option("until-caught-up", False, "stop once the log as it stood at start is applied", bool),
-    Option("metrics-port", None, "serve Prometheus metrics on 127.0.0.1:PORT", int),
-    Option("addresses", None, "bytewax cluster: 'host:port;host:port' of every process"),
-    Option("process-id", None, "bytewax cluster: this process's index in --addresses", int, 0),
-    Option(
-        "separate-state",
+
+@dataclass(frozen=True, slots=True)
+class RunSettings(CommandSettings):
+    """Settings of flows.run (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    workers: int = WORKERS.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    views: str | None = option(
+        None, "comma-separated views to run (default: all in the definitions)"
+    )
+    until_caught_up: bool = option(False, "stop once the log as it stood at start is applied")
+    metrics_port: int | None = option(None, "serve Prometheus metrics on 127.0.0.1:PORT")
+    addresses: str | None = option(None, "bytewax cluster: 'host:port;host:port' of every process")
+    process_id: int | None = option(
+        None, "bytewax cluster: this process's index in --addresses", minimum=0
+    )
+    separate_state: bool = option(
         False,
         "bytewax cluster: every process has its own --state (as on its own host), holding the "
         "view shards it owns (shard s on process s mod the process count); positions are "
         "exchanged through the warehouse",
-        bool,
-    ),
-    Option(
-        "kafka-start",
+    )
+    kafka_start: str | None = option(
         None,
         "where a log that Kafka no longer holds from offset 0 starts: 'earliest-available' "
         "or an ISO time (e.g. 2026-01-31T00:00:00Z); the skipped offsets are recorded as a "
         "gap in the warehouse manifest",
-    ),
-    Option(
-        "restore",
+    )
+    restore: bool = option(
         False,
         "on an empty --state, first load the newest good checkpoint of each view from the "
         "warehouse (python -m flows.checkpoint), then continue from its offsets",
-        bool,
-    ),
-    Option(
-        "allow-breaking",
+    )
+    allow_breaking: bool = option(
         False,
         "deploy definitions that take away a feature a recorded feature service serves "
         "(see python -m flows.plan); default: refuse and keep the live versions",
-        bool,
-    ),
-    *DATAFLOW,
-)
+    )
+    status_interval: float = STATUS_INTERVAL.field()
+    batch_rows: int = BATCH_ROWS.field()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.run", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _run)
+    return command_main("flows.run", __doc__, RunSettings, _run, argv)
 
 
-def _run(settings: Settings, _args: argparse.Namespace) -> int:
+class DataflowSettings(Protocol):
+    """What the preamble of a command that runs the dataflow reads (flows.run, flows.replay)."""
+
+    @property
+    def features(self) -> str: ...
+    @property
+    def views(self) -> str | None: ...
+    def describe(self) -> str: ...
+
+
+def load_views(settings: DataflowSettings) -> tuple[Definitions, list[FeatureView]]:
+    """The preamble of a command that runs the dataflow: print its settings, load the
+    definitions module and select the views (`--views`, default every view)."""
     print(settings.describe(), flush=True)
     defs = load_definitions(settings.features)
-    views = defs.select(settings.views.split(",") if settings.views else None)
+    return defs, defs.select(settings.views.split(",") if settings.views else None)
+
+
+def _run(settings: RunSettings) -> int:
+    defs, views = load_views(settings)
     if not settings.allow_breaking:
         refuse_breaking(defs, Path(settings.state))
     warehouse = Warehouse(settings.warehouse)
@@ -164,7 +197,7 @@ def _record(plan: FlowPlan, defs: Definitions) -> None:
     record_history(plan.state, sha, defs, versions)
 
 
-def _demo_spine(settings: Settings) -> Path:
+def _demo_spine(settings: RunSettings) -> Path:
     """Where the embedded demo writes its labelled spine: beside the warehouse (beside the
     state directory when the warehouse is an object store)."""
     if is_uri(settings.warehouse):

@@ -1,8 +1,14 @@
-"""Command settings: every flag also has an environment and a config-file form.
+"""Command settings: one frozen dataclass per command; every flag also has an environment and a
+config-file form.
 
 Precedence: command-line flag > environment variable `FEATUREFLOW_<FLAG>` > config file
 (`--config FILE` or `FEATUREFLOW_CONFIG`, TOML, keys named like the flags with `_`) > default.
-Each command prints where each non-default setting came from at start.
+
+A command declares its options as the typed fields of a `CommandSettings` subclass, each made
+by `option(default, help)` (or `Shared.field()`, for an option several commands take); the
+field's type, `str`, `int`, `float` or `bool` (or one of them `| None`), says how its text form
+is read. `resolve` parses argv once and fills the class, keeping where each value came from:
+commands print it at start (`CommandSettings.describe`).
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from connectors.objectstore import with_endpoint
 from flows.errors import ConfigError
@@ -21,133 +28,101 @@ from flows.errors import ConfigError
 ENV_PREFIX = "FEATUREFLOW_"
 EXAMPLE_FEATURES = Path(__file__).parent / "examples" / "card_transactions.py"
 
+T = TypeVar("T")
+
+
+def option(default: T, help: str, *, minimum: int = 1) -> T:
+    """A settings field that is an option: flag `--<name with ->`, environment variable
+    `FEATUREFLOW_<NAME>`, config key `<name>`. `minimum` bounds an int option."""
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+def arguments(metavar: str, help: str) -> tuple[str, ...]:
+    """A settings field holding the command's positional arguments: one or more, command line
+    only (they have no environment or config-file form)."""
+    return field(default=(), metadata={"help": help, "metavar": metavar, "positional": True})
+
 
 @dataclass(frozen=True, slots=True)
-class Option:
-    """One setting: flag name, default, help, and how to parse its text form."""
+class Shared(Generic[T]):
+    """An option that several commands take, declared once: `state: str = STATE.field()`."""
 
-    name: str
-    default: Any
+    default: T
     help: str
-    kind: type = str
-    minimum: int = 1  # for int settings
 
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper().replace("-", "_")
-
-    @property
-    def dest(self) -> str:
-        return self.name.replace("-", "_")
+    def field(self) -> T:
+        return option(self.default, self.help)
 
 
+FEATURES = Shared(str(EXAMPLE_FEATURES), "feature definitions module (a .py file)")
+WAREHOUSE = Shared(
+    "data/warehouse",
+    "warehouse: log segments (Parquet); a directory or an object-store URI "
+    "(s3://bucket/prefix, keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
+)
 # Every command that takes --warehouse takes this too (an s3:// warehouse's endpoint).
-WAREHOUSE_ENDPOINT = Option(
-    "warehouse-endpoint",
-    None,
-    "S3 endpoint URL of an s3:// warehouse (default: env AWS_ENDPOINT_URL, else AWS S3)",
+WAREHOUSE_ENDPOINT = Shared(
+    None, "S3 endpoint URL of an s3:// warehouse (default: env AWS_ENDPOINT_URL, else AWS S3)"
 )
-
-COMMON = (
-    Option("features", str(EXAMPLE_FEATURES), "feature definitions module (a .py file)"),
-    Option(
-        "warehouse",
-        "data/warehouse",
-        "warehouse: log segments (Parquet); a directory or an object-store URI "
-        "(s3://bucket/prefix, keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)",
-    ),
-    Option("state", "data/state", "view store directory (RocksDB)"),
-    Option("kafka", None, "Kafka bootstrap HOST:PORT; absent = embedded, segments only"),
-    Option("workers", 1, "bytewax worker threads in this process", int),
-    WAREHOUSE_ENDPOINT,
+STATE = Shared("data/state", "view store directory (RocksDB)")
+KAFKA = Shared(None, "Kafka bootstrap HOST:PORT; absent = embedded, segments only")
+WORKERS = Shared(1, "bytewax worker threads in this process")
+# Of every command that runs the dataflow (flows.run, flows.replay).
+STATUS_INTERVAL = Shared(5.0, "seconds between console status lines")
+BATCH_ROWS = Shared(
+    4_000_000, "records per batch when replaying segments (larger is faster, uses more memory)"
 )
 
 
-def common(*names: str) -> tuple[Option, ...]:
-    """The common options with these flag names, in the order given: a command's OPTIONS take
-    `*common("features", "warehouse", "warehouse-endpoint")` rather than a slice of COMMON.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandSettings:
+    """A command's resolved settings (a subclass declares its options as fields) and where each
+    came from: "flag", "env FEATUREFLOW_<FLAG>", "config file" or "default"."""
 
-    Raises:
-        ValueError: a name is not a common option (a mistake in the command's code).
-    """
-    by_name = {o.name: o for o in COMMON}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"not common options: {unknown}; the common options: {list(by_name)}")
-    return tuple(by_name[n] for n in names)
-
-
-# Settings of every command that runs the dataflow (flows.run, flows.replay).
-DATAFLOW = (
-    Option("status-interval", 5.0, "seconds between console status lines", float),
-    Option(
-        "batch-rows",
-        4_000_000,
-        "records per batch when replaying segments (larger is faster, uses more memory)",
-        int,
-    ),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Resolved settings plus where each came from (flag, env, config, default)."""
-
-    values: dict[str, Any]
-    origin: dict[str, str]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    origin: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
+        """One line: every setting not left at its default, and where it came from."""
         parts = [
-            f"{k}={v!r} ({self.origin[k]})"
-            for k, v in self.values.items()
-            if self.origin[k] != "default"
+            f"{name}={getattr(self, name)!r} ({where})"
+            for name, where in self.origin.items()
+            if where != "default"
         ]
         return "settings: " + (", ".join(parts) if parts else "all defaults")
 
 
-def build_parser(prog: str, description: str, options: Sequence[Option]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG> "
-        "(e.g. FEATUREFLOW_STATE) or in a TOML config file given with --config "
-        f"(or {ENV_PREFIX}CONFIG). Flags win over the environment, which wins over the file.",
-    )
-    parser.add_argument("--config", metavar="FILE", help="TOML config file with flag values")
-    for opt in options:
-        flag = f"--{opt.name}"
-        if opt.kind is bool:
-            parser.add_argument(
-                flag,
-                dest=opt.dest,
-                action="store_const",
-                const=True,
-                default=None,
-                help=f"{opt.help} (env {opt.env})",
-            )
-        else:
-            default = f" (default: {opt.default})" if opt.default is not None else ""
-            parser.add_argument(
-                flag,
-                dest=opt.dest,
-                default=None,
-                metavar=opt.dest.upper(),
-                help=f"{opt.help}{default}; env {opt.env}",
-            )
-    return parser
+S = TypeVar("S", bound=CommandSettings)
 
 
-def resolve(
-    parser: argparse.ArgumentParser, options: Sequence[Option], argv: Sequence[str] | None
-) -> Settings:
-    """Parse argv and merge it with the environment, the config file and the defaults."""
-    args = parser.parse_args(argv)
+@dataclass(frozen=True, slots=True)
+class _Option:
+    """An option field of a settings class, with its value type (`int` for `int | None`)."""
+
+    field: Field[Any]
+    kind: type
+
+    @property
+    def dest(self) -> str:
+        return self.field.name
+
+    @property
+    def name(self) -> str:
+        return self.dest.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+def resolve(cls: type[S], argv: Sequence[str] | None, *, prog: str, description: str) -> S:
+    """Parse argv once and fill `cls` from it, the environment, the config file and the defaults.
+
+    Raises:
+        ConfigError: a value not of its option's type or under its minimum; a config file that
+            is missing, not TOML, or names a setting the command does not have.
+    """
+    options, positional = _fields(cls)
+    args = _parser(prog, description, options, positional).parse_args(argv)
     config = _load_config(args.config or os.environ.get(f"{ENV_PREFIX}CONFIG"))
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -158,7 +133,7 @@ def resolve(
         if raw is None and opt.dest in config:
             raw, where = config[opt.dest], "config file"
         if raw is None:
-            values[opt.dest], origin[opt.dest] = opt.default, "default"
+            values[opt.dest], origin[opt.dest] = opt.field.default, "default"
             continue
         values[opt.dest], origin[opt.dest] = _convert(opt, raw, where), where
     if values.get("warehouse_endpoint") and values.get("warehouse"):
@@ -169,10 +144,62 @@ def resolve(
             f"config file: unknown setting(s) {unknown}; known: "
             f"{', '.join(o.dest for o in options)}"
         )
-    return Settings(values, origin)
+    values.update({f.name: tuple(getattr(args, f.name)) for f in positional})
+    return cls(**values, origin=origin)
 
 
-def _convert(opt: Option, raw: Any, where: str) -> Any:
+def _fields(cls: type[CommandSettings]) -> tuple[list[_Option], list[Field[Any]]]:
+    """The option fields of a settings class, in declaration order, and its positional ones."""
+    hints = typing.get_type_hints(cls)
+    options, positional = [], []
+    for f in fields(cls):
+        if f.metadata.get("positional"):
+            positional.append(f)
+        elif "help" in f.metadata:
+            kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)]
+            options.append(_Option(f, kinds[0] if kinds else hints[f.name]))
+    return options, positional
+
+
+def _parser(
+    prog: str, description: str, options: Sequence[_Option], positional: Sequence[Field[Any]]
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG> "
+        "(e.g. FEATUREFLOW_STATE) or in a TOML config file given with --config "
+        f"(or {ENV_PREFIX}CONFIG). Flags win over the environment, which wins over the file.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config file with flag values")
+    for opt in options:
+        helped, default = opt.field.metadata["help"], opt.field.default
+        if opt.kind is bool:
+            parser.add_argument(
+                f"--{opt.name}",
+                dest=opt.dest,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{helped} (env {opt.env})",
+            )
+        else:
+            shown = f" (default: {default})" if default is not None else ""
+            parser.add_argument(
+                f"--{opt.name}",
+                dest=opt.dest,
+                default=None,
+                metavar=opt.dest.upper(),
+                help=f"{helped}{shown}; env {opt.env}",
+            )
+    for f in positional:
+        parser.add_argument(
+            f.name, nargs="+", metavar=f.metadata["metavar"], help=f.metadata["help"]
+        )
+    return parser
+
+
+def _convert(opt: _Option, raw: Any, where: str) -> Any:
     if opt.kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -183,12 +210,13 @@ def _convert(opt: Option, raw: Any, where: str) -> Any:
             return False
         raise ConfigError(f"--{opt.name} from {where}: {raw!r} is not a boolean; use true/false")
     if opt.kind is int:
+        minimum = opt.field.metadata["minimum"]
         try:
             value = int(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"--{opt.name} from {where}: {raw!r} is not an integer") from None
-        if value < opt.minimum:
-            raise ConfigError(f"--{opt.name} from {where}: {raw!r} must be at least {opt.minimum}")
+        if value < minimum:
+            raise ConfigError(f"--{opt.name} from {where}: {raw!r} must be at least {minimum}")
         return value
     if opt.kind is float:
         try:

@@ -10,7 +10,6 @@ explained, 3 when some is not (a real skew), 2 on an error.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -27,33 +26,46 @@ from flows.cli import command_main
 from flows.errors import ConfigError
 from flows.governance.errors import ServedLogError
 from flows.governance.skew import SkewReport, logged_reads, skew_report
-from flows.settings import COMMON, WAREHOUSE_ENDPOINT, Option, Settings, build_parser
+from flows.settings import (
+    FEATURES,
+    KAFKA,
+    STATE,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    CommandSettings,
+    option,
+)
 from flows.spec import load_definitions
 from state.servedlog import SERVED_DIR, read_served
 
 EXIT_CLEAN, EXIT_SKEW = 0, 3
 
-OPTIONS = (
-    *COMMON[:4],
-    WAREHOUSE_ENDPOINT,
-    Option("examples", 5, "mismatches shown per feature", int, 0),
-    Option(
-        "apply-lag",
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SkewSettings(CommandSettings):
+    """Settings of flows.skew (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    examples: int = option(5, "mismatches shown per feature", minimum=0)
+    apply_lag: float = option(
         60.0,
         "seconds before a read within which an event may have arrived and not been applied yet",
-        float,
-    ),
-    Option("since", None, "only reads served at or after this ISO time (e.g. 2026-11-27T00:00Z)"),
-    Option("json", False, "print the report as one JSON document", bool),
-)
+    )
+    since: str | None = option(
+        None, "only reads served at or after this ISO time (e.g. 2026-11-27T00:00Z)"
+    )
+    json: bool = option(False, "print the report as one JSON document")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.skew", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _skew)
+    return command_main("flows.skew", __doc__, SkewSettings, _skew, argv)
 
 
-def _skew(settings: Settings, _args: argparse.Namespace) -> int:
+def _skew(settings: SkewSettings) -> int:
     report = run_skew(settings.features, settings.warehouse, settings.kafka, Path(settings.state),
                       examples=settings.examples, apply_lag_s=settings.apply_lag,
                       since=_since(settings.since))  # fmt: skip

@@ -14,7 +14,6 @@ spine in batches through `state.services.evaluate_service`, the code `get_servic
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import os
@@ -40,7 +39,15 @@ from flows.errors import SnapshotError, SpineError
 from flows.pointintime import feature_type, kept_events, point_in_time
 from flows.quarantine import validate_guarded
 from flows.schemas import field_defaults, schema_store
-from flows.settings import Option, Settings, build_parser, common
+from flows.settings import (
+    FEATURES,
+    KAFKA,
+    STATE,
+    WAREHOUSE,
+    WAREHOUSE_ENDPOINT,
+    CommandSettings,
+    option,
+)
 from flows.spec import FeatureView, Source, load_definitions
 from flows.validate import EventRules
 from state.errors import OnDemandError, StateError
@@ -59,33 +66,38 @@ SNAPSHOT_FORMAT = "1"
 SERVICE_BATCH_ROWS = 65_536  # spine rows per call of each on-demand function
 KAFKA_TAIL_WAIT_S = 60.0  # how long reading the log waits for Kafka to deliver its tail
 
-OPTIONS = (
-    *common("features", "warehouse", "state", "kafka", "warehouse-endpoint"),
-    Option("spine", None, "spine file: entity key column + ts column (Parquet/CSV/JSONL)"),
-    Option("out", None, "output Parquet file"),
-    Option("views", None, "comma-separated views (default: all)"),
-    Option(
-        "service",
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotSettings(CommandSettings):
+    """Settings of flows.snapshot (see its --help)."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+    spine: str | None = option(
+        None, "spine file: entity key column + ts column (Parquet/CSV/JSONL)"
+    )
+    out: str | None = option(None, "output Parquet file")
+    views: str | None = option(None, "comma-separated views (default: all)")
+    service: str | None = option(
         None,
         "a feature service: the spine holds its entity columns, ts and request fields; the "
         "output adds the service's columns, as get_service gives them at ts",
-    ),
-    Option(
-        "allow-empty",
+    )
+    allow_empty: bool = option(
         False,
         "make the snapshot even when a view's source has no events in the log (every "
         "feature then comes out empty: count 0, nulls); default: refuse",
-        bool,
-    ),
-)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m flows.snapshot", __doc__.splitlines()[0], OPTIONS)
-    return command_main(parser, OPTIONS, argv, _snapshot)
+    return command_main("flows.snapshot", __doc__, SnapshotSettings, _snapshot, argv)
 
 
-def _snapshot(settings: Settings, _args: argparse.Namespace) -> int:
+def _snapshot(settings: SnapshotSettings) -> int:
     if not settings.spine or not settings.out:
         raise SpineError("--spine FILE and --out FILE are both required")
     started = time.perf_counter()
