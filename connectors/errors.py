@@ -7,7 +7,8 @@ ConnectorError
 │   ├── ManifestConflictError  another writer committed the source's manifest first (object store)
 │   └── ObjectStoreError       an object store cannot be reached, or refuses a request
 ├── InputFileError      a history file given to ingest cannot be read as the source's events
-└── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
+├── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
+└── TopicMissingError   a Kafka topic does not exist (the broker's UNKNOWN_TOPIC_OR_PART)
 """
 
 from __future__ import annotations
@@ -48,3 +49,7 @@ class InputFileError(ConnectorError):
 
 class LogGapError(ConnectorError):
     """The log has a hole between warehouse segments and Kafka."""
+
+
+class TopicMissingError(ConnectorError):
+    """A Kafka topic does not exist; the message names the topic and the broker."""

@@ -5,7 +5,8 @@ entity key, partitioned as ingest partitions (murmur2).
 
 Offsets are the log's own: the reader assigns its partition itself and never commits to a
 consumer group. If Kafka no longer holds an offset the log needs, it raises LogGapError
-instead of skipping (the retention-gap rule).
+instead of skipping (the retention-gap rule). A topic that does not exist is a
+TopicMissingError (the broker's UNKNOWN_TOPIC_OR_PART), told apart by its code.
 """
 
 from __future__ import annotations
@@ -34,9 +35,19 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.avro import SchemaStore, SingleObjectWriter, decode_batch
 from connectors.envelope import TIMESTAMP_US, DeadLetter, log_schema
-from connectors.errors import ConnectorError, LogGapError, SchemaError
+from connectors.errors import ConnectorError, LogGapError, SchemaError, TopicMissingError
 
-__all__ = ["AvroProducer", "DeadLetter", "KafkaBatch", "KafkaLogReader", "list_partitions"]
+__all__ = [
+    "AvroProducer",
+    "DeadLetter",
+    "KafkaBatch",
+    "KafkaLogReader",
+    "RateLimitFilter",
+    "ensure_topic",
+    "list_partitions",
+    "offset_at_time",
+    "partition_watermarks",
+]
 
 _LOG = logging.getLogger(__name__)  # librdkafka's own log lines go here, not to stderr
 _DIGITS = re.compile(r"\d+")
@@ -51,6 +62,7 @@ _NOT_READY = {
     KafkaError.UNKNOWN_LEADER_EPOCH,
 }
 _GONE = {KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE}
+_MISSING_TOPIC = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC}
 _TOMBSTONE = "message has no value (a tombstone); events need an Avro value"
 _FATAL = {
     KafkaError.UNKNOWN_TOPIC_OR_PART,
@@ -253,7 +265,7 @@ class KafkaLogReader:
             return None
         found = metadata.topics.get(self.topic)
         if found is None or found.error is not None:
-            unknown = found is None or found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            unknown = found is None or found.error.code() in _MISSING_TOPIC
             return 0 if unknown else None
         return len(found.partitions)
 
@@ -463,8 +475,9 @@ def list_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
     """The number of partitions of `topic`.
 
     Raises:
-        ConnectorError: the broker does not answer within `timeout_s`, or the topic does not
-            exist.
+        TopicMissingError: the topic does not exist.
+        ConnectorError: the broker does not answer within `timeout_s`, or reports another
+            error for the topic.
     """
     config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _LOG}
     admin = AdminClient(config)
@@ -477,10 +490,15 @@ def list_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
             f"({exc.args[0].str()}); start the broker or fix --kafka"
         ) from exc
     found = metadata.topics.get(topic)
-    if found is None or found.error is not None:
-        raise ConnectorError(
+    if found is None or (found.error is not None and found.error.code() in _MISSING_TOPIC):
+        raise TopicMissingError(
             f"topic {topic!r} does not exist on Kafka at {bootstrap}; create "
             "it with the source's number of partitions"
+        )
+    if found.error is not None:
+        raise ConnectorError(
+            f"topic {topic!r} on Kafka at {bootstrap}: the broker reports "
+            f"{found.error.str()}; check the topic and the client's rights to it"
         )
     return len(found.partitions)
 
@@ -496,9 +514,7 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float =
     """
     try:
         found = list_partitions(bootstrap, topic, timeout_s)
-    except ConnectorError as exc:
-        if "does not exist" not in str(exc):
-            raise
+    except TopicMissingError:
         found = 0
     if found and found != partitions:
         raise ConnectorError(

@@ -4,6 +4,7 @@ bad payloads as dead letters at their offsets, the retention-gap rule."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +14,14 @@ from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from connectors.avro import MARKER, SchemaStore, arrow_schema, encode_single_object
-from connectors.errors import ConnectorError, LogGapError
-from connectors.kafka import AvroProducer, KafkaBatch, KafkaLogReader, list_partitions
+from connectors.errors import ConnectorError, LogGapError, TopicMissingError
+from connectors.kafka import (
+    AvroProducer,
+    KafkaBatch,
+    KafkaLogReader,
+    ensure_topic,
+    list_partitions,
+)
 from connectors.partitioner import partition_for
 
 Records = Callable[[int], list[dict[str, Any]]]
@@ -166,6 +173,28 @@ def test_a_start_below_the_low_watermark_is_a_log_gap(
 def test_list_partitions_of_a_missing_topic(kafka_bootstrap: str) -> None:
     with pytest.raises(ConnectorError, match="topic 'no-such-topic-x' does not exist"):
         list_partitions(kafka_bootstrap, "no-such-topic-x", timeout_s=5)
+
+
+@pytest.mark.kafka
+def test_a_missing_topic_is_a_typed_error_that_ensure_topic_creates(kafka_bootstrap: str) -> None:
+    topic = f"test-missing-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(TopicMissingError, match=f"topic '{topic}' does not exist"):
+        list_partitions(kafka_bootstrap, topic, timeout_s=5)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    try:
+        assert ensure_topic(kafka_bootstrap, topic, 3) is True
+        assert list_partitions(kafka_bootstrap, topic) == 3
+        assert ensure_topic(kafka_bootstrap, topic, 3) is False
+        with pytest.raises(ConnectorError, match="has 3 partitions but its source declares 2"):
+            ensure_topic(kafka_bootstrap, topic, 2)
+    finally:
+        admin.delete_topics([topic], operation_timeout=10)[topic].result(timeout=15)
+
+
+def test_ensure_topic_does_not_take_a_silent_broker_for_a_missing_topic() -> None:
+    with pytest.raises(ConnectorError, match="did not answer") as caught:
+        ensure_topic("127.0.0.1:1", "anything", 3, timeout_s=1)
+    assert not isinstance(caught.value, TopicMissingError)
 
 
 def test_list_partitions_gives_up_on_a_silent_broker() -> None:
