@@ -1,5 +1,5 @@
 """The event envelope: the log columns every record carries next to its source columns, and the
-dead-letter record that takes the place of an event that cannot be read.
+dead-letter record that takes the place of an event that cannot be read (or is too late).
 
 A record of the log is the source's Avro fields (typed Arrow columns) plus
 
@@ -12,6 +12,7 @@ A record of the log is the source's Avro fields (typed Arrow columns) plus
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pyarrow as pa
 
@@ -39,18 +40,28 @@ DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 
+PayloadFormat = Literal["original", "avro-single-object", "json"]
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record that could not become an event: why, where it was in the log, its raw bytes.
+    """A record that could not become an event, or an event too late for a view: why, where it
+    was in the log, its raw bytes.
 
     `partition` and `offset` are None for rows that never had a log position (bad input files);
-    `payload` is the original message value, or a JSON rendering of the original row.
+    `payload` is the original message value, or a rendering of the original row (JSON, or for
+    a late event the source's single-object Avro). `payload_format` is set for late events
+    ("avro-single-object" or "json"; other letters carry "original"), and `view` and `version`
+    name the view version the event was late for (None for every other dead letter).
     """
 
     reason: str
     partition: int | None
     offset: int | None
     payload: bytes | None
+    payload_format: PayloadFormat = "original"
+    view: str | None = None
+    version: int | None = None
 
 
 def log_schema(source_schema: pa.Schema) -> pa.Schema:

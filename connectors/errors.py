@@ -8,7 +8,8 @@ ConnectorError
 │   └── ObjectStoreError       an object store cannot be reached, or refuses a request
 ├── InputFileError      a history file given to ingest cannot be read as the source's events
 ├── LogGapError         Kafka no longer holds offsets the log needs (retention passed)
-└── TopicMissingError   a Kafka topic does not exist (the broker's UNKNOWN_TOPIC_OR_PART)
+├── TopicMissingError   a Kafka topic does not exist (the broker's UNKNOWN_TOPIC_OR_PART)
+└── DeadLetterError     dead letters could not be written whole and confirmed (the flow stops)
 """
 
 from __future__ import annotations
@@ -53,3 +54,8 @@ class LogGapError(ConnectorError):
 
 class TopicMissingError(ConnectorError):
     """A Kafka topic does not exist; the message names the topic and the broker."""
+
+
+class DeadLetterError(ConnectorError):
+    """Dead letters were not confirmed written; the offsets that produced them must not be
+    committed (a restart retries them)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -432,7 +432,7 @@ def shift_offsets(events: pa.RecordBatch, base: int) -> pa.Table:
 def shift_letter(letter: DeadLetter, base: int) -> DeadLetter:
     if base == 0 or letter.offset is None:
         return letter
-    return DeadLetter(letter.reason, letter.partition, letter.offset + base, letter.payload)
+    return replace(letter, offset=letter.offset + base)
 
 
 def conform(table: pa.Table, schema: pa.Schema, defaults: dict[str, Any]) -> pa.Table:

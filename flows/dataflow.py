@@ -39,7 +39,7 @@ from connectors.errors import ConnectorError
 from connectors.log import LogBatch, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import KEY
-from flows.deadletters import DeadLetterWriter
+from flows.deadletters import open_dead_letters
 from flows.errors import FlowError
 from flows.metrics import Metrics
 from flows.quarantine import apply_guarded, validate_guarded
@@ -195,7 +195,7 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             store.open_partition(t.view.name, t.version, shard) for t in source.targets
         ]
         self._progress = [s.progress() for s in self._stores]
-        self._dead = DeadLetterWriter(
+        self._dead = open_dead_letters(
             plan.warehouse,
             source.name,
             plan.kafka_bootstrap,

@@ -3,7 +3,6 @@
 FlowError
 ├── DefinitionError   a feature-definitions module or one of its objects is invalid
 ├── ConfigError       a command-line flag, config file or environment setting is invalid
-├── DeadLetterError   dead letters could not be written whole and confirmed (the flow stops)
 ├── SpineError        a snapshot spine file is missing, unreadable, or lacks a column
 └── SnapshotError     a snapshot cannot be made as asked (an empty source, a full disk)
 """
@@ -21,11 +20,6 @@ class DefinitionError(FlowError):
 
 class ConfigError(FlowError):
     """A setting is invalid; the message names the flag, file or variable."""
-
-
-class DeadLetterError(FlowError):
-    """Dead letters were not confirmed delivered; the offsets that produced them must not be
-    committed (a restart retries them)."""
 
 
 class SpineError(FlowError):

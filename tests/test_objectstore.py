@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from connectors.deadletters import sent_offsets
 from connectors.envelope import DeadLetter
 from connectors.errors import ManifestConflictError
 from connectors.objectstore import S3Store, VersionedDocument, open_store, with_endpoint
 from connectors.segments import LogTransaction, Warehouse
-from flows.deadletters import sent_offsets
 from state.client import FeatureClient
 from tests.conftest import S3_TEST_BUCKET
 from tests.helpers import REPO, make_events, write_definitions
