@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.envelope import DeadLetter
+from flows.errors import DefinitionError
 from state.codec import (
     KEY_SEPARATOR,
     StoredEntries,
@@ -213,7 +214,12 @@ def whole_partition(
 
 
 def prepare(table: pa.Table, layout: ViewLayout, transform: Transform | None) -> pa.Table:
-    """Run the view's transform (if any) on records that passed the lateness check."""
+    """Run the view's transform (if any) on records that passed the lateness check.
+
+    Raises:
+        DefinitionError: the transform returned something other than a table, or a table
+            without the columns the view needs (a bug in the definition, not in the data).
+    """
     if transform is not None and table.num_rows:
         table = _transformed(table, layout, transform)
     return table
@@ -224,16 +230,16 @@ def _transformed(table: pa.Table, layout: ViewLayout, transform: Transform) -> p
     if isinstance(result, pa.RecordBatch):
         result = pa.Table.from_batches([result])
     if not isinstance(result, pa.Table):
-        raise TypeError(
+        raise DefinitionError(
             f"view {layout.view!r}: transform returned {type(result).__name__}; "
             "it must return a pyarrow.Table"
         )
     needed = {OFFSET, *layout.key_columns, layout.timestamp, *layout.columns}
     missing = sorted(needed - set(result.column_names))
     if missing:
-        raise TypeError(
+        raise DefinitionError(
             f"view {layout.view!r}: transform output lacks column(s) {missing}; keep the "
-            "key, timestamp, _offset and every aggregated column, and add the declared "
+            f"key, timestamp, {OFFSET} and every aggregated column, and add the declared "
             "columns= (got: " + ", ".join(result.column_names) + ")"
         )
     return _typed(result, layout)

@@ -1,11 +1,12 @@
 """Defence in depth on the write path: no record that reaches the dataflow can stop it.
 
 Validation and aggregation are tried on the whole batch first (the fast path). If either raises
-an error that is not an infrastructure failure (disk, store, Kafka: those stop the flow as they
-must), the batch is bisected until the records that fail on their own are found; those become
-dead letters naming the error, and every other record is applied as it would have been. Applying
-the good parts in offset order against an overlay of the blobs written so far gives the same
-tiles as one pass without the bad records.
+an error that is not an infrastructure failure or a broken definition (disk, store, Kafka, a
+transform that returns no table or drops needed columns: those stop the flow as they must), the
+batch is bisected until the records that fail on their own are found; those become dead letters
+naming the error, and every other record is applied as it would have been. Applying the good
+parts in offset order against an overlay of the blobs written so far gives the same tiles as one
+pass without the bad records.
 
 Many failing records mean a bug in the definitions (a transform that fails on everything), not
 bad data: past MAX_POISON records of one batch the flow stops with a message saying so.

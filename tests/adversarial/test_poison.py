@@ -13,11 +13,15 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from connectors.avro import fingerprint_hex
+from connectors.envelope import OFFSET
 from connectors.log import LogBatch
 from connectors.segments import Warehouse, read_dead_letters
+from flows.aggregate import prepare
+from flows.errors import DefinitionError
 from flows.ingest import ingest_table
 from flows.snapshot import read_log
 from flows.spec import load_definitions
@@ -207,3 +211,48 @@ def test_every_record_of_the_log_is_applied_late_or_a_dead_letter(tmp_path: Path
     assert numbers["applied"] + numbers["late"] + numbers["dead letters"] == read, summary
     assert numbers["late"] == 100
     assert numbers["dead letters"] == 100
+
+
+BROKEN_TRANSFORM = """
+
+def forgets_to_return(table):
+    import pyarrow.compute as pc
+    table.filter(pc.greater(table.column("amount"), 0))
+
+broken = FeatureView(name="broken", source=txns, transform=forgets_to_return,
+                     features=[count(), sum("amount", window="1d")])
+"""
+
+
+def test_prepare_names_the_view_of_a_transform_that_breaks_its_contract(tmp_path: Path) -> None:
+    features = write_definitions(tmp_path / "defs", partitions=1)
+    features.write_text(features.read_text() + BROKEN_TRANSFORM)
+    layout = load_definitions(features).layouts["broken"]
+    events = make_events(20, 3, seed=4).append_column(OFFSET, pa.array(range(20), pa.int64()))
+    with pytest.raises(DefinitionError, match=r"view 'broken': transform returned NoneType"):
+        prepare(events, layout, lambda table: None)
+    with pytest.raises(DefinitionError, match=r"view 'broken': transform output lacks .*'ts'"):
+        prepare(events, layout, lambda table: table.drop_columns(["ts"]))
+
+
+@pytest.mark.parametrize("command", ["flows.run", "flows.snapshot"])
+def test_a_transform_that_returns_no_table_is_one_clear_line(tmp_path: Path, command: str) -> None:
+    features = write_definitions(tmp_path / "defs", partitions=1)
+    features.write_text(features.read_text() + BROKEN_TRANSFORM)
+    source = load_definitions(features).sources["txns"]
+    events = make_events(50, 5, seed=3)
+    ingest_table(source, events, Warehouse(tmp_path / "wh"))
+    common = ("--features", str(features), "--warehouse", str(tmp_path / "wh"), "--views", "broken")
+    if command == "flows.run":
+        extra: tuple[str, ...] = ("--state", str(tmp_path / "state"), "--until-caught-up")
+    else:
+        spine = events.select(["user_id", "ts"]).slice(0, 5)
+        pq.write_table(spine, tmp_path / "spine.parquet")
+        extra = ("--spine", str(tmp_path / "spine.parquet"), "--out", str(tmp_path / "o.parquet"))
+    result = run_command(command, *common, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: view 'broken': transform returned NoneType; it must return a pyarrow.Table"
+    ], result.stderr
