@@ -22,8 +22,6 @@ from flows.spec import load_definitions
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CatalogSettings(CommandSettings):
-    """Settings of flows.catalog (see its --help)."""
-
     features: str = FEATURES.field()
     state: str = STATE.field()
     search: str | None = option(

@@ -21,8 +21,6 @@ from flows.settings import STATE, WAREHOUSE, WAREHOUSE_ENDPOINT, CommandSettings
 
 @dataclass(frozen=True, slots=True)
 class CheckpointSettings(CommandSettings):
-    """Settings of flows.checkpoint (see its --help)."""
-
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()
     warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()

@@ -276,8 +276,6 @@ def _refuse_repeats(files: Sequence[HistoryFile]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class IngestSettings(CommandSettings):
-    """Settings of flows.ingest (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()

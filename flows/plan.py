@@ -43,8 +43,6 @@ _MARK = {"new": "+", "changed": "~", "unchanged": "=", "removed": "-"}
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PlanSettings(CommandSettings):
-    """Settings of flows.plan (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()

@@ -42,8 +42,6 @@ from state.timestamps import to_micros
 
 @dataclass(frozen=True, slots=True)
 class ReplaySettings(CommandSettings):
-    """Settings of flows.replay (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()

@@ -34,8 +34,6 @@ from state.store import check_store
 
 @dataclass(frozen=True, slots=True)
 class ReportSettings(CommandSettings):
-    """Settings of flows.report (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()

@@ -54,8 +54,6 @@ from state.store import ViewStore, iter_entities, partition_dir, peek, progress_
 
 @dataclass(frozen=True, slots=True)
 class RunSettings(CommandSettings):
-    """Settings of flows.run (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()

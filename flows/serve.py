@@ -21,8 +21,6 @@ from state.store import check_store
 
 @dataclass(frozen=True, slots=True)
 class ServeSettings(CommandSettings):
-    """Settings of flows.serve (see its --help)."""
-
     state: str = option("data/state", "view store directory (RocksDB) to serve")
     features: str | None = option(
         None,

@@ -175,23 +175,12 @@ def _parser(
     for opt in options:
         helped, default = opt.field.metadata["help"], opt.field.default
         if opt.kind is bool:
-            parser.add_argument(
-                f"--{opt.name}",
-                dest=opt.dest,
-                action="store_const",
-                const=True,
-                default=None,
-                help=f"{helped} (env {opt.env})",
-            )
+            how: dict[str, Any] = {"action": "store_const", "const": True}
+            how["help"] = f"{helped} (env {opt.env})"
         else:
             shown = f" (default: {default})" if default is not None else ""
-            parser.add_argument(
-                f"--{opt.name}",
-                dest=opt.dest,
-                default=None,
-                metavar=opt.dest.upper(),
-                help=f"{helped}{shown}; env {opt.env}",
-            )
+            how = {"metavar": opt.dest.upper(), "help": f"{helped}{shown}; env {opt.env}"}
+        parser.add_argument(f"--{opt.name}", dest=opt.dest, default=None, **how)
     for f in positional:
         parser.add_argument(
             f.name, nargs="+", metavar=f.metadata["metavar"], help=f.metadata["help"]

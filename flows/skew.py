@@ -43,8 +43,6 @@ EXIT_CLEAN, EXIT_SKEW = 0, 3
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SkewSettings(CommandSettings):
-    """Settings of flows.skew (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()

@@ -69,8 +69,6 @@ KAFKA_TAIL_WAIT_S = 60.0  # how long reading the log waits for Kafka to deliver 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SnapshotSettings(CommandSettings):
-    """Settings of flows.snapshot (see its --help)."""
-
     features: str = FEATURES.field()
     warehouse: str = WAREHOUSE.field()
     state: str = STATE.field()
