@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import SchemaStore
-from connectors.envelope import DeadLetter, log_schema
+from connectors.envelope import OFFSET, DeadLetter, log_schema
 from connectors.errors import ConnectorError, LogGapError
 from connectors.kafka import (
     KafkaLogReader,
@@ -156,7 +156,7 @@ class PartitionLog:
             self._segments = None
         if tables:
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-            last = int(table.column("_offset")[-1].as_py())
+            last = int(table.column(OFFSET)[-1].as_py())
             end = self._segments_end if self._segments is None else last + 1
             return LogBatch(self.source, self.partition, table, (), end)
         if self._segments_end > self._next:  # only holes or gaps were left: move past them
@@ -425,8 +425,8 @@ def shift_offsets(events: pa.RecordBatch, base: int) -> pa.Table:
     table = pa.Table.from_batches([events])
     if base == 0:
         return table
-    i = table.column_names.index("_offset")
-    return table.set_column(i, "_offset", pc.add(table.column(i), pa.scalar(base, pa.int64())))
+    i = table.column_names.index(OFFSET)
+    return table.set_column(i, OFFSET, pc.add(table.column(i), pa.scalar(base, pa.int64())))
 
 
 def shift_letter(letter: DeadLetter, base: int) -> DeadLetter:
@@ -458,6 +458,6 @@ def _clip(batch: LogBatch, stop_at: int) -> LogBatch:
     if batch.next_offset <= stop_at:
         return batch
     events = batch.events
-    keep = pc.less(events.column("_offset"), stop_at)
+    keep = pc.less(events.column(OFFSET), stop_at)
     dead = tuple(d for d in batch.dead_letters if d.offset is None or d.offset < stop_at)
     return LogBatch(batch.source, batch.partition, events.filter(keep), dead, stop_at)

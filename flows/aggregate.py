@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.envelope import DeadLetter
+from connectors.envelope import OFFSET, DeadLetter
 from flows.errors import DefinitionError
 from state.codec import (
     KEY_SEPARATOR,
@@ -45,7 +45,6 @@ from state.tiles import (
 )
 from state.vectors import check_lengths, concat_matrices, padded
 
-OFFSET = "_offset"
 Transform = Callable[[pa.Table], pa.Table]
 BlobGetter = Callable[[Sequence[bytes]], list[bytes | None]]
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from connectors.envelope import ARRIVAL
+
 if TYPE_CHECKING:
     from flows.aggregate import ApplyResult, LogSlice
 
@@ -98,8 +100,8 @@ class Metrics:
             stats.applied += result.applied
             stats.late += result.late.num_rows
             stats.offset = result.progress.applied_offset
-            if batch.events.num_rows and "_arrival" in batch.events.column_names:
-                arrival = batch.events.column("_arrival")[-1].value
+            if batch.events.num_rows and ARRIVAL in batch.events.column_names:
+                arrival = batch.events.column(ARRIVAL)[-1].value
                 if arrival is not None:
                     new_child = stats.newest_arrival_us is None
                     stats.newest_arrival_us = int(arrival)

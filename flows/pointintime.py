@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from connectors.envelope import OFFSET
 from flows.aggregate import (
     KEY,
-    OFFSET,
     SortedEvents,
     entity_keys,
     event_times,

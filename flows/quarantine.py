@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from connectors.envelope import DeadLetter
+from connectors.envelope import OFFSET, DeadLetter
 from connectors.errors import ConnectorError
 from connectors.log import LogBatch
 from flows.aggregate import (
-    OFFSET,
     ApplyResult,
     BlobGetter,
     LogSlice,

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from connectors.envelope import DeadLetter
+from connectors.envelope import OFFSET, DeadLetter
 from connectors.log import LogBatch
 from connectors.partitioner import partitions_for
 from flows.aggregate import (
     KEY,
-    OFFSET,
     LogSlice,
     Transform,
     event_times,

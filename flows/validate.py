@@ -14,7 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.envelope import ARRIVAL, DeadLetter
+from connectors.envelope import ARRIVAL, OFFSET, DeadLetter
 from connectors.log import LogBatch
 from flows.aggregate import event_times
 from flows.spec import Source
@@ -61,7 +61,7 @@ def validate(batch: LogBatch, rules: EventRules) -> LogBatch:
         )
         for rows, why_of in reasons
         for row, why in zip(rows.tolist(), why_of, strict=True)
-        for offset in [int(events.column("_offset")[row].as_py())]
+        for offset in [int(events.column(OFFSET)[row].as_py())]
     ]
     return LogBatch(
         batch.source,

@@ -34,9 +34,8 @@ import numpy.typing as npt
 
 from state.codec import VALUE_FORMAT, decode_objects, decode_vectors, encode_entity
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
-from state.layout import HopGroup, ViewLayout
+from state.layout import SUMMARY_KIND, HopGroup, ViewLayout
 from state.read import (
-    SUMMARY_KIND,
     AsOf,
     Columns,
     CompiledFeature,

@@ -49,6 +49,10 @@ _STATS: dict[str, tuple[str, ...]] = {
     "percentile": ("cnt", "kll"),
 }
 SKETCH_STATS = frozenset({"hll", "kll", "lastk"})
+# Aggregation -> the summary kind its tiles keep (a sketch or a list): read from `_STATS`.
+SUMMARY_KIND: dict[str, str] = {
+    agg: stat for agg, stats in _STATS.items() for stat in stats if stat in SKETCH_STATS
+}
 
 
 @dataclass(frozen=True, slots=True)

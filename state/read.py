@@ -3,7 +3,8 @@
 A read is one RocksDB get and this function. The blob stores each hop group's tiles column-major
 (`state.codec`), so every window is a binary search on the tile column plus a few C-level
 reductions (`sum`, `min`, `max` over memoryview slices) of the columns its features need; no
-structured array is built and no NumPy call is made for the common aggregations. The merge it
+structured array is built and no NumPy call is made for the common aggregations (but one sum
+for a count over more than 128 tiles). The merge it
 performs is `state.tiles.combine` specialised to one contiguous range; the oracle tests hold the
 online read, the offline snapshot and the SQL oracle equal (separate code, equal by test).
 Vector features (`list[float]`) read the group's vector section as (tiles, length) matrices
@@ -31,14 +32,12 @@ from typing import Any
 import numpy as np
 
 from state import sketches
-from state.codec import VALUE_FORMAT, decode_objects, decode_vectors
-from state.errors import CorruptStateError, FormatVersionError, InexactReadError
-from state.layout import FeatureDef, HopGroup, ViewLayout
+from state.codec import BLOB_HEADER_SIZE, blob_header, decode_objects, decode_vectors
+from state.errors import InexactReadError
+from state.layout import SUMMARY_KIND, FeatureDef, HopGroup, ViewLayout
 
-_HEAD = struct.Struct("<Bq")
 _U32 = struct.Struct("<I")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
 _PLAIN = frozenset({"events", "count", "sum", "mean"})
 
 
@@ -212,19 +211,9 @@ def evaluate_blob(
     Raises:
         InexactReadError: with `as_of`, a window at t cannot be answered exactly.
     """
-    try:
-        version, newest = _HEAD.unpack_from(blob, 0)
-    except struct.error as exc:
-        raise CorruptStateError(
-            f"view {layout.view!r}: damaged tile blob; rebuild the view with flows.replay"
-        ) from exc
-    if version != VALUE_FORMAT:
-        raise FormatVersionError(
-            f"view {layout.view!r}: tile blob format {version}, this code "
-            f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay"
-        )
+    newest = blob_header(layout, blob)
     mv = memoryview(blob)
-    pos = _HEAD.size
+    pos = BLOB_HEADER_SIZE
     values: dict[str, Any] = {}
     for group in layout.groups:
         plan = group_plan(group)

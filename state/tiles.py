@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from state.layout import ColumnStats, FeatureDef, HopGroup
+from state.layout import SUMMARY_KIND, ColumnStats, FeatureDef, HopGroup
 from state.sketches import merge_objects
 from state.sketches import result as summary_result
 from state.vectors import concat_matrices, list_array, widened
@@ -344,9 +344,6 @@ def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) ->
     return list(finalize_array(feature, col, merged).to_pylist())
 
 
-_SUMMARY_KIND = {"percentile": "kll", "distinct_count": "hll", "last_k": "lastk"}
-
-
 def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) -> pa.Array:
     """Feature values of merged window rows as an Arrow array (null where the window has no
     value): vectorized for numeric results, per row only for strings and summaries."""
@@ -399,9 +396,9 @@ def _object_values(
     c, agg = feature.column, feature.agg
     if agg in ("min", "max", "first", "last"):
         return [None if e else v for e, v in zip(empty, merged.objs[f"{c}.{agg}"], strict=True)]
-    if agg not in _SUMMARY_KIND:
+    if agg not in SUMMARY_KIND:
         raise NotImplementedError(f"aggregation {agg!r}")
-    kind = _SUMMARY_KIND[agg]
+    kind = SUMMARY_KIND[agg]
     k = int(feature.param or 0)
     return [
         None if e else summary_result(kind, merge_objects(kind, [o], k), feature.param)

@@ -31,6 +31,7 @@ import plotly.io as pio
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from connectors.envelope import ARRIVAL
 from connectors.segments import Warehouse, read_dead_letters
 from flows.governance.catalog import Catalog, build_catalog
 from flows.governance.history import read_history
@@ -202,8 +203,8 @@ def _arrivals(warehouse: Warehouse, source: str, partitions: int) -> np.ndarray:
     parts = []
     for p in range(partitions):
         for batch in warehouse.read(source, p):
-            if "_arrival" in batch.schema.names:
-                col = batch.column("_arrival").cast(pa.int64())
+            if ARRIVAL in batch.schema.names:
+                col = batch.column(ARRIVAL).cast(pa.int64())
                 parts.append(np.asarray(pc.fill_null(col, 0).to_numpy(zero_copy_only=False)))
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 

@@ -32,6 +32,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from connectors.envelope import ARRIVAL, TIMESTAMP_US
 from connectors.segments import Warehouse
 from flows.aggregate import entity_keys
 from flows.errors import FlowError
@@ -347,7 +348,7 @@ class _ViewCheck:
         read = self.reads[i]
         if read.version is not None and read.version in stale:
             return VERSION_CHANGED
-        if not self.events.num_rows or "_arrival" not in self.events.column_names:
+        if not self.events.num_rows or ARRIVAL not in self.events.column_names:
             return UNEXPLAINED
         mine = self.events.filter(pc.equal(self.keys, read.key))
         arrival = _arrivals(mine)
@@ -371,7 +372,7 @@ class _ViewCheck:
 
 
 def _arrivals(events: pa.Table) -> np.ndarray:
-    column = events.column("_arrival").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    column = events.column(ARRIVAL).cast(TIMESTAMP_US).cast(pa.int64())
     return np.asarray(column.fill_null(0).to_numpy(), dtype=np.int64)
 
 
