@@ -142,37 +142,41 @@ def encode_words(
     return b"".join(parts)
 
 
-def entity_newest(blob: bytes) -> int:
-    """The newest event time of an entity, from its blob's header alone."""
-    return int(_HEAD.unpack_from(blob, 0)[1])
+BLOB_HEADER_SIZE = _HEAD.size
 
 
-def decode_entity(layout: ViewLayout, blob: bytes) -> tuple[list[TileBlock], int]:
-    """The entity's tiles per hop group and its newest event time."""
-    groups, newest = decode_words(layout, blob)
-    blocks = [
-        TileBlock(np.ascontiguousarray(words).view(group.dtype).reshape(len(words)), objs)
-        for group, (words, objs) in zip(layout.groups, groups, strict=True)
-    ]
-    return blocks, newest
+def blob_header(layout: ViewLayout, blob: bytes) -> int:
+    """A blob's newest event time, from its header (format byte, newest time).
 
-
-def decode_words(layout: ViewLayout, blob: bytes) -> tuple[list[tuple[Words, dict[str, Any]]], int]:
-    """The entity's tile rows per hop group as (n, width) word views (no copy), and its newest
-    event time."""
+    Raises:
+        CorruptStateError: the blob is too short to hold a header.
+        FormatVersionError: the blob is of another value format.
+    """
     try:
         version, newest = _HEAD.unpack_from(blob, 0)
     except struct.error as exc:
         raise CorruptStateError(
-            f"view {layout.view!r}: value of {len(blob)} bytes is too short "
-            "to be a tile blob; rebuild the view with flows.replay"
+            f"view {layout.view!r}: damaged tile blob ({len(blob)} bytes is too short for its "
+            "header); rebuild the view with flows.replay"
         ) from exc
     if version != VALUE_FORMAT:
         raise FormatVersionError(
             f"view {layout.view!r}: tile blob format {version}, this code "
             f"reads format {VALUE_FORMAT}; rebuild the view with flows.replay"
         )
-    pos = _HEAD.size
+    return int(newest)
+
+
+def entity_newest(blob: bytes) -> int:
+    """The newest event time of an entity, from its blob's header alone."""
+    return int(_HEAD.unpack_from(blob, 0)[1])
+
+
+def decode_words(layout: ViewLayout, blob: bytes) -> tuple[list[tuple[Words, dict[str, Any]]], int]:
+    """The entity's tile rows per hop group as (n, width) word views (no copy), and its newest
+    event time."""
+    newest = blob_header(layout, blob)
+    pos = BLOB_HEADER_SIZE
     groups: list[tuple[Words, dict[str, Any]]] = []
     try:
         for group in layout.groups:
@@ -191,7 +195,7 @@ def decode_words(layout: ViewLayout, blob: bytes) -> tuple[list[tuple[Words, dic
             f"view {layout.view!r}: tile blob is damaged ({exc}); rebuild "
             "the view with flows.replay"
         ) from exc
-    return groups, int(newest)
+    return groups, newest
 
 
 def decode_vectors(blob: bytes, pos: int, n: int) -> tuple[npt.NDArray[np.float64], int]:

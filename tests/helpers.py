@@ -112,3 +112,17 @@ def evaluate(layout: Any, blocks: list[Any], t: int) -> dict[str, Any]:
     from state.read import evaluate_blob
 
     return evaluate_blob(layout, encode_entity(layout, blocks, 0), t)
+
+
+def decode_entity(layout: Any, blob: bytes) -> tuple[list[Any], int]:
+    """One entity's tiles per hop group (as `TileBlock`s) and its newest event time, from its
+    stored blob (`state.codec.decode_words`, viewed as each group's row type)."""
+    from state.codec import decode_words
+    from state.tiles import TileBlock
+
+    groups, newest = decode_words(layout, blob)
+    blocks = [
+        TileBlock(np.ascontiguousarray(words).view(group.dtype).reshape(len(words)), objs)
+        for group, (words, objs) in zip(layout.groups, groups, strict=True)
+    ]
+    return blocks, newest

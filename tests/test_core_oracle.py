@@ -27,13 +27,13 @@ from flows.spec import (
     sum,
     var,
 )
-from state.codec import decode_entity, encode_key
+from state.codec import encode_key
 from state.layout import ViewLayout
 from state.read import evaluate_blob
 from state.sketches import HLL_RSE, KLL_RANK_ERROR
 from state.store import PartitionProgress
 from state.tiles import empty_block
-from tests.helpers import evaluate
+from tests.helpers import decode_entity, evaluate
 from tests.oracle import oracle_values, same
 
 SCHEMA = {

@@ -42,14 +42,13 @@ from state.codec import (
     EVENTS_APPLIED,
     LATE_EVENTS,
     WATERMARK,
-    decode_entity,
     decode_int,
     decode_key,
 )
 from state.layout import ViewLayout
 from state.store import ViewStore, iter_entities, open_secondary, partition_dir
 from tests.conftest import TopicFactory
-from tests.helpers import MINUTE, REPO, make_events, run_command, write_definitions
+from tests.helpers import MINUTE, REPO, decode_entity, make_events, run_command, write_definitions
 from tests.oracle import same
 
 pytestmark = pytest.mark.slow

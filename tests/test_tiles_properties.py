@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from flows.aggregate import column_values
 from flows.spec import FeatureView, Source, count, first, last, max, mean, min, std, sum
-from state.codec import decode_entity, encode_entity
+from state.codec import encode_entity
 from state.layout import HopGroup, ViewLayout
 from state.read import evaluate_blob
 from state.tiles import (
@@ -26,6 +26,7 @@ from state.tiles import (
     run_starts,
     unit_block,
 )
+from tests.helpers import decode_entity
 from tests.oracle import same
 
 
