@@ -30,7 +30,6 @@ from state.store import (
     LogPosition,
     PartitionProgress,
     ViewStore,
-    partition_dir,
     read_partition_progress,
 )
 
@@ -197,7 +196,7 @@ def _switch_if_caught_up(
 
 def read_progress(store: ViewStore, view: str, version: int, partition: int) -> PartitionProgress:
     """A view partition's progress, read beside a running writer."""
-    return read_partition_progress(partition_dir(store.version_dir(view, version), partition))
+    return read_partition_progress(store.partition_dir(view, version, partition))
 
 
 def resume_points(

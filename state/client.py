@@ -67,11 +67,10 @@ from state.services import (
     rows_of,
 )
 from state.store import (
-    check_store,
+    ViewStore,
     list_views,
     open_secondary,
     partition_dir,
-    read_current,
     read_layout,
     scratch_dir,
 )
@@ -185,7 +184,7 @@ class FeatureClient:
         served_log: ServedLog | None = None,
     ) -> None:
         self.root = Path(state_dir)
-        check_store(self.root, create=False)
+        self._store = ViewStore(self.root, create=False)  # checks it is a view store
         self.refresh_s = refresh_s
         self._services = _ServiceBook(self.root, Path(features) if features else None)
         self.served_log = served_log
@@ -498,7 +497,7 @@ class FeatureClient:
             # the name is looked up among the store's views, never joined into a path unchecked
             # ("..", "../x", "/etc", NUL bytes, overlong names are unknown views)
             views = self.views()
-            version = read_current(self.root / "views" / view) if view in views else None
+            version = self._store.current_version(view) if view in views else None
             if version is None:
                 raise UnknownViewError(_unknown_view(view, self.root, views))
             opened = self._views.get(view)
@@ -511,7 +510,7 @@ class FeatureClient:
         return True
 
     def _open_version(self, view: str, version: int) -> _OpenView | None:
-        directory = self.root / "views" / view / f"v{version}"
+        directory = self._store.version_dir(view, version)
         lease = use_version(directory)  # held while open: a replay's cleanup skips it
         if lease is None and not (directory / "layout.json").is_file():
             return None

@@ -268,6 +268,9 @@ class ViewStore:
     def version_dir(self, view: str, version: int) -> Path:
         return self.view_dir(view) / f"v{version}"
 
+    def partition_dir(self, view: str, version: int, partition: int) -> Path:
+        return partition_dir(self.version_dir(view, version), partition)
+
     def views(self) -> list[str]:
         return list_views(self.root)
 
@@ -432,7 +435,7 @@ class ViewStore:
         return True
 
     def open_partition(self, view: str, version: int, partition: int) -> PartitionStore:
-        return PartitionStore(partition_dir(self.version_dir(view, version), partition))
+        return PartitionStore(self.partition_dir(view, version, partition))
 
 
 def partition_dir(version_dir: Path, partition: int) -> Path:
