@@ -30,13 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import SingleObjectWriter, arrow_schema, fingerprint_hex
+from connectors.deadletters import FileDeadLetterSink
 from connectors.envelope import ARRIVAL, OFFSET, DeadLetter, log_schema
 from connectors.errors import ConnectorError
 from connectors.kafka import KafkaBatch, KafkaLogReader, list_partitions
 from connectors.log import shift_letter, shift_offsets
 from connectors.segments import Warehouse
 from flows.cli import command_main
-from flows.deadletters import DeadLetterWriter
 from flows.errors import ConfigError
 from flows.schemas import register_current
 from flows.settings import (
@@ -256,7 +256,7 @@ def _commit(target: _Target, pending: _Pending, rows: int, through: int | None =
     last = through if through is not None else int(head.column(OFFSET)[-1].as_py())  # type: ignore[union-attr]
     letters = [d for d in pending.letters if d.offset is not None and d.offset <= last]
     name, p, wh = target.source.name, target.partition, target.warehouse
-    DeadLetterWriter(wh.root, name, None).write(letters)
+    FileDeadLetterSink(wh, name).write(letters)
     if head is not None and head.num_rows:
         wh.append(
             name,
