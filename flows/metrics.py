@@ -4,21 +4,27 @@ freshness; exported to Prometheus (prometheus-client) and summarized on the cons
 Freshness is the delay from a record's arrival in the log (its Kafka message time) to its
 being applied, taken for the newest record of each applied batch: it does not grow while the
 log is idle. The age of the newest applied record (now minus its arrival) is reported
-separately, and the console says "idle" when nothing new was applied since its last line."""
+separately, and the console says "idle" when nothing new was applied since its last line.
+While the flow catches up, a terminal on stderr shows a live progress bar instead of the
+status lines (tqdm: records read, rate, ETA); logs (stderr not a terminal) keep the lines."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from tqdm import tqdm
 
 from connectors.envelope import ARRIVAL
 
 if TYPE_CHECKING:
     from flows.aggregate import ApplyResult, LogSlice
+
+BAR_REFRESH_S = 0.5  # how often the catch-up bar on a terminal moves
 
 
 @dataclass
@@ -254,10 +260,16 @@ def _age_s(arrival_us: int | None) -> float | None:
 
 
 class ConsoleReporter:
-    """Prints the status line every `interval_s` seconds in a daemon thread."""
+    """Prints the status line every `interval_s` seconds in a daemon thread. While the flow
+    catches up, a `terminal` (default: stderr) that is a terminal shows a live progress bar
+    instead of the catch-up lines: records of the log as it stood at start read so far, with
+    rate and ETA. The live lines follow once they are all read."""
 
-    def __init__(self, metrics: Metrics, interval_s: float = 5.0) -> None:
+    def __init__(
+        self, metrics: Metrics, interval_s: float = 5.0, terminal: TextIO | None = None
+    ) -> None:
         self._metrics, self._interval = metrics, interval_s
+        self._terminal = terminal if terminal is not None else sys.stderr
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="status")
 
@@ -265,8 +277,33 @@ class ConsoleReporter:
         self._thread.start()
 
     def _loop(self) -> None:
+        if self._metrics.to_catch_up and self._terminal.isatty():
+            self._show_catch_up()
+            self._metrics.status_line()  # the next status line's rate counts from here
         while not self._stop.wait(self._interval):
             print(self._metrics.status_line(), flush=True)
 
+    def _show_catch_up(self) -> None:
+        total = self._metrics.to_catch_up
+        with tqdm(
+            total=total,
+            desc="catching up",
+            unit=" records",
+            unit_scale=True,
+            file=self._terminal,
+            dynamic_ncols=True,
+        ) as bar:
+            while True:
+                stopped = self._stop.wait(BAR_REFRESH_S)
+                read = min(sum(self._metrics.read_totals().values()), total)
+                _, late, dead = self._metrics.totals()
+                bar.set_postfix_str(f"late {late:,}, dead letters {dead:,}", refresh=False)
+                bar.update(read - bar.n)
+                if stopped or read >= total:
+                    return
+
     def stop(self) -> None:
+        """Stop printing; the bar, if shown, is drawn a last time before this returns."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
