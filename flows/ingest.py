@@ -29,7 +29,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import arrow_schema, fingerprint_hex
-from connectors.envelope import TIMESTAMP_US, DeadLetter, dead_letter_table
+from connectors.envelope import (
+    ARRIVAL,
+    OFFSET,
+    PARTITION,
+    TIMESTAMP_US,
+    DeadLetter,
+    dead_letter_table,
+)
 from connectors.errors import InputFileError
 from connectors.files import (
     TIME_UNITS,
@@ -206,10 +213,10 @@ def _append_partition(
     for start in range(0, rows.num_rows, SEGMENT_ROWS):
         chunk = rows.slice(start, SEGMENT_ROWS)
         first, n = tx.next_offset(p), chunk.num_rows
-        chunk = chunk.append_column("_offset", pa.array(np.arange(first, first + n)))
-        chunk = chunk.append_column("_partition", pa.array(np.full(n, p, dtype=np.int32)))
+        chunk = chunk.append_column(OFFSET, pa.array(np.arange(first, first + n)))
+        chunk = chunk.append_column(PARTITION, pa.array(np.full(n, p, dtype=np.int32)))
         chunk = chunk.append_column(
-            "_arrival", pa.array(np.full(n, at_us), pa.int64()).cast(TIMESTAMP_US)
+            ARRIVAL, pa.array(np.full(n, at_us), pa.int64()).cast(TIMESTAMP_US)
         )
         tx.append(p, chunk, fingerprint=fp, ts_column=source.timestamp)
 

@@ -30,6 +30,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from connectors.avro import arrow_schema
+from connectors.envelope import log_schema
 from connectors.files import implausible_epoch
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
@@ -252,7 +253,7 @@ def read_log(source: Source, warehouse: Warehouse, kafka: str | None) -> list[pa
                 parts.append(validate_guarded(batch, EventRules.of(source)).events)
         finally:
             log.close()
-        out.append(pa.concat_tables(parts) if parts else _empty_log(schema))
+        out.append(pa.concat_tables(parts) if parts else log_schema(schema).empty_table())
     return out
 
 
@@ -263,16 +264,6 @@ def _incomplete_log(source: Source, partition: int, log: PartitionLog, tail: obj
             f"to {log.stop_at} within {KAFKA_TAIL_WAIT_S:.0f}s; check that the broker runs "
             "and answers (--kafka), then retry"
         )
-
-
-def _empty_log(schema: pa.Schema) -> pa.Table:
-    fields = [
-        *schema,
-        pa.field("_offset", pa.int64()),
-        pa.field("_partition", pa.int32()),
-        pa.field("_arrival", pa.timestamp("us", tz="UTC")),
-    ]
-    return pa.schema(fields).empty_table()
 
 
 def build_snapshot(
