@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from state.codec import VALUE_FORMAT, decode_objects, decode_vectors, encode_entity
+from state.codec import VALUE_FORMAT, decode_vectors, encode_entity
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import SUMMARY_KIND, HopGroup, ViewLayout
 from state.read import (
@@ -514,44 +514,30 @@ def _per_entity(f: CompiledFeature, w: _Window, cnt: I64, entity_rows: _EntityRo
     for e, c in enumerate(cnt.tolist()):
         if not c:
             continue
-        cols, objs = entity_rows.columns(e), entity_rows.objects(e)
-        if f.agg in SUMMARY_KIND and objs is not None:
-            out[e] = summary_value(objs, lo[e], hi[e], f)
+        cols = entity_rows.columns(e)
+        if f.agg in SUMMARY_KIND and cols.group.object_fields:
+            out[e] = summary_value(cols.objects(), lo[e], hi[e], f)
         else:
-            out[e] = feature_value(f, cols, lo[e], hi[e], c, objs, *entity_rows.place(e))
+            out[e] = feature_value(f, cols, lo[e], hi[e], c)
     return out
 
 
 class _EntityRows:
     """One group's section of single entities, as the single read sees it (built on demand)."""
 
-    __slots__ = ("_cols", "_objs", "batch", "group", "sec")
+    __slots__ = ("_cols", "batch", "group", "sec")
 
     def __init__(self, group: HopGroup, sec: _Section, batch: _Batch) -> None:
         self.group, self.sec, self.batch = group, sec, batch
         self._cols: dict[int, Columns] = {}
-        self._objs: dict[int, dict[str, Any]] = {}
-
-    def place(self, e: int) -> tuple[HopGroup, bytes, int, int]:
-        start = int(self.batch.starts[e])
-        at = -1 if self.sec.objects is None else int(self.sec.objects[e]) - start
-        return self.group, self.batch.blobs[e], at, int(self.sec.n[e])
 
     def columns(self, e: int) -> Columns:
         found = self._cols.get(e)
         if found is None:
             blob, n, start = self.batch.blobs[e], int(self.sec.n[e]), int(self.batch.starts[e])
-            found = self._cols[e] = Columns(memoryview(blob), int(self.sec.cols[e]) - start, n)
+            objects_at = -1 if self.sec.objects is None else int(self.sec.objects[e]) - start
+            base = int(self.sec.cols[e]) - start
+            found = self._cols[e] = Columns(blob, base, n, self.group, objects_at)
             for name, where in self.sec.vectors.items():
                 found.vectors[name] = decode_vectors(blob, int(where[e]) - start, n)[0]
-        return found
-
-    def objects(self, e: int) -> dict[str, Any] | None:
-        """The entity's object stats (None when the group keeps none), decoded once."""
-        if self.sec.objects is None:
-            return None
-        found = self._objs.get(e)
-        if found is None:
-            group, blob, at, n = self.place(e)
-            found = self._objs[e] = decode_objects(group.object_fields, blob, at, n)[0]
         return found

@@ -142,14 +142,42 @@ ordered_sum: Callable[[Iterable[float]], float] = (
 
 
 class Columns:
-    """Lazy typed views of one group's column-major tile block."""
+    """One hop group's section of one entity's blob: lazy typed views of its column-major tile
+    block, its vector matrices, and its object stats (decoded on first use)."""
 
-    __slots__ = ("_base", "_mv", "_n", "_totals", "vectors")
+    __slots__ = (
+        "_base",
+        "_blob",
+        "_mv",
+        "_n",
+        "_objects",
+        "_objects_at",
+        "_totals",
+        "group",
+        "vectors",
+    )
 
-    def __init__(self, mv: memoryview, base: int, n: int) -> None:
-        self._mv, self._base, self._n = mv, base, n
+    def __init__(
+        self, blob: bytes, base: int, n: int, group: HopGroup, objects_at: int = -1
+    ) -> None:
+        self._blob, self._mv, self._base, self._n = blob, memoryview(blob), base, n
+        self.group = group
+        self._objects_at = objects_at  # where the object stats start (-1: the group has none)
+        self._objects: dict[str, Any] | None = None
         self._totals: dict[tuple[int, int, int], float] = {}
         self.vectors: dict[str, Any] = {}  # vector field -> (n, length) float64 matrix
+
+    @property
+    def n(self) -> int:
+        """The entity's tile rows in this group."""
+        return self._n
+
+    def objects(self) -> dict[str, Any]:
+        """The group's object stats (strings, sketches, lists) as arrays per field."""
+        if self._objects is None:
+            fields = self.group.object_fields
+            self._objects = decode_objects(fields, self._blob, self._objects_at, self._n)[0]
+        return self._objects
 
     def total(self, j: int, lo: int, hi: int) -> float:
         """Sum of float column j over rows [lo, hi) added in row order from 0.0 (as the batch
@@ -212,18 +240,18 @@ def evaluate_blob(
         InexactReadError: with `as_of`, a window at t cannot be answered exactly.
     """
     newest = blob_header(layout, blob)
-    mv = memoryview(blob)
     pos = BLOB_HEADER_SIZE
     values: dict[str, Any] = {}
     for group in layout.groups:
         plan = group_plan(group)
         (n,) = _U32.unpack_from(blob, pos)
-        cols = Columns(mv, pos + 4, n)
+        block_at = pos + 4
         pos += 4 + 8 * n * plan.width
         objects_at = -1
         if plan.has_objects:
             (size,) = _U32.unpack_from(blob, pos)
             objects_at, pos = pos + 4, pos + 4 + size
+        cols = Columns(blob, block_at, n, group, objects_at)
         wanted = only is None or not only.isdisjoint(plan.names)
         for name in group.vector_fields:
             if wanted:
@@ -236,23 +264,17 @@ def evaluate_blob(
         # as of that very time leaves them out (windows end before t).
         hi_limit = n - 1 if t <= newest and n else n
         if as_of is not None:
-            _check_exact(layout, group, plan, cols, n, t, newest, as_of)
-        _group_values(plan, group, cols, n, hi_limit, t, blob, objects_at, values, only)
+            _check_exact(layout, plan, cols, t, newest, as_of)
+        values.update(_group_values(plan, cols, hi_limit, t, only))
     if only is None:
         return {f.name: values[f.name] for f in layout.features}
     return {f.name: values[f.name] for f in layout.features if f.name in only}
 
 
 def _check_exact(
-    layout: ViewLayout,
-    group: HopGroup,
-    plan: GroupPlan,
-    cols: Columns,
-    n: int,
-    t: int,
-    newest: int,
-    as_of: AsOf,
+    layout: ViewLayout, plan: GroupPlan, cols: Columns, t: int, newest: int, as_of: AsOf
 ) -> None:
+    group, n = cols.group, cols.n
     # Rows before the last are the entity's events before its newest event time (the last
     # row is its boundary row: the events at exactly that time, which every read leaves out).
     mixed = False
@@ -307,17 +329,11 @@ def _iso(us: int) -> str:
 
 
 def _group_values(
-    plan: GroupPlan,
-    group: HopGroup,
-    cols: Columns,
-    n: int,
-    hi_limit: int,
-    t: int,
-    blob: bytes,
-    objects_at: int,
-    values: dict[str, Any],
-    only: frozenset[str] | None = None,
-) -> None:
+    plan: GroupPlan, cols: Columns, hi_limit: int, t: int, only: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """The features of one group (those in `only`, if given) from its tiles in [.., hi_limit)."""
+    values: dict[str, Any] = {}
+    n = cols.n
     if plan.hop and n:
         tiles = cols.q(0)
         head = t // plan.hop
@@ -326,7 +342,6 @@ def _group_values(
         bounds = [bisect_left(tiles, head - w // plan.hop, 0, hi) for w in plan.windows]
     else:
         hi, bounds = hi_limit, [0] * len(plan.windows)
-    objs: dict[str, Any] | None = None
     for lo, feats in zip(bounds, plan.features, strict=True):
         counts: dict[int, int] = {}
         for f in feats:
@@ -345,27 +360,14 @@ def _group_values(
                 else:
                     values[f.name] = cnt
             elif agg in SUMMARY_KIND and cnt:
-                if objs is None:
-                    objs = decode_objects(group.object_fields, blob, objects_at, n)[0]
-                values[f.name] = summary_value(objs, lo, hi, f)
+                values[f.name] = summary_value(cols.objects(), lo, hi, f)
             else:
-                values[f.name] = feature_value(
-                    f, cols, lo, hi, cnt, objs, group, blob, objects_at, n
-                )
+                values[f.name] = feature_value(f, cols, lo, hi, cnt)
+    return values
 
 
-def feature_value(
-    f: CompiledFeature,
-    cols: Columns,
-    lo: int,
-    hi: int,
-    cnt: int,
-    objs: dict[str, Any] | None,
-    group: HopGroup,
-    blob: bytes,
-    objects_at: int,
-    n: int,
-) -> Any:
+def feature_value(f: CompiledFeature, cols: Columns, lo: int, hi: int, cnt: int) -> Any:
+    """One feature's value over tile rows [lo, hi), which hold `cnt` events."""
     agg = f.agg
     if agg in ("events", "count"):
         return cnt
@@ -391,9 +393,7 @@ def feature_value(
     if f.value >= 0:
         v = cols.d(f.value)[pick]
         return int(v) if f.integral else v
-    if objs is None:
-        objs = decode_objects(group.object_fields, blob, objects_at, n)[0]
-    return objs[f"{f.column}.{agg}"][pick]
+    return cols.objects()[f"{f.column}.{agg}"][pick]
 
 
 def _m2(cols: Columns, f: CompiledFeature, lo: int, hi: int, cnt: int) -> float:
