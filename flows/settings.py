@@ -20,6 +20,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from connectors.objectstore import with_endpoint
@@ -145,7 +146,7 @@ def resolve(cls: type[S], argv: Sequence[str] | None, *, prog: str, description:
             f"{', '.join(o.dest for o in options)}"
         )
     values.update({f.name: tuple(getattr(args, f.name)) for f in positional})
-    return cls(**values, origin=origin)
+    return cls(**values, origin=MappingProxyType(origin))
 
 
 def _fields(cls: type[CommandSettings]) -> tuple[list[_Option], list[Field[Any]]]:
