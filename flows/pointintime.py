@@ -15,6 +15,7 @@ the length of its first one, by offset) are left out here too (`without_bad_vect
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,8 @@ def point_in_time(
     chunks: dict[str, list[pa.Array]] = {f.name: [] for f in layout.features}
     types = {f.name: feature_type(f, layout) for f in layout.features}
     for group in layout.groups:
-        _group_values(group, ev, q_kid[q_order], times[q_order], chunks, types)
+        for name, parts in _group_values(group, ev, q_kid[q_order], times[q_order], types).items():
+            chunks[name] += parts
     back = np.empty(n, dtype=np.int64)
     back[q_order] = np.arange(n)  # sorted position of each original row
     return {name: pa.concat_arrays(parts).take(pa.array(back)) for name, parts in chunks.items()}
@@ -155,35 +157,25 @@ def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> SortedEven
 
 
 def _group_values(
-    group: HopGroup,
-    ev: SortedEvents,
-    q_kid: I64,
-    q_t: I64,
-    chunks: dict[str, list[pa.Array]],
-    types: dict[str, pa.DataType],
-) -> None:
-    hop = group.hop_us or LIFETIME_TILE_US
-    tile_group = HopGroup(hop, group.features, group.columns, group.last_k)
-    units = unit_block(
-        tile_group, ev.ts, ev.off, {c.column: ev.columns[c.column] for c in group.columns}
-    )
-    starts = run_starts(ev.kid, units.rows["tile"])
-    tiles = combine(group, units, starts)
-    tile_kid = ev.kid[starts]
+    group: HopGroup, ev: SortedEvents, q_kid: I64, q_t: I64, types: dict[str, pa.DataType]
+) -> dict[str, list[pa.Array]]:
+    """The group's feature values for the (key, time) rows, sorted by (key, time), in chunks
+    (a chunk's merged window rows stay within ROW_BUDGET words)."""
+    tiles = _GroupTiles.of(group, ev)
+    out: dict[str, list[pa.Array]] = {f.name: [] for f in group.features}
     for window_us in sorted({f.window_us for f in group.features}):
         feats = [f for f in group.features if f.window_us == window_us]
-        additive = all(f.agg in ADDITIVE for f in feats)
-        span = window_us // hop + 1 if window_us else _max_tiles_per_key(tile_kid)
-        width = 1 + sum(tiles.objs[v].shape[1] for v in group.vector_fields)  # 8-byte words
-        chunk = max(1, len(q_t) if additive else ROW_BUDGET // max(span * width, 1))
+        reducible = all(f.agg in REDUCIBLE for f in feats)
+        window_rows = tiles.reduced_rows if reducible else tiles.merged_rows
+        span = window_us // tiles.hop + 1 if window_us else _max_tiles_per_key(tiles.tile_kid)
+        width = 1 + sum(tiles.whole.objs[v].shape[1] for v in group.vector_fields)  # 8B words
+        chunk = max(1, len(q_t) if reducible else ROW_BUDGET // max(span * width, 1))
         for a in range(0, len(q_t), chunk):
-            sl = slice(a, a + chunk)
-            merged = _window_rows(
-                group, tiles, tile_kid, units, ev, hop, window_us, q_kid[sl], q_t[sl], additive
-            )
+            merged = window_rows(window_us, q_kid[a : a + chunk], q_t[a : a + chunk])
             for f in feats:
                 part = finalize_array(f, group.column_stats(f), merged)
-                chunks[f.name].append(part.cast(types[f.name]))
+                out[f.name].append(part.cast(types[f.name]))
+    return out
 
 
 def _max_tiles_per_key(tile_kid: I64) -> int:
@@ -192,36 +184,11 @@ def _max_tiles_per_key(tile_kid: I64) -> int:
     return int(np.bincount(tile_kid).max())
 
 
-def _window_rows(
-    group: HopGroup,
-    tiles: TileBlock,
-    tile_kid: I64,
-    units: TileBlock,
-    ev: SortedEvents,
-    hop: int,
-    window_us: int,
-    q_kid: I64,
-    q_t: I64,
-    additive: bool = False,
-) -> TileBlock:
-    head = q_t // hop
-    tile_idx = tiles.rows["tile"]
-    if window_us:
-        first_tile = head - window_us // hop
-    else:  # lifetime: from the first tile of any key
-        first_tile = np.full_like(
-            head, min(int(tile_idx.min()), int(head.min())) if len(tile_idx) else int(head.min())
-        )
-    lo, hi = _search_both(tile_kid, tile_idx, q_kid, first_tile, head)
-    elo, ehi = _search_both(ev.kid, ev.ts, q_kid, head * hop, q_t)
-    if additive:
-        return _additive_rows(group, tiles, units, (lo, hi), (elo, ehi))
-    full = reduce_ranges(group, tiles, lo, hi)
-    partial = reduce_ranges(group, units, elo, ehi)
-    return merge_pairwise(group, full, partial)
-
-
-ADDITIVE = frozenset({"count", "sum", "mean", "min", "max"})
+# Aggregations whose window merge is a per-field ufunc reduction over contiguous tile rows
+# (sums and counts add, min and max take the extreme), so `_GroupTiles.reduced_rows` can merge
+# them in place with `reduceat`; the others (first/last, var/std, sketches, lists) need
+# `merged_rows`.
+REDUCIBLE = frozenset({"count", "sum", "mean", "min", "max"})
 _REDUCE = {
     "n": np.add,
     "cnt": np.add,
@@ -233,30 +200,67 @@ _REDUCE = {
 _IDENTITY = {"n": 0, "cnt": 0, "sum": 0.0, "min": np.inf, "max": -np.inf, "dim": 0}
 
 
-def _additive_rows(
-    group: HopGroup,
-    tiles: TileBlock,
-    units: TileBlock,
-    full: tuple[I64, I64],
-    head: tuple[I64, I64],
-) -> TileBlock:
-    """The merged window rows for count/sum/mean/min/max features: each field reduced over its
-    contiguous ranges in place (`reduceat`), with no gathered copy of the tile rows. Same
-    values as `reduce_ranges` + `merge_pairwise`; fields other aggregations need stay empty."""
-    out = empty_block(group, len(full[0]))
-    for name in group.dtype.names or ():
-        stat = name.rpartition(".")[2] if "." in name else name
-        if stat not in _REDUCE:
-            continue
-        ufunc, identity = _REDUCE[stat], _IDENTITY[stat]
-        a = _range_reduce(ufunc, tiles.rows[name], *full, identity)
-        b = _range_reduce(ufunc, units.rows[name], *head, identity)
-        out.rows[name] = ufunc(a, b)
-    for name in group.vector_fields:  # only `.vsum` (mean): first/last are not additive
-        a = _range_reduce(np.add, tiles.objs[name], *full, 0.0)
-        b = _range_reduce(np.add, units.objs[name], *head, 0.0)
-        out.objs[name] = a + b
-    return out
+@dataclass(frozen=True, slots=True)
+class _GroupTiles:
+    """One hop group's tiles of every key of the events: whole tiles (`whole`, one row per
+    (key, tile), sorted so) and one-event tiles (`units`, in the events' (key, time) order).
+    A window at t is the whole tiles before t's tile plus the units of t's own tile before t."""
+
+    group: HopGroup
+    hop: int
+    whole: TileBlock
+    tile_kid: I64  # the key id of each whole tile
+    units: TileBlock
+    ev: SortedEvents
+
+    @classmethod
+    def of(cls, group: HopGroup, ev: SortedEvents) -> _GroupTiles:
+        hop = group.hop_us or LIFETIME_TILE_US
+        tile_group = HopGroup(hop, group.features, group.columns, group.last_k)
+        columns = {c.column: ev.columns[c.column] for c in group.columns}
+        units = unit_block(tile_group, ev.ts, ev.off, columns)
+        starts = run_starts(ev.kid, units.rows["tile"])
+        return cls(group, hop, combine(group, units, starts), ev.kid[starts], units, ev)
+
+    def ranges(self, window_us: int, q_kid: I64, q_t: I64) -> tuple[tuple[I64, I64], ...]:
+        """Per row: the range of whole tiles and the range of units its window covers."""
+        head = q_t // self.hop
+        tile_idx = self.whole.rows["tile"]
+        if window_us:
+            first_tile = head - window_us // self.hop
+        else:  # lifetime: from the first tile of any key
+            first = min(int(tile_idx.min()), int(head.min())) if len(tile_idx) else int(head.min())
+            first_tile = np.full_like(head, first)
+        whole = _search_both(self.tile_kid, tile_idx, q_kid, first_tile, head)
+        partial = _search_both(self.ev.kid, self.ev.ts, q_kid, head * self.hop, q_t)
+        return whole, partial
+
+    def merged_rows(self, window_us: int, q_kid: I64, q_t: I64) -> TileBlock:
+        """Each row's window as one merged tile row (every field, any aggregation)."""
+        (lo, hi), (elo, ehi) = self.ranges(window_us, q_kid, q_t)
+        full = reduce_ranges(self.group, self.whole, lo, hi)
+        partial = reduce_ranges(self.group, self.units, elo, ehi)
+        return merge_pairwise(self.group, full, partial)
+
+    def reduced_rows(self, window_us: int, q_kid: I64, q_t: I64) -> TileBlock:
+        """`merged_rows` for REDUCIBLE features only: each field reduced over its contiguous
+        ranges in place (`reduceat`), with no gathered copy of the tile rows. Same values;
+        fields other aggregations need stay empty."""
+        whole, partial = self.ranges(window_us, q_kid, q_t)
+        out = empty_block(self.group, len(q_kid))
+        for name in self.group.dtype.names or ():
+            stat = name.rpartition(".")[2] if "." in name else name
+            if stat not in _REDUCE:
+                continue
+            ufunc, identity = _REDUCE[stat], _IDENTITY[stat]
+            a = _range_reduce(ufunc, self.whole.rows[name], *whole, identity)
+            b = _range_reduce(ufunc, self.units.rows[name], *partial, identity)
+            out.rows[name] = ufunc(a, b)
+        for name in self.group.vector_fields:  # only `.vsum` (mean): first/last need merging
+            a = _range_reduce(np.add, self.whole.objs[name], *whole, 0.0)
+            b = _range_reduce(np.add, self.units.objs[name], *partial, 0.0)
+            out.objs[name] = a + b
+        return out
 
 
 def _range_reduce(
