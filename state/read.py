@@ -25,7 +25,7 @@ import struct
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -93,37 +93,23 @@ def _compile(f: FeatureDef, pos: dict[str, int], integral: dict[str, bool]) -> C
         return CompiledFeature(f.name, "events", None, False, pos["n"])
     c = f.column
     base = CompiledFeature(f.name, f.agg, c, integral[c], pos[f"{c}.cnt"], param=f.param)
+    edge = f.agg in ("first", "last")
     if f"{c}.dim" in pos and f.agg != "count":  # a vector column
-        edge = f.agg in ("first", "last")
-        ts, off = (pos[f"{c}.{f.agg}_ts"], pos[f"{c}.{f.agg}_off"]) if edge else (-1, -1)
-        vector = f"{c}.v{f.agg}" if edge else f"{c}.vsum"
-        return CompiledFeature(
-            f.name, f.agg, c, False, pos[f"{c}.cnt"], ts=ts, off=off, vector=vector
-        )
-    if f.agg in ("first", "last"):
-        return CompiledFeature(
-            f.name,
-            f.agg,
-            c,
-            integral[c],
-            pos[f"{c}.cnt"],
-            pos.get(f"{c}.{f.agg}", -1),
-            -1,
-            pos[f"{c}.{f.agg}_ts"],
-            pos[f"{c}.{f.agg}_off"],
-        )
-    field = {"sum": "sum", "mean": "sum", "var": "sum", "std": "sum", "min": "min", "max": "max"}
-    if f.agg in field:
-        return CompiledFeature(
-            f.name,
-            f.agg,
-            c,
-            integral[c],
-            pos[f"{c}.cnt"],
-            pos[f"{c}.{field[f.agg]}"],
-            pos.get(f"{c}.m2", -1),
-        )
+        if not edge:
+            return replace(base, integral=False, vector=f"{c}.vsum")
+        ts, off = pos[f"{c}.{f.agg}_ts"], pos[f"{c}.{f.agg}_off"]
+        return replace(base, integral=False, ts=ts, off=off, vector=f"{c}.v{f.agg}")
+    if edge:
+        value = pos.get(f"{c}.{f.agg}", -1)  # -1: a string's first/last is an object stat
+        return replace(base, value=value, ts=pos[f"{c}.{f.agg}_ts"], off=pos[f"{c}.{f.agg}_off"])
+    stat = _VALUE_STAT.get(f.agg)
+    if stat is not None:
+        return replace(base, value=pos[f"{c}.{stat}"], m2=pos.get(f"{c}.m2", -1))
     return base
+
+
+# The tile column a value aggregation reads.
+_VALUE_STAT = {"sum": "sum", "mean": "sum", "var": "sum", "std": "sum", "min": "min", "max": "max"}
 
 
 _SHORT = 128  # rows up to which Python's int sums and loops beat NumPy's call overhead
