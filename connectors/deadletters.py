@@ -22,8 +22,6 @@ from __future__ import annotations
 import bisect
 import fcntl
 import math
-import os
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,7 +31,7 @@ from typing import Protocol
 import orjson
 
 from connectors.envelope import DeadLetter, dead_letter_table
-from connectors.objectstore import LocalStore, VersionedDocument, fsync_path, open_store
+from connectors.objectstore import LocalStore, VersionedDocument, open_store, replace_file
 from connectors.segments import DEAD_LETTER_DIR, Warehouse, write_dead_letters
 
 PROGRESS = "_kafka_progress"  # `<PROGRESS>.json`, or the versioned `<PROGRESS>/<n>.json`
@@ -122,13 +120,7 @@ class SentOffsets:
             for p, offsets in marks.items():
                 done[p] = _merged(done.get(p, []), offsets)
             data = orjson.dumps({str(p): spans for p, spans in sorted(done.items())})
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                tmp.write_bytes(data)
-                fsync_path(tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            replace_file(path, lambda tmp: tmp.write_bytes(data))
 
     def _advance_versioned(self, doc: VersionedDocument, marks: dict[int, list[int]]) -> None:
         """Merge `marks` into the newest version; on a conflict, merge into the newer one."""

@@ -465,28 +465,39 @@ def _write_table(table: pa.Table, where: str, fs: pafs.FileSystem | None = None)
     )
 
 
+def replace_file(
+    path: Path,
+    write: Callable[[Path], object],
+    *,
+    tmp: Path | None = None,
+    on_replaced: Callable[[], None] | None = None,
+) -> None:
+    """The one atomic write of a local file: `write(tmp)` to a temporary file beside `path`
+    (default `.<name>.<uuid>.tmp`), fsync it, rename it onto `path` (the commit point), call
+    `on_replaced()`, fsync the directory. The temporary file is removed on any error, and an
+    OSError (a full disk, say) reaches the caller, which names it in its own terms."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp or path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if on_replaced is not None:
+        on_replaced()
+    fsync_path(path.parent)
+
+
 def replace_atomically(
     path: Path, write: Callable[[Path], object], on_replaced: Callable[[], None] | None = None
 ) -> None:
-    """Call `write(tmp)` for a temporary file beside `path`, fsync it, rename it onto `path`
-    (then `on_replaced()`: the rename is the commit point).
+    """`replace_file` in the warehouse.
 
     Raises:
         SegmentError: the disk is full (naming the path); the temporary file is removed.
     """
-
-    def replace(tmp: Path) -> None:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-
-    def run() -> None:
-        _with_temp(path, replace)
-        if on_replaced is not None:
-            on_replaced()
-        fsync_path(path.parent)
-
-    _guard_disk(path, run)
+    _guard_disk(path, lambda: replace_file(path, write, on_replaced=on_replaced))
 
 
 def _with_temp(path: Path, use: Callable[[Path], None]) -> None:

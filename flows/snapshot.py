@@ -33,6 +33,7 @@ from connectors.avro import arrow_schema
 from connectors.envelope import log_schema
 from connectors.files import implausible_epoch
 from connectors.log import KafkaTail, PartitionLog
+from connectors.objectstore import replace_file
 from connectors.segments import Warehouse
 from flows.aggregate import DERIVED_ARROW, NO_KEY, entity_keys, event_times, key_column
 from flows.cli import command_main
@@ -402,10 +403,7 @@ def write_parquet_atomic(table: pa.Table, out: Path) -> None:
     _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        replace_file(out, lambda t: pq.write_table(table, t, compression="zstd"), tmp=tmp)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -413,8 +411,6 @@ def write_parquet_atomic(table: pa.Table, out: Path) -> None:
             f"no space left on the device holding {out.parent} (writing {out}); the snapshot "
             "was not written: free space there (or choose another --out) and run it again"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _remove_stale_temporaries(out: Path) -> None:

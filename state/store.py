@@ -40,6 +40,7 @@ from rocksdict import (
     WriteBatch,
 )
 
+from connectors.objectstore import replace_file
 from state.codec import (
     APPLIED_OFFSET,
     ENTITY_PREFIX,
@@ -100,22 +101,10 @@ def _shared_cache() -> Cache:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """`data` as the file `path`, atomically and durably (`.<name>.tmp-<pid>` meanwhile)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with disk_full_named(path, f"writing {path.name}"):
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        replace_file(path, lambda t: t.write_bytes(data), tmp=tmp)
 
 
 @dataclass(frozen=True, slots=True)
