@@ -49,7 +49,7 @@ from state.client import FeatureClient
 from state.codec import KEY_SEPARATOR, decode_key, entity_newest
 from state.definitions import record_definitions
 from state.errors import StateError
-from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
+from state.store import ViewStore, iter_entities, peek, progress_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +399,7 @@ def _newest_entity(
 ) -> tuple[str, int, int] | None:
     """(key, its newest event time, the shard's newest event time) among the first `scan` keys."""
     store = ViewStore(plan.state)
-    with peek(partition_dir(store.version_dir(view, version), p)) as db:
+    with peek(store.partition_dir(view, version, p)) as db:
         if db is None:
             return None
         watermark = progress_of(db).newest()  # with the partitions other shards told it of

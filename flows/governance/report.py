@@ -40,7 +40,7 @@ from flows.spec import Definitions
 from state.client import FeatureClient
 from state.codec import decode_key
 from state.errors import StateError
-from state.store import ViewStore, iter_entities, partition_dir, peek, progress_of
+from state.store import ViewStore, iter_entities, peek, progress_of
 
 SECTIONS = (
     ("features", "Feature values"),
@@ -98,7 +98,7 @@ def _sample_keys(store: ViewStore, view: str, partitions: int) -> tuple[list[str
     keys: list[str] = []
     newest: list[int] = []
     for p in range(partitions):
-        with peek(partition_dir(store.version_dir(view, version or 0), p)) as db:
+        with peek(store.partition_dir(view, version or 0, p)) as db:
             if db is None:
                 continue
             mark = progress_of(db).newest()
