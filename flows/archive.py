@@ -126,9 +126,10 @@ def archive_source(
             arrow_schema(schema),
             key_field=source.key,
         )
-        target = _Target(source, warehouse, p, fingerprint_hex(schema), SingleObjectWriter(schema))
+        encoder = SingleObjectWriter(schema)
+        target = _Target(source, warehouse, p, base, fingerprint_hex(schema), encoder)
         try:
-            s, r = _archive_partition(target, reader, (start, base), segment_rows, max_age_s)
+            s, r = _archive_partition(target, reader, start, segment_rows, max_age_s)
         finally:
             reader.close()
         segments, records = segments + s, records + r
@@ -154,12 +155,14 @@ def check_partition_count(bootstrap: str, source: Source) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """Where one partition's archive goes: its source, warehouse, schema fingerprint, and the
-    encoder of records that become dead letters at archive (their original format)."""
+    """Where one partition's archive goes: its source, warehouse, the base of its log offsets
+    (log offset = Kafka offset + base), schema fingerprint, and the encoder of records that
+    become dead letters at archive (their original format)."""
 
     source: Source
     warehouse: Warehouse
     partition: int
+    base: int
     fingerprint: str
     encoder: SingleObjectWriter
 
@@ -181,12 +184,12 @@ class _Pending:
 def _archive_partition(
     target: _Target,
     reader: KafkaLogReader,
-    start_and_base: tuple[int, int],
+    start: int,
     segment_rows: int,
     max_age_s: float,
 ) -> tuple[int, int]:
-    """Archive one partition; offsets here are log offsets (Kafka offset + base)."""
-    start, base = start_and_base
+    """Archive one partition from log offset `start`; offsets here are log offsets."""
+    base = target.base
     end = reader.high_watermark() + base
     pending = _Pending(start)
     covered, segments, records = start, 0, 0
@@ -197,7 +200,7 @@ def _archive_partition(
                 break
             continue
         upto = min(batch.next_offset + base, end)
-        _take(target, pending, batch, base, (covered, upto))
+        _take(target, pending, batch, (covered, upto))
         covered = upto
         while pending.rows >= segment_rows:
             pending = _commit(target, pending, segment_rows)
@@ -209,13 +212,11 @@ def _archive_partition(
     return segments, records
 
 
-def _take(
-    target: _Target, pending: _Pending, batch: KafkaBatch, base: int, span: tuple[int, int]
-) -> None:
+def _take(target: _Target, pending: _Pending, batch: KafkaBatch, span: tuple[int, int]) -> None:
     """Add a read batch's records in [span) to `pending`: data records, and as dead letters
     the undecodable ones, tombstones, and records without an event time (segments hold none)."""
     first, upto = span
-    table = shift_offsets(batch.events, base).cast(log_schema(reader_schema(target.source)))
+    table = shift_offsets(batch.events, target.base).cast(log_schema(reader_schema(target.source)))
     offsets = table.column(OFFSET)
     table = table.filter(pc.and_(pc.greater_equal(offsets, first), pc.less(offsets, upto)))
     no_time = pc.is_null(table.column(target.source.timestamp))
@@ -224,7 +225,7 @@ def _take(
         table = table.filter(pc.invert(no_time))
     pending.tables.append(table)
     for d in batch.failures:
-        letter = shift_letter(d, base)
+        letter = shift_letter(d, target.base)
         if letter.offset is not None and first <= letter.offset < upto:
             pending.letters.append(letter)
 
