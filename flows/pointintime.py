@@ -34,7 +34,8 @@ from flows.aggregate import (
     running_watermarks,
     sort_events,
 )
-from state.layout import FeatureDef, HopGroup, ViewLayout
+from state.layout import HopGroup, ViewLayout
+from state.services import feature_type
 from state.tiles import (
     I64,
     ColumnValues,
@@ -130,7 +131,7 @@ def point_in_time(
     ev = _sorted_events(layout, events, ev_kid)
     q_order = np.lexsort((times, q_kid))
     chunks: dict[str, list[pa.Array]] = {f.name: [] for f in layout.features}
-    types = {f.name: feature_type(f, layout) for f in layout.features}
+    types = {f.name: feature_type(layout, f) for f in layout.features}
     for group in layout.groups:
         for name, parts in _group_values(group, ev, q_kid[q_order], times[q_order], types).items():
             chunks[name] += parts
@@ -305,27 +306,3 @@ def _search(kid: I64, val: I64, q_kid: I64, q_val: I64) -> I64:
         data = kid * span + np.searchsorted(uniq, val)
         query = q_kid * span + np.searchsorted(uniq, q_val)
     return np.searchsorted(data, query, side="left").astype(np.int64, copy=False)
-
-
-def feature_type(feature: FeatureDef, layout: ViewLayout) -> pa.DataType:
-    """Arrow type of a feature's snapshot column."""
-    if feature.agg == "count" or feature.agg == "distinct_count":
-        return pa.int64()
-    col_type = layout.column_types.get(feature.column or "", "double")
-    if col_type.startswith("array<"):  # vectors: mean, first and last as list<float64>
-        return pa.list_(pa.float64())
-    integral = col_type in ("int", "long")
-    if feature.agg == "sum":
-        return pa.int64() if integral else pa.float64()
-    if feature.agg in ("mean", "var", "std", "percentile"):
-        return pa.float64()
-    base: pa.DataType = {
-        "int": pa.int64(),
-        "long": pa.int64(),
-        "float": pa.float64(),
-        "double": pa.float64(),
-        "boolean": pa.bool_(),
-    }.get(col_type, pa.string())
-    if feature.agg == "last_k":
-        return pa.list_(base)
-    return base

@@ -38,7 +38,7 @@ from connectors.segments import Warehouse
 from flows.aggregate import DERIVED_ARROW, NO_KEY, entity_keys, event_times, key_column
 from flows.cli import command_main
 from flows.errors import SnapshotError, SpineError
-from flows.pointintime import feature_type, kept_events, point_in_time
+from flows.pointintime import kept_events, point_in_time
 from flows.quarantine import validate_guarded
 from flows.schemas import field_defaults, schema_store
 from flows.settings import (
@@ -59,6 +59,7 @@ from state.services import (
     check_entity_columns,
     evaluate_service,
     feature_column,
+    feature_type,
     request_columns,
 )
 from state.store import pid_alive
@@ -360,7 +361,7 @@ def _view_columns(
         for feature in chosen.features:
             column = values[feature.name]
             if wanted is None:
-                column = column.cast(feature_type(feature, layout))
+                column = column.cast(feature_type(layout, feature))
             else:
                 column = feature_column(layout, feature, column)
             yield f"{view.name}__{feature.name}", column

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flows.governance.history import ViewRevision, tag_map, view_history
-from flows.pointintime import feature_type
 from flows.spec import Aggregation, Definitions, FeatureView, format_duration
 from state.layout import FeatureDef
+from state.services import feature_type
 from state.store import ViewStore, partition_dir, read_partition_progress
 
 
@@ -164,7 +164,7 @@ def _feature_entry(
         agg=f.agg,
         column=f.column,
         param=f.param,
-        type=str(feature_type(f, defs.layouts[view.name])),
+        type=str(feature_type(defs.layouts[view.name], f)),
         window=format_duration(f.window_us) if f.window_us else "",
         hop=format_duration(f.hop_us) if f.hop_us else "",
         description=agg.description,
