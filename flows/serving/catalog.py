@@ -15,7 +15,7 @@ from typing import Any
 from flows.spec import format_duration
 from state.client import FeatureClient
 from state.layout import FeatureDef, ViewLayout
-from state.store import partition_dir, read_partition_progress
+from state.store import ViewStore, read_partition_progress
 
 CATALOG_TTL_S = 1.0
 CAUGHT_UP_WITHIN_S = 5.0  # healthy while the last full catch-up round is at most this old
@@ -101,9 +101,9 @@ def _newest_event_us(
 ) -> int | None:
     if version is None:
         return None
-    directory = client.root / "views" / name / f"v{version}"  # name from the store's listing
+    store = ViewStore(client.root, create=False)  # `name` comes from the store's listing
     marks = [
-        read_partition_progress(partition_dir(directory, p)).newest()
+        read_partition_progress(store.partition_dir(name, version, p)).newest()
         for p in range(layout.partitions)
     ]
     present = [m for m in marks if m is not None]
