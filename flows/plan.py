@@ -27,12 +27,7 @@ from flows.governance.cost import with_costs
 from flows.governance.deployed import read_deployed
 from flows.governance.diff import UNCHANGED, Change, Plan, diff_definitions
 from flows.settings import (
-    FEATURES,
-    KAFKA,
-    STATE,
-    WAREHOUSE,
-    WAREHOUSE_ENDPOINT,
-    CommandSettings,
+    DeploymentSettings,
     option,
 )
 from flows.spec import load_definitions
@@ -42,12 +37,7 @@ _MARK = {"new": "+", "changed": "~", "unchanged": "=", "removed": "-"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PlanSettings(CommandSettings):
-    features: str = FEATURES.field()
-    warehouse: str = WAREHOUSE.field()
-    state: str = STATE.field()
-    kafka: str | None = KAFKA.field()
-    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+class PlanSettings(DeploymentSettings):
     json: bool = option(False, "print the plan as one JSON document")
 
 

@@ -25,14 +25,8 @@ from flows.run import claim_versions, execute, load_views
 from flows.runplan import build_plan
 from flows.settings import (
     BATCH_ROWS,
-    FEATURES,
-    KAFKA,
-    STATE,
     STATUS_INTERVAL,
-    WAREHOUSE,
-    WAREHOUSE_ENDPOINT,
-    WORKERS,
-    CommandSettings,
+    FlowSettings,
     option,
 )
 from flows.spec import FeatureView
@@ -41,13 +35,7 @@ from state.timestamps import to_micros
 
 
 @dataclass(frozen=True, slots=True)
-class ReplaySettings(CommandSettings):
-    features: str = FEATURES.field()
-    warehouse: str = WAREHOUSE.field()
-    state: str = STATE.field()
-    kafka: str | None = KAFKA.field()
-    workers: int = WORKERS.field()
-    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+class ReplaySettings(FlowSettings):
     views: str | None = option(None, "comma-separated views to rebuild (default: all)")
     from_time: str | None = option(None, "only apply events at or after this ISO-8601 UTC time")
     keep_versions: int = option(

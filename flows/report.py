@@ -19,12 +19,7 @@ from flows.errors import ConfigError
 from flows.governance.report import ReportInputs, build_report
 from flows.governance.skew import SkewReport, logged_reads, skew_report
 from flows.settings import (
-    FEATURES,
-    KAFKA,
-    STATE,
-    WAREHOUSE,
-    WAREHOUSE_ENDPOINT,
-    CommandSettings,
+    DeploymentSettings,
     option,
 )
 from flows.spec import Definitions, load_definitions
@@ -33,12 +28,7 @@ from state.store import check_store
 
 
 @dataclass(frozen=True, slots=True)
-class ReportSettings(CommandSettings):
-    features: str = FEATURES.field()
-    warehouse: str = WAREHOUSE.field()
-    state: str = STATE.field()
-    kafka: str | None = KAFKA.field()
-    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+class ReportSettings(DeploymentSettings):
     out: str | None = option(None, "the HTML file to write")
     skip_skew: bool = option(False, "leave out the skew section (it replays the logged reads)")
 

@@ -34,14 +34,8 @@ from flows.runplan import FlowPlan, build_plan
 from flows.settings import (
     BATCH_ROWS,
     EXAMPLE_FEATURES,
-    FEATURES,
-    KAFKA,
-    STATE,
     STATUS_INTERVAL,
-    WAREHOUSE,
-    WAREHOUSE_ENDPOINT,
-    WORKERS,
-    CommandSettings,
+    FlowSettings,
     option,
 )
 from flows.spec import Definitions, FeatureView, Source, load_definitions
@@ -53,13 +47,7 @@ from state.store import ViewStore, iter_entities, peek, progress_of
 
 
 @dataclass(frozen=True, slots=True)
-class RunSettings(CommandSettings):
-    features: str = FEATURES.field()
-    warehouse: str = WAREHOUSE.field()
-    state: str = STATE.field()
-    kafka: str | None = KAFKA.field()
-    workers: int = WORKERS.field()
-    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+class RunSettings(FlowSettings):
     views: str | None = option(
         None, "comma-separated views to run (default: all in the definitions)"
     )

@@ -92,6 +92,26 @@ class CommandSettings:
         return "settings: " + (", ".join(parts) if parts else "all defaults")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeploymentSettings(CommandSettings):
+    """The options of a command that works on one deployment (its definitions, warehouse,
+    view store and Kafka), declared once; a command's own options follow them."""
+
+    features: str = FEATURES.field()
+    warehouse: str = WAREHOUSE.field()
+    state: str = STATE.field()
+    kafka: str | None = KAFKA.field()
+    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowSettings(DeploymentSettings):
+    """A command that runs the dataflow (flows.run, flows.replay): the deployment's options,
+    then its worker threads."""
+
+    workers: int = WORKERS.field()
+
+
 S = TypeVar("S", bound=CommandSettings)
 
 

@@ -27,12 +27,7 @@ from flows.errors import ConfigError
 from flows.governance.errors import ServedLogError
 from flows.governance.skew import SkewReport, logged_reads, skew_report
 from flows.settings import (
-    FEATURES,
-    KAFKA,
-    STATE,
-    WAREHOUSE,
-    WAREHOUSE_ENDPOINT,
-    CommandSettings,
+    DeploymentSettings,
     option,
 )
 from flows.spec import load_definitions
@@ -42,12 +37,7 @@ EXIT_CLEAN, EXIT_SKEW = 0, 3
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SkewSettings(CommandSettings):
-    features: str = FEATURES.field()
-    warehouse: str = WAREHOUSE.field()
-    state: str = STATE.field()
-    kafka: str | None = KAFKA.field()
-    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+class SkewSettings(DeploymentSettings):
     examples: int = option(5, "mismatches shown per feature", minimum=0)
     apply_lag: float = option(
         60.0,

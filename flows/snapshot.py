@@ -42,12 +42,7 @@ from flows.pointintime import kept_events, point_in_time
 from flows.quarantine import validate_guarded
 from flows.schemas import field_defaults, schema_store
 from flows.settings import (
-    FEATURES,
-    KAFKA,
-    STATE,
-    WAREHOUSE,
-    WAREHOUSE_ENDPOINT,
-    CommandSettings,
+    DeploymentSettings,
     option,
 )
 from flows.spec import FeatureView, Source, load_definitions
@@ -71,12 +66,7 @@ KAFKA_TAIL_WAIT_S = 60.0  # how long reading the log waits for Kafka to deliver 
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SnapshotSettings(CommandSettings):
-    features: str = FEATURES.field()
-    warehouse: str = WAREHOUSE.field()
-    state: str = STATE.field()
-    kafka: str | None = KAFKA.field()
-    warehouse_endpoint: str | None = WAREHOUSE_ENDPOINT.field()
+class SnapshotSettings(DeploymentSettings):
     spine: str | None = option(
         None, "spine file: entity key column + ts column (Parquet/CSV/JSONL)"
     )
