@@ -12,7 +12,7 @@ group and window, not per entity:
           --per window: rows inside [start(t), t)--> bincount / reduceat per entity --> values
 
 Equal to the single read (`state.read.evaluate_blob`) bit for bit, by construction of the
-arithmetic and by test (tests/test_reads_batch.py): sums add the window's tiles in row order
+arithmetic and by test (tests/state/test_reads_batch.py): sums add the window's tiles in row order
 from 0.0, as Python's `sum` does (`np.bincount` with weights accumulates sequentially;
 `np.add.reduce` would sum pairwise and differ in the last bits), and var/std take the same
 Chan merge term by term.

@@ -7,10 +7,10 @@ columns in order). `evaluate_service` is the one code path that turns a batch's 
 (`<view>__<feature>`, `<on_demand>__<output>`): `FeatureClient.get_service_many` calls it with
 the rows of one call, `flows.snapshot --service` with the spine in batches, so the on-demand
 part is equal online and offline by construction. The view features it gets are not: the
-online read and the point-in-time join are separate code, equal by test (tests/test_services.py
-holds whole service vectors equal). Both sides first bring their inputs to the same canonical
-Arrow types (`request_columns`, `feature_type`), so an on-demand function sees identical
-tables.
+online read and the point-in-time join are separate code, equal by test
+(tests/flows/test_services.py holds whole service vectors equal). Both sides first bring their
+inputs to the same canonical Arrow types (`request_columns`, `feature_type`), so an on-demand
+function sees identical tables.
 
     request rows / spine  --request_columns-->  request fields (canonical types)  --+
     view reads / point-in-time --feature_column-->  <view>__<feature> columns ------+

@@ -13,7 +13,7 @@ The write path (apply a batch) and the offline snapshot (`flows.pointintime`, ma
 rows) build their tiles with these calls. The online read does not share the window merge: it
 merges an entity's stored tile columns itself (`state.read` for one key, `state.batch_read` for
 a batch), so online and offline are separate code, equal by test (the DuckDB oracle tests,
-tests/test_services.py, tests/test_reads_batch.py), not by construction.
+tests/flows/test_services.py, tests/state/test_reads_batch.py), not by construction.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ from connectors.partitioner import partition_for
 from flows.spec import load_definitions
 from state.client import FeatureClient
 from tests.conftest import TopicFactory
+from tests.e2e.test_crash import KillPoint, compare_states, crash_and_recover
+from tests.e2e.test_e2e_kafka import read_topic_log
 from tests.helpers import DAY, MINUTE, make_events, run_command, write_definitions
 from tests.oracle import mismatches, oracle_values
-from tests.test_crash import KillPoint, compare_states, crash_and_recover
-from tests.test_e2e_kafka import read_topic_log
 
 pytestmark = pytest.mark.kafka
 PARTITIONS = 3

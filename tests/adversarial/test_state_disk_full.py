@@ -14,8 +14,8 @@ from flows.ingest import ingest_table
 from flows.spec import load_definitions
 from state.store import ViewStore
 from tests.adversarial.ingest_helpers import fill, small_tmpfs
+from tests.e2e.test_crash import compare_states
 from tests.helpers import make_events, run_command, write_definitions
-from tests.test_crash import compare_states
 
 
 @pytest.fixture

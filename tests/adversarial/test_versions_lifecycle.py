@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from state.store import ViewStore
+from tests.e2e.test_crash import INJECT
 from tests.helpers import REPO, make_events, run_command, write_definitions
-from tests.test_crash import INJECT
 
 NEW_COUNT = 'count(window="45m", hop="15m")'
 INJECT_REPLAY = INJECT.replace("from flows.run import main", "from flows.replay import main")

@@ -4,16 +4,15 @@ against its own Kafka broker."""
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
 def services() -> dict[str, dict[str, Any]]:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     assert isinstance(compose, dict)
     found = compose["services"]
     assert isinstance(found, dict)
@@ -57,7 +56,7 @@ def test_flow_runs_against_the_compose_broker() -> None:
 
 
 def test_dockerfile_installs_the_project() -> None:
-    dockerfile = ROOT / "Dockerfile"
+    dockerfile = REPO / "Dockerfile"
     assert dockerfile.is_file()
     lines = [line.strip() for line in dockerfile.read_text().splitlines()]
     assert any(line.startswith("FROM python:3.11") for line in lines)

@@ -37,6 +37,7 @@ from state.store import (
     read_partition_progress,
 )
 from tests.conftest import TopicFactory
+from tests.e2e.test_e2e_kafka import produce, read_topic_log
 from tests.helpers import (
     MINUTE,
     REPO,
@@ -46,7 +47,6 @@ from tests.helpers import (
     write_definitions,
 )
 from tests.oracle import mismatches, oracle_values, same
-from tests.test_e2e_kafka import produce, read_topic_log
 
 PARTITIONS = 4
 VIEWS = ("spend", "channels", "by_channel")

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 
 from state.client import FeatureClient
 from state.store import ViewStore
+from tests.e2e.test_e2e_embedded import wait_for
 from tests.helpers import DAY, REPO, make_events, run_command, write_definitions
-from tests.test_e2e_embedded import wait_for
 
 AT = (1_780_000_000_000_000 + 10 * DAY) / 1e6
 

@@ -49,6 +49,7 @@ from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import ViewLayout
 from state.read import AsOf, evaluate_blob
 from state.store import LogPosition, PartitionProgress, ViewStore
+from tests.helpers import REPO
 from tests.oracle import feature_ok, oracle_values
 from tests.vector_oracle import differences, events_of, oracle_rows, well_formed
 
@@ -422,7 +423,7 @@ def test_a_process_exits_cleanly_with_an_unclosed_client(tmp_path: Path) -> None
     write_store(tmp_path / "state", layout, apply_all(layout, events, batch=500), newest)
     script = tmp_path / "unclosed.py"
     script.write_text(EXIT_UNCLOSED)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _ in range(8):
         done = subprocess.run(
             [sys.executable, str(script), str(tmp_path / "state")],

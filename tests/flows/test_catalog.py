@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from flows.catalog import main as catalog_main
-from tests.test_plan import DEFS, deployment, write_module
+from tests.flows.test_plan import DEFS, deployment, write_module
 
 __all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 

@@ -16,8 +16,8 @@ import pytest
 
 from flows.errors import DefinitionError
 from flows.spec import FeatureView, Source, count
+from tests.flows.test_plan import deployment
 from tests.helpers import REPO
-from tests.test_plan import deployment
 
 __all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 

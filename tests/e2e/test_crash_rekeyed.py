@@ -20,6 +20,8 @@ from state.client import FeatureClient
 from state.codec import KEY_SEPARATOR, decode_key
 from state.layout import ViewLayout
 from state.store import ViewStore, iter_entities, partition_dir, peek
+from tests.e2e.test_crash import KillPoint, crash_and_recover
+from tests.e2e.test_rekeyed_views import REKEYED, VIEWS
 from tests.helpers import (
     MINUTE,
     REPO,
@@ -29,8 +31,6 @@ from tests.helpers import (
     write_definitions,
 )
 from tests.oracle import same
-from tests.test_crash import KillPoint, crash_and_recover
-from tests.test_rekeyed_views import REKEYED, VIEWS
 
 pytestmark = pytest.mark.slow
 PARTITIONS = 3

@@ -10,7 +10,7 @@ import pytest
 
 from state.client import FeatureClient
 from state.servedlog import SERVED_DIR, ServedLog, read_served
-from tests.test_plan import deployment
+from tests.flows.test_plan import deployment
 
 __all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 

@@ -16,8 +16,8 @@ from flows.governance.report import section_ids
 from flows.report import main as report_main
 from state.client import FeatureClient
 from state.servedlog import ServedLog
+from tests.flows.test_plan import deployment
 from tests.helpers import make_events, run_command
-from tests.test_plan import deployment
 
 __all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 

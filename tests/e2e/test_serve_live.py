@@ -15,9 +15,9 @@ from connectors.kafka import AvroProducer
 from flows.spec import load_definitions
 from state.client import FeatureClient
 from tests.conftest import TopicFactory
+from tests.e2e.test_followers import start_follower, stop, wait_caught_up
 from tests.helpers import MINUTE, make_events, write_definitions
 from tests.serve_helpers import Server, serving
-from tests.test_followers import start_follower, stop, wait_caught_up
 
 pytestmark = pytest.mark.kafka
 

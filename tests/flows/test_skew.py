@@ -31,8 +31,8 @@ from state.codec import encode_key
 from state.servedlog import ServedLog
 from state.store import ViewStore, partition_dir, rocks_options
 from tests.conftest import TopicFactory
+from tests.flows.test_plan import deployment, write_module
 from tests.helpers import REPO, SCHEMA_JSON
-from tests.test_plan import deployment, write_module
 
 __all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 AT = 1_780_000_000 + 4 * 86_400  # after the newest event of the deployment fixture

@@ -1,0 +1,1 @@
+"""Adversarial tests: bad input, races, full disks, kills, topic and version changes."""

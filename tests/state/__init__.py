@@ -1,0 +1,1 @@
+"""Tests of state/: codecs, the view store, the read client, batch reads."""
