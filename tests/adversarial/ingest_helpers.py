@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,7 +82,17 @@ def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        _unmount(mount)
+
+
+def _unmount(mount: Path) -> None:
+    """Unmount, waiting out a moment's use by another process (e.g. a directory walk of /tmp
+    by a concurrent job: "target is busy"); lazily detach if it stays busy for 5 s."""
+    for _ in range(50):
+        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def fill(directory: Path) -> Path:
