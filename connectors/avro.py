@@ -1,9 +1,9 @@
 """Avro at the log's edge: source schemas and their Arrow columns, schema fingerprints, and the
 single-object encoding of Kafka values (marker C3 01, the writer schema's 8-byte little-endian
-CRC-64-AVRO fingerprint, then the binary record), decoded one by one or a batch at a time.
+CRC-64-AVRO fingerprint, then the binary record), decoded a batch at a time (`decode_batch`).
 
-Timestamps inside the platform are int64 microseconds since the epoch, UTC: `decode` gives
-them so, `encode_single_object` takes them so (or aware datetimes), whatever the schema's unit.
+Timestamps inside the platform are int64 microseconds since the epoch, UTC:
+`encode_single_object` takes them so (or aware datetimes), whatever the schema's unit.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
@@ -30,7 +30,7 @@ from connectors.avro_fields import (
     check_field_names,
     record_fields,
 )
-from connectors.errors import DecodeError, SchemaError
+from connectors.errors import SchemaError
 from connectors.evolution import check_compatible
 
 __all__ = [
@@ -222,7 +222,6 @@ def encode_single_object(record: Mapping[str, Any], schema: Mapping[str, Any]) -
 @dataclass(frozen=True, slots=True)
 class _Writer:
     schema: dict[str, Any]
-    parsed: ParsedSchema  # without timestamp logical types: the decoder converts units itself
     fields: tuple[FieldSpec, ...]
 
 
@@ -254,9 +253,7 @@ class SchemaStore:
     @staticmethod
     def _add(schema: Mapping[str, Any]) -> _Writer:
         load_schema(schema)
-        fields = record_fields(schema)
-        parsed = cast(ParsedSchema, parse_schema(_without_logical_types(dict(schema))))
-        return _Writer(dict(schema), parsed, fields)
+        return _Writer(dict(schema), record_fields(schema))
 
     @property
     def reader_fields(self) -> tuple[FieldSpec, ...]:
@@ -274,46 +271,6 @@ class SchemaStore:
     def writer_fields(self, fp: int) -> tuple[FieldSpec, ...] | None:
         known = self._writers.get(fp)
         return None if known is None else known.fields
-
-    def decode(self, payload: bytes) -> dict[str, Any]:
-        """The record in a single-object payload, resolved to the reader schema.
-
-        Timestamp fields are int µs since the epoch (UTC), whatever the schema's unit.
-
-        Raises:
-            DecodeError: bad marker, unknown fingerprint, truncated or malformed bytes.
-        """
-        writer = self._writers.get(_header_fingerprint(payload))
-        if writer is None:
-            raise DecodeError(_unknown(payload))
-        body = io.BytesIO(payload)
-        body.seek(HEADER_SIZE)
-        reader = None if writer is self._reader else self._reader.parsed
-        try:
-            record = schemaless_reader(body, writer.parsed, reader)
-        except Exception as exc:  # fastavro raises EOFError, IndexError, UnicodeError, ...
-            raise DecodeError(f"malformed record: {type(exc).__name__}: {exc}") from exc
-        if body.tell() != len(payload):
-            raise DecodeError(
-                f"{len(payload) - body.tell()} bytes left over after the last "
-                "field (not a record of this schema)"
-            )
-        if not isinstance(record, dict):
-            raise DecodeError(f"payload decodes to {type(record).__name__}, not a record")
-        return self._timestamps_to_us(record, writer)
-
-    def _timestamps_to_us(self, record: dict[str, Any], writer: _Writer) -> dict[str, Any]:
-        written = {f.name: f for f in writer.fields}
-        for spec in self._reader.fields:
-            if spec.unit and record.get(spec.name) is not None:
-                source = next(
-                    (written[a] for a in (spec.name, *spec.aliases) if a in written), spec
-                )
-                unit = source.unit or spec.unit
-                us = record[spec.name] * _UNIT_US[unit]
-                # A reader in ms truncates, as the batch decoder does.
-                record[spec.name] = us // 1000 * 1000 if spec.unit == "ms" else us
-        return record
 
 
 def decode_batch(
@@ -404,12 +361,6 @@ def _in_input_order(
     rows = np.concatenate([r for r, _ in parts])
     table = pa.Table.from_batches([b for _, b in parts], schema=schema)
     return table.take(pa.array(np.argsort(rows, kind="stable"))).combine_chunks().to_batches()[0]
-
-
-def _header_fingerprint(payload: bytes) -> int:
-    if len(payload) < HEADER_SIZE or payload[:2] != MARKER:
-        return -1
-    return int.from_bytes(payload[2:HEADER_SIZE], "little")
 
 
 def _unknown(payload: bytes) -> str:

@@ -28,6 +28,7 @@ from connectors.avro import (
     read_schema,
 )
 from connectors.errors import DecodeError, SchemaError
+from tests.connectors.avro_oracle import decode_one
 
 # The connectors' own copy of a card-transaction schema (not the shipped example's, which grows
 # with the example).
@@ -208,7 +209,7 @@ def test_records_round_trip_one_by_one_and_as_a_batch(
 ) -> None:
     store = SchemaStore(transaction_schema)
     payloads = [encode_single_object(r, transaction_schema) for r in records]
-    assert [store.decode(p) for p in payloads] == records
+    assert [decode_one(store, p) for p in payloads] == records
     batch, failures = decode_batch(store, payloads, arrow_schema(transaction_schema))
     assert failures == []
     assert batch.schema == arrow_schema(transaction_schema)
@@ -224,7 +225,7 @@ def test_millisecond_timestamps_are_microseconds_inside(
     store = SchemaStore(schema)
     at = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
     payloads = [encode_single_object({"user_id": "u", "ts": ts}, schema) for ts in (TS0 + 999, at)]
-    assert [store.decode(p)["ts"] for p in payloads] == [TS0, as_us(at) // 1000 * 1000]
+    assert [decode_one(store, p)["ts"] for p in payloads] == [TS0, as_us(at) // 1000 * 1000]
     batch, _ = decode_batch(store, payloads, arrow_schema(schema))
     assert batch.schema.field("ts").type == pa.timestamp("ms", tz="UTC")
     assert batch.column("ts").cast(pa.int64()).to_pylist() == [TS0 // 1000, as_us(at) // 1000]
@@ -310,8 +311,8 @@ def test_old_and_new_versions_decode_to_the_new_schema() -> None:
         "currency": "USD",
         "note": "hi",
     }
-    assert store.decode(old) == expected_old
-    assert store.decode(new) == expected_new
+    assert decode_one(store, old) == expected_old
+    assert decode_one(store, new) == expected_new
     batch, failures = decode_batch(store, [new, old, new], arrow_schema(V2))
     assert failures == []
     assert batch_rows(batch) == [expected_new, expected_old, expected_new]
@@ -331,7 +332,7 @@ def test_unknown_writer_schema_is_a_decode_error() -> None:
     with pytest.raises(
         DecodeError, match=f"unknown writer schema fingerprint {fingerprint_hex(V1)}"
     ):
-        store.decode(payload)
+        decode_one(store, payload)
 
 
 # --- batches with bad payloads ------------------------------------------------------------------
@@ -362,7 +363,7 @@ def test_bad_payloads_are_reported_not_raised(
     assert batch_rows(batch) == [records[0], records[2], records[7]]
     for i in (1, 3, 4, 5, 6, 8):
         with pytest.raises(DecodeError):
-            store.decode(payloads[i])
+            decode_one(store, payloads[i])
 
 
 def test_an_empty_batch_has_the_source_columns(transaction_schema: dict[str, Any]) -> None:
@@ -400,10 +401,10 @@ def test_corrupted_payloads_agree_with_fastavro(
     batch, failures = decode_batch(store, payloads, arrow_schema(transaction_schema))
     failed = {i for i, _ in failures}
     accepted = [i for i in range(len(payloads)) if i not in failed]
-    assert batch_rows(batch) == [store.decode(payloads[i]) for i in accepted]
+    assert batch_rows(batch) == [decode_one(store, payloads[i]) for i in accepted]
     for i in failed:
         try:
-            store.decode(payloads[i])
+            decode_one(store, payloads[i])
         except DecodeError:
             continue
         # Stricter than fastavro is allowed only for overlong varints, non-0/1 booleans and

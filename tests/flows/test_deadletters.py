@@ -15,6 +15,7 @@ from connectors.deadletters import FileDeadLetterSink, sent_offsets
 from connectors.envelope import ARRIVAL, OFFSET, PARTITION, DeadLetter
 from connectors.segments import read_dead_letters
 from flows.deadletters import DeadLetterWriter
+from tests.connectors.avro_oracle import decode_one
 from tests.helpers import SCHEMA_JSON
 
 T0 = 1_790_000_000_000_000  # µs
@@ -73,7 +74,7 @@ def test_late_events_keep_their_avro_format_and_name_their_view_version() -> Non
     assert letter.payload_format == "avro-single-object"
     assert "view 'spend': event at offset 7 is too late" in letter.reason
     assert letter.payload is not None
-    decoded = SchemaStore(json.loads(SCHEMA_JSON)).decode(letter.payload)
+    decoded = decode_one(SchemaStore(json.loads(SCHEMA_JSON)), letter.payload)
     assert decoded == {"user_id": "u1", "ts": T0, "amount": 7.5, "channel": "pos"}
 
 

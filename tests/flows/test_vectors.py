@@ -25,6 +25,7 @@ from state.layout import ViewLayout
 from state.read import evaluate_blob
 from state.store import PartitionProgress
 from state.tiles import empty_block
+from tests.connectors.avro_oracle import decode_one
 from tests.helpers import evaluate
 from tests.vector_oracle import (
     DAY,
@@ -278,7 +279,7 @@ def test_batch_decoder_reads_vectors_as_fastavro_does() -> None:
     batch, failures = decode_batch(store, payloads, arrow_schema(SCHEMA))
     assert [row for row, _ in failures] == [200]
     assert batch.schema.field("emb").type == pa.list_(pa.float32())
-    decoded = [{**store.decode(p), "ts": None} for p in payloads[:200]]
+    decoded = [{**decode_one(store, p), "ts": None} for p in payloads[:200]]
     assert [{**row, "ts": None} for row in batch.to_pylist()] == decoded
     for record, row in zip(records, batch.to_pylist(), strict=True):
         if record["emb"] is not None:  # float32 on the wire
@@ -340,11 +341,11 @@ def test_corrupted_vector_payloads_are_refused_or_read_as_fastavro_reads_them(
     batch, failures = decode_batch(store, payloads, arrow_schema(SCHEMA))
     failed = {i for i, _ in failures}
     accepted = [i for i in range(len(payloads)) if i not in failed]
-    decoded = [comparable(store.decode(payloads[i])) for i in accepted]
+    decoded = [comparable(decode_one(store, payloads[i])) for i in accepted]
     assert [comparable(row) for row in batch.to_pylist()] == decoded
     for i in failed:
         try:
-            store.decode(payloads[i])
+            decode_one(store, payloads[i])
         except DecodeError:
             continue
         # stricter than fastavro only where fastavro is lenient (it indexes unions from the end)
