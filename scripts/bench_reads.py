@@ -87,8 +87,9 @@ class Round:
 
     def __init__(self, client: FeatureClient, view: str, keys: list[str], at: float) -> None:
         self.client, self.view, self.keys, self.at = client, view, keys, at
-        opened = client._pin(view)  # the client's own handles: the same RocksDB secondaries
-        client._unpin(opened)
+        versions = client._versions  # the client's own handles: the same RocksDB secondaries
+        opened = versions.pin(view)
+        versions.unpin(opened)
         self.dbs = opened.dbs
         self.parts = opened.layout.partitions
 

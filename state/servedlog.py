@@ -251,7 +251,7 @@ def logs_view_reads(method: _Method) -> _Method:
                 view, keys, at = _call(args, kwargs, ("view", "keys", "at"))
             else:
                 view, keys, at = args[0], args[1], args[2] if len(args) > 2 else None
-            opened = client._views.get(view)  # the version this read used (or the next)
+            opened = client._versions.current.get(view)  # the version this read used (or the next)
             served.view_read(view, getattr(opened, "version", None), keys, at, out)
         return out
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from state.catch_up import CatchUp
 from state.client import FeatureClient
 from state.errors import ClientClosedError
 from state.store import ViewStore
@@ -127,18 +128,18 @@ def test_idle_partitions_are_not_caught_up_until_their_writer_writes(
     partitions whose WAL and MANIFEST files did not change, and still see new writes."""
     common = _setup(tmp_path)
     rounds: list[int] = []
-    real = FeatureClient._caught_up
+    real = CatchUp._caught_up
 
     def counted(opened: object, partition: int, db: object) -> None:
         rounds.append(partition)
         real(opened, partition, db)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(FeatureClient, "_caught_up", staticmethod(counted))
+    monkeypatch.setattr(CatchUp, "_caught_up", staticmethod(counted))
     with FeatureClient(tmp_path / "state", refresh_s=0.01) as client:
         assert _total(client) == 2000
         time.sleep(0.5)  # ~50 rounds
         idle = len(rounds)
-        partitions = len(client._views["spend"].dbs)
+        partitions = len(client._versions.current["spend"].dbs)
         assert partitions > 0
         assert idle <= 2 * partitions, f"{idle} catch-ups of {partitions} idle partitions"
         more = make_events(300, 10, seed=12, start_us=START_US + 5 * DAY)

@@ -1,0 +1,187 @@
+"""Feature services on the read client: which services it serves, and each view's features for
+a batch of request rows.
+
+`FeatureClient.get_service_many` looks the service's `ServicePlan` up in its `ServiceBook`
+(the definitions module given as `features=`, or the one `flows.run` recorded in the state
+directory, followed when the deployment records new definitions), then, per view the service
+reads, `view_features` turns the rows into the view's keys and reads the features through the
+client's batch read (`get_many`'s, as `ViewColumns`); `state.services.evaluate_service` then
+adds the on-demand outputs over all the rows:
+
+    rows --entity columns--> keys of the view (None where a part is null)
+         --ViewColumns: one batch read of the non-null keys, only the service's features-->
+         {feature: values} --rows without a key: the empty-window values-->
+         --feature_column--> {<view>__<feature>: pa.Array}
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from state.batch_read import empty_blob
+from state.definitions import load_service_plans, recorded_module
+from state.errors import (
+    KeyTypeError,
+    MissingFeatureError,
+    RequestTypeError,
+    UnknownServiceError,
+)
+from state.layout import FeatureDef, ViewLayout
+from state.read import evaluate_blob
+from state.services import ServicePlan, ViewRead, feature_column
+from state.timestamps import Timestamp
+
+_RECHECK_S = 1.0  # how often the definitions record is looked at for new definitions
+
+
+class ViewColumns(Protocol):
+    """The client's batch read of some features (`FeatureClient._columns`)."""
+
+    def __call__(
+        self, view: str, keys: Sequence[Any], at: Timestamp | None, only: frozenset[str]
+    ) -> tuple[int, ViewLayout, dict[str, list[Any]]]:
+        """The features `only` of `keys` as {feature: values} columns, with the version and
+        layout read."""
+        ...
+
+
+class ServiceBook:
+    """The feature services a client serves: from `features=`, or from the definitions record
+    (re-read when the deployment records new definitions, looked at once a second)."""
+
+    __slots__ = ("_checked", "_lock", "_plans", "_record", "features", "root")
+
+    def __init__(self, root: Path, features: Path | None) -> None:
+        self.root, self.features = root, features
+        self._plans: dict[str, ServicePlan] | None = None
+        self._record: str | None = None
+        self._checked = -_RECHECK_S
+        self._lock = threading.Lock()
+
+    def plan(self, name: str) -> ServicePlan:
+        plans = self._current()
+        plan = plans.get(name)
+        if plan is None:
+            where = (
+                f"definitions module {str(self.features)!r}"
+                if self.features
+                else f"the definitions recorded in {self.root}"
+            )
+            raise UnknownServiceError(
+                f"unknown feature service {name!r}: {where} declare(s) "
+                f"{', '.join(map(repr, plans)) or 'no FeatureService'}; check the name"
+            )
+        return plan
+
+    def _current(self) -> dict[str, ServicePlan]:
+        plans = self._plans
+        if plans is not None and (self.features or time.monotonic() - self._checked < _RECHECK_S):
+            return plans
+        with self._lock:
+            if self.features is not None:
+                self._plans = self._plans or load_service_plans(self.features)
+                return self._plans
+            return self._from_record()
+
+    def _from_record(self) -> dict[str, ServicePlan]:
+        found = recorded_module(self.root)
+        self._checked = time.monotonic()
+        if found is None:
+            raise UnknownServiceError(
+                f"no feature definitions are recorded in {self.root} (flows.run records them "
+                "when it starts); run flows.run with your definitions, or pass "
+                "FeatureClient(state_dir, features=FILE)"
+            )
+        record, module = found
+        if self._plans is None or record != self._record:
+            self._plans, self._record = load_service_plans(module), record
+        return self._plans
+
+
+def view_features(
+    plan: ServicePlan,
+    read: ViewRead,
+    rows: Sequence[Mapping[str, Any]] | pa.Table,
+    at: Timestamp | None,
+    columns: ViewColumns,
+) -> dict[str, pa.Array]:
+    """The features `read` takes from its view for `rows`, as `<view>__<feature>` columns.
+
+    Raises:
+        RequestTypeError: an entity value of the wrong type.
+        MissingFeatureError: a feature is not in the live version of its view.
+    """
+    keys = _entity_keys(plan, read, rows)
+    present = [i for i, k in enumerate(keys) if k is not None]
+    try:
+        wanted = [keys[i] for i in present]
+        version, layout, found = columns(read.view, wanted, at, frozenset(read.features))
+    except KeyTypeError as exc:
+        raise RequestTypeError(
+            f"service {plan.name!r}: entity column(s) {list(read.entity_columns)} of view "
+            f"{read.view!r}: {exc}"
+        ) from exc
+    by_name = _features_by_name(layout)
+    missing = [f for f in read.features if f not in by_name]
+    if missing:  # the live version does not have them: the definitions changed under it
+        raise _missing_feature(plan, read, missing, version, layout)
+    if len(present) < len(keys):  # rows without a key read as unknown keys do
+        empty = _empty_values(layout)
+        for f in read.features:
+            values = [empty[f]] * len(keys)
+            for i, v in zip(present, found[f], strict=True):
+                values[i] = v
+            found[f] = values
+    return {read.column(f): feature_column(layout, by_name[f], found[f]) for f in read.features}
+
+
+def _entity_keys(
+    plan: ServicePlan, read: ViewRead, rows: Sequence[Mapping[str, Any]] | pa.Table
+) -> list[Any]:
+    """Each row's key of the view (a value, or a tuple for a composite key); None when a part
+    is null: that row gets the view's empty-window values, as an unknown key does."""
+    if isinstance(rows, pa.Table):
+        parts = [rows.column(c).to_pylist() for c in read.entity_columns]
+    else:
+        parts = [[row[c] for row in rows] for c in read.entity_columns]
+    if len(parts) == 1:
+        return list(parts[0])
+    return [None if None in key else key for key in zip(*parts, strict=True)]
+
+
+_BY_NAME: dict[int, tuple[ViewLayout, dict[str, FeatureDef]]] = {}
+
+
+def _features_by_name(layout: ViewLayout) -> dict[str, FeatureDef]:
+    cached = _BY_NAME.get(id(layout))
+    if cached is None or cached[0] is not layout:
+        cached = _BY_NAME[id(layout)] = (layout, {f.name: f for f in layout.features})
+    return cached[1]
+
+
+_EMPTY: dict[int, tuple[ViewLayout, dict[str, Any]]] = {}
+
+
+def _empty_values(layout: ViewLayout) -> dict[str, Any]:
+    """The view's empty-window values (what an unknown key reads), computed once per layout."""
+    cached = _EMPTY.get(id(layout))
+    if cached is None or cached[0] is not layout:
+        cached = _EMPTY[id(layout)] = (layout, evaluate_blob(layout, empty_blob(layout), 0, None))
+    return cached[1]
+
+
+def _missing_feature(
+    plan: ServicePlan, read: ViewRead, missing: list[str], version: int, layout: ViewLayout
+) -> MissingFeatureError:
+    return MissingFeatureError(
+        f"service {plan.name!r}: feature(s) {missing} of view {read.view!r} are not in its "
+        f"live version v{version} (features: {', '.join(f.name for f in layout.features)}); "
+        "the view's definition changed under the service: deploy the definitions that "
+        "declare them (flows.run / flows.replay), or change the service"
+    )
