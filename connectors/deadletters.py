@@ -4,7 +4,8 @@ the dead letters already confirmed in Kafka.
     DeadLetter --> DeadLetterSink.write --> FileDeadLetterSink:   Parquet files beside the
                                             (here)                segments, full payloads
                                         --> KafkaDeadLetterSink:  the `.dlq` topic, payloads
-                                            (connectors.kafka)    truncated to fit
+                                            (connectors.          truncated to fit
+                                             kafka_deadletters)
 
 Files: `<warehouse>/<source>/_deadletter/<UTC time>-<uuid>.parquet`, columns reason,
 partition, offset, payload, at (connectors.envelope.DEAD_LETTER_SCHEMA; view, version and

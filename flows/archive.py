@@ -33,7 +33,8 @@ from connectors.avro import SingleObjectWriter, arrow_schema, fingerprint_hex
 from connectors.deadletters import FileDeadLetterSink
 from connectors.envelope import ARRIVAL, OFFSET, DeadLetter, log_schema
 from connectors.errors import ConnectorError
-from connectors.kafka import KafkaBatch, KafkaLogReader, list_partitions
+from connectors.kafka_admin import list_partitions
+from connectors.kafka_reader import KafkaBatch, KafkaLogReader
 from connectors.log import shift_letter, shift_offsets
 from connectors.segments import Warehouse
 from flows.cli import command_main

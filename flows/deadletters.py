@@ -10,13 +10,13 @@ before it commits the offsets that produced them, and `DeadLetterWriter.write` r
 the sink confirmed every one; else it raises `connectors.errors.DeadLetterError`, the flow stops
 without committing, and a restart retries them.
 
-With Kafka (`connectors.kafka.KafkaDeadLetterSink`, whose docstring draws the message), a
-late event's payload is the row re-encoded as Avro single-object with the source's schema (its
-original format) when the writer knows the schema, else JSON. A source-level dead letter is
-written once per log offset, whatever the number of replays, view versions or restarts: the
-offsets confirmed in the topic are kept in the warehouse (`connectors.deadletters.SentOffsets`)
-and skipped. Late events are per view version: a replay into a new version writes its own,
-marked by the `view` and `version` headers.
+With Kafka (`connectors.kafka_deadletters.KafkaDeadLetterSink`, whose docstring draws the
+message), a late event's payload is the row re-encoded as Avro single-object with the source's
+schema (its original format) when the writer knows the schema, else JSON. A source-level dead
+letter is written once per log offset, whatever the number of replays, view versions or
+restarts: the offsets confirmed in the topic are kept in the warehouse
+(`connectors.deadletters.SentOffsets`) and skipped. Late events are per view version: a replay
+into a new version writes its own, marked by the `view` and `version` headers.
 
 Without Kafka, dead letters go to Parquet files under `<warehouse>/<source>/_deadletter/`
 (`connectors.deadletters.FileDeadLetterSink`: the full payload, never truncated). Either way
@@ -36,7 +36,7 @@ from connectors.avro import SingleObjectWriter
 from connectors.deadletters import DeadLetterSink, FileDeadLetterSink, SentOffsets, sent_offsets
 from connectors.envelope import OFFSET, DeadLetter, PayloadFormat
 from connectors.errors import SchemaError
-from connectors.kafka import KafkaDeadLetterSink
+from connectors.kafka_deadletters import KafkaDeadLetterSink
 
 
 def dlq_topic(source: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import pyarrow.parquet as pq
 
-from connectors.kafka import ensure_topic, partition_watermarks
+from connectors.kafka_admin import ensure_topic, partition_watermarks
 from connectors.log import KafkaStart, start_kafka_logs
 from connectors.objectstore import is_uri
 from connectors.segments import Warehouse

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from connectors.avro import arrow_schema
-from connectors.kafka import ensure_topic
+from connectors.kafka_admin import ensure_topic
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.cluster import Cluster, ClusterStarts, Publication, publish

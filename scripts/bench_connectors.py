@@ -36,7 +36,8 @@ from connectors.avro import (  # noqa: E402
     decode_batch,
     encode_single_object,
 )
-from connectors.kafka import AvroProducer, KafkaLogReader  # noqa: E402
+from connectors.kafka import AvroProducer  # noqa: E402
+from connectors.kafka_reader import KafkaLogReader  # noqa: E402
 from connectors.partitioner import murmur2, partitions_for  # noqa: E402
 from connectors.segments import Warehouse  # noqa: E402
 

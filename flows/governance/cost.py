@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from connectors.errors import ConnectorError
-from connectors.kafka import partition_watermarks
+from connectors.kafka_admin import partition_watermarks
 from connectors.segments import Warehouse
 from flows.governance.deployed import Deployed
 from flows.governance.diff import Change, Plan, ReplayCost

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Producer
 
 from connectors.avro import SingleObjectWriter
-from connectors.kafka import partition_watermarks
+from connectors.kafka_admin import partition_watermarks
 from connectors.segments import Warehouse, read_dead_letters
 from state.client import FeatureClient
 from tests.conftest import TopicFactory

@@ -19,7 +19,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined, unused-ignore]
 )
 
 from connectors.avro import SchemaStore
-from connectors.kafka import AvroProducer, partition_watermarks
+from connectors.kafka import AvroProducer
+from connectors.kafka_admin import partition_watermarks
 from flows.runplan import read_progress
 from state.store import ViewStore
 from tests.conftest import TopicFactory

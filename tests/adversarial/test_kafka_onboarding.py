@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka import AvroProducer, partition_watermarks
+from connectors.kafka import AvroProducer
+from connectors.kafka_admin import partition_watermarks
 from connectors.segments import Warehouse
 from tests.conftest import TopicFactory
 from tests.helpers import SCHEMA_JSON, make_events, run_command, write_definitions

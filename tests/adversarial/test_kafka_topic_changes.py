@@ -22,7 +22,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined, unused-ignore]
     NewTopic,
 )
 
-from connectors.kafka import AvroProducer, RateLimitFilter, partition_watermarks
+from connectors.kafka import AvroProducer
+from connectors.kafka_admin import partition_watermarks
+from connectors.kafka_logging import RateLimitFilter
 from tests.helpers import REPO, SCHEMA_JSON, write_definitions
 
 pytestmark = pytest.mark.kafka

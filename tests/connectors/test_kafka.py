@@ -15,13 +15,9 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.avro import MARKER, SchemaStore, arrow_schema, encode_single_object
 from connectors.errors import ConnectorError, LogGapError, TopicMissingError
-from connectors.kafka import (
-    AvroProducer,
-    KafkaBatch,
-    KafkaLogReader,
-    ensure_topic,
-    list_partitions,
-)
+from connectors.kafka import AvroProducer
+from connectors.kafka_admin import ensure_topic, list_partitions
+from connectors.kafka_reader import KafkaBatch, KafkaLogReader
 from connectors.partitioner import partition_for
 
 Records = Callable[[int], list[dict[str, Any]]]

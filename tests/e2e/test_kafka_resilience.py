@@ -33,7 +33,9 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.avro import SchemaStore, arrow_schema
-from connectors.kafka import AvroProducer, KafkaLogReader, partition_watermarks
+from connectors.kafka import AvroProducer
+from connectors.kafka_admin import partition_watermarks
+from connectors.kafka_reader import KafkaLogReader
 from flows.cli import EXIT_ERROR
 from flows.runplan import read_progress
 from flows.spec import Definitions, load_definitions

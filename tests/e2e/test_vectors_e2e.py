@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.avro import SchemaStore, arrow_schema
-from connectors.kafka import AvroProducer, KafkaLogReader
+from connectors.kafka import AvroProducer
+from connectors.kafka_reader import KafkaLogReader
 from connectors.segments import Warehouse
 from flows.spec import load_definitions
 from state.client import FeatureClient
