@@ -9,7 +9,7 @@ the dead letters already confirmed in Kafka.
 
 Files: `<warehouse>/<source>/_deadletter/<UTC time>-<uuid>.parquet`, columns reason,
 partition, offset, payload, at (connectors.envelope.DEAD_LETTER_SCHEMA; view, version and
-payload format are not kept). Written by `connectors.segments.write_dead_letters`.
+payload format are not kept). Written by `write_dead_letters`, read by `read_dead_letters`.
 
 Sent offsets: `<warehouse>/<source>/_deadletter/_kafka_progress.json` holds, per partition, the
 ranges of log offsets whose source-level dead letters are confirmed in the `.dlq` topic
@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import fcntl
 import math
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,11 +31,15 @@ from pathlib import Path
 from typing import Protocol
 
 import orjson
+import pyarrow as pa
 
-from connectors.envelope import DeadLetter, dead_letter_table
-from connectors.objectstore import LocalStore, VersionedDocument, open_store, replace_file
-from connectors.segments import DEAD_LETTER_DIR, Warehouse, write_dead_letters
+from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
+from connectors.errors import SegmentError
+from connectors.objectstore import LocalStore, Store, VersionedDocument, open_store, replace_file
+from connectors.segment_writer import with_segment_metadata
+from connectors.segments import Warehouse
 
+DEAD_LETTER_DIR = "_deadletter"
 PROGRESS = "_kafka_progress"  # `<PROGRESS>.json`, or the versioned `<PROGRESS>/<n>.json`
 
 
@@ -68,6 +73,47 @@ class FileDeadLetterSink:
 
     def close(self) -> None:
         return None
+
+
+def write_dead_letters(
+    root: str | Path | Warehouse, source: str, table: pa.Table, name: str | None = None
+) -> str | None:
+    """Append dead letters (columns reason, partition, offset, payload, at) as a new file
+    under `<root>/<source>/_deadletter/`; its location, or None if `table` is empty. `name` (a
+    file name without extension) replaces the file of that name, so that a retried writer
+    (an ingest rerun after a crash) does not write its dead letters twice.
+
+    Raises:
+        SegmentError: a column is missing or cannot be cast to the dead-letter schema.
+    """
+    if table.num_rows == 0:
+        return None
+    try:
+        table = table.select(DEAD_LETTER_SCHEMA.names).cast(DEAD_LETTER_SCHEMA)
+    except (KeyError, pa.ArrowException) as exc:
+        raise SegmentError(
+            f"dead letters of source {source!r} do not fit the dead-letter schema "
+            f"({exc}); give columns {DEAD_LETTER_SCHEMA}"
+        ) from exc
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    name = name or f"{stamp}-{uuid.uuid4().hex}"
+    store = _store_of(root)
+    rel = f"{source}/{DEAD_LETTER_DIR}/{name}.parquet"
+    store.write_parquet(rel, with_segment_metadata(table, ""))
+    return store.describe(rel)
+
+
+def read_dead_letters(root: str | Path | Warehouse, source: str) -> pa.Table:
+    """All dead letters of a source, in file-name order (time-stamped files, then the
+    `ingest-<hash>` files of ingests)."""
+    store, folder = _store_of(root), f"{source}/{DEAD_LETTER_DIR}"
+    names = [n for n in store.list(folder) if n.endswith(".parquet")]
+    tables = [store.parquet_file(f"{folder}/{n}").read().cast(DEAD_LETTER_SCHEMA) for n in names]
+    return pa.concat_tables(tables) if tables else DEAD_LETTER_SCHEMA.empty_table()
+
+
+def _store_of(root: str | Path | Warehouse) -> Store:
+    return root.store if isinstance(root, Warehouse) else open_store(root)
 
 
 class SentOffsets:
@@ -170,4 +216,12 @@ def _merged(spans: list[tuple[int, int]], offsets: list[int]) -> list[tuple[int,
     return out
 
 
-__all__ = ["DeadLetterSink", "FileDeadLetterSink", "SentOffsets", "sent_offsets"]
+__all__ = [
+    "DEAD_LETTER_DIR",
+    "DeadLetterSink",
+    "FileDeadLetterSink",
+    "SentOffsets",
+    "read_dead_letters",
+    "sent_offsets",
+    "write_dead_letters",
+]

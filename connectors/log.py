@@ -23,7 +23,8 @@ from connectors.envelope import OFFSET, DeadLetter, log_schema
 from connectors.errors import ConnectorError, LogGapError
 from connectors.kafka_admin import list_partitions, offset_at_time, partition_watermarks
 from connectors.kafka_reader import KafkaLogReader
-from connectors.segments import Gap, Warehouse
+from connectors.manifest import Gap
+from connectors.segments import Warehouse
 
 TOPIC_CHECK_S = 2.0  # how often a following flow checks its topic's shape
 

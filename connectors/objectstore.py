@@ -10,7 +10,7 @@ segments, manifests, schemas and dead letters through.
 
 Every path a store takes is relative to its root, '/'-separated (`tx/p0000/....parquet`).
 
-What each store guarantees to the manifest protocol (connectors.segments):
+What each store guarantees to the manifest protocol (connectors.manifest):
 - `write_bytes` / `write_parquet` replace an object whole: a reader sees the old bytes or the new
   ones, never part (local: temp file, fsync, rename; S3: one PUT or one multipart completion).
 - `create` writes an object only if it does not exist and says whether it did, atomically

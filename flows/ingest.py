@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.avro import arrow_schema, fingerprint_hex
+from connectors.deadletters import write_dead_letters
 from connectors.envelope import (
     ARRIVAL,
     OFFSET,
@@ -46,8 +47,10 @@ from connectors.files import (
     non_finite_as_null,
     read_history,
 )
+from connectors.manifest import IngestedFile
 from connectors.partitioner import partitions_for
-from connectors.segments import IngestedFile, LogTransaction, Warehouse, write_dead_letters
+from connectors.segment_writer import LogTransaction
+from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.errors import DefinitionError
 from flows.schemas import register_current

@@ -31,8 +31,9 @@ import plotly.io as pio
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from connectors.deadletters import read_dead_letters
 from connectors.envelope import ARRIVAL
-from connectors.segments import Warehouse, read_dead_letters
+from connectors.segments import Warehouse
 from flows.governance.catalog import Catalog, build_catalog
 from flows.governance.history import read_history
 from flows.governance.skew import UNEXPLAINED, SkewReport

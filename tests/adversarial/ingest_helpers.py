@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from connectors.segments import Warehouse, read_dead_letters
+from connectors.deadletters import read_dead_letters
+from connectors.segments import Warehouse
 from tests.helpers import run_command, write_definitions
 
 PARTITIONS = 3

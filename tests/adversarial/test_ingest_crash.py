@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.segments import CRASH_AT_ENV
+from connectors.segment_writer import CRASH_AT_ENV
 from tests.adversarial.ingest_helpers import (
     dead_letter_count,
     log_amounts,

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.segments import Warehouse, read_dead_letters
+from connectors.deadletters import read_dead_letters
+from connectors.segments import Warehouse
 from flows.ingest import ingest_table
 from flows.spec import load_definitions
 from tests.adversarial.ingest_helpers import TS0, log_amounts, log_table, project

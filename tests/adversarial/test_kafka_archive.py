@@ -16,8 +16,9 @@ import pytest
 from confluent_kafka import Producer
 
 from connectors.avro import SingleObjectWriter
+from connectors.deadletters import read_dead_letters
 from connectors.kafka_admin import partition_watermarks
-from connectors.segments import Warehouse, read_dead_letters
+from connectors.segments import Warehouse
 from state.client import FeatureClient
 from tests.conftest import TopicFactory
 from tests.helpers import HOUR, SCHEMA_JSON, run_command

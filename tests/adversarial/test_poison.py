@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from connectors.avro import fingerprint_hex
+from connectors.deadletters import read_dead_letters
 from connectors.envelope import OFFSET
 from connectors.log import LogBatch
-from connectors.segments import Warehouse, read_dead_letters
+from connectors.segments import Warehouse
 from flows.aggregate import prepare
 from flows.errors import DefinitionError
 from flows.ingest import ingest_table

@@ -19,7 +19,8 @@ from connectors.deadletters import sent_offsets
 from connectors.envelope import DeadLetter
 from connectors.errors import ManifestConflictError
 from connectors.objectstore import S3Store, VersionedDocument, open_store, with_endpoint
-from connectors.segments import LogTransaction, Warehouse
+from connectors.segment_writer import LogTransaction
+from connectors.segments import Warehouse
 from state.client import FeatureClient
 from tests.conftest import S3_TEST_BUCKET
 from tests.helpers import REPO, make_events, write_definitions

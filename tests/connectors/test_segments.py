@@ -14,15 +14,12 @@ import pyarrow.compute as pc
 import pytest
 
 from connectors.avro import arrow_schema, fingerprint_hex
+from connectors.deadletters import read_dead_letters, write_dead_letters
 from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
 from connectors.errors import SegmentError
-from connectors.segments import (
-    MANIFEST_VERSIONS,
-    LogTransaction,
-    Warehouse,
-    read_dead_letters,
-    write_dead_letters,
-)
+from connectors.manifest import MANIFEST_VERSIONS
+from connectors.segment_writer import LogTransaction
+from connectors.segments import Warehouse
 
 TS0 = 1_700_000_000_000_000
 US = pa.timestamp("us", tz="UTC")

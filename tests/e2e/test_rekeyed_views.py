@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from connectors.segments import Warehouse, read_dead_letters
+from connectors.deadletters import read_dead_letters
+from connectors.segments import Warehouse
 from flows.aggregate import key_column
 from flows.ingest import ingest_table
 from flows.snapshot import build_snapshot, read_log

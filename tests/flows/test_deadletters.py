@@ -11,9 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from connectors.avro import SchemaStore
-from connectors.deadletters import FileDeadLetterSink, sent_offsets
+from connectors.deadletters import FileDeadLetterSink, read_dead_letters, sent_offsets
 from connectors.envelope import ARRIVAL, OFFSET, PARTITION, DeadLetter
-from connectors.segments import read_dead_letters
 from flows.deadletters import DeadLetterWriter
 from tests.connectors.avro_oracle import decode_one
 from tests.helpers import SCHEMA_JSON
