@@ -1,6 +1,8 @@
 """Shared fixtures: the real Kafka broker that scripts/test starts (scripts/kafka), and fresh
 topics on it for integration tests; the real S3 server it starts (scripts/s3), and fresh
-warehouse locations on it, local or s3:// (`warehouse_location`, parametrized).
+warehouse locations on it, local or s3:// (`warehouse_location`, parametrized); projects made
+to order (`project_factory`), and a deployment of the catalog definitions (`deployment`). The
+markers (kafka, slow) are declared once, in pyproject.toml.
 
 Layout: tests/ mirrors the packages. tests/connectors/, tests/state/ and tests/flows/ hold the
 tests of one module of that package each (a module's test may run a command, but what it
@@ -14,16 +16,27 @@ serve_helpers.py); each folder is a package, so they import as `tests.<module>`.
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from confluent_kafka import KafkaException
 
 # The stubs of some confluent-kafka releases do not re-export NewTopic from its documented home.
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined, unused-ignore]
 from hypothesis import HealthCheck, settings
+
+from tests.helpers import (
+    DEFINITIONS,
+    DEPLOYMENT_DEFS,
+    DEPLOYMENT_EVENTS,
+    Project,
+    make_events,
+    write_module,
+)
 
 # Property tests: random exploration on developers' machines, reproducible in CI (derandomized,
 # no example database, no deadline: a slow shared runner must not turn into a failure).
@@ -40,12 +53,6 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 
 TopicFactory = Callable[[int], str]
 """Creates a fresh topic with the given number of partitions and returns its name."""
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "kafka: needs the real Kafka broker started by scripts/kafka"
-    )
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +137,48 @@ def warehouse_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "warehouse")
     return str(request.getfixturevalue("s3_warehouse"))
+
+
+ProjectFactory = Callable[..., Project]
+"""project_factory(name="project", *, partitions=3, topic=None, definitions=None, events=None,
+run=False) -> Project"""
+
+
+@pytest.fixture(scope="session")
+def project_factory(tmp_path_factory: pytest.TempPathFactory) -> ProjectFactory:
+    """Makes projects, as quix-streams' `app_factory` makes applications: each in a fresh
+    folder, with the shared definitions (tests.helpers.DEFINITIONS; or `definitions`, a module's
+    text), `events` ingested and, with `run`, the flow run until caught up. Each step it takes
+    must succeed. Session-scoped, so module-scoped fixtures can use it too."""
+
+    def make(
+        name: str = "project",
+        *,
+        partitions: int = 3,
+        topic: str | None = None,
+        definitions: str | None = None,
+        events: pa.Table | None = None,
+        run: bool = False,
+    ) -> Project:
+        root = tmp_path_factory.mktemp(name)
+        text = DEFINITIONS.format(partitions=partitions, topic=topic)
+        project = Project(root, write_module(root / "defs", definitions or text))
+        if events is not None:
+            succeeded(project.ingest(events))
+        if run:
+            succeeded(project.run())
+        return project
+
+    return make
+
+
+def succeeded(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def deployment(project_factory: ProjectFactory) -> Path:
+    """A deployment of tests.helpers.DEPLOYMENT_DEFS over 3000 events, one per test module:
+    <root>/defs/features.py, <root>/wh, <root>/state."""
+    events = make_events(DEPLOYMENT_EVENTS, 20, seed=11)
+    return project_factory("deployment", definitions=DEPLOYMENT_DEFS, events=events, run=True).root

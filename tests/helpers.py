@@ -1,15 +1,24 @@
-"""Shared test helpers: a definitions module on disk, generated events, running commands."""
+"""Shared test helpers: the shared schema and definitions modules on disk, generated events, a
+project (definitions, warehouse, state) and the commands run on it, waiting for a condition."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 MINUTE = 60_000_000
@@ -25,6 +34,8 @@ SCHEMA_JSON = """{
     {"name": "channel", "type": ["null", "string"], "default": null}
   ]
 }"""
+TXN_SCHEMA: dict[str, Any] = json.loads(SCHEMA_JSON)
+"""SCHEMA_JSON parsed (shared: copy it before changing it)."""
 
 DEFINITIONS = """
 from flows.spec import (FeatureView, Source, count, distinct_count, last, max, mean, min,
@@ -44,13 +55,36 @@ channels = FeatureView(name="channels", source=txns, features=[
 """
 
 
-def write_definitions(directory: Path, partitions: int = 3, topic: str | None = None) -> Path:
-    """A definitions module (and its .avsc) in `directory`; returns the module path."""
+DEPLOYMENT_DEFS = """
+from flows.spec import FeatureService, FeatureView, Source, count, last, mean, sum
+
+txns = Source(name="txns", schema="txn.avsc", key="user_id", timestamp="ts", partitions=2)
+spend = FeatureView(name="spend", source=txns, owner="risk-team", description="card spending",
+                    tags=["fraud"], freshness="5m", features=[
+    count(window="30m"),
+    mean("amount", window="1d", description="mean amount", owner="ds"),
+    last("channel"),
+])
+channels = FeatureView(name="channels", source=txns, features=[sum("amount", window="6h")])
+fraud = FeatureService(name="fraud", features=[spend[["count_30m", "amount_mean_1d"]], channels])
+"""
+"""The `deployment` fixture's definitions: catalog metadata, a freshness expectation, a service."""
+DEPLOYMENT_EVENTS = 3000
+"""How many events the `deployment` fixture's log holds."""
+
+
+def write_module(directory: Path, text: str = DEPLOYMENT_DEFS, schema: str = SCHEMA_JSON) -> Path:
+    """A definitions module `text` and the txn.avsc it names in `directory`; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "txn.avsc").write_text(SCHEMA_JSON)
+    (directory / "txn.avsc").write_text(schema)
     path = directory / "features.py"
-    path.write_text(DEFINITIONS.format(partitions=partitions, topic=topic))
+    path.write_text(text)
     return path
+
+
+def write_definitions(directory: Path, partitions: int = 3, topic: str | None = None) -> Path:
+    """The shared definitions module (and its .avsc) in `directory`; returns the module path."""
+    return write_module(directory, DEFINITIONS.format(partitions=partitions, topic=topic))
 
 
 def make_events(
@@ -91,6 +125,63 @@ def run_command(
         timeout=timeout,
         check=False,
     )
+
+
+@dataclass(frozen=True)
+class Project:
+    """A definitions module with its warehouse and state directory under one root, and the
+    commands run on them, each in a fresh process (`project_factory` in conftest.py makes them).
+    """
+
+    root: Path
+    features: Path
+
+    @property
+    def warehouse(self) -> Path:
+        return self.root / "wh"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def command(self, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`python -m <module> --features <module> --warehouse <warehouse> args`."""
+        common = ["--features", str(self.features), "--warehouse", str(self.warehouse)]
+        return run_command(module, *common, *args)
+
+    def ingest(
+        self, events: pa.Table, name: str = "events.parquet"
+    ) -> subprocess.CompletedProcess[str]:
+        """`flows.ingest` of `events`, written as the Parquet file `name` under the root."""
+        pq.write_table(events, self.root / name)
+        return self.command("flows.ingest", str(self.root / name))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`flows.run --state <state> --until-caught-up args`."""
+        return self.command("flows.run", "--state", str(self.state), "--until-caught-up", *args)
+
+
+def wait_until(
+    condition: Callable[[], T],
+    what: str,
+    *,
+    timeout: float = 60,
+    interval: float = 0.1,
+    process: subprocess.Popen[Any] | None = None,
+    log: Path | None = None,
+) -> T:
+    """Poll `condition()` until it gives something truthy, and return that. Fails naming `what`
+    when `timeout` seconds pass or `process` exits first, with the text of `log` if given."""
+    deadline = time.monotonic() + timeout
+    while not (got := condition()):
+        exited = process is not None and process.poll() is not None
+        if exited or time.monotonic() >= deadline:
+            tail = f":\n{log.read_text()}" if log is not None and log.exists() else ""
+            if process is not None and exited:
+                pytest.fail(f"the process exited ({process.returncode}) before {what}{tail}")
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
+        time.sleep(interval)
+    return got
 
 
 def cluster_addresses(processes: int) -> str:

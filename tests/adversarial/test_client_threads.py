@@ -17,7 +17,7 @@ from state.catch_up import CatchUp
 from state.client import FeatureClient
 from state.errors import ClientClosedError
 from state.store import ViewStore
-from tests.helpers import DAY, make_events, run_command, write_definitions
+from tests.helpers import DAY, make_events, run_command, wait_until, write_definitions
 
 START_US = 1_780_000_000_000_000
 AT_LATER = (START_US + 30 * DAY) / 1e6  # after every event: exact, and sees them all
@@ -110,9 +110,12 @@ def test_catch_up_thread_logs_and_survives_a_broken_partition(
             for part in vdir.glob("p*"):
                 shutil.rmtree(part)  # the primary turns into a file under the open secondary
                 part.write_text("not a database")
-            deadline = time.monotonic() + 10
-            while client.health().errors == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(
+                lambda: client.health().errors > 0,
+                "the catch-up thread to report the damage",
+                timeout=10,
+                interval=0.02,
+            )
         health = client.health()
         assert health.errors > 0
         assert health.last_error
@@ -148,8 +151,8 @@ def test_idle_partitions_are_not_caught_up_until_their_writer_writes(
         assert result.returncode == 0, result.stderr
         result = run_command("flows.run", *common, "--until-caught-up")
         assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 5
-        while _total(client) != 2300 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(
+            lambda: _total(client) == 2300, "the client to catch up", timeout=5, interval=0.01
+        )
         assert _total(client) == 2300
         assert len(rounds) > idle

@@ -5,7 +5,6 @@ the console says "idle"."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.kafka import AvroProducer
 from tests.conftest import TopicFactory
-from tests.helpers import REPO, SCHEMA_JSON, write_definitions
+from tests.helpers import REPO, TXN_SCHEMA, wait_until, write_definitions
 
 pytestmark = pytest.mark.kafka
 
@@ -59,18 +58,21 @@ def test_freshness_does_not_grow_while_the_topic_is_idle(
             stderr=subprocess.STDOUT,
         )
     try:
-        producer = AvroProducer(kafka_bootstrap, topic, json.loads(SCHEMA_JSON))
-        deadline = time.monotonic() + 60
-        while "  live  events" not in log.read_text():  # caught up with the empty topic
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        producer = AvroProducer(kafka_bootstrap, topic, TXN_SCHEMA)
+        wait_until(
+            lambda: "  live  events" in log.read_text(),
+            "the flow to catch up with the empty topic",
+            process=proc,
+            log=log,
+        )
         producer.produce([{"user_id": "u1", "ts": 1_790_000_000_000_000}], "user_id")
         producer.flush()
-        while "live  events 1 " not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until(
+            lambda: "live  events 1 " in log.read_text(),
+            "the flow to apply the event",
+            process=proc,
+            log=log,
+        )
         time.sleep(4)  # idle
         freshness = gauges(port, "featureflow_freshness_seconds")  # one per view
         age = gauges(port, "featureflow_last_event_age_seconds")

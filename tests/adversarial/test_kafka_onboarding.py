@@ -6,7 +6,6 @@ skipped offsets as a gap in the warehouse manifest, so later runs, replays and a
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,13 +19,13 @@ from connectors.kafka import AvroProducer
 from connectors.kafka_admin import partition_watermarks
 from connectors.segments import Warehouse
 from tests.conftest import TopicFactory
-from tests.helpers import SCHEMA_JSON, make_events, run_command, write_definitions
+from tests.helpers import TXN_SCHEMA, make_events, run_command, write_definitions
 
 pytestmark = pytest.mark.kafka
 
 
 def produce(bootstrap: str, topic: str, n: int, seed: int) -> None:
-    producer = AvroProducer(bootstrap, topic, json.loads(SCHEMA_JSON))
+    producer = AvroProducer(bootstrap, topic, TXN_SCHEMA)
     producer.produce(make_events(n, 20, seed=seed).to_pylist(), key_field="user_id")
     producer.flush()
 

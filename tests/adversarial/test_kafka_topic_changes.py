@@ -5,7 +5,6 @@ unnoticed for 45 s and more; now both stop the flow within seconds, saying what 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -25,7 +24,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined, unused-ignore]
 from connectors.kafka import AvroProducer
 from connectors.kafka_admin import partition_watermarks
 from connectors.kafka_logging import RateLimitFilter
-from tests.helpers import REPO, SCHEMA_JSON, write_definitions
+from tests.helpers import REPO, TXN_SCHEMA, write_definitions
 
 pytestmark = pytest.mark.kafka
 
@@ -47,7 +46,7 @@ def delete_topic(bootstrap: str, topic: str) -> None:
 def follow(tmp_path: Path, bootstrap: str, topic: str, partitions: int) -> subprocess.Popen[bytes]:
     """`flows.run` following the topic, its output in tmp_path/flow.log, once it is live."""
     features = write_definitions(tmp_path / "defs", partitions=partitions, topic=topic)
-    producer = AvroProducer(bootstrap, topic, json.loads(SCHEMA_JSON))
+    producer = AvroProducer(bootstrap, topic, TXN_SCHEMA)
     producer.produce(
         [{"user_id": f"u{i}", "ts": 1_790_000_000_000_000 + i} for i in range(40)], "user_id"
     )

@@ -17,19 +17,10 @@ import pytest
 
 from state.store import ViewStore
 from tests.e2e.test_crash import INJECT
-from tests.helpers import REPO, make_events, run_command, write_definitions
+from tests.helpers import REPO, make_events, run_command, wait_until, write_definitions
 
 NEW_COUNT = 'count(window="45m", hop="15m")'
 INJECT_REPLAY = INJECT.replace("from flows.run import main", "from flows.replay import main")
-
-
-def _wait(condition: object, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture
@@ -81,7 +72,11 @@ def follower(store_dir: Path) -> Iterator[subprocess.Popen[str]]:
     flow = _start("flows.run", *_args(store_dir, store_dir / "defs" / "features.py"))
     store = ViewStore(store_dir / "state", create=True)
     try:
-        _wait(lambda: store.current_version("spend") == 1 and flow.poll() is None)
+        wait_until(
+            lambda: store.current_version("spend") == 1 and flow.poll() is None,
+            "the follower to make v1 live",
+            interval=0.05,
+        )
         yield flow
     finally:
         if flow.poll() is None:

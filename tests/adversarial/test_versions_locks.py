@@ -5,25 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from state.client import FeatureClient
 from state.errors import StaleVersionError, StateLockedError
 from state.store import ViewStore
-from tests.helpers import make_events, run_command, write_definitions
+from tests.conftest import ProjectFactory
+from tests.helpers import make_events
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("locks")
-    features = write_definitions(root / "defs")
-    pq.write_table(make_events(500, 5, seed=41), root / "e.parquet")
-    common = ["--features", str(features), "--warehouse", str(root / "wh")]
-    assert run_command("flows.ingest", *common, str(root / "e.parquet")).returncode == 0
-    result = run_command("flows.run", *common, "--state", str(root / "state"), "--until-caught-up")
-    assert result.returncode == 0, result.stderr
-    return root / "state"
+def state(project_factory: ProjectFactory) -> Path:
+    return project_factory("locks", events=make_events(500, 5, seed=41), run=True).state
 
 
 def test_a_version_a_reader_has_open_is_not_deleted(state: Path) -> None:

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from tests.helpers import (
     cluster_addresses,
     make_events,
     run_command,
+    wait_until,
     write_definitions,
 )
 from tests.oracle import mismatches, oracle_values, same
@@ -81,13 +81,6 @@ def finish(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> list[str]:
     for proc, log in zip(procs, logs, strict=True):
         assert proc.wait(timeout=180) == 0, log.read_text()[-4000:]
     return [log.read_text() for log in logs]
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def applied_offset(state: Path, view: str, shard: int) -> int:
@@ -168,7 +161,12 @@ def test_two_hosts_one_killed_and_restored_from_its_checkpoint_equal_one_process
     follow = [logs / "follow0.txt", logs / "follow1.txt"]
     procs = [start(common, states[i], i, addresses, follow[i]) for i in (0, 1)]
     try:
-        wait_for(lambda: applied_offset(states[0], "spend", 0) + 1 >= ends[0], "host 0 to apply")
+        wait_until(
+            lambda: applied_offset(states[0], "spend", 0) + 1 >= ends[0],
+            "host 0 to apply",
+            timeout=90,
+            interval=0.2,
+        )
         procs[0].send_signal(signal.SIGKILL)
         assert procs[0].wait(timeout=30) == -signal.SIGKILL
         # bytewax cluster semantics: a process cannot go on without its peers; the survivor
@@ -190,7 +188,12 @@ def test_two_hosts_one_killed_and_restored_from_its_checkpoint_equal_one_process
     addresses = cluster_addresses(2)
     last = [logs / "last0.txt", logs / "last1.txt"]
     p1 = start(common, states[1], 1, addresses, last[1], "--until-caught-up")
-    wait_for(lambda: "view 'channels'" in last[1].read_text(), "host 1 to plan")
+    wait_until(
+        lambda: "view 'channels'" in last[1].read_text(),
+        "host 1 to plan",
+        timeout=90,
+        interval=0.2,
+    )
     p0 = start(common, states[0], 0, addresses, last[0], "--until-caught-up", "--restore")
     outs = finish([p0, p1], last)
     assert "restored view 'spend'" in outs[0]

@@ -14,7 +14,7 @@ import pytest
 from connectors.segments import Warehouse
 from flows.spec import load_definitions
 from state.client import FeatureClient
-from tests.helpers import MINUTE, make_events, run_command, write_definitions
+from tests.helpers import MINUTE, make_events, run_command, wait_until, write_definitions
 from tests.oracle import mismatches, oracle_values, same
 
 
@@ -293,9 +293,9 @@ def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: _count(tmp_path / "state", "user1") > 0)
+        wait_until(lambda: _count(tmp_path / "state", "user1") > 0, "user1's first events")
         assert run_command("flows.ingest", *common, str(tmp_path / "later.parquet")).returncode == 0
-        wait_for(lambda: _count(tmp_path / "state", "late0") == 100)
+        wait_until(lambda: _count(tmp_path / "state", "late0") == 100, "late0's 100 events")
 
         def applied_total() -> float:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -305,7 +305,8 @@ def test_follow_mode_metrics_and_ctrl_c(tmp_path: Path) -> None:
                 if line.startswith("featureflow_events_applied_total{")
             )
 
-        wait_for(lambda: applied_total() == 2 * 3500)  # 2 views, every event once
+        # 2 views, every event once
+        wait_until(lambda: applied_total() == 2 * 3500, "7000 events applied")
     finally:
         flow.send_signal(signal.SIGINT)
         out, err = flow.communicate(timeout=60)
@@ -322,17 +323,6 @@ def _count(state: Path, key: str) -> int:
     with FeatureClient(state) as client:
         value: int = client.get("spend", key, at=2_000_000_000)["count"]
         return value
-
-
-def wait_for(condition: object, timeout: float = 60) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
 
 
 def test_history_sorted_by_key_is_not_late(tmp_path: Path) -> None:

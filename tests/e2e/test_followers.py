@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,7 @@ from flows.spec import load_definitions
 from state.client import FeatureClient
 from state.errors import StateError
 from tests.conftest import TopicFactory
-from tests.helpers import MINUTE, REPO, make_events, write_definitions
+from tests.helpers import MINUTE, REPO, make_events, wait_until, write_definitions
 
 pytestmark = pytest.mark.kafka
 
@@ -65,14 +64,14 @@ def applied_events(state: Path, keys: list[str]) -> int:
 def wait_caught_up(
     state: Path, keys: list[str], total: int, proc: subprocess.Popen[bytes], log: Path
 ) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"follower exited ({proc.returncode}):\n{log.read_text()}")
-        if applied_events(state, keys) == total:
-            return
-        time.sleep(0.2)
-    pytest.fail(f"follower {state} did not catch up with {total} events:\n{log.read_text()}")
+    wait_until(
+        lambda: applied_events(state, keys) == total,
+        f"follower {state} to catch up with {total} events",
+        timeout=120,
+        interval=0.2,
+        process=proc,
+        log=log,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

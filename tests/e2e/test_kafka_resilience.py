@@ -45,7 +45,7 @@ from state.layout import ViewLayout
 from state.read import evaluate_blob
 from state.store import ViewStore, iter_entities, open_secondary, partition_dir
 from tests.conftest import TopicFactory
-from tests.helpers import MINUTE, REPO, make_events, run_command, write_definitions
+from tests.helpers import MINUTE, REPO, make_events, run_command, wait_until, write_definitions
 from tests.oracle import mismatches, oracle_values
 
 pytestmark = pytest.mark.kafka
@@ -254,22 +254,6 @@ def start_flow(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def wait_until(
-    condition: Any, proc: subprocess.Popen[bytes], log: Path, what: str, timeout_s: float = 60
-) -> Any:
-    """Poll `condition()` until it gives something truthy; fail if the flow exits or time runs
-    out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = condition()
-        if got:
-            return got
-        if proc.poll() is not None:
-            pytest.fail(f"flows.run exited ({proc.returncode}) before {what}:\n{log.read_text()}")
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}:\n{log.read_text()}")
-
-
 def applied_per_view(metrics_port: int) -> dict[str, float]:
     """featureflow_events_applied summed over partitions, from the flow's metrics endpoint."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -320,7 +304,9 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
     proc = start_flow([*args, "--status-interval", "1"], log)
     try:
         # The flow is consuming: the first wave is applied and the views went live.
-        wait_until(lambda: live_progress(state, partitions), proc, log, "the views to go live")
+        wait_until(
+            lambda: live_progress(state, partitions), "the views to go live", process=proc, log=log
+        )
         produce(producer, waves[1])
         own_broker.stop()  # with wave 2 partly in flight
         produce(producer, waves[2])  # queued while the broker is down
@@ -331,14 +317,17 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(
         ends = {p: partition_watermarks(bootstrap, topic, p)[1] for p in range(partitions)}
         done = {view: {p: ends[p] - 1 for p in ends} for view in VIEWS}
         wait_until(
-            lambda: live_progress(state, partitions) == done, proc, log, "the whole log applied"
+            lambda: live_progress(state, partitions) == done,
+            "the whole log applied",
+            process=proc,
+            log=log,
         )
         per_view = applied_per_view(metrics_port)
         wait_until(  # the live lag gauge of every partition reports the caught-up tail
             lambda: kafka_lag(metrics_port) == {str(p): 0.0 for p in range(partitions)},
-            proc,
-            log,
             "a zero Kafka lag on every partition",
+            process=proc,
+            log=log,
         )
         proc.send_signal(signal.SIGINT)
         exit_code = proc.wait(timeout=60)

@@ -9,9 +9,7 @@ import orjson
 import pytest
 
 from flows.catalog import main as catalog_main
-from tests.flows.test_plan import DEFS, deployment, write_module
-
-__all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
+from tests.helpers import DEPLOYMENT_DEFS, write_module
 
 
 def catalog(deployment: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:
@@ -80,7 +78,7 @@ def test_search_by_name_and_by_tag(deployment: Path, capsys: pytest.CaptureFixtu
 def test_text_catalog_and_history(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    features = write_module(tmp_path, DEFS)
+    features = write_module(tmp_path, DEPLOYMENT_DEFS)
     assert catalog_main(["--features", str(features), "--state", str(deployment / "state")]) == 0
     out = capsys.readouterr().out
     assert "view spend [v1 live] key user_id (owner risk-team; tags fraud)" in out

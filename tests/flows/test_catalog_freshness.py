@@ -16,10 +16,7 @@ import pytest
 
 from flows.errors import DefinitionError
 from flows.spec import FeatureView, Source, count
-from tests.flows.test_plan import deployment
 from tests.helpers import REPO
-
-__all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -7,63 +7,19 @@ import shutil
 from pathlib import Path
 
 import orjson
-import pyarrow.parquet as pq
 import pytest
 
 from flows.governance.history import read_history, record_rate, view_history
 from flows.plan import main as plan_main
 from state.definitions import recorded_module
 from state.store import ViewStore
-from tests.helpers import SCHEMA_JSON, make_events, run_command
-
-EVENTS = 3000
-
-DEFS = """
-from flows.spec import FeatureService, FeatureView, Source, count, last, mean, sum
-
-txns = Source(name="txns", schema="txn.avsc", key="user_id", timestamp="ts", partitions=2)
-spend = FeatureView(name="spend", source=txns, owner="risk-team", description="card spending",
-                    tags=["fraud"], freshness="5m", features=[
-    count(window="30m"),
-    mean("amount", window="1d", description="mean amount", owner="ds"),
-    last("channel"),
-])
-channels = FeatureView(name="channels", source=txns, features=[sum("amount", window="6h")])
-fraud = FeatureService(name="fraud", features=[spend[["count_30m", "amount_mean_1d"]], channels])
-"""
-
-
-def write_module(directory: Path, text: str = DEFS, schema: str = SCHEMA_JSON) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "txn.avsc").write_text(schema)
-    path = directory / "features.py"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A deployment of DEFS over 3000 events: <root>/wh, <root>/state."""
-    root = tmp_path_factory.mktemp("deployment")
-    features = write_module(root / "defs")
-    pq.write_table(make_events(EVENTS, 20, seed=11), root / "events.parquet")
-    wh, state = str(root / "wh"), str(root / "state")
-    done = run_command(
-        "flows.ingest", "--features", str(features), "--warehouse", wh, str(root / "events.parquet")
-    )
-    assert done.returncode == 0, done.stderr
-    done = run_command(
-        "flows.run",
-        "--features",
-        str(features),
-        "--warehouse",
-        wh,
-        "--state",
-        state,
-        "--until-caught-up",
-    )
-    assert done.returncode == 0, done.stderr
-    return root
+from tests.helpers import (
+    DEPLOYMENT_DEFS,
+    DEPLOYMENT_EVENTS,
+    SCHEMA_JSON,
+    run_command,
+    write_module,
+)
 
 
 def plan(deployment: Path, features: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
@@ -99,7 +55,9 @@ def test_same_definitions_change_nothing_and_exit_0(
 def test_feature_added_needs_a_replay_with_its_cost(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DEFS.replace('last("channel"),', 'last("channel"), sum("amount", window="2h"),')
+    text = DEPLOYMENT_DEFS.replace(
+        'last("channel"),', 'last("channel"), sum("amount", window="2h"),'
+    )
     code, result = plan(deployment, write_module(tmp_path, text), capsys)
     assert code == 2
     spend = by_name(result, "view")["spend"]
@@ -107,8 +65,8 @@ def test_feature_added_needs_a_replay_with_its_cost(
     assert spend["new_version"]
     assert any("'amount_sum_2h' added" in d for d in spend["details"])
     replay = spend["replay"]
-    assert replay["events"] == EVENTS  # every record of the log, from the manifests
-    assert replay["seconds"] == pytest.approx(EVENTS / replay["rate"])
+    assert replay["events"] == DEPLOYMENT_EVENTS  # every record of the log, from the manifests
+    assert replay["seconds"] == pytest.approx(DEPLOYMENT_EVENTS / replay["rate"])
     assert replay["state_bytes"] > 0
     assert by_name(result, "view")["channels"]["status"] == "unchanged"
     assert not result["breaking"]
@@ -117,7 +75,7 @@ def test_feature_added_needs_a_replay_with_its_cost(
 def test_window_changed_is_a_rename_with_a_hint(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DEFS.replace('last("channel"),', 'last("channel", window="1h"),')
+    text = DEPLOYMENT_DEFS.replace('last("channel"),', 'last("channel", window="1h"),')
     code, result = plan(deployment, write_module(tmp_path, text), capsys)
     assert code == 2
     details = by_name(result, "view")["spend"]["details"]
@@ -131,7 +89,7 @@ def test_window_changed_is_a_rename_with_a_hint(
 def test_hop_changed_under_the_same_name(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DEFS.replace('count(window="30m")', 'count(window="30m", hop="10m")')
+    text = DEPLOYMENT_DEFS.replace('count(window="30m")', 'count(window="30m", hop="10m")')
     code, result = plan(deployment, write_module(tmp_path, text), capsys)
     assert code == 2
     details = by_name(result, "view")["spend"]["details"]
@@ -141,7 +99,7 @@ def test_hop_changed_under_the_same_name(
 def test_view_removed_from_a_service_is_breaking(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    kept = [line for line in DEFS.splitlines() if not line.startswith("channels =")]
+    kept = [line for line in DEPLOYMENT_DEFS.splitlines() if not line.startswith("channels =")]
     text = "\n".join(kept).replace(", channels])", "])")
     code, result = plan(deployment, write_module(tmp_path, text), capsys)
     assert code == 2
@@ -159,7 +117,7 @@ def test_view_removed_from_a_service_is_breaking(
 def test_renamed_served_feature_is_breaking(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DEFS.replace('window="1d", description', 'window="2d", description').replace(
+    text = DEPLOYMENT_DEFS.replace('window="1d", description', 'window="2d", description').replace(
         '"amount_mean_1d"]', '"amount_mean_2d"]'
     )
     code, result = plan(deployment, write_module(tmp_path, text), capsys)
@@ -185,7 +143,7 @@ def test_service_changed_and_new_view_and_metadata(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     text = (
-        DEFS.replace('"amount_mean_1d"]]', '"amount_mean_1d", "channel_last"]]').replace(
+        DEPLOYMENT_DEFS.replace('"amount_mean_1d"]]', '"amount_mean_1d", "channel_last"]]').replace(
             'owner="risk-team"', 'owner="payments"'
         )
         + 'big = FeatureView(name="big", source=txns, features=[count(window="1h")])\n'
@@ -200,7 +158,7 @@ def test_service_changed_and_new_view_and_metadata(
     assert spend["details"] == ["owner 'risk-team' -> 'payments' (metadata)"]
     big = by_name(result, "view")["big"]
     assert big["status"] == "new"
-    assert big["replay"]["events"] == EVENTS
+    assert big["replay"]["events"] == DEPLOYMENT_EVENTS
     assert big["replay"]["state_bytes"] > 0  # estimated from the views of the same source
     assert not result["breaking"]
 
@@ -208,7 +166,7 @@ def test_service_changed_and_new_view_and_metadata(
 def test_text_output_names_each_change(
     deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = DEFS.replace(", channels])", "])")
+    text = DEPLOYMENT_DEFS.replace(", channels])", "])")
     args = [
         "--features",
         str(write_module(tmp_path, text)),
@@ -236,7 +194,7 @@ def test_run_refuses_breaking_unless_allowed_and_records_history(
     shutil.copytree(deployment / "state", state)
     before = recorded_module(state)
     assert len(read_history(state)) == 1
-    text = DEFS.replace('sum("amount", window="6h")', 'sum("amount", window="12h")')
+    text = DEPLOYMENT_DEFS.replace('sum("amount", window="6h")', 'sum("amount", window="12h")')
     features = write_module(tmp_path / "defs", text)
     common = [
         "--features",
@@ -273,11 +231,13 @@ def test_replay_time_uses_the_rate_measured_on_this_state(
     shutil.copytree(deployment / "state", state)
     record_rate(state, 5_000, 1.0)  # too short a run to measure anything: ignored
     record_rate(state, 200_000, 4.0)
-    text = DEFS.replace('last("channel"),', 'last("channel"), sum("amount", window="2h"),')
+    text = DEPLOYMENT_DEFS.replace(
+        'last("channel"),', 'last("channel"), sum("amount", window="2h"),'
+    )
     args = ["--features", str(write_module(tmp_path / "defs", text)), "--warehouse",
             str(deployment / "wh"), "--state", str(state), "--json"]  # fmt: skip
     assert plan_main(args) == 2
     replay = by_name(orjson.loads(capsys.readouterr().out), "view")["spend"]["replay"]
     assert replay["rate"] == 50_000
     assert replay["rate_source"].startswith("measured")
-    assert replay["seconds"] == pytest.approx(EVENTS / 50_000)
+    assert replay["seconds"] == pytest.approx(DEPLOYMENT_EVENTS / 50_000)

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 
 from state.client import FeatureClient
 from state.store import ViewStore
-from tests.e2e.test_e2e_embedded import wait_for
-from tests.helpers import DAY, REPO, make_events, run_command, write_definitions
+from tests.helpers import DAY, REPO, make_events, run_command, wait_until, write_definitions
 
 AT = (1_780_000_000_000_000 + 10 * DAY) / 1e6
 
@@ -106,11 +105,12 @@ def test_following_flow_continues_on_the_replayed_version(tmp_path: Path) -> Non
     keys = [f"user{i}" for i in range(10)]
     try:
         state = tmp_path / "state"
-        wait_for(
+        wait_until(
             lambda: (
                 (state / "views" / "spend" / "CURRENT").exists()
                 and sum(counts(state, "spend", keys)) == 2000
-            )
+            ),
+            "the flow to apply the first 2000 events",
         )
         result = run_command("flows.replay", *common, "--views", "spend")
         assert result.returncode == 0, result.stderr
@@ -120,7 +120,9 @@ def test_following_flow_continues_on_the_replayed_version(tmp_path: Path) -> Non
             make_events(500, 10, seed=6, start_us=1_780_000_000_000_000 + 4 * DAY),
             "b.parquet",
         )
-        wait_for(lambda: sum(counts(state, "spend", keys)) == 2500)  # on the new version
+        wait_until(  # on the new version
+            lambda: sum(counts(state, "spend", keys)) == 2500, "the flow to apply 500 more events"
+        )
         assert ViewStore(state).current_version("spend") == 2
     finally:
         flow.send_signal(signal.SIGINT)

@@ -16,10 +16,7 @@ from flows.governance.report import section_ids
 from flows.report import main as report_main
 from state.client import FeatureClient
 from state.servedlog import ServedLog
-from tests.flows.test_plan import deployment
 from tests.helpers import make_events, run_command
-
-__all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 
 AT = 1_780_000_000 + 4 * 86_400  # after the newest test event
 

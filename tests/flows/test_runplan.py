@@ -4,7 +4,6 @@ partition keys a process lists to bytewax. Real view stores and warehouses in tm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,9 @@ from flows.runplan import (
 )
 from flows.spec import FeatureView, Source, count, mean
 from state.store import LogPosition, PartitionProgress, ViewStore
-from tests.helpers import SCHEMA_JSON, make_events
+from tests.helpers import TXN_SCHEMA, make_events
 
-SOURCE = Source("txns", json.loads(SCHEMA_JSON), "user_id", "ts", partitions=3)
+SOURCE = Source("txns", TXN_SCHEMA, "user_id", "ts", partitions=3)
 SPEND = FeatureView("spend", SOURCE, [count(window="30m"), mean("amount", window="1h")])
 CHANGED = FeatureView("spend", SOURCE, [count(window="45m", hop="15m")])
 CHANNELS = FeatureView("channels", SOURCE, [count()])

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from state.client import FeatureClient
 from state.store import ViewStore
-from tests.helpers import MINUTE, REPO, make_events, run_command, write_definitions
+from tests.conftest import ProjectFactory
+from tests.helpers import MINUTE, REPO, make_events, run_command, wait_until
 from tests.serve_helpers import Http, Server, free_port, serving
 
 KEYS = [f"user{i}" for i in range(12)] + ["nobody"]
@@ -32,19 +32,16 @@ user_channel = FeatureView(name="user_channel", source=txns, key=("user_id", "ch
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+def store(project_factory: ProjectFactory) -> tuple[Path, Path, int]:
     """(state dir, definitions, newest event time in µs) after flows.run over 2,000 events."""
-    root = tmp_path_factory.mktemp("serve")
-    features = write_definitions(root / "defs")
-    features.write_text(features.read_text() + COMPOSITE)
+    project = project_factory("serve")
+    project.features.write_text(project.features.read_text() + COMPOSITE)
     events = make_events(2000, 10, seed=5)
-    pq.write_table(events, root / "e.parquet")
-    common = ["--features", str(features), "--warehouse", str(root / "wh")]
-    assert run_command("flows.ingest", *common, str(root / "e.parquet")).returncode == 0
-    result = run_command("flows.run", *common, "--state", str(root / "state"), "--until-caught-up")
+    assert project.ingest(events).returncode == 0
+    result = project.run()
     assert result.returncode == 0, result.stderr
     newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
-    return root / "state", features, newest
+    return project.state, project.features, newest
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +300,7 @@ def test_health_waits_for_views_and_new_views_are_served(
             "spend",
         )
         assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 30
-        while http.get("/healthz").status != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: http.get("/healthz").status == 200, "a healthy server", timeout=30)
         assert http.get("/healthz").json()["views"] == ["spend"]
         answer = http.post("/v1/views/spend", {"keys": ["user1"], "at": (newest + 1) / 1e6})
         assert answer.status == 200

@@ -31,10 +31,8 @@ from state.codec import encode_key
 from state.servedlog import ServedLog
 from state.store import ViewStore, partition_dir, rocks_options
 from tests.conftest import TopicFactory
-from tests.flows.test_plan import deployment, write_module
-from tests.helpers import REPO, SCHEMA_JSON
+from tests.helpers import REPO, SCHEMA_JSON, wait_until, write_module
 
-__all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 AT = 1_780_000_000 + 4 * 86_400  # after the newest event of the deployment fixture
 
 DEFS = """
@@ -47,6 +45,7 @@ spend = FeatureView(name="spend", source=txns, features=FEATURES)
 damaged = FeatureView(name="damaged", source=txns, features=FEATURES)
 """
 KEYS = [f"user{i}" for i in range(8)]
+VIEWS = {"spend", "damaged"}
 
 
 @pytest.mark.kafka
@@ -88,12 +87,11 @@ def produce_live(
 
 
 def wait_for_views(state: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (state / "FORMAT").is_file() and set(ViewStore(state).views()) == {"spend", "damaged"}:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"flows.run made no views in {state} within {timeout}s")
+    wait_until(
+        lambda: (state / "FORMAT").is_file() and set(ViewStore(state).views()) == VIEWS,
+        f"flows.run to make the views {sorted(VIEWS)} in {state}",
+        timeout=timeout,
+    )
 
 
 def swap_two_entities(state: Path) -> list[str]:

@@ -6,25 +6,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from state.client import FeatureClient
 from state.errors import FormatVersionError, NotAViewStoreError, StateError, UnknownViewError
 from state.store import ViewStore, partition_dir
-from tests.helpers import make_events, run_command, write_definitions
+from tests.conftest import ProjectFactory
+from tests.helpers import make_events
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("client")
-    features = write_definitions(root / "defs")
-    pq.write_table(make_events(1000, 10, seed=1), root / "e.parquet")
-    common = ["--features", str(features), "--warehouse", str(root / "wh")]
-    assert run_command("flows.ingest", *common, str(root / "e.parquet")).returncode == 0
-    result = run_command("flows.run", *common, "--state", str(root / "state"), "--until-caught-up")
-    assert result.returncode == 0, result.stderr
-    return root / "state"
+def state(project_factory: ProjectFactory) -> Path:
+    return project_factory("client", events=make_events(1000, 10, seed=1), run=True).state
 
 
 def test_unknown_key_gives_empty_window_values(state: Path) -> None:

@@ -10,9 +10,6 @@ import pytest
 
 from state.client import FeatureClient
 from state.servedlog import SERVED_DIR, ServedLog, read_served
-from tests.flows.test_plan import deployment
-
-__all__ = ["deployment"]  # the module-scoped fixture, shared with test_plan
 
 AT = 1_780_000_000 + 4 * 86_400  # seconds: after the newest test event
 

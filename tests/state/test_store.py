@@ -30,9 +30,9 @@ from state.store import (
     read_partition_progress,
     sweep_scratch,
 )
-from tests.helpers import SCHEMA_JSON
+from tests.helpers import TXN_SCHEMA
 
-SOURCE = Source("txns", json.loads(SCHEMA_JSON), "user_id", "ts", partitions=2)
+SOURCE = Source("txns", TXN_SCHEMA, "user_id", "ts", partitions=2)
 
 
 def layout(view: str = "spend", window: str = "30m") -> ViewLayout:
