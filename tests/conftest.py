@@ -7,11 +7,11 @@ markers (kafka, slow) are declared once, in pyproject.toml.
 Layout: tests/ mirrors the packages. tests/connectors/, tests/state/ and tests/flows/ hold the
 tests of one module of that package each (a module's test may run a command, but what it
 checks is that module); tests/e2e/ holds end-to-end and cross-package tests (several commands
-in subprocesses, Kafka, S3, crashes, clusters); tests/adversarial/ holds bad input, races and
-failures. tests/test_cli.py (every command's --help and bad input) and
-tests/test_settings_common.py (flows.settings) stay at the top level for now. Helpers and
-oracles shared by several folders are modules here (helpers.py, oracle.py, vector_oracle.py,
-serve_helpers.py); each folder is a package, so they import as `tests.<module>`."""
+in subprocesses, every command's --help and bad input, Kafka, S3, crashes, clusters);
+tests/adversarial/ holds bad input, races and failures. No test module stays at the top level:
+helpers and oracles shared by several folders are modules here (helpers.py, oracle.py,
+vector_oracle.py, serve_helpers.py); each folder is a package, so they import as
+`tests.<module>`."""
 
 from __future__ import annotations
 
