@@ -7,7 +7,7 @@ sketches ride beside the rows as object arrays, vectors as (rows, width) float64
 
 - `unit_block`: each event becomes a one-event tile (vectorized over a batch);
 - `combine`: runs of adjacent rows merge into one row each (associative, commutative);
-- `reduce_ranges` + `finalize`: the rows of a window merge, then become feature values.
+- `reduce_ranges` + `finalize_array`: the rows of a window merge, then become feature values.
 
 The write path (apply a batch) and the offline snapshot (`flows.pointintime`, many (key, t)
 rows) build their tiles with these calls. The online read does not share the window merge: it
@@ -337,11 +337,6 @@ def merge_pairwise(group: HopGroup, a: TileBlock, b: TileBlock) -> TileBlock:
     both = concat_blocks(group, [a, b])
     order = np.arange(2 * n).reshape(2, n).T.ravel()
     return combine(group, both.take(order), np.arange(0, 2 * n, 2, dtype=np.int64))
-
-
-def finalize(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) -> list[Any]:
-    """Feature values (Python objects, None for null) of merged window rows."""
-    return list(finalize_array(feature, col, merged).to_pylist())
 
 
 def finalize_array(feature: FeatureDef, col: ColumnStats | None, merged: TileBlock) -> pa.Array:

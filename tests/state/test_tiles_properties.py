@@ -21,7 +21,7 @@ from state.tiles import (
     TileBlock,
     combine,
     concat_blocks,
-    finalize,
+    finalize_array,
     reduce_ranges,
     run_starts,
     unit_block,
@@ -116,7 +116,7 @@ def feature_values(group: HopGroup, tiles: TileBlock, t: int) -> dict[str, Any]:
             tiles.rows["tile"], group.hop_us, f.window_us, np.array([t], dtype=np.int64)
         )
         merged = reduce_ranges(group, tiles, lo, hi)
-        out[f.name] = finalize(f, group.column_stats(f), merged)[0]
+        out[f.name] = finalize_array(f, group.column_stats(f), merged).to_pylist()[0]
     return out
 
 
