@@ -2,20 +2,23 @@
 
     op.input("log")            LogSource: one bytewax partition per (source, log partition), each
                                a PartitionLog (segments, then Kafka); items are whole batches
-    op.stateful_map("validate") per log partition: bad records -> dead letters
-                               (flows.validate), then each event marked with the partition's
-                               watermark (flows.shards.PartitionMark)
-    op.flat_map("route")       split by view shard: murmur2 of the entity key, the function the
-                               read client uses to find a key (flows.shards.split)
+    op.flat_map("route")       on the worker that read the batch: bad records -> dead letters
+                               (flows.validate), each event marked with its partition's
+                               watermark (flows.shards.PartitionMark), the batch split by view
+                               shard: murmur2 of the entity key, the function the read client
+                               uses to find a key (flows.shards.split)
     op.output("views")         ViewSink: a shard's owner applies each slice to every view version
                                of the source (flows.aggregate, guarded by flows.quarantine) and
                                commits tiles + its position in the slice's partition in one
                                RocksDB WriteBatch per view
 
 Shards are the partitions of the key space (as many as the source has log partitions). A log
-partitioned by entity key with murmur2 sends each batch whole to one shard; another partitioner
-costs a split and an exchange, not correctness. bytewax recovery is not used: each shard's store
-holds its applied offset per source partition, and sources restart from the lowest of them.
+partitioned by entity key with murmur2 sends each batch whole to one shard, owned by the process
+that read it, so no batch crosses processes; another partitioner costs a split and an exchange,
+not correctness. The marking is not a keyed bytewax step: that would route each batch by a hash
+of its partition's name, to another process of a cluster about half the time. bytewax recovery
+is not used: each shard's store holds its applied offset per source partition, and sources
+restart from the lowest of them.
 """
 
 from __future__ import annotations
@@ -359,23 +362,25 @@ def build_dataflow(plan: FlowPlan, control: FlowControl) -> Dataflow:
     """The dataflow of the diagram above, for every source and view version in `plan`."""
     flow = Dataflow("featureflow")
     log = op.input("log", flow, LogSource(plan, control))
+    # Per log partition, its marker; a partition is read by one worker, so only that worker's
+    # thread touches its entry.
+    marks: dict[str, PartitionMark] = {}
 
-    def mark(
-        state: PartitionMark | None, batch: LogBatch
-    ) -> tuple[PartitionMark, list[tuple[str, Routed]]]:
+    def route(item: tuple[str, LogBatch]) -> list[tuple[str, Routed]]:
+        key, batch = item
         sp = plan.sources[batch.source]
+        state = marks.get(key)
         if state is None:
             resume = plan.resume_at(batch.source, batch.partition)
-            state = PartitionMark(resume.offset + 1, resume.watermark)
+            state = marks[key] = PartitionMark(resume.offset + 1, resume.watermark)
         control.metrics.records_read(batch.source, batch.events.num_rows + len(batch.dead_letters))
         checked = validate_guarded(batch, sp.event_rules)
         marked = state.mark(checked, sp.timestamp, sp.catch_up[batch.partition], time.monotonic())
         plain = any(not t.layout.rekeyed for t in sp.targets)
         parts = state.route(marked, sp.key, len(sp.start), sp.rekeyed, plain=plain)
-        return state, [(part_key(sp.name, shard), routed) for shard, routed in parts]
+        return [(part_key(sp.name, shard), routed) for shard, routed in parts]
 
-    marked = op.stateful_map("validate", log, mark)
-    routed = op.flat_map("route", marked, lambda item: item[1])
+    routed = op.flat_map("route", log, route)
     op.output("views", routed, ViewSink(plan, control))
     return flow
 
