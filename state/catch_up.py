@@ -24,11 +24,9 @@ stops on an error, only when the client closes.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rocksdict import Rdict
 
@@ -40,10 +38,10 @@ from state.store import partition_dir
 log = logging.getLogger("state.client")
 
 _MAX_BACKOFF_S = 2.0
-# A catch-up costs ~0.5-1 ms per partition even when nothing changed, and holds the GIL (a read
-# waits for it): a partition whose WAL and MANIFEST files did not change since the last one is
-# skipped, and caught up anyway this often (in case a file system reports sizes lazily).
-_FORCE_CATCH_UP_S = 10.0
+# Every round catches every open partition up, idle or not. A catch-up costs ~0.5-1 ms per
+# partition and holds the GIL; skipping partitions whose writer's WAL and MANIFEST files had not
+# changed was tried and left readers behind now and then under load (a secondary caught up
+# across a flush stays behind until a later catch-up), so correctness wins over the tail.
 _REOPEN_AFTER = 5  # rounds in a row a view's catch-up failed before its secondaries reopen
 
 
@@ -159,7 +157,7 @@ class CatchUp:
                     reopened = True
                     continue
                 try:
-                    self._caught_up_if_written(opened, partition, db)
+                    self._caught_up(opened, partition, db)
                 except Exception as exc:  # logged; retried next round, the others go on
                     where = f"view {view!r} v{opened.version} partition {partition}: catch-up"
                     ok = self._failed(where, exc)
@@ -173,17 +171,6 @@ class CatchUp:
             self._stuck[view] = 0
             versions.reopen(view, opened.version)
         return ok
-
-    @classmethod
-    def _caught_up_if_written(cls, opened: OpenView, partition: int, db: Rdict) -> None:
-        """Catch a secondary up if its writer wrote since the last time (or a while ago)."""
-        files = _written(partition_dir(opened.directory, partition))
-        last = opened.written.get(partition)
-        now = time.monotonic()
-        if files and last is not None and last[0] == files and now - last[1] < _FORCE_CATCH_UP_S:
-            return
-        cls._caught_up(opened, partition, db)  # files looked at before: a write meanwhile
-        opened.written[partition] = (files, now)
 
     @staticmethod
     def _caught_up(opened: OpenView, partition: int, db: Rdict) -> None:
@@ -203,20 +190,3 @@ class CatchUp:
             exc_info=exc,
         )
         return False
-
-
-def _written(primary: Path) -> tuple[tuple[str, int, int], ...]:
-    """What a secondary's catch-up reads, as file (name, size, mtime): the writer's WAL files
-    (appended on every write) and MANIFEST files (appended on every flush or compaction, a new
-    one when it reopens). Unchanged, a catch-up would find nothing new."""
-    try:
-        with os.scandir(primary) as entries:
-            found = [
-                (e.name, st.st_size, st.st_mtime_ns)
-                for e in entries
-                if e.name.endswith(".log") or e.name.startswith("MANIFEST-")
-                for st in (e.stat(),)
-            ]
-    except OSError:
-        return ()  # gone or unreadable: no skipping, let the catch-up find out
-    return tuple(sorted(found))

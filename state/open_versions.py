@@ -69,7 +69,6 @@ class OpenView:
         "retired",
         "seq",
         "version",
-        "written",
     )
 
     def __init__(self, version: int, layout: ViewLayout, directory: Path) -> None:
@@ -84,8 +83,6 @@ class OpenView:
         # use it instead of reading it again.
         self.seq: dict[int, int] = {}
         self.marks: dict[int, tuple[int, int | None]] = {}
-        # partition -> (its writer's files as of the last catch-up, when it was forced)
-        self.written: dict[int, tuple[tuple[tuple[str, int, int], ...], float]] = {}
         self.lease: VersionLease | None = None
         self.readers = 0
         self.retired = False

@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from state.catch_up import CatchUp
 from state.client import FeatureClient
 from state.errors import ClientClosedError
 from state.store import ViewStore
@@ -122,37 +121,3 @@ def test_catch_up_thread_logs_and_survives_a_broken_partition(
         assert health.refreshing, "the catch-up thread died"
         assert any("catch-up" in r.getMessage() for r in caplog.records)
         assert client.get("spend", "user1", at=AT_LATER) == before  # reads still served
-
-
-def test_idle_partitions_are_not_caught_up_until_their_writer_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A catch-up holds the GIL ~1 ms per partition even when nothing changed: rounds skip
-    partitions whose WAL and MANIFEST files did not change, and still see new writes."""
-    common = _setup(tmp_path)
-    rounds: list[int] = []
-    real = CatchUp._caught_up
-
-    def counted(opened: object, partition: int, db: object) -> None:
-        rounds.append(partition)
-        real(opened, partition, db)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(CatchUp, "_caught_up", staticmethod(counted))
-    with FeatureClient(tmp_path / "state", refresh_s=0.01) as client:
-        assert _total(client) == 2000
-        time.sleep(0.5)  # ~50 rounds
-        idle = len(rounds)
-        partitions = len(client._versions.current["spend"].dbs)
-        assert partitions > 0
-        assert idle <= 2 * partitions, f"{idle} catch-ups of {partitions} idle partitions"
-        more = make_events(300, 10, seed=12, start_us=START_US + 5 * DAY)
-        pq.write_table(more, tmp_path / "b.parquet")
-        result = run_command("flows.ingest", *common[:4], str(tmp_path / "b.parquet"))
-        assert result.returncode == 0, result.stderr
-        result = run_command("flows.run", *common, "--until-caught-up")
-        assert result.returncode == 0, result.stderr
-        wait_until(
-            lambda: _total(client) == 2300, "the client to catch up", timeout=5, interval=0.01
-        )
-        assert _total(client) == 2300
-        assert len(rounds) > idle
