@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from workload import SCHEMA, transactions
+from workload import SCHEMA, cluster_addresses, polars_windows, transactions
 
 from connectors.segments import Warehouse
 from flows.ingest import ingest_table
@@ -125,16 +124,6 @@ def watch_peak_rss(procs: list[subprocess.Popen[bytes]]) -> int:
     return peak
 
 
-def cluster_addresses(processes: int) -> str:
-    """`--addresses` for a cluster on this host: free loopback ports."""
-    ports = []
-    for _ in range(processes):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    return ";".join(f"127.0.0.1:{p}" for p in ports)
-
-
 def run_duckdb(tmp: Path) -> float:
     frames = ("INTERVAL 30 MINUTE", "INTERVAL 14 DAY", "INTERVAL 180 DAY")
     cols = []
@@ -158,15 +147,7 @@ def run_polars(tmp: Path) -> float:
     started = time.perf_counter()
     frame = pl.scan_parquet(files).select("user_id", "ts", "amount").collect()
     frame = frame.sort("user_id", "ts")
-    one = pl.col("amount").is_not_null().cast(pl.Int64)  # amount is never null: one per event
-    columns = []
-    for w in ("30m", "14d", "180d"):
-        columns += [
-            one.rolling_sum_by("ts", window_size=w).over("user_id").alias(f"count_{w}"),
-            pl.col("amount").rolling_sum_by("ts", window_size=w).over("user_id").alias(f"s_{w}"),
-            pl.col("amount").rolling_mean_by("ts", window_size=w).over("user_id").alias(f"m_{w}"),
-        ]
-    frame.with_columns(columns)
+    polars_windows(frame)
     return time.perf_counter() - started
 
 

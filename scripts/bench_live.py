@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined, unused-ignore]
-from workload import SCHEMA, transactions
+from workload import SCHEMA, cluster_addresses, transactions
 
 from connectors.kafka import AvroProducer
 
@@ -54,15 +53,6 @@ def make_topic(bootstrap: str, partitions: int, events: int, keys: int) -> str:
     return topic
 
 
-def free_ports(n: int) -> str:
-    ports = []
-    for _ in range(n):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    return ";".join(f"127.0.0.1:{p}" for p in ports)
-
-
 def run(tmp: Path, bootstrap: str, topic: str, partitions: int, processes: int) -> float:
     name = f"p{partitions}-x{processes}"
     defs = tmp / f"{name}.py"
@@ -73,7 +63,7 @@ def run(tmp: Path, bootstrap: str, topic: str, partitions: int, processes: int) 
     ]
     cluster: list[list[str]] = [[]]
     if processes > 1:
-        addresses = free_ports(processes)
+        addresses = cluster_addresses(processes)
         cluster = [
             ["--addresses", addresses, "--process-id", str(i), "--separate-state"]
             for i in range(processes)

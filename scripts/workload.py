@@ -3,6 +3,7 @@ view of count, sum and mean of amount over 30m, 14d and 180d (9 features)."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import numpy as np
@@ -46,3 +47,29 @@ def transactions(n: int, keys: int, seed: int = 42, days: int = 180) -> pa.Table
             "merchant_id": np.char.add("m", rng.integers(0, MERCHANTS, n).astype(str)),
         }
     )
+
+
+def cluster_addresses(processes: int) -> str:
+    """`--addresses` for a bytewax cluster of `processes` on this host: free loopback ports."""
+    ports = []
+    for _ in range(processes):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    return ";".join(f"127.0.0.1:{p}" for p in ports)
+
+
+def polars_windows(frame: Any) -> Any:
+    """The spend view's 9 windows per event with Polars `rolling_*_by` over the key: the peer
+    the benchmarks time (`frame`: user_id, ts, amount, sorted by user_id then ts)."""
+    import polars as pl  # the bench extra's; only the benchmarks that time Polars need it
+
+    one = pl.col("amount").is_not_null().cast(pl.Int64)  # amount is never null: one per event
+    columns = []
+    for w in WINDOWS:
+        columns += [
+            one.rolling_sum_by("ts", window_size=w).over("user_id").alias(f"count_{w}"),
+            pl.col("amount").rolling_sum_by("ts", window_size=w).over("user_id").alias(f"s_{w}"),
+            pl.col("amount").rolling_mean_by("ts", window_size=w).over("user_id").alias(f"m_{w}"),
+        ]
+    return frame.with_columns(columns)

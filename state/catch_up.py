@@ -9,14 +9,12 @@ catch-up or a version switch:
     each open view:  follow CURRENT (another live version: open it, swap it in)
       each open partition:
         writer's MANIFEST is another one (it reopened)  -> reopen the version's secondaries
-        WAL and MANIFEST files as at the last catch-up,
-        and that was less than 10 s ago                 -> skip
         otherwise                                       -> catch up (`OpenView.seq` += 2)
       each partition not open yet                       -> open it if its writer created it
       failed 5 rounds in a row                          -> reopen the version's secondaries
 
 A catch-up costs about 1 ms per partition even when nothing changed and holds the interpreter
-meanwhile, hence the skip. A failure is counted in `ClientHealth`, logged by the `state.client`
+meanwhile (see the note at `_REOPEN_AFTER` on why idle partitions are not skipped). A failure is counted in `ClientHealth`, logged by the `state.client`
 logger and retried the next round (rounds back off up to 2 s while they fail); the thread never
 stops on an error, only when the client closes.
 """
