@@ -14,9 +14,10 @@ catch-up or a version switch:
       failed 5 rounds in a row                          -> reopen the version's secondaries
 
 A catch-up costs about 1 ms per partition even when nothing changed and holds the interpreter
-meanwhile (see the note at `_REOPEN_AFTER` on why idle partitions are not skipped). A failure is counted in `ClientHealth`, logged by the `state.client`
-logger and retried the next round (rounds back off up to 2 s while they fail); the thread never
-stops on an error, only when the client closes.
+meanwhile (see the note at `_REOPEN_AFTER` on why idle partitions are not skipped). A failure
+is counted in `ClientHealth`, logged by the `state.client` logger and retried the next round
+(rounds back off up to 2 s while they fail); the thread never stops on an error, only when the
+client closes.
 """
 
 from __future__ import annotations
