@@ -476,14 +476,13 @@ def replace_file(
     (default `.<name>.<uuid>.tmp`), fsync it, rename it onto `path` (the commit point), call
     `on_replaced()`, fsync the directory. The temporary file is removed on any error, and an
     OSError (a full disk, say) reaches the caller, which names it in its own terms."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp or path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def replace(temporary: Path) -> None:
+        write(temporary)
+        fsync_path(temporary)
+        os.replace(temporary, path)
+
+    _with_temp(path, replace, tmp)
     if on_replaced is not None:
         on_replaced()
     fsync_path(path.parent)
@@ -500,9 +499,11 @@ def replace_atomically(
     _guard_disk(path, lambda: replace_file(path, write, on_replaced=on_replaced))
 
 
-def _with_temp(path: Path, use: Callable[[Path], None]) -> None:
+def _with_temp(path: Path, use: Callable[[Path], None], tmp: Path | None = None) -> None:
+    """`use(tmp)` for a temporary file beside `path` (default `.<name>.<uuid>.tmp`), removed
+    afterwards whatever happens (after a rename there is nothing left to remove)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = tmp or path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         use(tmp)
     finally:
