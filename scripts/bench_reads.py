@@ -12,7 +12,9 @@ of --rounds kept: the machine is shared):
 - `FeatureClient.get` (as of the newest event + 1 µs, as bench_flow measures, and as of now);
 - raw multi-get: `Rdict.get([keys])` of 100 entities, one call per partition (keys grouped and
   encoded beforehand: the floor);
-- `FeatureClient.get_many` of the same 100 keys.
+- `FeatureClient.get_many` of the same 100 keys;
+- a catch-up of one idle partition (`try_catch_up_with_primary`, what the client's catch-up
+  thread does to every open partition each round, holding the GIL).
 
     python scripts/bench_reads.py [--events 10000000] [--keys 100000] [--work DIR]
 
@@ -116,6 +118,9 @@ class Round:
         c, v = self.client, self.view
         return timed([partial(c.get_many, v, b, at=at) for b in self.batches(size)])
 
+    def catch_up(self) -> list[int]:
+        return timed([db.try_catch_up_with_primary for db in self.dbs.values()] * 25)
+
 
 def _multi_get(dbs: dict[int, Any], grouped: dict[int, list[Any]]) -> list[Any]:
     return [dbs[p].get(keys) for p, keys in grouped.items()]
@@ -136,6 +141,7 @@ def measure(client: FeatureClient, view: str, keys: int, newest: int, args: Any)
             "raw multi-get of 100": r.raw_many(100),
             "get_many of 100 (at newest+1us)": r.get_many(100, at),
             "get_many of 100 (now)": r.get_many(100, None),
+            "catch-up of an idle partition": r.catch_up(),
         }
         for name, samples in runs.items():
             p50, p99 = percentiles(samples)

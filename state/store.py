@@ -87,6 +87,12 @@ def rocks_options(*, read_only: bool = False) -> Options:
     opts.set_block_based_table_factory(table)
     opts.set_compression_type(DBCompressionType.lz4())
     opts.set_max_open_files(-1)
+    if read_only:
+        # With every table file kept open, each catch-up of a secondary loads table handlers on
+        # `max_file_opening_threads` new threads (16 by default), even when nothing changed:
+        # ~450-570 us per idle partition, all of it holding the GIL. One thread loads them
+        # inline: 16-23 us (scripts/bench_reads.py prints the catch-up cost).
+        opts.set_max_file_opening_threads(1)
     return opts
 
 
