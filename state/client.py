@@ -30,6 +30,7 @@ so neither a version switch nor a catch-up fails a read (`state.open_versions` s
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from state.codec import (
 )
 from state.errors import RequestTypeError
 from state.layout import ViewLayout
+from state.malloc import tune_allocator
 from state.open_versions import OpenVersions, OpenView
 from state.read import AsOf, evaluate_blob
 from state.request_keys import key_text_of, key_texts
@@ -93,6 +95,7 @@ class FeatureClient:
     ) -> None:
         self.root = Path(state_dir)
         self._store = ViewStore(self.root, create=False)  # checks it is a view store
+        tune_allocator()  # reads reuse heap blocks instead of faulting pages in per call
         self._services = ServiceBook(self.root, Path(features) if features else None)
         self.served_log = served_log
         self._versions = OpenVersions(self._store)
@@ -336,6 +339,11 @@ class FeatureClient:
         self.close()
 
     def __del__(self) -> None:
+        if sys.is_finalizing():
+            # The interpreter is exiting: its daemon threads (this client's catch-up thread)
+            # are frozen wherever they were, perhaps holding the locks `close` takes, which
+            # hung the exit. The process's end releases the handles, leases and files.
+            return
         with contextlib.suppress(Exception):
             self.close()
 

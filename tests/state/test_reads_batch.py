@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -434,6 +435,28 @@ def test_a_process_exits_cleanly_with_an_unclosed_client(tmp_path: Path) -> None
             check=False,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_unclosed_client_takes_no_lock_at_interpreter_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At interpreter exit daemon threads (a client's catch-up thread) are frozen wherever they
+    were, perhaps inside the client's locks: `__del__` then closing the client waited for them
+    forever (a benchmark process hung at exit this way). So at exit it closes nothing."""
+    layout = SMALL.layout()
+    events = make_events(200, 10, seed=3)
+    newest = int(events.column("ts").cast(pa.int64()).to_numpy().max())
+    write_store(tmp_path / "state", layout, apply_all(layout, events, batch=200), newest)
+    client = FeatureClient(tmp_path / "state")
+    client.get("small", "u1", at=2e9)
+    monkeypatch.setattr(sys, "is_finalizing", lambda: True)
+    with client._versions._opening:  # held, as by a frozen catch-up thread
+        deleting = threading.Thread(target=client.__del__, daemon=True)
+        deleting.start()
+        deleting.join(10)
+        assert not deleting.is_alive(), "__del__ waited for a lock at interpreter exit"
+    monkeypatch.undo()
+    client.close()
 
 
 # --- property: the vectorized merge is the per-entity merge --------------------------------
