@@ -46,6 +46,23 @@ def partition_for(key: str, partitions: int) -> int:
     return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
 
 
+_VECTOR_FROM = 32  # keys from which hashing them as one Arrow array beats a loop (~2x at 100)
+
+
+def partition_list(keys: list[str], partitions: int) -> list[int]:
+    """`partition_for` of each key of a list (a read's keys): hashed together from
+    `_VECTOR_FROM` keys (100 keys: 50 us instead of 90 us), one at a time below."""
+    if len(keys) >= _VECTOR_FROM:
+        try:
+            hashes = murmur2_many(pa.array(keys, pa.string()))
+        except (pa.ArrowException, UnicodeEncodeError):
+            pass  # e.g. a lone surrogate: the loop raises what encoding one key raises
+        else:
+            found: list[int] = ((hashes & 0x7FFFFFFF) % partitions).tolist()
+            return found
+    return [partition_for(key, partitions) for key in keys]
+
+
 def partitions_for(keys: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
     """The partition of every key, as an int32 numpy array; -1 where the key is null.
 

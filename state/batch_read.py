@@ -82,9 +82,12 @@ def evaluate_blobs(
     for group in layout.groups:
         plan = group_plan(group)
         wanted = only is None or not only.isdisjoint(plan.names)
-        section, pos = _section(layout, group, batch, pos, wanted)
-        if section is None:
+        parts, pos = _parts(layout, group, batch, pos)
+        if not wanted:
             continue
+        if _compiled(layout, group, plan, parts, batch, t, checks, blobs, values, only):
+            continue
+        section = _section(parts, batch)
         tiles = section.i64[section.index] if plan.hop else np.zeros(len(section.eid), np.int64)
         if checks is not None:
             _check_exact(layout, group, plan, section, batch, tiles, t, checks, blobs)
@@ -196,10 +199,18 @@ class _Section:
     f64: F64
 
 
-def _section(
-    layout: ViewLayout, group: HopGroup, batch: _Batch, pos: I64, wanted: bool
-) -> tuple[_Section | None, I64]:
-    """The group's section of every blob (None when not `wanted`), and where the next starts."""
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """Where one hop group's section of every blob keeps its parts."""
+
+    n: I64  # rows per entity
+    cols: I64  # address of each entity's first column
+    objects: I64 | None  # address of each entity's object stats (its orjson document length)
+    vectors: dict[str, I64]  # vector field -> address of each entity's vector length (u32)
+
+
+def _parts(layout: ViewLayout, group: HopGroup, batch: _Batch, pos: I64) -> tuple[_Parts, I64]:
+    """The group's section of every blob, and where the next starts."""
     width = len(group.dtype.names or ())
     _within(layout, batch, pos + 4)
     n = batch.u32[pos].astype(np.int64)
@@ -218,8 +229,12 @@ def _section(
         vectors[name] = pos
         pos = pos + 4 + 8 * n * batch.u32[pos]
         _within(layout, batch, pos)
-    if not wanted:
-        return None, pos
+    return _Parts(n, cols, objects, vectors), pos
+
+
+def _section(parts: _Parts, batch: _Batch) -> _Section:
+    """The group's row table over every blob's section."""
+    n, cols = parts.n, parts.cols
     eid = np.repeat(np.arange(len(n)), n)
     at, first = np.arange(len(eid)), np.cumsum(n) - n
     shifts = cols % 8
@@ -229,7 +244,89 @@ def _section(
     else:
         i64, f64, index, unit = batch.i64, batch.f64, cols, 8
     rows = (index - unit * first)[eid] + (unit * at if unit != 1 else at)
-    return _Section(n, cols, objects, vectors, eid, at, first, rows, (unit * n)[eid], i64, f64), pos
+    step = (unit * n)[eid]
+    return _Section(n, cols, parts.objects, parts.vectors, eid, at, first, rows, step, i64, f64)
+
+
+# Features the compiled window sums answer: counts, sums and means of scalar columns.
+_COMPILED = frozenset({"events", "count", "sum", "mean"})
+
+
+def _compiled(
+    layout: ViewLayout,
+    group: HopGroup,
+    plan: GroupPlan,
+    parts: _Parts,
+    batch: _Batch,
+    t: int,
+    checks: Checks | None,
+    blobs: Sequence[bytes | None],
+    values: dict[str, list[Any]],
+    only: frozenset[str] | None,
+) -> bool:
+    """The group's values through `state.window_sums` when it can answer them (every wanted
+    feature a count, sum or mean of a scalar column, the group's sections aligned alike, and,
+    for a checked read, no entity read before its newest event); False to take the NumPy
+    path."""
+    feats = [
+        (w, f)
+        for w, fs in zip(plan.windows, plan.features, strict=True)
+        for f in fs
+        if only is None or f.name in only
+    ]
+    if any(f.agg not in _COMPILED or f.vector for _, f in feats) or parts.objects is not None:
+        return False
+    shifts = parts.cols % 8
+    if len(shifts) == 0 or not (shifts == shifts[0]).all():
+        return False
+    if checks is not None:
+        if ((t < batch.newest) & (parts.n > 1)).any():
+            return False  # the reads that may mix events around t: the NumPy path checks them
+        _refuse(layout, group, plan, t, checks, blobs, batch, np.zeros(len(parts.n), bool))
+    window_totals = _kernel()
+    i64, f64 = batch.aligned(int(shifts[0]))
+    ints_at = sorted({f.cnt for _, f in feats})
+    floats_at = sorted({f.value for _, f in feats if f.agg in ("sum", "mean")})
+    windows = np.array(plan.windows, np.int64)
+    ints, floats = window_totals(
+        i64,
+        f64,
+        (parts.cols - shifts) // 8,
+        parts.n,
+        batch.newest,
+        t,
+        plan.hop,
+        windows,
+        np.array(ints_at, np.int64),
+        np.array(floats_at, np.int64),
+    )
+    where = {w: i for i, w in enumerate(plan.windows)}
+    for w, f in feats:
+        cnt = ints[ints_at.index(f.cnt), where[w]]
+        total = floats[floats_at.index(f.value), where[w]] if f.agg in ("sum", "mean") else None
+        values[f.name] = _plain(f, cnt, total)
+    return True
+
+
+_KERNEL: list[Any] = []
+
+
+def _kernel() -> Any:
+    """`state.window_sums.window_totals`, imported and compiled (or loaded from Numba's
+    cache) on the first batch read that uses it, or by `warm_up`."""
+    if not _KERNEL:
+        from state.window_sums import window_totals
+
+        none, nothing = np.zeros(0, np.int64), np.zeros(0, np.float64)
+        window_totals(none, nothing, none, none, none, 0, 0, none, none, none)  # compiles
+        _KERNEL.append(window_totals)
+    return _KERNEL[0]
+
+
+def warm_up() -> None:
+    """Compile the batch read's kernel now (about a second the first time on a machine, then
+    milliseconds from Numba's cache) rather than in the first `get_many` that needs it."""
+    _kernel()
 
 
 def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:
@@ -274,6 +371,21 @@ def _check_exact(
         mixed = early & (np.bincount(sec.eid[hit], minlength=entities) > 0)
     else:
         mixed = np.zeros(entities, dtype=bool)
+    _refuse(layout, group, plan, t, checks, blobs, batch, mixed)
+
+
+def _refuse(
+    layout: ViewLayout,
+    group: HopGroup,
+    plan: GroupPlan,
+    t: int,
+    checks: Checks,
+    blobs: Sequence[bytes | None],
+    batch: _Batch,
+    mixed: Bools,
+) -> None:
+    """Raise for the first known key whose window at t mixes events around t (`mixed`) or
+    reaches behind the tiles its partition kept."""
     # the few partitions' watermarks, each looked at once
     pruned_at = {wm: _pruned(group, plan, t, wm) for wm in set(checks.watermarks)}
     if not mixed.any() and not any(pruned_at.values()):
@@ -405,13 +517,11 @@ def _feature(f: CompiledFeature, w: _Window, entity_rows: _EntityRows) -> list[A
         return _vector_values(f, w, cnt, entity_rows)
     if not _vectorized(f):
         return _per_entity(f, w, cnt, entity_rows)
-    if f.agg == "sum":
-        total = w.total(f.value).tolist()
-        return [round(x) for x in total] if f.integral else list(total)
+    if f.agg in ("sum", "mean"):
+        return _plain(f, cnt, w.total(f.value))
     empty = cnt == 0
-    if f.agg == "mean":
-        found: npt.NDArray[Any] = w.total(f.value) / np.maximum(cnt, 1)
-    elif f.agg in ("var", "std"):
+    found: npt.NDArray[Any]
+    if f.agg in ("var", "std"):
         found = _variance(f, w, cnt)
         found = np.sqrt(found) if f.agg == "std" else found
     elif f.agg in ("min", "max"):
@@ -419,7 +529,27 @@ def _feature(f: CompiledFeature, w: _Window, entity_rows: _EntityRows) -> list[A
     else:
         found = w.floats(f.value)[_edge_rows(f, w)] if len(w.ids) else np.zeros(0)
         found = _scatter(w, found)
-    if f.integral:
+    return _nullable(f, found, empty)
+
+
+def _plain(f: CompiledFeature, cnt: I64, total: F64 | None) -> list[Any]:
+    """A count, sum or mean of every entity from its window's event count and column total
+    (both paths: `_feature` and `_compiled`)."""
+    if f.agg in ("events", "count") or total is None:
+        return list(cnt.tolist())
+    if f.agg == "sum":
+        totals = total.tolist()
+        return [round(x) for x in totals] if f.integral else list(totals)
+    return _nullable(f, total / np.maximum(cnt, 1), cnt == 0)
+
+
+# Aggregations whose value over an integer column is an int (a mean, var or std is a float).
+_INT_VALUED = frozenset({"min", "max", "first", "last"})
+
+
+def _nullable(f: CompiledFeature, found: npt.NDArray[Any], empty: Bools) -> list[Any]:
+    """`found` as values, None where the window is `empty`."""
+    if f.integral and f.agg in _INT_VALUED:
         return [None if e else int(v) for v, e in zip(found.tolist(), empty.tolist(), strict=True)]
     out: list[Any] = found.tolist()
     for e in np.flatnonzero(empty).tolist():

@@ -35,6 +35,7 @@ from flows.serving.errors import (
 )
 from flows.serving.metrics import ServingMetrics
 from flows.serving.requests import parse_service_read, parse_view_read
+from state.batch_read import warm_up
 from state.client import FeatureClient
 from state.errors import (
     InexactReadError,
@@ -214,6 +215,7 @@ def _open_client(config: ServeConfig) -> FeatureClient:
     log = None
     if config.served_log:
         log = ServedLog(config.served_log, rate=config.served_log_rate)
+    warm_up()  # the batch read's compiled kernel, before the first request needs it
     return FeatureClient(
         config.state, refresh_s=config.refresh_s, features=config.features, served_log=log
     )

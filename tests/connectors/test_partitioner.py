@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connectors.partitioner import murmur2, murmur2_many, partition_for, partitions_for
+from connectors.partitioner import (
+    murmur2,
+    murmur2_many,
+    partition_for,
+    partition_list,
+    partitions_for,
+)
 
 # Kafka's UtilsTest.testMurmur2
 KAFKA_VECTORS = {
@@ -67,3 +73,15 @@ def test_partitions_for_refuses_non_string_keys_and_no_partitions() -> None:
         partitions_for(pa.array([1, 2]), 3)
     with pytest.raises(ValueError, match="partitions=0"):
         partitions_for(pa.array(["a"]), 0)
+
+
+@given(st.lists(st.text(max_size=40), max_size=80), st.integers(1, 12))
+def test_partition_list_is_partition_for_of_each_key(keys: list[str], partitions: int) -> None:
+    """Below 32 keys one at a time, from 32 as one Arrow array: the same partitions."""
+    assert partition_list(keys, partitions) == [partition_for(k, partitions) for k in keys]
+
+
+def test_partition_list_raises_what_encoding_a_key_raises() -> None:
+    for n in (1, 40):
+        with pytest.raises(UnicodeEncodeError):
+            partition_list(["u1"] * (n - 1) + ["\udc80"], 4)

@@ -86,11 +86,28 @@ VIEW = FeatureView(  # every exact aggregation kind, six hops and the lifetime g
         min("qty", window="1d"),
         var("amount", window="1d"),
         std("amount", window="6h", hop="2h"),
+        std("qty", window="6h", hop="2h"),  # of an int column: a float, as the single read's
+        mean("qty", window="1d"),
         first("channel", window="1h"),
         last("channel"),
         last("amount", window="30m"),
         first("qty", window="1d"),
         count("amount", window="1d"),
+        mean("amount"),
+    ],
+)
+PLAIN_VIEW = FeatureView(  # counts, sums and means only: every group takes state.window_sums
+    name="p",
+    source=SOURCE,
+    features=[
+        count(window="30m"),
+        sum("amount", window="30m"),
+        mean("qty", window="2h", hop="10m"),
+        sum("qty", window="1d"),
+        count("amount", window="1d"),
+        mean("amount", window="3h"),
+        count(),
+        sum("qty"),
         mean("amount"),
     ],
 )
@@ -495,3 +512,58 @@ def test_vectorized_finalize_equals_per_entity(
     blobs = [store.get(encode_key(f"u{k}")) for k in range(7)]
     t = base + at
     assert rows(layout, evaluate_blobs(layout, blobs, t)) == singles(layout, blobs, t)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(EVENT, min_size=1, max_size=60),
+    st.integers(-HOUR, 4 * DAY),
+    st.integers(1, 60),
+    st.booleans(),
+)
+def test_compiled_window_sums_equal_the_single_read_and_numpy(
+    events: list[tuple[int, int, float | None, int | None, str | None]],
+    at: int,
+    batch: int,
+    on_hop: bool,
+) -> None:
+    """Counts, sums and means through state.window_sums: bit for bit the single read's values
+    (and the NumPy path's, for the plain features of a view with other kinds too), checked
+    reads refused alike."""
+    base = 1_700_000_000_000_000
+    table = pa.table(
+        {
+            "user_id": [f"u{e[0]}" for e in events],
+            "ts": pa.array([base + e[1] for e in events], pa.timestamp("us", tz="UTC")),
+            "amount": pa.array([e[2] for e in events], pa.float64()),
+            "qty": pa.array([e[3] for e in events], pa.int64()),
+            "channel": pa.array([e[4] for e in events], pa.string()),
+            "_offset": pa.array(np.arange(len(events), dtype=np.int64)),
+        }
+    )
+    t = base + (at - at % (10 * 60_000_000) if on_hop else at)
+    for view in (PLAIN_VIEW, VIEW):
+        layout = view.layout()
+        store = apply_all(layout, table, batch=batch)
+        keys = [f"u{k}" for k in range(7)]
+        blobs = [store.get(encode_key(k)) for k in keys]
+        plain = frozenset(f.name for f in layout.features if f.agg in ("count", "sum", "mean"))
+        got = evaluate_blobs(layout, blobs, t, only=plain)
+        want = [{k: v for k, v in row.items() if k in plain} for row in singles(layout, blobs, t)]
+        assert [dict(zip(got, row, strict=True)) for row in zip(*got.values(), strict=True)] == want
+        newest = int(table.column("ts").cast(pa.int64()).to_numpy().max())
+        checks = Checks(keys, [newest] * len(keys))
+        single_error = batch_error = None
+        for key, blob in zip(keys, blobs, strict=True):
+            if blob is None:
+                continue
+            try:
+                evaluate_blob(layout, blob, t, AsOf(key, newest), plain)
+            except InexactReadError as exc:
+                single_error = str(exc)
+                break
+        try:
+            evaluate_blobs(layout, blobs, t, checks, plain)
+        except InexactReadError as exc:
+            batch_error = str(exc)
+        assert (single_error is None) == (batch_error is None), (single_error, batch_error)
