@@ -252,6 +252,45 @@ def _section(parts: _Parts, batch: _Batch) -> _Section:
 _COMPILED = frozenset({"events", "count", "sum", "mean"})
 
 
+@dataclass(frozen=True, slots=True)
+class _KernelPlan:
+    """What `state.window_sums` computes for a group's wanted features, worked out once."""
+
+    windows: I64
+    int_cols: I64  # the count columns summed
+    float_cols: I64  # the value columns summed
+    outputs: tuple[tuple[CompiledFeature, int, int, int], ...]  # feature, window, int, float
+
+
+_KERNEL_PLANS: dict[tuple[int, frozenset[str] | None], tuple[GroupPlan, _KernelPlan | None]] = {}
+
+
+def _kernel_plan(plan: GroupPlan, only: frozenset[str] | None) -> _KernelPlan | None:
+    """The group's kernel plan, None when a wanted feature is not a count, sum or mean."""
+    cached = _KERNEL_PLANS.get((id(plan), only))
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    feats = [
+        (w, f) for w, fs in enumerate(plan.features) for f in fs if only is None or f.name in only
+    ]
+    found = None
+    if all(f.agg in _COMPILED and not f.vector for _, f in feats):
+        ints = sorted({f.cnt for _, f in feats})
+        floats = sorted({f.value for _, f in feats if f.agg in ("sum", "mean")})
+        outputs = tuple(
+            (f, w, ints.index(f.cnt), floats.index(f.value) if f.agg in ("sum", "mean") else -1)
+            for w, f in feats
+        )
+        found = _KernelPlan(
+            np.array(plan.windows, np.int64),
+            np.array(ints, np.int64),
+            np.array(floats, np.int64),
+            outputs,
+        )
+    _KERNEL_PLANS[(id(plan), only)] = (plan, found)
+    return found
+
+
 def _compiled(
     layout: ViewLayout,
     group: HopGroup,
@@ -268,43 +307,32 @@ def _compiled(
     feature a count, sum or mean of a scalar column, the group's sections aligned alike, and,
     for a checked read, no entity read before its newest event); False to take the NumPy
     path."""
-    feats = [
-        (w, f)
-        for w, fs in zip(plan.windows, plan.features, strict=True)
-        for f in fs
-        if only is None or f.name in only
-    ]
-    if any(f.agg not in _COMPILED or f.vector for _, f in feats) or parts.objects is not None:
+    kernel_plan = _kernel_plan(plan, only)
+    if kernel_plan is None or parts.objects is not None:
         return False
     shifts = parts.cols % 8
-    if len(shifts) == 0 or not (shifts == shifts[0]).all():
+    shift = int(shifts[0])
+    if not (shifts == shift).all():
         return False
     if checks is not None:
         if ((t < batch.newest) & (parts.n > 1)).any():
             return False  # the reads that may mix events around t: the NumPy path checks them
         _refuse(layout, group, plan, t, checks, blobs, batch, np.zeros(len(parts.n), bool))
-    window_totals = _kernel()
-    i64, f64 = batch.aligned(int(shifts[0]))
-    ints_at = sorted({f.cnt for _, f in feats})
-    floats_at = sorted({f.value for _, f in feats if f.agg in ("sum", "mean")})
-    windows = np.array(plan.windows, np.int64)
-    ints, floats = window_totals(
+    i64, f64 = batch.aligned(shift)
+    ints, floats = _kernel()(
         i64,
         f64,
-        (parts.cols - shifts) // 8,
+        (parts.cols - shift) >> 3,
         parts.n,
         batch.newest,
         t,
         plan.hop,
-        windows,
-        np.array(ints_at, np.int64),
-        np.array(floats_at, np.int64),
+        kernel_plan.windows,
+        kernel_plan.int_cols,
+        kernel_plan.float_cols,
     )
-    where = {w: i for i, w in enumerate(plan.windows)}
-    for w, f in feats:
-        cnt = ints[ints_at.index(f.cnt), where[w]]
-        total = floats[floats_at.index(f.value), where[w]] if f.agg in ("sum", "mean") else None
-        values[f.name] = _plain(f, cnt, total)
+    for f, w, k_int, k_float in kernel_plan.outputs:
+        values[f.name] = _plain(f, ints[k_int, w], floats[k_float, w] if k_float >= 0 else None)
     return True
 
 
@@ -317,8 +345,10 @@ def _kernel() -> Any:
     if not _KERNEL:
         from state.window_sums import window_totals
 
-        none, nothing = np.zeros(0, np.int64), np.zeros(0, np.float64)
-        window_totals(none, nothing, none, none, none, 0, 0, none, none, none)  # compiles
+        # compiles for the types a read passes: read-only views of the batch's buffer
+        words = np.frombuffer(bytes(8), np.int64), np.frombuffer(bytes(8), np.float64)
+        none = np.zeros(0, np.int64)
+        window_totals(*words, none, none, none, 0, 0, none, none, none)
         _KERNEL.append(window_totals)
     return _KERNEL[0]
 

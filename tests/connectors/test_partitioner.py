@@ -77,11 +77,18 @@ def test_partitions_for_refuses_non_string_keys_and_no_partitions() -> None:
 
 @given(st.lists(st.text(max_size=40), max_size=80), st.integers(1, 12))
 def test_partition_list_is_partition_for_of_each_key(keys: list[str], partitions: int) -> None:
-    """Below 32 keys one at a time, from 32 as one Arrow array: the same partitions."""
+    """Below 8 keys one at a time, from 8 compiled: the same partitions."""
     assert partition_list(keys, partitions) == [partition_for(k, partitions) for k in keys]
 
 
 def test_partition_list_raises_what_encoding_a_key_raises() -> None:
-    for n in (1, 40):
+    for n in (1, 7, 8, 40):
         with pytest.raises(UnicodeEncodeError):
             partition_list(["u1"] * (n - 1) + ["\udc80"], 4)
+
+
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.decode("latin-1")), max_size=40))
+def test_the_compiled_hash_is_kafkas_murmur2(keys: list[str]) -> None:
+    """Every length's tail (0-3 bytes) and multi-byte UTF-8, through the compiled pass."""
+    padded = keys + ["u1"] * 8  # enough keys for the compiled pass
+    assert partition_list(padded, 1_000_003) == [partition_for(k, 1_000_003) for k in padded]
