@@ -43,6 +43,7 @@ from state.read import (
     feature_value,
     group_plan,
     inexact_message,
+    pruned_features,
     summary_value,
 )
 from state.tiles import empty_block
@@ -417,7 +418,7 @@ def _refuse(
     """Raise for the first known key whose window at t mixes events around t (`mixed`) or
     reaches behind the tiles its partition kept."""
     # the few partitions' watermarks, each looked at once
-    pruned_at = {wm: _pruned(group, plan, t, wm) for wm in set(checks.watermarks)}
+    pruned_at = {wm: pruned_features(group, plan, t, wm) for wm in set(checks.watermarks)}
     if not mixed.any() and not any(pruned_at.values()):
         return
     for e, (key, wm) in enumerate(zip(checks.keys, checks.watermarks, strict=True)):
@@ -427,19 +428,6 @@ def _refuse(
             raise InexactReadError(
                 inexact_message(layout, group, t, newest, check, bool(mixed[e]), pruned)
             )
-
-
-def _pruned(group: HopGroup, plan: GroupPlan, t: int, wm: int | None) -> list[str]:
-    """The group's features whose window at t reaches behind the tiles kept at watermark wm."""
-    if not plan.hop or wm is None or t >= wm:
-        return []
-    oldest_kept = wm // plan.hop - group.max_window_us // plan.hop
-    return [
-        f.name
-        for w, feats in zip(plan.windows, plan.features, strict=True)
-        if t // plan.hop - w // plan.hop < oldest_kept
-        for f in feats
-    ]
 
 
 @dataclass(slots=True)

@@ -270,18 +270,24 @@ def _check_exact(
         elif t % plan.hop:
             head = t // plan.hop
             mixed = bisect_left(cols.q(0), head, 0, n - 1) < bisect_right(cols.q(0), head, 0, n - 1)
-    pruned: list[str] = []
-    wm = as_of.watermark
-    if plan.hop and wm is not None and t < wm:
-        oldest_kept = wm // plan.hop - group.max_window_us // plan.hop
-        pruned = [
-            f.name
-            for w, feats in zip(plan.windows, plan.features, strict=True)
-            if t // plan.hop - w // plan.hop < oldest_kept
-            for f in feats
-        ]
+    pruned = pruned_features(group, plan, t, as_of.watermark)
     if mixed or pruned:
         raise InexactReadError(inexact_message(layout, group, t, newest, as_of, mixed, pruned))
+
+
+def pruned_features(group: HopGroup, plan: GroupPlan, t: int, wm: int | None) -> list[str]:
+    """The group's features whose window at t reaches behind the tiles kept at watermark wm
+    (the partition's newest event time: the writer prunes tiles older than the longest
+    window behind it)."""
+    if not plan.hop or wm is None or t >= wm:
+        return []
+    oldest_kept = wm // plan.hop - group.max_window_us // plan.hop
+    return [
+        f.name
+        for w, feats in zip(plan.windows, plan.features, strict=True)
+        if t // plan.hop - w // plan.hop < oldest_kept
+        for f in feats
+    ]
 
 
 def inexact_message(

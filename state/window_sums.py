@@ -81,3 +81,95 @@ def window_totals(
                     acc += f64[at + r]
                 floats[k, w, e] = acc
     return ints, floats
+
+
+@njit(cache=True, nogil=True)
+def _u32(buf: npt.NDArray[np.uint8], at: int) -> int:
+    # int64 throughout: Numba types uint64 | int64 as float64
+    b0, b1, b2, b3 = (
+        np.int64(buf[at]),
+        np.int64(buf[at + 1]),
+        np.int64(buf[at + 2]),
+        np.int64(buf[at + 3]),
+    )
+    return int(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24))
+
+
+@njit(cache=True, nogil=True)
+def blob_totals(
+    buf: npt.NDArray[np.uint8],
+    t: int,
+    groups: I64,
+    windows: I64,
+    int_cols: I64,
+    float_cols: I64,
+) -> tuple[I64, F64, int]:
+    """One entity's window sums from its whole blob (the single read's `_group_values` for
+    counts, sums and means), and where the blob's last section ends.
+
+    `groups` holds 8 int64 per hop group: hop, width (columns), has an object section, vector
+    fields, wanted, and the ends (exclusive) of the group's windows, int columns and float
+    columns in the flat `windows`, `int_cols` and `float_cols`. Outputs are flat: per wanted
+    group, per window, its int columns' sums then (in `floats`) its float columns' sums.
+    """
+    newest = buf[1:9].view(np.int64)[0]
+    n_groups = len(groups) // 8
+    n_ints, n_floats = 0, 0
+    w_lo, i_lo, f_lo = 0, 0, 0
+    for g in range(n_groups):
+        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
+        n_ints += (w_hi - w_lo) * (i_hi - i_lo)
+        n_floats += (w_hi - w_lo) * (f_hi - f_lo)
+        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
+    ints = np.zeros(n_ints, np.int64)
+    floats = np.zeros(n_floats, np.float64)
+    pos = 9
+    out_i, out_f = 0, 0
+    w_lo, i_lo, f_lo = 0, 0, 0
+    for g in range(n_groups):
+        hop, width = groups[8 * g], groups[8 * g + 1]
+        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
+        if pos + 4 > len(buf):
+            return ints, floats, -1
+        rows = _u32(buf, pos)
+        block = pos + 4
+        pos = block + 8 * rows * width
+        if groups[8 * g + 2]:  # the object section: its length, then the document
+            if pos + 4 > len(buf):
+                return ints, floats, -1
+            pos += 4 + _u32(buf, pos)
+        for _ in range(groups[8 * g + 3]):  # each vector field: its length, then the matrix
+            if pos + 4 > len(buf):
+                return ints, floats, -1
+            pos += 4 + 8 * rows * _u32(buf, pos)
+        if pos > len(buf):
+            return ints, floats, -1
+        if groups[8 * g + 4]:
+            words = buf[block : block + 8 * rows * width]
+            i64 = words.view(np.int64)
+            f64 = words.view(np.float64)
+            hi = rows
+            if t <= newest and rows > 0:
+                hi = rows - 1
+            if hop > 0:
+                hi = _first_at_least(i64, 0, 0, hi, -((-t) // hop))
+            for w in range(w_lo, w_hi):
+                lo = 0
+                if hop > 0:
+                    lo = _first_at_least(i64, 0, 0, hi, t // hop - windows[w] // hop)
+                for k in range(i_lo, i_hi):
+                    at = rows * int_cols[k]
+                    total = 0
+                    for r in range(lo, hi):
+                        total += i64[at + r]
+                    ints[out_i] = total
+                    out_i += 1
+                for k in range(f_lo, f_hi):
+                    at = rows * float_cols[k]
+                    acc = 0.0
+                    for r in range(lo, hi):
+                        acc += f64[at + r]
+                    floats[out_f] = acc
+                    out_f += 1
+        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
+    return ints, floats, pos

@@ -1,0 +1,163 @@
+"""The single read of counts, sums and means, compiled: one entity's features in one call.
+
+`FeatureClient.get` (and a feature service's one-row view reads) hand an entity's blob here
+first. When every feature the read wants is a count, sum or mean of a scalar column, one call
+of `state.window_sums.blob_totals` walks the whole blob (skipping the sections of groups not
+read, object stats and vectors included) and adds up every window's columns; the values are
+then built as `state.read.evaluate_blob` builds them (sums rounded for integer columns, a mean
+None over an empty window), bit for bit the same (tests/state/test_reads_batch.py). Any other
+read returns None and takes `evaluate_blob`: a sketch, a list, a vector, min/max/var/std or
+first/last wanted; a checked read (`AsOf`) as of before the entity's newest event (whose tiles
+may mix events around t); a blob whose sections do not end where it ends (the Python read
+names the damage).
+
+For the bench_flow view (9 features, 3 hop groups) the merge takes ~4 us instead of ~11 us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from state.codec import blob_header
+from state.errors import InexactReadError
+from state.layout import HopGroup, ViewLayout
+from state.read import AsOf, CompiledFeature, GroupPlan, group_plan, inexact_message
+from state.read import pruned_features as _pruned
+
+I64 = npt.NDArray[np.int64]
+_PLAIN = frozenset({"events", "count", "sum", "mean"})
+
+
+@dataclass(frozen=True, slots=True)
+class _BlobPlan:
+    """A layout's read (of `only`) as `blob_totals` arguments, and how to name its outputs."""
+
+    groups: I64
+    windows: I64
+    int_cols: I64
+    float_cols: I64
+    wanted: tuple[tuple[HopGroup, GroupPlan], ...]  # the groups read, for the pruning check
+    outputs: tuple[tuple[CompiledFeature, int, int], ...]  # feature, int output, float output
+
+
+_PLANS: dict[tuple[int, frozenset[str] | None], tuple[ViewLayout, _BlobPlan | None]] = {}
+_KERNEL: list[Any] = []
+
+
+def compiled_values(
+    layout: ViewLayout,
+    blob: bytes,
+    t: int,
+    as_of: AsOf | None,
+    only: frozenset[str] | None = None,
+) -> dict[str, Any] | None:
+    """`evaluate_blob(layout, blob, t, as_of, only)` through the compiled pass, or None when
+    this read is not one it answers (the caller then takes `evaluate_blob`).
+
+    Raises:
+        InexactReadError: with `as_of`, a window reaches behind the tiles the writer kept.
+    """
+    plan = _plan(layout, only)
+    if plan is None:
+        return None
+    newest = blob_header(layout, blob)
+    if as_of is not None:
+        if t < newest:
+            return None  # the tiles around t may mix events before and after it
+        for group, gplan in plan.wanted:
+            pruned = _pruned(group, gplan, t, as_of.watermark)
+            if pruned:
+                message = inexact_message(layout, group, t, newest, as_of, False, pruned)
+                raise InexactReadError(message)
+    kernel = _KERNEL[0] if _KERNEL else _load_kernel()
+    ints, floats, end = kernel(
+        np.frombuffer(blob, np.uint8), t, plan.groups, plan.windows, plan.int_cols, plan.float_cols
+    )
+    if end != len(blob):
+        return None  # damaged: the Python read raises naming it
+    counts, totals = ints.tolist(), floats.tolist()
+    values: dict[str, Any] = {}
+    for f, i, j in plan.outputs:
+        cnt = counts[i]
+        if f.agg in ("events", "count"):
+            values[f.name] = cnt
+        elif f.agg == "sum":
+            values[f.name] = round(totals[j]) if f.integral else totals[j]
+        else:
+            values[f.name] = totals[j] / cnt if cnt else None
+    return values
+
+
+def compiled_answers(layout: ViewLayout, only: frozenset[str] | None = None) -> bool:
+    """Whether `compiled_values` answers reads of these features (checked reads as of before
+    an entity's newest event aside)."""
+    return _plan(layout, only) is not None
+
+
+def _load_kernel() -> Any:
+    from state.window_sums import blob_totals
+
+    _KERNEL.append(blob_totals)
+    return blob_totals
+
+
+def _plan(layout: ViewLayout, only: frozenset[str] | None) -> _BlobPlan | None:
+    cached = _PLANS.get((id(layout), only))
+    if cached is None or cached[0] is not layout:
+        cached = _PLANS[(id(layout), only)] = (layout, _make_plan(layout, only))
+    return cached[1]
+
+
+def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> _BlobPlan | None:
+    groups: list[int] = []
+    windows: list[int] = []
+    int_cols: list[int] = []
+    float_cols: list[int] = []
+    wanted: list[tuple[HopGroup, GroupPlan]] = []
+    where: dict[str, tuple[CompiledFeature, int, int]] = {}
+    n_ints = n_floats = 0
+    for group in layout.groups:
+        plan = group_plan(group)
+        read = [[f for f in feats if only is None or f.name in only] for feats in plan.features]
+        feats = [f for fs in read for f in fs]
+        if any(f.agg not in _PLAIN or f.vector for f in feats):
+            return None
+        ints = sorted({f.cnt for f in feats})
+        floats = sorted({f.value for f in feats if f.agg in ("sum", "mean")})
+        for w, fs in zip(plan.windows, read, strict=True):
+            if not fs:
+                continue
+            for f in fs:
+                i = n_ints + ints.index(f.cnt)
+                j = n_floats + floats.index(f.value) if f.agg in ("sum", "mean") else -1
+                where[f.name] = (f, i, j)
+            windows.append(w)
+            n_ints += len(ints)
+            n_floats += len(floats)
+        if feats:
+            wanted.append((group, plan))
+            int_cols += ints
+            float_cols += floats
+        groups += [
+            plan.hop,
+            plan.width,
+            int(plan.has_objects),
+            len(group.vector_fields),
+            int(bool(feats)),
+            len(windows),
+            len(int_cols),
+            len(float_cols),
+        ]
+    names = [f.name for f in layout.features if only is None or f.name in only]
+    return _BlobPlan(
+        np.array(groups, np.int64),
+        np.array(windows, np.int64),
+        np.array(int_cols, np.int64),
+        np.array(float_cols, np.int64),
+        tuple(wanted),
+        tuple(where[name] for name in names),
+    )
