@@ -8,8 +8,9 @@ mean of amount over 30m, 14d and 180d. Measures
   - DuckDB: the same 9 windows per event with window SQL (RANGE frames), the backfill a user
     would otherwise run in the warehouse;
   - Polars: the same 9 windows per event (`rolling_sum_by`/`rolling_mean_by` over the key);
-  - the read path: one entity's 9 features from its stored blob (state.read.evaluate_blob),
-    p50/p99 (the RocksDB get is measured by bench_flow.py).
+  - the read path: one entity's 9 features from its stored blob, compiled as `get` reads them
+    (state.compiled_read) and in Python (state.read.evaluate_blob), p50/p99 (the RocksDB get is
+    measured by bench_reads.py).
 
     python scripts/bench_core.py [--events 10000000] [--keys 100000] [--partitions 4]
 
@@ -27,6 +28,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -38,6 +40,7 @@ from workload import polars_windows, spend_view, transactions
 from connectors.partitioner import partitions_for
 from flows.aggregate import apply_batch
 from state.batch_read import evaluate_blobs
+from state.compiled_read import compiled_values
 from state.read import evaluate_blob
 from state.store import PartitionProgress
 
@@ -94,12 +97,13 @@ def run_polars(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def read_latency(blobs: list[bytes], end: int) -> tuple[float, float]:
+def read_latency(blobs: list[bytes], end: int, read: Any) -> tuple[float, float]:
     layout = spend_view().layout()
+    read(layout, blobs[0], end, None)  # compiles (or loads) the compiled read
     samples = []
     for blob in blobs[:20_000]:
         t0 = time.perf_counter_ns()
-        evaluate_blob(layout, blob, end)
+        read(layout, blob, end, None)
         samples.append(time.perf_counter_ns() - t0)
     arr = np.array(samples) / 1000
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
@@ -158,7 +162,8 @@ def main() -> None:
         ours, blobs, end = run_ours(path, args.partitions)
         theirs = run_duckdb(path)
         polars = run_polars(path)
-    p50, p99 = read_latency(blobs, end)
+    p50, p99 = read_latency(blobs, end, compiled_values)
+    py50, py99 = read_latency(blobs, end, evaluate_blob)
     print(f"workload: {args.events:,} events, {args.keys:,} keys, 180 days, 9 features")
     print(
         f"ours   (apply into tiles + finalize every key): {ours:7.2f} s "
@@ -168,7 +173,11 @@ def main() -> None:
     print(f"polars (rolling_*_by over the key, per event):  {polars:7.2f} s")
     print(f"ratio ours/duckdb: {ours / theirs:.2f} (target <= 0.25)")
     print(f"ratio ours/polars: {ours / polars:.2f} (target <= 0.5)")
-    print(f"read path, one entity, 9 features: p50 {p50:.1f} us, p99 {p99:.1f} us")
+    print(
+        f"read path, one entity, 9 features (compiled, as `get`): p50 {p50:.1f} us, "
+        f"p99 {p99:.1f} us; in Python (state.read.evaluate_blob): p50 {py50:.1f} us, "
+        f"p99 {py99:.1f} us"
+    )
 
 
 if __name__ == "__main__":
