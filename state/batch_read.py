@@ -126,6 +126,7 @@ class _Batch:
 
     blobs: list[bytes]
     buf: bytes
+    raw: npt.NDArray[np.uint8]  # buf as bytes
     starts: I64
     ends: I64
     newest: I64
@@ -160,6 +161,7 @@ class _Batch:
         return cls(
             blobs,
             buf,
+            raw,
             starts,
             starts + lengths,
             newest,
@@ -319,10 +321,9 @@ def _compiled(
         if ((t < batch.newest) & (parts.n > 1)).any():
             return False  # the reads that may mix events around t: the NumPy path checks them
         _refuse(layout, group, plan, t, checks, blobs, batch, np.zeros(len(parts.n), bool))
-    i64, f64 = batch.aligned(shift)
     ints, floats = _kernel()(
-        i64,
-        f64,
+        batch.raw,
+        shift,
         (parts.cols - shift) >> 3,
         parts.n,
         batch.newest,
@@ -346,10 +347,11 @@ def _kernel() -> Any:
     if not _KERNEL:
         from state.window_sums import window_totals
 
-        # compiles for the types a read passes: read-only views of the batch's buffer
-        words = np.frombuffer(bytes(8), np.int64), np.frombuffer(bytes(8), np.float64)
+        # compiles for the types a read passes: a read-only view of the batch's buffer
         none = np.zeros(0, np.int64)
-        window_totals(*words, none, none, none, 0, 0, none, none, none)
+        window_totals(
+            np.frombuffer(bytes(8), np.uint8), 0, none, none, none, 0, 0, none, none, none
+        )
         _KERNEL.append(window_totals)
     return _KERNEL[0]
 

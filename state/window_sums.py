@@ -37,8 +37,8 @@ def _first_at_least(i64: I64, start: int, lo: int, hi: int, value: int) -> int:
 
 @njit(cache=True, nogil=True)
 def window_totals(
-    i64: I64,
-    f64: F64,
+    buf: npt.NDArray[np.uint8],
+    shift: int,
     index: I64,
     n: I64,
     newest: I64,
@@ -51,9 +51,12 @@ def window_totals(
     """Per entity e and window w: the sums of the columns `int_cols` (exact ints) and
     `float_cols` (float64, in row order from 0.0) over the window's rows.
 
-    Entity e's column j, row r is word `index[e] + n[e] * j + r` of the aligned views `i64` /
-    `f64`; column 0 holds the tile numbers when `hop` > 0 (0: one lifetime row per entity).
+    Entity e's column j, row r is word `index[e] + n[e] * j + r` of `buf` read as 8-byte words
+    from byte `shift` (views, whatever their alignment: no copy of the batch); column 0 holds
+    the tile numbers when `hop` > 0 (0: one lifetime row per entity).
     """
+    words = buf[shift : shift + 8 * ((len(buf) - shift) // 8)]
+    i64, f64 = words.view(np.int64), words.view(np.float64)
     entities, n_windows = len(n), len(windows)
     ints = np.zeros((len(int_cols), n_windows, entities), np.int64)
     floats = np.zeros((len(float_cols), n_windows, entities), np.float64)
