@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+
+from connectors.jit import jit
 
 _SEED = 0x9747B28C
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
 
 
-@njit(cache=True, nogil=True)
+@jit
 def partitions_of(
     data: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64], partitions: int
 ) -> npt.NDArray[np.int64]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit
+
+from connectors.jit import jit
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
 
-@njit(cache=True, nogil=True)
+@jit
 def _first_at_least(i64: I64, start: int, lo: int, hi: int, value: int) -> int:
     """The first row r in [lo, hi) whose tile number (word start + r) is >= value, else hi."""
     while lo < hi:
@@ -35,7 +36,7 @@ def _first_at_least(i64: I64, start: int, lo: int, hi: int, value: int) -> int:
     return lo
 
 
-@njit(cache=True, nogil=True)
+@jit
 def window_totals(
     buf: npt.NDArray[np.uint8],
     shift: int,
@@ -86,7 +87,7 @@ def window_totals(
     return ints, floats
 
 
-@njit(cache=True, nogil=True)
+@jit
 def _u32(buf: npt.NDArray[np.uint8], at: int) -> int:
     # int64 throughout: Numba types uint64 | int64 as float64
     b0, b1, b2, b3 = (
@@ -98,7 +99,7 @@ def _u32(buf: npt.NDArray[np.uint8], at: int) -> int:
     return int(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24))
 
 
-@njit(cache=True, nogil=True)
+@jit
 def blob_totals(
     buf: npt.NDArray[np.uint8],
     t: int,
