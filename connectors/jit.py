@@ -9,7 +9,7 @@ without a home directory). `jit` then compiles without a cache: each process pay
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from numba import njit
 
@@ -19,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def jit(fn: F) -> F:
     """`fn` compiled by Numba in nopython mode without the GIL, cached on disk if possible."""
     try:
-        compiled: F = njit(cache=True, nogil=True)(fn)
+        compiled = njit(cache=True, nogil=True)(fn)
     except RuntimeError:  # no writable cache location for this module
         compiled = njit(nogil=True)(fn)
-    return compiled
+    return cast(F, compiled)  # a Dispatcher, called as the function
