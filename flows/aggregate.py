@@ -4,8 +4,10 @@ Pure and batch-shaped (no bytewax): the same `apply_batch` serves live micro-bat
 whole-partition batches. Per batch it drops records already applied (exactly-once effect after a
 restart), runs the view's transform, tracks the partition watermark in offset order to reject
 events too late for the view, turns events into one-event tiles, merges them with the stored
-tiles of the touched keys in one vectorized pass, prunes tiles no window can reach again, and
-returns the new entity blobs plus the partition's progress, ready for one atomic commit.
+tiles of the touched keys (a run of keys at a time, each run one vectorized pass; of a key's
+stored tiles only those from its batch's oldest tile on), prunes tiles no window can reach
+again, and returns the new entity blobs plus the partition's progress, ready for one atomic
+commit.
 """
 
 from __future__ import annotations
@@ -318,8 +320,7 @@ def apply_slices(
     events = pa.concat_tables(kept) if len(kept) > 1 else (kept[0] if kept else None)
     puts = {}
     if events is not None:
-        ts = event_times(events, layout.timestamp)
-        puts = _merge_into_tiles(layout, events, ts, newest, get_blobs)
+        puts = _merge_into_tiles(layout, events, newest, get_blobs)
     late = _concat_or_empty(rejected, slices[0].events)
     return ApplyResult(puts, progress, late, events.num_rows if events is not None else 0)
 
@@ -346,12 +347,55 @@ def _concat_or_empty(tables: list[pa.Table], like: pa.Table) -> pa.Table:
 
 
 def _merge_into_tiles(
-    layout: ViewLayout, table: pa.Table, ts: I64, watermark: int | None, get_blobs: BlobGetter
+    layout: ViewLayout, table: pa.Table, watermark: int | None, get_blobs: BlobGetter
 ) -> dict[bytes, bytes]:
+    """The new blobs of the keys of `table`'s events, merged a run of keys at a time (about
+    MERGE_RUN_EVENTS events each): keys merge independently, so a large replay batch needs the
+    merge's temporaries of one run at a time, not of the whole batch."""
     encoded = entity_keys(table, layout).combine_chunks().dictionary_encode()
     key_ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
     keys: list[str] = encoded.dictionary.to_pylist()
-    ev = sort_events(table, layout, key_ids, ts)
+    del encoded
+    ev = sort_events(table, layout, key_ids, event_times(table, layout.timestamp))
+    del key_ids  # peak memory: sorted copies only from here on
+    puts: dict[bytes, bytes] = {}
+    for lo, hi in _key_runs(ev.kid, len(keys), MERGE_RUN_EVENTS):
+        run = _events_of_keys(ev, lo, hi)
+        puts.update(_merge_keys(layout, keys[lo:hi], run, watermark, get_blobs))
+    return puts
+
+
+MERGE_RUN_EVENTS = 500_000  # events merged at once: memory, against a fixed cost per run
+
+
+def _key_runs(kid: I64, n_keys: int, events: int) -> list[tuple[int, int]]:
+    """Runs [lo, hi) of consecutive key ids holding about `events` events each (`kid` sorted;
+    a key's events are never split)."""
+    cuts = kid[np.arange(events, len(kid), events)]  # the key at every `events`-th event
+    bounds = np.unique(np.concatenate([[0], cuts, [n_keys]]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def _events_of_keys(ev: SortedEvents, lo: int, hi: int) -> SortedEvents:
+    """The events of keys lo..hi-1, their key ids counted from lo (views, not copies)."""
+    a, z = np.searchsorted(ev.kid, [lo, hi])
+    columns = {
+        name: ColumnValues(
+            cv.values[a:z], cv.valid[a:z], None if cv.lengths is None else cv.lengths[a:z]
+        )
+        for name, cv in ev.columns.items()
+    }
+    return SortedEvents(ev.kid[a:z] - lo, ev.ts[a:z], ev.off[a:z], columns)
+
+
+def _merge_keys(
+    layout: ViewLayout,
+    keys: list[str],
+    ev: SortedEvents,
+    watermark: int | None,
+    get_blobs: BlobGetter,
+) -> dict[bytes, bytes]:
+    """The new blobs of `keys` (key id i is keys[i]): their stored tiles merged with `ev`."""
     raw_keys = [encode_key(k) for k in keys]
     blobs = get_blobs(raw_keys)
     old = _load_old(layout, blobs)
@@ -491,19 +535,20 @@ def _merge_group(
     stored rows from its batch's oldest tile (and its boundary row's tile) on take part in the
     merge; the older ones stay as stored, unless no window can reach them any more.
     """
+    oldest = _oldest_tile(group, watermark)
+    ev = _reachable(group, ev, oldest)
     fresh = unit_block(
         group, ev.ts, ev.off, {c.column: ev.columns[c.column] for c in group.columns}
     )
     row_keys = ev.kid
     boundary = ev.ts == newest[ev.kid]
     stored = old.blocks[gi]
-    oldest = _oldest_tile(group, watermark)
     kept_part: tuple[TileBlock | None, I64 | None, I64 | None] = (None, None, None)
     entries: dict[str, StoredEntries] = {}
     if stored is not None:
         old_keys = old.key_of_row[gi]
         entries = old.entries[gi] if old.entries else {}
-        touched = _touched_rows(old, gi, stored, ev.kid, fresh.rows["tile"], len(newest), entries)
+        touched = _touched_rows(old, gi, stored, ev.kid, fresh.rows["tile"], len(newest))
         kept = np.flatnonzero(~touched & (stored.rows["tile"] >= oldest))
         kept_part = (stored, old_keys[kept], kept)
         rows = np.flatnonzero(touched)
@@ -529,6 +574,20 @@ def _oldest_tile(group: HopGroup, watermark: int | None) -> int:
     return watermark // group.hop_us - group.max_window_us // group.hop_us
 
 
+def _reachable(group: HopGroup, ev: SortedEvents, oldest: int) -> SortedEvents:
+    """The events in tiles the group's windows can still reach: a tile older than `oldest`
+    is pruned right after the merge, and tiles merge per (key, tile), so leaving its events
+    out changes no kept tile (a replay's short-window groups drop most of a long batch)."""
+    if oldest == np.iinfo(np.int64).min or not len(ev.ts):
+        return ev
+    reach = ev.ts >= oldest * group.hop_us  # tile = ts // hop_us >= oldest
+    if reach.all():
+        return ev
+    rows = np.flatnonzero(reach)
+    columns = {name: cv.take(rows) for name, cv in ev.columns.items()}
+    return SortedEvents(ev.kid[rows], ev.ts[rows], ev.off[rows], columns)
+
+
 def _touched_rows(
     old: _OldState,
     gi: int,
@@ -536,11 +595,11 @@ def _touched_rows(
     kid: I64,
     tiles: I64,
     n_keys: int,
-    entries: dict[str, StoredEntries],
 ) -> npt.NDArray[np.bool_]:
     """Which stored rows the batch merges into: per key, those from its events' oldest tile
-    and from its boundary row's tile on (all of them when summaries were decoded)."""
-    if not entries:
+    and from its boundary row's tile on; the older ones are copied as stored (all of them
+    merge when every blob was decoded on its own, `_load_old_per_key`)."""
+    if not old.entries:
         return np.ones(len(stored), dtype=bool)
     old_keys, stored_tiles = old.key_of_row[gi], stored.rows["tile"]
     touch_from = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)

@@ -1,0 +1,30 @@
+"""flows.aggregate merges a batch's keys a run at a time (MERGE_RUN_EVENTS events each): the
+runs cover every key once, never split a key's events, and store the same bytes as one run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows import aggregate
+from flows.spec import FeatureView
+from tests.flows.test_core_oracle import SKETCH_VIEW, VIEW, apply_all, make_events
+
+
+def test_runs_cover_every_key_once_and_never_split_one() -> None:
+    kid = np.repeat(np.arange(6), [1, 9, 2, 2, 30, 1])  # sorted key ids, 45 events
+    # a run starts at the key holding each 10th event: key 4's 30 events stay in one run
+    assert aggregate._key_runs(kid, 6, 10) == [(0, 2), (2, 4), (4, 6)]
+    assert aggregate._key_runs(kid, 6, 100) == [(0, 6)]
+
+
+@pytest.mark.parametrize("view", [VIEW, SKETCH_VIEW], ids=["numeric", "sketches"])
+@pytest.mark.parametrize("batch", [250, 100_000])
+def test_runs_of_keys_store_the_same_bytes_as_one_run(
+    view: FeatureView, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = view.layout()
+    events = make_events(5000, 40, seed=21)
+    whole = apply_all(layout, events, batch)
+    monkeypatch.setattr(aggregate, "MERGE_RUN_EVENTS", 37)  # runs of 1 to 3 keys
+    assert apply_all(layout, events, batch) == whole
