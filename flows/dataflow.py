@@ -1,7 +1,9 @@
 """The one bytewax dataflow: log -> validate -> route -> aggregate -> view store (+ dead letters).
 
     op.input("log")            LogSource: one bytewax partition per (source, log partition), each
-                               a PartitionLog (segments, then Kafka); items are whole batches
+                               a PartitionLog (segments, then Kafka); items are whole batches,
+                               read while the rows in flight in the process fit its budget
+                               (flows.inflight: one replay batch per worker at a time)
     op.flat_map("route")       on the worker that read the batch: bad records -> dead letters
                                (flows.validate), each event marked with its partition's
                                watermark (flows.shards.PartitionMark), the batch split by view
@@ -10,7 +12,7 @@
     op.output("views")         ViewSink: a shard's owner applies each slice to every view version
                                of the source (flows.aggregate, guarded by flows.quarantine) and
                                commits tiles + its position in the slice's partition in one
-                               RocksDB WriteBatch per view
+                               RocksDB WriteBatch per view, then gives the slice's rows back
 
 Shards are the partitions of the key space (as many as the source has log partitions). A log
 partitioned by entity key with murmur2 sends each batch whole to one shard, owned by the process
@@ -44,6 +46,7 @@ from connectors.segments import Warehouse
 from flows.aggregate import KEY
 from flows.deadletters import open_dead_letters
 from flows.errors import FlowError
+from flows.inflight import RowBudget
 from flows.metrics import Metrics
 from flows.quarantine import apply_guarded, validate_guarded
 from flows.runplan import (
@@ -59,6 +62,7 @@ from state.errors import StateError
 from state.store import LogPosition, PartitionProgress, PartitionStore, ViewStore
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
+_WAIT = timedelta(milliseconds=1)  # poll a partition waiting for the row budget every 1 ms
 _VERSION_CHECK_S = 2.0
 KNOWN_ERRORS = (ConnectorError, FlowError, StateError)
 
@@ -72,6 +76,8 @@ class FlowControl:
     stop: threading.Event = field(default_factory=threading.Event)  # set = end cleanly now
     restart: threading.Event = field(default_factory=threading.Event)  # set = rebuild the plan
     failures: list[Exception] = field(default_factory=list)  # known errors that ended the flow
+    # the log rows read and not yet applied in this process; build_dataflow sets its bound
+    budget: RowBudget = field(default_factory=lambda: RowBudget(0))
 
     def fail(self, exc: Exception) -> None:
         """End the flow cleanly because of a known error; `run_dataflow` raises it after."""
@@ -118,19 +124,19 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
         self, key: str, log: PartitionLog, control: FlowControl, watch: _VersionWatch
     ) -> None:
         self._key, self._log, self._stop, self._watch = key, log, control.stop, watch
-        self._control = control
+        self._control, self._budget = control, control.budget
+        self._expected = log.batch_rows  # the rows the next read may return: the last batch's
         self._next_lag_report = 0.0
         self._awake: datetime | None = None
 
     def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
         self._watch.check()
-        if self._stop.is_set():
+        if self._stop.is_set() or self._log.done:
             raise StopIteration
-        try:
-            batch = self._log.read()
-        except KNOWN_ERRORS as exc:  # e.g. a retention gap: stop the flow, report it after
-            self._control.fail(exc)
-            raise StopIteration from exc
+        if not self._budget.reserve(self._expected):  # the rows in flight are at the bound
+            self._awake = datetime.now(UTC) + _WAIT
+            return []
+        batch = self._read()
         if batch is None:
             if self._log.done:
                 raise StopIteration
@@ -140,6 +146,20 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
         self._awake = None
         self._report_lag()
         return [(self._key, batch)]
+
+    def _read(self) -> LogBatch | None:
+        """The next batch, its rows taken from the budget (the reservation settled)."""
+        rows = 0
+        try:
+            batch = self._log.read()
+            rows = 0 if batch is None else batch.events.num_rows
+        except KNOWN_ERRORS as exc:  # e.g. a retention gap: stop the flow, report it after
+            self._control.fail(exc)
+            raise StopIteration from exc
+        finally:
+            self._budget.settle(self._key, self._expected, rows)
+        self._expected = rows or self._expected
+        return batch
 
     def _report_lag(self) -> None:
         now = time.monotonic()
@@ -193,6 +213,7 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self, plan: FlowPlan, control: FlowControl, source: SourcePlan, shard: int
     ) -> None:
         self._plan, self._control, self._source, self._shard = plan, control, source, shard
+        self._budget = control.budget
         store = ViewStore(plan.state)
         self._stores: list[PartitionStore] = [
             store.open_partition(t.view.name, t.version, shard) for t in source.targets
@@ -209,14 +230,16 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self._switcher.check(self._progress)
 
     def write_batch(self, items: list[Routed]) -> None:
-        if self._control.failures:
-            return  # the flow is ending on an error: apply nothing more (a rerun resumes here)
         try:
+            if self._control.failures:
+                return  # the flow is ending on an error: apply nothing more (a rerun resumes)
             for group in _runs_of_groups(items):
                 self._apply(group)
             self._switcher.check(self._progress)
         except KNOWN_ERRORS as exc:
             self._control.fail(exc)
+        finally:
+            self._budget.release(sum(item.held for item in items))
 
     def _apply(self, items: list[Routed]) -> None:
         """Apply what one routing group received at once: one merge and one commit per view."""
@@ -345,22 +368,27 @@ class ViewSink(FixedPartitionedSink[Routed, None]):
             return _ViewPartition(self._plan, self._control, self._plan.sources[source], shard)
         except KNOWN_ERRORS as exc:  # e.g. a full disk: stop the flow, report it after
             self._control.fail(exc)
-            return _Refusing()
+            return _Refusing(self._control.budget)
 
 
 class _Refusing(StatefulSinkPartition[Routed, None]):
     """Stands in for a view shard that could not be opened while the flow stops on the error."""
 
+    def __init__(self, budget: RowBudget) -> None:
+        self._budget = budget
+
     def write_batch(self, items: list[Routed]) -> None:
-        return None
+        self._budget.release(sum(item.held for item in items))
 
     def snapshot(self) -> None:
         return None
 
 
-def build_dataflow(plan: FlowPlan, control: FlowControl) -> Dataflow:
-    """The dataflow of the diagram above, for every source and view version in `plan`."""
+def build_dataflow(plan: FlowPlan, control: FlowControl, workers: int = 1) -> Dataflow:
+    """The dataflow of the diagram above, for every source and view version in `plan`; the
+    rows in flight in the process are bounded by `plan.batch_rows` per worker thread."""
     flow = Dataflow("featureflow")
+    budget = control.budget = RowBudget(plan.batch_rows * workers)
     log = op.input("log", flow, LogSource(plan, control))
     # Per log partition, its marker; a partition is read by one worker, so only that worker's
     # thread touches its entry.
@@ -378,7 +406,9 @@ def build_dataflow(plan: FlowPlan, control: FlowControl) -> Dataflow:
         marked = state.mark(checked, sp.timestamp, sp.catch_up[batch.partition], time.monotonic())
         plain = any(not t.layout.rekeyed for t in sp.targets)
         parts = state.route(marked, sp.key, len(sp.start), sp.rekeyed, plain=plain)
-        return [(part_key(sp.name, shard), routed) for shard, routed in parts]
+        local = [plan.cluster.owns(shard) for shard, _ in parts]
+        keyed = [(part_key(sp.name, shard), routed) for shard, routed in parts]
+        return budget.hand_over(key, keyed, local)
 
     routed = op.flat_map("route", log, route)
     op.output("views", routed, ViewSink(plan, control))
@@ -400,7 +430,7 @@ def run_dataflow(
     run = cast(Callable[..., None], cli_main)  # an untyped extension function
     try:
         run(
-            build_dataflow(plan, control),
+            build_dataflow(plan, control, workers),
             workers_per_process=workers,
             process_id=process_id if addresses else None,
             addresses=addresses or None,

@@ -68,6 +68,7 @@ class Routed:
     after: int
     dead_letters: tuple[DeadLetter, ...] = ()
     view: str | None = None  # the re-keyed view the slice is for; None = views of the source key
+    held: int = 0  # rows of this process's flows.inflight.RowBudget, released once applied
 
 
 @dataclass(slots=True)

@@ -6,8 +6,10 @@ batches, interleaved across partitions. Either way every view equals the DuckDB 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import zip_longest
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow as pa
 import pytest
@@ -119,3 +121,54 @@ def test_small_interleaved_batches_from_the_testing_source(
     monkeypatch.setattr(dataflow, "LogSource", lambda plan, control: TestingSource(batches))
     run(plan, workers)
     assert_views_equal_the_oracle(tmp_path / "state", defs, events)
+
+
+class _RecordingBudget(dataflow.RowBudget):
+    """The row budget, recording the most rows in flight and how often a read had to wait."""
+
+    most: ClassVar[int] = 0
+    waits: ClassVar[int] = 0
+    budgets: ClassVar[list[_RecordingBudget]] = []
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(rows)
+        self.budgets.append(self)
+
+    def reserve(self, expected: int) -> bool:
+        admitted = super().reserve(expected)
+        type(self).waits += not admitted
+        return admitted
+
+    def settle(self, part: str, expected: int, read: int) -> None:
+        super().settle(part, expected, read)
+        type(self).most = max(type(self).most, self.in_flight)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_read_under_the_row_budget(
+    log: tuple[Path, Definitions, pa.Table],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+) -> None:
+    """Batches of 150 records: a partition reads its next batch only when the rows in flight
+    (read, not yet applied) leave room for it, and every row taken is given back."""
+    root, defs, events = log
+    plan = replace(plan_for(root, defs, tmp_path / "state"), batch_rows=150)
+    monkeypatch.setattr(dataflow, "RowBudget", _RecordingBudget)
+    monkeypatch.setattr(_RecordingBudget, "budgets", [])
+    monkeypatch.setattr(_RecordingBudget, "most", 0)
+    monkeypatch.setattr(_RecordingBudget, "waits", 0)
+    control = FlowControl()
+    flow = dataflow.build_dataflow(plan, control, workers)
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    assert control.failures == []
+    assert_views_equal_the_oracle(tmp_path / "state", defs, events)
+    (budget,) = [b for b in _RecordingBudget.budgets if b.rows]  # FlowControl's first is 0
+    assert budget.rows == 150 * workers
+    assert budget.in_flight == 0
+    assert 0 < _RecordingBudget.most <= 2 * budget.rows  # a read's rows are settled after it
+    assert _RecordingBudget.waits > 0
