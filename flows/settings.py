@@ -71,7 +71,9 @@ WORKERS = Shared(1, "bytewax worker threads in this process")
 # Of every command that runs the dataflow (flows.run, flows.replay).
 STATUS_INTERVAL = Shared(5.0, "seconds between console status lines")
 BATCH_ROWS = Shared(
-    4_000_000, "records per batch when replaying segments (larger is faster, uses more memory)"
+    4_000_000,
+    "records per batch when replaying segments; a worker holds one batch at a time (larger "
+    "is faster, uses more memory)",
 )
 
 

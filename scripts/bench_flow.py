@@ -10,6 +10,7 @@ get + read of one entity (p50/p99) through FeatureClient (`scripts/bench_reads.p
 the read path in detail, beside a raw RocksDB get and multi-get of the same keys).
 
     python scripts/bench_flow.py [--events 10000000] [--keys 100000] [--partitions 4]
+    python scripts/bench_flow.py --events 30000000 --replay-only   # peak RSS against log size
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def make_log(tmp: Path, n: int, keys: int, parts: int) -> tuple[Path, int]:
 
 
 def run_flow(
-    tmp: Path, defs: Path, workers: int, views: str = "spend", name: str = "", processes: int = 1
+    tmp: Path,
+    defs: Path,
+    workers: int,
+    views: str = "spend",
+    name: str = "",
+    processes: int = 1,
+    batch_rows: int | None = None,
 ) -> tuple[float, float]:
     """Wall time of `flows.run --until-caught-up` (with `processes` > 1: a bytewax cluster of
     that many processes on this host, each with its own state directory as on its own host),
@@ -67,6 +74,7 @@ def run_flow(
     common = [
         *("--features", str(defs), "--warehouse", str(tmp / "wh"), "--until-caught-up"),
         *("--views", views, "--workers", str(workers), "--status-interval", "30"),
+        *(("--batch-rows", str(batch_rows)) if batch_rows else ()),
     ]
     runs = [[*common, "--state", str(state)]]
     if processes > 1:  # --process-id appended below
@@ -180,17 +188,31 @@ def main() -> None:
         help="also run the user view plus a 9-feature view keyed by merchant_id (10k values, "
         "re-partitioned in the dataflow), beside the user view alone",
     )
+    parser.add_argument(
+        "--replay-only",
+        action="store_true",
+        help="only the 1-worker flows.run (time and peak RSS): no peers, no 2-worker or cluster "
+        "runs, no reads; e.g. with --events 30000000 to see the peak RSS against the log size",
+    )
+    parser.add_argument("--batch-rows", type=int, help="flows.run --batch-rows (default: its own)")
     args = parser.parse_args()
+    if args.replay_only:
+        replay_only(args)
+        return
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         defs, newest = make_log(tmp, args.events, args.keys, args.partitions)
         duck = run_duckdb(tmp)
         polars = run_polars(tmp)
-        one, peak1 = run_flow(tmp, defs, 1)
-        two, peak2 = run_flow(tmp, defs, 2)
-        procs, peak_p = run_flow(tmp, defs, 1, name="-cluster", processes=2)
+        one, peak1 = run_flow(tmp, defs, 1, batch_rows=args.batch_rows)
+        two, peak2 = run_flow(tmp, defs, 2, batch_rows=args.batch_rows)
+        procs, peak_p = run_flow(
+            tmp, defs, 1, name="-cluster", processes=2, batch_rows=args.batch_rows
+        )
         p50, p99, batch = read_latency(tmp / "state-w1", args.keys, newest)
-        both = run_flow(tmp, defs, 1, "spend,merchant", "-both") if args.rekeyed else None
+        both = None
+        if args.rekeyed:
+            both = run_flow(tmp, defs, 1, "spend,merchant", "-both", batch_rows=args.batch_rows)
         state_bytes = sum(f.stat().st_size for f in (tmp / "state-w1").rglob("*") if f.is_file())
     n = args.events
     print(
@@ -233,6 +255,23 @@ def main() -> None:
             f"({n / both[0]:,.0f} events/s), peak RSS {both[1]:,.0f} MB; "
             f"{both[0] / one:.2f}x the user view alone (target <= 1.6)"
         )
+
+
+def replay_only(args: argparse.Namespace) -> None:
+    """The 1-worker `flows.run --until-caught-up` alone: wall time and the flow's peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        defs, _ = make_log(tmp, args.events, args.keys, args.partitions)
+        one, peak = run_flow(tmp, defs, 1, batch_rows=args.batch_rows)
+    n = args.events
+    print(
+        f"workload: {n:,} events, {args.keys:,} keys, 180 days, 9 features, "
+        f"{args.partitions} partitions, in warehouse segments"
+    )
+    print(
+        f"flows.run --until-caught-up, 1 worker : {one:7.2f} s ({n / one:,.0f} events/s), "
+        f"peak RSS {peak:,.0f} MB (target <= 1,024 MB at 10M events, flat in the events)"
+    )
 
 
 if __name__ == "__main__":
