@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from state.codec import VALUE_FORMAT, decode_vectors, encode_entity
+from state.compiled_read import blob_plan, compiled_kernel
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import SUMMARY_KIND, HopGroup, ViewLayout
 from state.read import (
@@ -77,7 +78,11 @@ def evaluate_blobs(
     names = [f.name for f in layout.features if only is None or f.name in only]
     if not blobs:
         return {name: [] for name in names}
-    batch = _Batch.of(layout, [b if b is not None else empty_blob(layout) for b in blobs])
+    present = [b if b is not None else empty_blob(layout) for b in blobs]
+    whole = _compiled_batch(layout, present, t, checks, blobs, only)
+    if whole is not None:
+        return whole
+    batch = _Batch.of(layout, present)
     values: dict[str, list[Any]] = {}
     pos = batch.starts + _HEAD_SIZE
     for group in layout.groups:
@@ -320,7 +325,7 @@ def _compiled(
     if checks is not None:
         if ((t < batch.newest) & (parts.n > 1)).any():
             return False  # the reads that may mix events around t: the NumPy path checks them
-        _refuse(layout, group, plan, t, checks, blobs, batch, np.zeros(len(parts.n), bool))
+        _refuse(layout, group, plan, t, checks, blobs, batch.newest, np.zeros(len(parts.n), bool))
     ints, floats = _kernel()(
         batch.raw,
         shift,
@@ -336,6 +341,60 @@ def _compiled(
     for f, w, k_int, k_float in kernel_plan.outputs:
         values[f.name] = _plain(f, ints[k_int, w], floats[k_float, w] if k_float >= 0 else None)
     return True
+
+
+def _compiled_batch(
+    layout: ViewLayout,
+    present: list[bytes],
+    t: int,
+    checks: Checks | None,
+    blobs: Sequence[bytes | None],
+    only: frozenset[str] | None,
+) -> dict[str, list[Any]] | None:
+    """Every wanted feature of every entity in one compiled pass over the batch
+    (`state.window_sums.batch_blob_totals`) when they are all counts, sums and means; None
+    to take the group by group path (also for a checked read as of before an entity's newest
+    event, or a damaged blob, which that path names).
+
+    The kernel reads the blobs where they lie in one joined buffer, unpadded (the group by
+    group path pads each blob to 8 bytes for NumPy's aligned views)."""
+    plan = blob_plan(layout, only)
+    if plan is None:
+        return None
+    lengths = np.fromiter(map(len, present), dtype=np.int64, count=len(present))
+    if (lengths < _HEAD_SIZE).any():
+        return None  # too short to be a blob: the other path names it
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    buf = b"".join(present)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if (raw[starts] != VALUE_FORMAT).any():
+        return None  # another format: the other path names it
+    newest: I64 = np.ndarray((len(buf) - 7,), "<i8", buf, strides=(1,))[starts + 1]
+    if checks is not None:
+        if (t < newest).any():  # (an unknown key's empty blob has newest 0)
+            return None  # tiles around t may mix events before and after it
+        for group, gplan in plan.wanted:
+            _refuse(layout, group, gplan, t, checks, blobs, newest, np.zeros(len(blobs), bool))
+    kernel = _BATCH_KERNEL[0] if _BATCH_KERNEL else _load_batch_kernel()
+    ints, floats, whole = kernel(
+        raw, starts, ends, t, plan.groups, plan.windows, plan.int_cols, plan.float_cols
+    )
+    if not whole:
+        return None
+    return {
+        f.name: _plain(f, ints[:, i], floats[:, j] if j >= 0 else None) for f, i, j in plan.outputs
+    }
+
+
+_BATCH_KERNEL: list[Any] = []
+
+
+def _load_batch_kernel() -> Any:
+    from state.window_sums import batch_blob_totals
+
+    _BATCH_KERNEL.append(batch_blob_totals)
+    return batch_blob_totals
 
 
 _KERNEL: list[Any] = []
@@ -357,9 +416,15 @@ def _kernel() -> Any:
 
 
 def warm_up() -> None:
-    """Compile the batch read's kernel now (about a second the first time on a machine, then
-    milliseconds from Numba's cache) rather than in the first `get_many` that needs it."""
+    """Compile the reads' kernels now (about a second the first time on a machine, then
+    milliseconds from Numba's cache) rather than in the first read that needs them."""
     _kernel()
+    layout_free = np.zeros(0, np.int64)
+    batch = _load_batch_kernel() if not _BATCH_KERNEL else _BATCH_KERNEL[0]
+    raw = np.frombuffer(bytes(16), np.uint8)
+    batch(raw, layout_free, layout_free, 0, layout_free, layout_free, layout_free, layout_free)
+    single = compiled_kernel()
+    single(raw, 0, layout_free, layout_free, layout_free, layout_free)
 
 
 def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:
@@ -404,7 +469,7 @@ def _check_exact(
         mixed = early & (np.bincount(sec.eid[hit], minlength=entities) > 0)
     else:
         mixed = np.zeros(entities, dtype=bool)
-    _refuse(layout, group, plan, t, checks, blobs, batch, mixed)
+    _refuse(layout, group, plan, t, checks, blobs, batch.newest, mixed)
 
 
 def _refuse(
@@ -414,7 +479,7 @@ def _refuse(
     t: int,
     checks: Checks,
     blobs: Sequence[bytes | None],
-    batch: _Batch,
+    newest: I64,
     mixed: Bools,
 ) -> None:
     """Raise for the first known key whose window at t mixes events around t (`mixed`) or
@@ -426,9 +491,9 @@ def _refuse(
     for e, (key, wm) in enumerate(zip(checks.keys, checks.watermarks, strict=True)):
         if blobs[e] is not None and (mixed[e] or pruned_at[wm]):
             check, pruned = AsOf(key, wm), pruned_at[wm]
-            newest = int(batch.newest[e])
+            newest_e = int(newest[e])
             raise InexactReadError(
-                inexact_message(layout, group, t, newest, check, bool(mixed[e]), pruned)
+                inexact_message(layout, group, t, newest_e, check, bool(mixed[e]), pruned)
             )
 
 

@@ -33,8 +33,10 @@ _PLAIN = frozenset({"events", "count", "sum", "mean"})
 
 
 @dataclass(frozen=True, slots=True)
-class _BlobPlan:
-    """A layout's read (of `only`) as `blob_totals` arguments, and how to name its outputs."""
+class BlobPlan:
+    """A layout's read (of `only`) as `blob_totals` arguments, and how to name its outputs:
+    each output feature with the index of its event count in the int sums and of its column
+    total in the float sums (-1: none)."""
 
     groups: I64
     windows: I64
@@ -44,7 +46,7 @@ class _BlobPlan:
     outputs: tuple[tuple[CompiledFeature, int, int], ...]  # feature, int output, float output
 
 
-_PLANS: dict[tuple[int, frozenset[str] | None], tuple[ViewLayout, _BlobPlan | None]] = {}
+_PLANS: dict[tuple[int, frozenset[str] | None], tuple[ViewLayout, BlobPlan | None]] = {}
 _KERNEL: list[Any] = []
 
 
@@ -61,7 +63,7 @@ def compiled_values(
     Raises:
         InexactReadError: with `as_of`, a window reaches behind the tiles the writer kept.
     """
-    plan = _plan(layout, only)
+    plan = blob_plan(layout, only)
     if plan is None:
         return None
     newest = blob_header(layout, blob)
@@ -73,7 +75,7 @@ def compiled_values(
             if pruned:
                 message = inexact_message(layout, group, t, newest, as_of, False, pruned)
                 raise InexactReadError(message)
-    kernel = _KERNEL[0] if _KERNEL else _load_kernel()
+    kernel = compiled_kernel()
     ints, floats, end = kernel(
         np.frombuffer(blob, np.uint8), t, plan.groups, plan.windows, plan.int_cols, plan.float_cols
     )
@@ -95,24 +97,28 @@ def compiled_values(
 def compiled_answers(layout: ViewLayout, only: frozenset[str] | None = None) -> bool:
     """Whether `compiled_values` answers reads of these features (checked reads as of before
     an entity's newest event aside)."""
-    return _plan(layout, only) is not None
+    return blob_plan(layout, only) is not None
 
 
-def _load_kernel() -> Any:
-    from state.window_sums import blob_totals
+def compiled_kernel() -> Any:
+    """`state.window_sums.blob_totals`, imported (and compiled or loaded) on first use."""
+    if not _KERNEL:
+        from state.window_sums import blob_totals
 
-    _KERNEL.append(blob_totals)
-    return blob_totals
+        _KERNEL.append(blob_totals)
+    return _KERNEL[0]
 
 
-def _plan(layout: ViewLayout, only: frozenset[str] | None) -> _BlobPlan | None:
+def blob_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | None:
+    """The compiled pass's arguments for reads of `only` (None: every feature) of the layout,
+    worked out once; None when a feature read is not a count, sum or mean."""
     cached = _PLANS.get((id(layout), only))
     if cached is None or cached[0] is not layout:
         cached = _PLANS[(id(layout), only)] = (layout, _make_plan(layout, only))
     return cached[1]
 
 
-def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> _BlobPlan | None:
+def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | None:
     groups: list[int] = []
     windows: list[int] = []
     int_cols: list[int] = []
@@ -153,7 +159,7 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> _BlobPlan | N
             len(float_cols),
         ]
     names = [f.name for f in layout.features if only is None or f.name in only]
-    return _BlobPlan(
+    return BlobPlan(
         np.array(groups, np.int64),
         np.array(windows, np.int64),
         np.array(int_cols, np.int64),

@@ -15,6 +15,8 @@ processes load it in milliseconds).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -34,6 +36,33 @@ def _first_at_least(i64: I64, start: int, lo: int, hi: int, value: int) -> int:
         else:
             hi = mid
     return lo
+
+
+@jit
+def _window_end(i64: I64, base: int, rows: int, newest: int, t: int, hop: int) -> int:
+    """The end (exclusive) of an entity's rows a read as of t covers: the newest event time's
+    row is left out when t is not after it, and so is a tile that starts at or after t."""
+    hi = rows - 1 if t <= newest and rows > 0 else rows
+    if hop > 0:
+        hi = _first_at_least(i64, base, 0, hi, -((-t) // hop))
+    return hi
+
+
+@jit
+def _window_start(i64: I64, base: int, hi: int, t: int, hop: int, window: int) -> int:
+    """The first of an entity's rows inside a window of `window` us ending at t."""
+    if hop <= 0:
+        return 0
+    return _first_at_least(i64, base, 0, hi, t // hop - window // hop)
+
+
+@jit
+def _total(values: Any, at: int, lo: int, hi: int, zero: Any) -> Any:
+    """values[at + lo : at + hi] added one by one in order from `zero` (0 or 0.0)."""
+    total = zero
+    for r in range(lo, hi):
+        total += values[at + r]
+    return total
 
 
 @jit
@@ -63,27 +92,13 @@ def window_totals(
     floats = np.zeros((len(float_cols), n_windows, entities), np.float64)
     for e in range(entities):
         rows, base = n[e], index[e]
-        hi = rows
-        if t <= newest[e] and rows > 0:
-            hi = rows - 1  # the newest event time's row: a read as of then leaves it out
-        if hop > 0:
-            hi = _first_at_least(i64, base, 0, hi, -((-t) // hop))  # tiles that start before t
+        hi = _window_end(i64, base, rows, newest[e], t, hop)
         for w in range(n_windows):
-            lo = 0
-            if hop > 0:
-                lo = _first_at_least(i64, base, 0, hi, t // hop - windows[w] // hop)
+            lo = _window_start(i64, base, hi, t, hop, windows[w])
             for k in range(len(int_cols)):
-                at = base + rows * int_cols[k]
-                total = 0
-                for r in range(lo, hi):
-                    total += i64[at + r]
-                ints[k, w, e] = total
+                ints[k, w, e] = _total(i64, base + rows * int_cols[k], lo, hi, 0)
             for k in range(len(float_cols)):
-                at = base + rows * float_cols[k]
-                acc = 0.0
-                for r in range(lo, hi):
-                    acc += f64[at + r]
-                floats[k, w, e] = acc
+                floats[k, w, e] = _total(f64, base + rows * float_cols[k], lo, hi, 0.0)
     return ints, floats
 
 
@@ -100,6 +115,73 @@ def _u32(buf: npt.NDArray[np.uint8], at: int) -> int:
 
 
 @jit
+def _outputs(groups: I64) -> tuple[int, int]:
+    """How many int and float sums a blob plan (`blob_totals`' `groups`) yields."""
+    n_ints, n_floats = 0, 0
+    w_lo, i_lo, f_lo = 0, 0, 0
+    for g in range(len(groups) // 8):
+        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
+        n_ints += (w_hi - w_lo) * (i_hi - i_lo)
+        n_floats += (w_hi - w_lo) * (f_hi - f_lo)
+        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
+    return n_ints, n_floats
+
+
+@jit
+def _walk(
+    buf: npt.NDArray[np.uint8],
+    start: int,
+    end: int,
+    t: int,
+    groups: I64,
+    windows: I64,
+    int_cols: I64,
+    float_cols: I64,
+    ints: I64,
+    floats: F64,
+) -> int:
+    """The window sums of the blob `buf[start:end]` into `ints` and `floats`; where its last
+    section ends (-1 when a section runs past `end`)."""
+    newest = buf[start + 1 : start + 9].view(np.int64)[0]
+    pos = start + 9
+    out_i, out_f = 0, 0
+    w_lo, i_lo, f_lo = 0, 0, 0
+    for g in range(len(groups) // 8):
+        hop, width = groups[8 * g], groups[8 * g + 1]
+        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
+        if pos + 4 > end:
+            return -1
+        rows = _u32(buf, pos)
+        block = pos + 4
+        pos = block + 8 * rows * width
+        if groups[8 * g + 2]:  # the object section: its length, then the document
+            if pos + 4 > end:
+                return -1
+            pos += 4 + _u32(buf, pos)
+        for _ in range(groups[8 * g + 3]):  # each vector field: its length, then the matrix
+            if pos + 4 > end:
+                return -1
+            pos += 4 + 8 * rows * _u32(buf, pos)
+        if pos > end:
+            return -1
+        if groups[8 * g + 4]:
+            words = buf[block : block + 8 * rows * width]
+            i64 = words.view(np.int64)
+            f64 = words.view(np.float64)
+            hi = _window_end(i64, 0, rows, newest, t, hop)
+            for w in range(w_lo, w_hi):
+                lo = _window_start(i64, 0, hi, t, hop, windows[w])
+                for k in range(i_lo, i_hi):
+                    ints[out_i] = _total(i64, rows * int_cols[k], lo, hi, 0)
+                    out_i += 1
+                for k in range(f_lo, f_hi):
+                    floats[out_f] = _total(f64, rows * float_cols[k], lo, hi, 0.0)
+                    out_f += 1
+        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
+    return pos
+
+
+@jit
 def blob_totals(
     buf: npt.NDArray[np.uint8],
     t: int,
@@ -109,71 +191,40 @@ def blob_totals(
     float_cols: I64,
 ) -> tuple[I64, F64, int]:
     """One entity's window sums from its whole blob (the single read's `_group_values` for
-    counts, sums and means), and where the blob's last section ends.
+    counts, sums and means), and where the blob's last section ends (-1: past its end).
 
     `groups` holds 8 int64 per hop group: hop, width (columns), has an object section, vector
     fields, wanted, and the ends (exclusive) of the group's windows, int columns and float
     columns in the flat `windows`, `int_cols` and `float_cols`. Outputs are flat: per wanted
     group, per window, its int columns' sums then (in `floats`) its float columns' sums.
     """
-    newest = buf[1:9].view(np.int64)[0]
-    n_groups = len(groups) // 8
-    n_ints, n_floats = 0, 0
-    w_lo, i_lo, f_lo = 0, 0, 0
-    for g in range(n_groups):
-        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
-        n_ints += (w_hi - w_lo) * (i_hi - i_lo)
-        n_floats += (w_hi - w_lo) * (f_hi - f_lo)
-        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
+    n_ints, n_floats = _outputs(groups)
     ints = np.zeros(n_ints, np.int64)
     floats = np.zeros(n_floats, np.float64)
-    pos = 9
-    out_i, out_f = 0, 0
-    w_lo, i_lo, f_lo = 0, 0, 0
-    for g in range(n_groups):
-        hop, width = groups[8 * g], groups[8 * g + 1]
-        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
-        if pos + 4 > len(buf):
-            return ints, floats, -1
-        rows = _u32(buf, pos)
-        block = pos + 4
-        pos = block + 8 * rows * width
-        if groups[8 * g + 2]:  # the object section: its length, then the document
-            if pos + 4 > len(buf):
-                return ints, floats, -1
-            pos += 4 + _u32(buf, pos)
-        for _ in range(groups[8 * g + 3]):  # each vector field: its length, then the matrix
-            if pos + 4 > len(buf):
-                return ints, floats, -1
-            pos += 4 + 8 * rows * _u32(buf, pos)
-        if pos > len(buf):
-            return ints, floats, -1
-        if groups[8 * g + 4]:
-            words = buf[block : block + 8 * rows * width]
-            i64 = words.view(np.int64)
-            f64 = words.view(np.float64)
-            hi = rows
-            if t <= newest and rows > 0:
-                hi = rows - 1
-            if hop > 0:
-                hi = _first_at_least(i64, 0, 0, hi, -((-t) // hop))
-            for w in range(w_lo, w_hi):
-                lo = 0
-                if hop > 0:
-                    lo = _first_at_least(i64, 0, 0, hi, t // hop - windows[w] // hop)
-                for k in range(i_lo, i_hi):
-                    at = rows * int_cols[k]
-                    total = 0
-                    for r in range(lo, hi):
-                        total += i64[at + r]
-                    ints[out_i] = total
-                    out_i += 1
-                for k in range(f_lo, f_hi):
-                    at = rows * float_cols[k]
-                    acc = 0.0
-                    for r in range(lo, hi):
-                        acc += f64[at + r]
-                    floats[out_f] = acc
-                    out_f += 1
-        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
-    return ints, floats, pos
+    end = _walk(buf, 0, len(buf), t, groups, windows, int_cols, float_cols, ints, floats)
+    return ints, floats, end
+
+
+@jit
+def batch_blob_totals(
+    buf: npt.NDArray[np.uint8],
+    starts: I64,
+    ends: I64,
+    t: int,
+    groups: I64,
+    windows: I64,
+    int_cols: I64,
+    float_cols: I64,
+) -> tuple[I64, F64, bool]:
+    """`blob_totals` of every blob `buf[starts[e]:ends[e]]` of a batch: (entities, outputs)
+    sums, and whether every blob's sections ended where the blob ends."""
+    n_ints, n_floats = _outputs(groups)
+    ints = np.zeros((len(starts), n_ints), np.int64)
+    floats = np.zeros((len(starts), n_floats), np.float64)
+    whole = True
+    for e in range(len(starts)):
+        end = _walk(
+            buf, starts[e], ends[e], t, groups, windows, int_cols, float_cols, ints[e], floats[e]
+        )
+        whole = whole and end == ends[e]
+    return ints, floats, whole

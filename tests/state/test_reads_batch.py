@@ -488,6 +488,23 @@ EVENT = st.tuples(
 )
 
 
+BASE = 1_700_000_000_000_000  # the property tests' time origin (µs)
+
+
+def event_table(events: list[tuple[int, int, float | None, int | None, str | None]]) -> pa.Table:
+    """Generated events (key, µs after BASE, amount, qty, channel) as a log batch."""
+    return pa.table(
+        {
+            "user_id": [f"u{e[0]}" for e in events],
+            "ts": pa.array([BASE + e[1] for e in events], pa.timestamp("us", tz="UTC")),
+            "amount": pa.array([e[2] for e in events], pa.float64()),
+            "qty": pa.array([e[3] for e in events], pa.int64()),
+            "channel": pa.array([e[4] for e in events], pa.string()),
+            "_offset": pa.array(np.arange(len(events), dtype=np.int64)),
+        }
+    )
+
+
 @settings(max_examples=40)
 @given(
     st.lists(EVENT, min_size=1, max_size=60),
@@ -498,17 +515,8 @@ def test_vectorized_finalize_equals_per_entity(
     events: list[tuple[int, int, float | None, int | None, str | None]], at: int, batch: int
 ) -> None:
     layout = VIEW.layout()
-    base = 1_700_000_000_000_000
-    table = pa.table(
-        {
-            "user_id": [f"u{e[0]}" for e in events],
-            "ts": pa.array([base + e[1] for e in events], pa.timestamp("us", tz="UTC")),
-            "amount": pa.array([e[2] for e in events], pa.float64()),
-            "qty": pa.array([e[3] for e in events], pa.int64()),
-            "channel": pa.array([e[4] for e in events], pa.string()),
-            "_offset": pa.array(np.arange(len(events), dtype=np.int64)),
-        }
-    )
+    base = BASE
+    table = event_table(events)
     store = apply_all(layout, table, batch=batch)
     blobs = [store.get(encode_key(f"u{k}")) for k in range(7)]
     t = base + at
@@ -531,17 +539,8 @@ def test_compiled_window_sums_equal_the_single_read_and_numpy(
     """Counts, sums and means through state.window_sums: bit for bit the single read's values
     (and the NumPy path's, for the plain features of a view with other kinds too), checked
     reads refused alike."""
-    base = 1_700_000_000_000_000
-    table = pa.table(
-        {
-            "user_id": [f"u{e[0]}" for e in events],
-            "ts": pa.array([base + e[1] for e in events], pa.timestamp("us", tz="UTC")),
-            "amount": pa.array([e[2] for e in events], pa.float64()),
-            "qty": pa.array([e[3] for e in events], pa.int64()),
-            "channel": pa.array([e[4] for e in events], pa.string()),
-            "_offset": pa.array(np.arange(len(events), dtype=np.int64)),
-        }
-    )
+    base = BASE
+    table = event_table(events)
     t = base + (at - at % (10 * 60_000_000) if on_hop else at)
     for view in (PLAIN_VIEW, VIEW):
         layout = view.layout()
@@ -585,17 +584,8 @@ def test_the_compiled_single_read_is_evaluate_blob(
 ) -> None:
     """state.compiled_read answers exactly what evaluate_blob answers (values, refusals), or
     defers to it: plain views whole, and the plain features of a view with every kind."""
-    base = 1_700_000_000_000_000
-    table = pa.table(
-        {
-            "user_id": [f"u{e[0]}" for e in events],
-            "ts": pa.array([base + e[1] for e in events], pa.timestamp("us", tz="UTC")),
-            "amount": pa.array([e[2] for e in events], pa.float64()),
-            "qty": pa.array([e[3] for e in events], pa.int64()),
-            "channel": pa.array([e[4] for e in events], pa.string()),
-            "_offset": pa.array(np.arange(len(events), dtype=np.int64)),
-        }
-    )
+    base = BASE
+    table = event_table(events)
     t = base + at
     newest = int(table.column("ts").cast(pa.int64()).to_numpy().max())
     for view in (PLAIN_VIEW, VIEW):
