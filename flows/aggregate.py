@@ -342,7 +342,7 @@ def _accepted(
 
 def _concat_or_empty(tables: list[pa.Table], like: pa.Table) -> pa.Table:
     if not tables:
-        return like.slice(0, 0)
+        return like.schema.empty_table()  # not a slice of `like`: that would keep its buffers
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 

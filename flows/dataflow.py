@@ -47,7 +47,7 @@ from flows.aggregate import KEY
 from flows.deadletters import open_dead_letters
 from flows.errors import FlowError
 from flows.inflight import RowBudget
-from flows.metrics import Metrics
+from flows.metrics import Metrics, newest_arrival
 from flows.quarantine import apply_guarded, validate_guarded
 from flows.runplan import (
     FlowPlan,
@@ -230,37 +230,51 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self._switcher.check(self._progress)
 
     def write_batch(self, items: list[Routed]) -> None:
+        held = sum(item.held for item in items)
         try:
             if self._control.failures:
                 return  # the flow is ending on an error: apply nothing more (a rerun resumes)
-            for group in _runs_of_groups(items):
-                self._apply(group)
+            groups = _runs_of_groups(items)
+            items.clear()  # the groups hold the items now, each group until it is merged
+            while groups:
+                self._apply(groups.pop(0))
             self._switcher.check(self._progress)
         except KNOWN_ERRORS as exc:
             self._control.fail(exc)
         finally:
-            self._budget.release(sum(item.held for item in items))
+            self._budget.release(held)
 
     def _apply(self, items: list[Routed]) -> None:
-        """Apply what one routing group received at once: one merge and one commit per view."""
+        """Apply what one routing group received at once: one merge and one commit per view.
+        Once every view has merged them, the group's records are let go (`items` is emptied):
+        a replay batch's tables need not live through the last commit."""
         group = items[0].view
         chosen = [i for i, t in enumerate(self._source.targets) if route_group(t) == group]
-        received: dict[int, int] = {}
-        for item in items:
-            self._receive(item, chosen, received)
+        self._receive_all(items, chosen)
         parts = [item.slice for item in items]
-        for i in chosen:
+        arrival = newest_arrival(parts[-1])
+        for n, i in enumerate(chosen, start=1):
             target = self._source.targets[i]
             result = apply_guarded(
                 target.view, target.layout, parts, self._progress[i], self._stores[i].get_many
             )
+            if n == len(chosen):  # merged into every view: the records go before the commit
+                items.clear()
+                parts.clear()
+                # Arrow's allocator keeps freed pages; the commit allocates elsewhere (RocksDB)
+                pa.default_memory_pool().release_unused()
             self._write_late(target, result.late)
             if result.poison:
                 self._dead.write(list(result.poison))
                 self._control.metrics.dead_letters(self._source.name, len(result.poison))
             self._stores[i].commit(result.puts, result.progress)
             self._progress[i] = result.progress
-            self._control.metrics.applied(target.view.name, self._shard, result, parts[-1])
+            self._control.metrics.applied(target.view.name, self._shard, result, arrival)
+
+    def _receive_all(self, items: list[Routed], chosen: list[int]) -> None:
+        received: dict[int, int] = {}
+        for item in items:
+            self._receive(item, chosen, received)
 
     def _receive(self, item: Routed, chosen: list[int], received: dict[int, int]) -> None:
         """Check that nothing was lost before the item (`received`: the end of the items of

@@ -100,20 +100,22 @@ class Metrics:
         """Expose /metrics in Prometheus text format on 127.0.0.1:port."""
         start_http_server(port, addr="127.0.0.1", registry=self.registry)
 
-    def applied(self, view: str, partition: int, result: ApplyResult, batch: LogSlice) -> None:
+    def applied(
+        self, view: str, partition: int, result: ApplyResult, arrival_us: int | None
+    ) -> None:
+        """A view shard committed `result`; `arrival_us`: its newest record's arrival time
+        (`newest_arrival`), its freshness now."""
         with self._lock:
             stats = self._stats.setdefault((view, partition), _PartitionStats())
             stats.applied += result.applied
             stats.late += result.late.num_rows
             stats.offset = result.progress.applied_offset
-            if batch.events.num_rows and ARRIVAL in batch.events.column_names:
-                arrival = batch.events.column(ARRIVAL)[-1].value
-                if arrival is not None:
-                    new_child = stats.newest_arrival_us is None
-                    stats.newest_arrival_us = int(arrival)
-                    stats.freshness_s = time.time() - int(arrival) / 1e6
-                    if new_child:
-                        self._age.labels(view, str(partition)).set_function(stats.age_s)
+            if arrival_us is not None:
+                new_child = stats.newest_arrival_us is None
+                stats.newest_arrival_us = arrival_us
+                stats.freshness_s = time.time() - arrival_us / 1e6
+                if new_child:
+                    self._age.labels(view, str(partition)).set_function(stats.age_s)
         labels = (view, str(partition))
         end = self._ends.get((view, partition))
         if end is not None:
@@ -253,6 +255,14 @@ class _ViewFreshness:
         """Over the expectation; a view that applied nothing yet is stale too."""
         age = self.age_s(view)
         return age is None or age > self._expected.get(view, float("inf"))
+
+
+def newest_arrival(batch: LogSlice) -> int | None:
+    """The arrival time (µs) of a slice's last record, if it has one."""
+    if not batch.events.num_rows or ARRIVAL not in batch.events.column_names:
+        return None
+    arrival = batch.events.column(ARRIVAL)[-1].value
+    return None if arrival is None else int(arrival)
 
 
 def _age_s(arrival_us: int | None) -> float | None:

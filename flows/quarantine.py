@@ -182,7 +182,7 @@ def apply_guarded(
         closing = _piece(part, 0, 0, last=True)  # move the position past any trailing poison
         if run.attempt(layout, closing) is not None:
             raise FlowError(f"view {view.name!r}: an empty batch failed to apply") from first
-    late = pa.concat_tables(run.late) if run.late else slices[0].events.slice(0, 0)
+    late = pa.concat_tables(run.late) if run.late else slices[0].events.schema.empty_table()
     return ApplyResult(run.overlay, run.progress, late, run.applied, tuple(run.poison))
 
 

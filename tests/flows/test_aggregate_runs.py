@@ -1,5 +1,6 @@
 """flows.aggregate merges a batch's keys a run at a time (MERGE_RUN_EVENTS events each): the
-runs cover every key once, never split a key's events, and store the same bytes as one run."""
+runs cover every key once, never split a key's events, and store the same bytes as one run; the
+result of a batch holds none of its records (the sink lets them go before the commit)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from flows import aggregate
 from flows.spec import FeatureView
+from state.store import PartitionProgress
 from tests.flows.test_core_oracle import SKETCH_VIEW, VIEW, apply_all, make_events
 
 
@@ -28,3 +30,12 @@ def test_runs_of_keys_store_the_same_bytes_as_one_run(
     whole = apply_all(layout, events, batch)
     monkeypatch.setattr(aggregate, "MERGE_RUN_EVENTS", 37)  # runs of 1 to 3 keys
     assert apply_all(layout, events, batch) == whole
+
+
+def test_the_result_of_a_batch_without_late_events_holds_none_of_its_records() -> None:
+    events = make_events(5000, 40, seed=22)
+    result = aggregate.apply_batch(
+        VIEW.layout(), events, PartitionProgress(-1, None, 0, 0), lambda keys: [None] * len(keys)
+    )
+    assert result.late.num_rows == 0
+    assert result.late.get_total_buffer_size() < 100  # a slice of the batch counts its buffers
