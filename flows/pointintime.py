@@ -26,6 +26,7 @@ from connectors.envelope import OFFSET
 from flows.aggregate import (
     KEY,
     SortedEvents,
+    column_values,
     entity_keys,
     event_times,
     key_column,
@@ -34,9 +35,18 @@ from flows.aggregate import (
     running_watermarks,
     sort_events,
 )
+from flows.spine_windows import (
+    group_tiles,
+    in_time_order,
+    key_order,
+    spine_windows,
+    spine_windows_direct,
+    window_events,
+)
 from state.layout import HopGroup, ViewLayout
 from state.services import feature_type
 from state.tiles import (
+    F64,
     I64,
     ColumnValues,
     TileBlock,
@@ -117,6 +127,32 @@ def point_in_time(
     n = len(times)
     if n == 0:
         return {f.name: pa.array([]) for f in layout.features}
+    times = np.asarray(times, dtype=np.int64)
+    ev_kid, q_kid, n_keys = _key_ids(layout, events, keys)
+    q_order = np.lexsort((times, q_kid))
+    q_kid, q_t = q_kid[q_order], times[q_order]
+    ordered = _OrderedEvents(layout, events, ev_kid, n_keys)
+    types = {f.name: feature_type(layout, f) for f in layout.features}
+    values: dict[str, pa.Array] = {}
+    chunks: dict[str, list[pa.Array]] = {}
+    for group in layout.groups:
+        if events.num_rows and _plain(group):
+            values.update(_plain_values(group, ordered, q_kid, q_t, q_order, types))
+            continue
+        ev = ordered.sorted_events()
+        chunks.update(_group_values(group, ev, q_kid, q_t, types))
+    if chunks:
+        back = np.empty(n, dtype=np.int64)
+        back[q_order] = np.arange(n)  # sorted position of each original row
+        for name, parts in chunks.items():
+            values[name] = pa.concat_arrays(parts).take(pa.array(back))
+    return {f.name: values[f.name] for f in layout.features}
+
+
+def _key_ids(
+    layout: ViewLayout, events: pa.Table, keys: pa.Array | pa.ChunkedArray
+) -> tuple[I64, I64, int]:
+    """Dense key ids of the events and of the spine rows (one dictionary), and how many."""
     spine_keys = keys.cast(pa.string()) if not pa.types.is_string(keys.type) else keys
     ev_keys = (
         entity_keys(events, layout)
@@ -124,24 +160,75 @@ def point_in_time(
         else pa.chunked_array([pa.array([], pa.string())])
     )
     both = pa.chunked_array([*_chunks(ev_keys), *_chunks(spine_keys)]).combine_chunks()
-    ids = np.asarray(
-        both.dictionary_encode().indices.to_numpy(zero_copy_only=False), dtype=np.int64
-    )
-    ev_kid, q_kid = ids[: events.num_rows], ids[events.num_rows :]
-    ev = _sorted_events(layout, events, ev_kid)
-    q_order = np.lexsort((times, q_kid))
-    chunks: dict[str, list[pa.Array]] = {f.name: [] for f in layout.features}
-    types = {f.name: feature_type(layout, f) for f in layout.features}
-    for group in layout.groups:
-        for name, parts in _group_values(group, ev, q_kid[q_order], times[q_order], types).items():
-            chunks[name] += parts
-    back = np.empty(n, dtype=np.int64)
-    back[q_order] = np.arange(n)  # sorted position of each original row
-    return {name: pa.concat_arrays(parts).take(pa.array(back)) for name, parts in chunks.items()}
+    encoded = both.dictionary_encode()
+    ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return ids[: events.num_rows], ids[events.num_rows :], len(encoded.dictionary)
 
 
 def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
     return list(arr.chunks) if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+class _OrderedEvents:
+    """The events in (key, event time, offset) order, `sort_events`' order: a stable counting
+    sort by key id of the rows in (time, offset) order (the rows as they stand when they are
+    in that order already, as a replay's log mostly is). Columns are gathered on demand."""
+
+    def __init__(self, layout: ViewLayout, events: pa.Table, kid: I64, n_keys: int) -> None:
+        self.layout, self.events, self.kid = layout, events, kid
+        self.ts = event_times(events, layout.timestamp) if events.num_rows else kid
+        self.off = np.asarray(events.column(OFFSET).to_numpy(), dtype=np.int64) if len(kid) else kid
+        if in_time_order(self.ts, self.off):
+            base = np.zeros(0, dtype=np.int64)
+        elif bool((self.off[1:] > self.off[:-1]).all()):
+            base = np.argsort(self.ts, kind="stable").astype(np.int64, copy=False)
+        else:
+            base = np.lexsort((self.off, self.ts)).astype(np.int64, copy=False)
+        self.order, self.key_starts = key_order(kid, base, n_keys)
+        self.sorted_ts = self.ts[self.order]
+        self._sorted: SortedEvents | None = None
+        self._plain: dict[tuple[str, bool], tuple[npt.NDArray[np.bool_], F64]] = {}
+
+    def plain_columns(self, group: HopGroup) -> tuple[npt.NDArray[np.bool_], F64]:
+        """Each column's validity and value (0.0 where not valid) per sorted event."""
+        n = len(self.order)
+        valid = np.empty((len(group.columns), n), dtype=bool)
+        vals = np.empty((len(group.columns), n), dtype=np.float64)
+        for c, col in enumerate(group.columns):
+            valid[c], vals[c] = self._plain_column(col.column, col.numeric)
+        return valid, vals
+
+    def _plain_column(self, name: str, numeric: bool) -> tuple[npt.NDArray[np.bool_], F64]:
+        found = self._plain.get((name, numeric))
+        if found is None:
+            column, n = self.events.column(name), len(self.order)
+            valid = np.ones(n, dtype=bool)
+            if column.null_count:
+                is_valid = column.is_valid().to_numpy(zero_copy_only=False)
+                valid = np.asarray(is_valid, dtype=bool)[self.order]
+            vals = np.zeros(n, dtype=np.float64)
+            if numeric:
+                raw = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+                vals = np.asarray(raw, dtype=np.float64)[self.order]
+                if column.null_count:
+                    vals[~valid] = 0.0
+            found = self._plain[(name, numeric)] = (valid, vals)
+        return found
+
+    def sorted_events(self) -> SortedEvents:
+        if self._sorted is None:
+            if self.events.num_rows == 0:
+                self._sorted = _sorted_events(self.layout, self.events, self.kid)
+            else:
+                o = self.order
+                columns = column_values(self.events, self.layout)
+                self._sorted = SortedEvents(
+                    self.kid[o],
+                    self.sorted_ts,
+                    self.off[o],
+                    {name: cv.take(o) for name, cv in columns.items()},
+                )
+        return self._sorted
 
 
 def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> SortedEvents:
@@ -155,6 +242,66 @@ def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> SortedEven
         }
         return SortedEvents(empty, empty, empty, cols)
     return sort_events(events, layout, kid, event_times(events, layout.timestamp))
+
+
+# Aggregations `flows.spine_windows` computes: counts, float sums (in the online read's order),
+# mins and maxes of numeric or counted columns; a group of only these skips the tile blocks.
+PLAIN = frozenset({"count", "sum", "mean", "min", "max"})
+_PLAIN_STATS = frozenset({"cnt", "sum", "min", "max"})
+# The spine rows' windows are read from the events directly when they hold at most this many
+# events per event in all; past it, building the group's tiles once is cheaper.
+DIRECT_EVENTS = 1
+
+
+def _plain(group: HopGroup) -> bool:
+    return all(f.agg in PLAIN for f in group.features) and all(
+        not col.vector and col.stats <= _PLAIN_STATS and (col.numeric or col.stats <= {"cnt"})
+        for col in group.columns
+    )
+
+
+def _plain_values(
+    group: HopGroup,
+    ordered: _OrderedEvents,
+    q_kid: I64,
+    q_t: I64,
+    q_pos: I64,
+    types: dict[str, pa.DataType],
+) -> dict[str, pa.Array]:
+    """The group's feature values for the spine rows sorted by (key, time), in row order
+    (`q_pos`: each sorted row's position), from one compiled pass per group."""
+    hop = group.hop_us or LIFETIME_TILE_US
+    valid, vals = ordered.plain_columns(group)
+    stats = np.array(
+        [[s in col.stats for s in ("sum", "min", "max")] for col in group.columns], dtype=np.int64
+    ).reshape(len(group.columns), 3)
+    ts, starts = ordered.sorted_ts, ordered.key_starts
+    windows = np.array(sorted({f.window_us for f in group.features}), dtype=np.int64)
+    widest = 0 if windows[0] == 0 else int(windows[-1])
+    if window_events(ts, starts, hop, widest, q_kid, q_t) <= DIRECT_EVENTS * len(ts):
+        n_out, cnt, sums, mins, maxes = spine_windows_direct(
+            ts, starts, valid, vals, stats, hop, windows, q_kid, q_t, q_pos
+        )
+    else:
+        tiles = group_tiles(ts, starts, hop, valid, vals, stats)
+        n_out, cnt, sums, mins, maxes = spine_windows(
+            ts, starts, valid, vals, stats, tiles, hop, windows, q_kid, q_t, q_pos
+        )
+    out: dict[str, pa.Array] = {}
+    for w, window_us in enumerate(windows.tolist()):
+        merged = empty_block(group, len(q_kid))
+        merged.rows["n"] = n_out[w]
+        for c, col in enumerate(group.columns):
+            name = col.column
+            merged.rows[f"{name}.cnt"] = cnt[c, w]
+            for stat, values in (("sum", sums), ("min", mins), ("max", maxes)):
+                if stat in col.stats:
+                    merged.rows[f"{name}.{stat}"] = values[c, w]
+        for f in group.features:
+            if f.window_us == window_us:
+                part = finalize_array(f, group.column_stats(f), merged)
+                out[f.name] = part.cast(types[f.name])
+    return out
 
 
 def _group_values(
