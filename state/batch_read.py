@@ -34,13 +34,14 @@ import numpy.typing as npt
 
 from state.codec import VALUE_FORMAT, decode_vectors, encode_entity
 from state.compiled_read import blob_plan, compiled_kernel
-from state.errors import CorruptStateError, FormatVersionError, InexactReadError
+from state.errors import FormatVersionError, InexactReadError
 from state.layout import SUMMARY_KIND, HopGroup, ViewLayout
 from state.read import (
     AsOf,
     Columns,
     CompiledFeature,
     GroupPlan,
+    corrupt_blob,
     feature_value,
     group_plan,
     inexact_message,
@@ -99,7 +100,7 @@ def evaluate_blobs(
             _check_exact(layout, group, plan, section, batch, tiles, t, checks, blobs)
         _group_values(group, plan, section, batch, tiles, t, values, only)
     if (pos != batch.ends).any():
-        raise _corrupt(layout, "its sections do not end where the blob ends")
+        raise corrupt_blob(layout, "its sections do not end where the blob ends")
     return {name: values[name] for name in names}
 
 
@@ -144,7 +145,7 @@ class _Batch:
     def of(cls, layout: ViewLayout, blobs: list[bytes]) -> _Batch:
         lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
         if (lengths < _HEAD_SIZE).any():
-            raise _corrupt(layout, "it is too short to be a tile blob")
+            raise corrupt_blob(layout, "it is too short to be a tile blob")
         pads = -lengths % 8
         starts = np.cumsum(lengths + pads) - lengths - pads
         pieces = [
@@ -429,13 +430,7 @@ def warm_up() -> None:
 
 def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:
     if (pos > batch.ends).any():
-        raise _corrupt(layout, "a section runs past the blob's end")
-
-
-def _corrupt(layout: ViewLayout, cause: str) -> CorruptStateError:
-    return CorruptStateError(
-        f"view {layout.view!r}: damaged tile blob ({cause}); rebuild the view with flows.replay"
-    )
+        raise corrupt_blob(layout, "a section runs past the blob's end")
 
 
 @dataclass(frozen=True, slots=True)

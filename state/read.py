@@ -33,7 +33,7 @@ import numpy as np
 
 from state import sketches
 from state.codec import BLOB_HEADER_SIZE, blob_header, decode_objects, decode_vectors
-from state.errors import InexactReadError
+from state.errors import CorruptStateError, InexactReadError
 from state.layout import SUMMARY_KIND, FeatureDef, HopGroup, ViewLayout
 
 _U32 = struct.Struct("<I")
@@ -226,6 +226,30 @@ def evaluate_blob(
         InexactReadError: with `as_of`, a window at t cannot be answered exactly.
     """
     newest = blob_header(layout, blob)
+    try:
+        values = _blob_values(layout, blob, t, newest, as_of, only)
+    except (struct.error, TypeError, ValueError, IndexError) as exc:  # sections past its end
+        raise corrupt_blob(layout, f"{type(exc).__name__}: {exc}") from exc
+    if only is None:
+        return {f.name: values[f.name] for f in layout.features}
+    return {f.name: values[f.name] for f in layout.features if f.name in only}
+
+
+def corrupt_blob(layout: ViewLayout, cause: str) -> CorruptStateError:
+    """The error of a blob whose sections do not fit it (every read raises this one)."""
+    return CorruptStateError(
+        f"view {layout.view!r}: damaged tile blob ({cause}); rebuild the view with flows.replay"
+    )
+
+
+def _blob_values(
+    layout: ViewLayout,
+    blob: bytes,
+    t: int,
+    newest: int,
+    as_of: AsOf | None,
+    only: frozenset[str] | None,
+) -> dict[str, Any]:
     pos = BLOB_HEADER_SIZE
     values: dict[str, Any] = {}
     for group in layout.groups:
@@ -244,6 +268,8 @@ def evaluate_blob(
                 cols.vectors[name], pos = decode_vectors(blob, pos, n)
             else:
                 pos += 4 + 8 * n * _U32.unpack_from(blob, pos)[0]
+        if pos > len(blob):
+            raise corrupt_blob(layout, "a section runs past the blob's end")
         if not wanted:
             continue
         # The last row of a group holds the events at exactly the newest event time; a read
@@ -252,9 +278,9 @@ def evaluate_blob(
         if as_of is not None:
             _check_exact(layout, plan, cols, t, newest, as_of)
         values.update(_group_values(plan, cols, hi_limit, t, only))
-    if only is None:
-        return {f.name: values[f.name] for f in layout.features}
-    return {f.name: values[f.name] for f in layout.features if f.name in only}
+    if pos != len(blob):
+        raise corrupt_blob(layout, "its sections do not end where the blob ends")
+    return values
 
 
 def _check_exact(

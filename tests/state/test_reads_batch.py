@@ -44,7 +44,7 @@ from flows.spec import (
     var,
 )
 from state.batch_read import Checks, empty_blob, evaluate_blobs
-from state.client import FeatureClient
+from state.client import FeatureClient, _evaluate
 from state.codec import encode_key
 from state.compiled_read import compiled_values
 from state.errors import CorruptStateError, FormatVersionError, InexactReadError
@@ -315,17 +315,28 @@ def _refuses(layout: ViewLayout, blob: bytes | None, t: int, check: AsOf | None)
     return False
 
 
-def test_damaged_and_foreign_blobs_are_refused() -> None:
-    layout = VIEW.layout()
+@pytest.mark.parametrize("view", [VIEW, PLAIN_VIEW], ids=["every kind", "compiled"])
+def test_damaged_and_foreign_blobs_are_refused(view: FeatureView) -> None:
+    """By the batch read and the single read, compiled (counts, sums, means) or not."""
+    layout = view.layout()
     store = apply_all(layout, make_events(500, 5, seed=2), batch=500)
     good = store[encode_key("u1")]
     t = 1_800_000_000_000_000
-    for damaged in (good[:5], good[:-3], good + b"\0\0\0"):
+    for damaged in (good[:5], good[:-3], good + b"\0\0\0", good[:9] + b"\xff" * 4):
         with pytest.raises(CorruptStateError, match=r"damaged tile blob.*flows\.replay"):
             evaluate_blobs(layout, [good, damaged], t)
+        with pytest.raises(CorruptStateError):
+            FeatureClient_evaluate(layout, damaged, t)
     with pytest.raises(FormatVersionError, match="format 99"):
         evaluate_blobs(layout, [good, b"\x63" + good[1:]], t)
+    with pytest.raises(FormatVersionError, match="format 99"):
+        FeatureClient_evaluate(layout, b"\x63" + good[1:], t)
     assert evaluate_blobs(layout, [], t) == {f.name: [] for f in layout.features}
+
+
+def FeatureClient_evaluate(layout: ViewLayout, blob: bytes, t: int) -> dict[str, Any]:  # noqa: N802
+    """The client's single read of a blob: compiled when it answers, else evaluate_blob."""
+    return _evaluate(layout, blob, t, None)
 
 
 # --- through the client: RocksDB secondaries, one multi-get per partition ---------------------
