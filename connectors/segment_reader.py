@@ -116,8 +116,11 @@ def _read_rows(
         groups, first_row = _row_groups(parquet, file.seg, lo, hi)
         _check_columns(parquet, file.where, columns)
         row = first_row
+        # At most a row group per batch: a suspended reader (a replay batch ends mid-file) holds
+        # on to the last batch it yielded; callers coalesce batches up to the size they want.
+        largest = max((parquet.metadata.row_group(g).num_rows for g in groups), default=1)
         for batch in parquet.iter_batches(
-            batch_size=batch_rows,
+            batch_size=min(batch_rows, largest),
             row_groups=groups,
             columns=None if columns is None else list(columns),
         ):
