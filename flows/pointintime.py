@@ -14,7 +14,9 @@ the length of its first one, by offset) are left out here too (`without_bad_vect
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,18 +131,24 @@ def point_in_time(
         return {f.name: pa.array([]) for f in layout.features}
     times = np.asarray(times, dtype=np.int64)
     ev_kid, q_kid, n_keys = _key_ids(layout, events, keys)
-    q_order = np.lexsort((times, q_kid))
+    by_time = np.argsort(times, kind="stable").astype(np.int64, copy=False)
+    q_order = key_order(q_kid, by_time, n_keys)[0]  # lexsort((times, q_kid)), stable
     q_kid, q_t = q_kid[q_order], times[q_order]
     ordered = _OrderedEvents(layout, events, ev_kid, n_keys)
     types = {f.name: feature_type(layout, f) for f in layout.features}
     values: dict[str, pa.Array] = {}
     chunks: dict[str, list[pa.Array]] = {}
-    for group in layout.groups:
-        if events.num_rows and _plain(group):
-            values.update(_plain_values(group, ordered, q_kid, q_t, q_order, types))
-            continue
-        ev = ordered.sorted_events()
-        chunks.update(_group_values(group, ev, q_kid, q_t, types))
+    plain = [g for g in layout.groups if events.num_rows and _plain(g)]
+    for group in plain:
+        ordered.plain_columns(group)  # gathered once, before the groups run side by side
+    with ThreadPoolExecutor(max_workers=min(len(plain), os.cpu_count() or 1) or 1) as pool:
+        # the kernels run without the GIL: one hop group per core
+        runs = [pool.submit(_plain_values, g, ordered, q_kid, q_t, q_order, types) for g in plain]
+        for group in layout.groups:
+            if group not in plain:
+                chunks.update(_group_values(group, ordered.sorted_events(), q_kid, q_t, types))
+        for run in runs:
+            values.update(run.result())
     if chunks:
         back = np.empty(n, dtype=np.int64)
         back[q_order] = np.arange(n)  # sorted position of each original row
@@ -187,18 +195,20 @@ class _OrderedEvents:
         self.order, self.key_starts = key_order(kid, base, n_keys)
         self.sorted_ts = self.ts[self.order]
         self._sorted: SortedEvents | None = None
-        self._plain: dict[tuple[str, bool], tuple[npt.NDArray[np.bool_], F64]] = {}
+        self._plain: dict[tuple[str, bool], tuple[npt.NDArray[np.bool_], I64, F64]] = {}
 
-    def plain_columns(self, group: HopGroup) -> tuple[npt.NDArray[np.bool_], F64]:
-        """Each column's validity and value (0.0 where not valid) per sorted event."""
-        n = len(self.order)
-        valid = np.empty((len(group.columns), n), dtype=bool)
-        vals = np.empty((len(group.columns), n), dtype=np.float64)
-        for c, col in enumerate(group.columns):
-            valid[c], vals[c] = self._plain_column(col.column, col.numeric)
-        return valid, vals
+    def plain_columns(self, group: HopGroup) -> tuple[npt.NDArray[np.bool_], I64, F64]:
+        """Per column (a row each) and sorted event: whether its value is valid, how many of
+        the events before it have one, and its value (0.0 where not valid)."""
+        columns = [self._plain_column(col.column, col.numeric) for col in group.columns]
+        if not columns:  # counts of events only
+            n = len(self.order)
+            return np.ones((0, n), bool), np.zeros((0, n + 1), np.int64), np.zeros((0, n))
+        if len(columns) == 1:  # the common case: views, no copy
+            return tuple(part[np.newaxis] for part in columns[0])  # type: ignore[return-value]
+        return tuple(np.stack(parts) for parts in zip(*columns, strict=True))  # type: ignore[return-value]
 
-    def _plain_column(self, name: str, numeric: bool) -> tuple[npt.NDArray[np.bool_], F64]:
+    def _plain_column(self, name: str, numeric: bool) -> tuple[npt.NDArray[np.bool_], I64, F64]:
         found = self._plain.get((name, numeric))
         if found is None:
             column, n = self.events.column(name), len(self.order)
@@ -206,13 +216,15 @@ class _OrderedEvents:
             if column.null_count:
                 is_valid = column.is_valid().to_numpy(zero_copy_only=False)
                 valid = np.asarray(is_valid, dtype=bool)[self.order]
+            seen = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(valid, out=seen[1:])
             vals = np.zeros(n, dtype=np.float64)
             if numeric:
                 raw = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
                 vals = np.asarray(raw, dtype=np.float64)[self.order]
                 if column.null_count:
                     vals[~valid] = 0.0
-            found = self._plain[(name, numeric)] = (valid, vals)
+            found = self._plain[(name, numeric)] = (valid, seen, vals)
         return found
 
     def sorted_events(self) -> SortedEvents:
@@ -251,6 +263,7 @@ _PLAIN_STATS = frozenset({"cnt", "sum", "min", "max"})
 # The spine rows' windows are read from the events directly when they hold at most this many
 # events per event in all; past it, building the group's tiles once is cheaper.
 DIRECT_EVENTS = 1
+SAMPLE_ROWS = 20_000
 
 
 def _plain(group: HopGroup) -> bool:
@@ -271,21 +284,23 @@ def _plain_values(
     """The group's feature values for the spine rows sorted by (key, time), in row order
     (`q_pos`: each sorted row's position), from one compiled pass per group."""
     hop = group.hop_us or LIFETIME_TILE_US
-    valid, vals = ordered.plain_columns(group)
+    valid, seen, vals = ordered.plain_columns(group)
     stats = np.array(
         [[s in col.stats for s in ("sum", "min", "max")] for col in group.columns], dtype=np.int64
     ).reshape(len(group.columns), 3)
     ts, starts = ordered.sorted_ts, ordered.key_starts
     windows = np.array(sorted({f.window_us for f in group.features}), dtype=np.int64)
     widest = 0 if windows[0] == 0 else int(windows[-1])
-    if window_events(ts, starts, hop, widest, q_kid, q_t) <= DIRECT_EVENTS * len(ts):
+    step = max(1, len(q_kid) // SAMPLE_ROWS)  # the windows' events, estimated from a sample
+    held = window_events(ts, starts, hop, widest, q_kid[::step], q_t[::step]) * step
+    if held <= DIRECT_EVENTS * len(ts):
         n_out, cnt, sums, mins, maxes = spine_windows_direct(
-            ts, starts, valid, vals, stats, hop, windows, q_kid, q_t, q_pos
+            ts, starts, valid, seen, vals, stats, hop, windows, q_kid, q_t, q_pos
         )
     else:
         tiles = group_tiles(ts, starts, hop, valid, vals, stats)
         n_out, cnt, sums, mins, maxes = spine_windows(
-            ts, starts, valid, vals, stats, tiles, hop, windows, q_kid, q_t, q_pos
+            ts, starts, valid, seen, vals, stats, tiles, hop, windows, q_kid, q_t, q_pos
         )
     out: dict[str, pa.Array] = {}
     for w, window_us in enumerate(windows.tolist()):

@@ -31,7 +31,7 @@ from connectors.jit import jit
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 B8 = npt.NDArray[np.bool_]
-Tiles = tuple[I64, I64, I64, I64, F64, F64, F64]
+Tiles = tuple[I64, I64, I64, F64, F64, F64]
 
 # Which stats a column's tiles keep, as `stats` rows of the kernels: sum, min, max (0 or 1).
 SUM, MIN, MAX = 0, 1, 2
@@ -170,9 +170,9 @@ def group_tiles(ts: I64, key_ev: I64, hop: int, valid: B8, vals: F64, stats: I64
 
     `valid` and `vals` hold each column's validity and value per event (0.0 where not valid),
     row c for column c; `stats[c]` says which of sum, min, max column c keeps. Returns the tile
-    numbers, where each key's tiles start (keys + 1 bounds), the running event count (tiles +
-    1), the running valid counts (per column, tiles + 1), and the tiles' sums, mins and maxes
-    (columns x tiles; inf, -inf where not kept or empty).
+    numbers, where each key's tiles start (keys + 1 bounds), where each tile's events start
+    (tiles + 1 bounds), and the tiles' sums, mins and maxes (columns x tiles, only for the
+    stats some column keeps; inf, -inf where a tile has no valid value).
     """
     n_keys, n_cols, inverse = len(key_ev) - 1, len(stats), 1.0 / hop
     key_tiles = np.zeros(n_keys + 1, np.int64)
@@ -186,8 +186,8 @@ def group_tiles(ts: I64, key_ev: I64, hop: int, valid: B8, vals: F64, stats: I64
         key_tiles[k + 1] = key_tiles[k] + count
     n_tiles = key_tiles[n_keys]
     tile = np.empty(n_tiles, np.int64)
-    events = np.zeros(n_tiles + 1, np.int64)
-    counts = np.zeros((n_cols, n_tiles + 1), np.int64)
+    first = np.empty(n_tiles + 1, np.int64)
+    first[n_tiles] = len(ts)
     kept = stats.sum(axis=0)  # only the stats some column keeps take memory
     sums = np.zeros((n_cols, n_tiles if kept[SUM] else 0), np.float64)
     mins = np.full((n_cols, n_tiles if kept[MIN] else 0), np.inf)
@@ -201,22 +201,17 @@ def group_tiles(ts: I64, key_ev: I64, hop: int, valid: B8, vals: F64, stats: I64
             hi = lo + 1
             while hi < end and ts[hi] < after:
                 hi += 1
-            tile[r] = q
-            events[r + 1] = events[r] + hi - lo
+            tile[r], first[r] = q, lo
             for c in range(n_cols):
-                good = 0
-                for i in range(lo, hi):
-                    good += valid[c, i]
-                counts[c, r + 1] = counts[c, r] + good
                 if stats[c, SUM]:
-                    sums[c, r] = _run_sum(vals, c, lo, hi)
+                    sums[c, r] = vals[c, lo] if hi - lo == 1 else _run_sum(vals, c, lo, hi)
                 if stats[c, MIN]:
                     mins[c, r] = _lowest(valid, vals, c, lo, hi)
                 if stats[c, MAX]:
                     maxes[c, r] = _highest(valid, vals, c, lo, hi)
             r += 1
             lo = hi
-    return tile, key_tiles, events, counts, sums, mins, maxes
+    return tile, key_tiles, first, sums, mins, maxes
 
 
 @jit
@@ -224,6 +219,7 @@ def spine_windows(
     ts: I64,
     key_ev: I64,
     valid: B8,
+    seen: I64,
     vals: F64,
     stats: I64,
     tiles: Tiles,
@@ -234,7 +230,8 @@ def spine_windows(
     q_pos: I64,
 ) -> tuple[I64, I64, F64, F64, F64]:
     """Per window w and spine row (q_kid[i], q_t[i]), written at position q_pos[i]: the event
-    count, and per column c the valid count, sum, min and max of the window before q_t[i].
+    count, and per column c the valid count, sum, min and max of the window before q_t[i]
+    (`seen[c, i]`: how many of the first i events have a valid value in column c).
 
     The rows a window adds are those the online read adds after the key's events before t
     were applied: its whole tiles, then the newest event's tile split in two, its events
@@ -243,14 +240,13 @@ def spine_windows(
     whose sums add the key's events before its newest time as one run (the lifetime keeps
     one tile), then those at it.
     """
-    tile, key_tiles, events, counts, sums, mins, maxes = tiles
+    tile, key_tiles, first, sums, mins, maxes = tiles
     n_rows, n_windows, n_cols = len(q_kid), len(windows), len(stats)
     n_out = np.zeros((n_windows, n_rows), np.int64)
     cnt_out = np.zeros((n_cols, n_windows, n_rows), np.int64)
     sum_out = np.zeros((n_cols, n_windows, n_rows), np.float64)
     min_out = np.full((n_cols, n_windows, n_rows), np.inf)
     max_out = np.full((n_cols, n_windows, n_rows), -np.inf)
-    part_cnt = np.zeros(n_cols, np.int64)
     rest_sum = np.zeros(n_cols, np.float64)
     newest_sum = np.zeros(n_cols, np.float64)
     part_min = np.full(n_cols, np.inf)
@@ -268,10 +264,6 @@ def spine_windows(
         a = key_tiles[k]
         hi = _first_at_least(tile, a, key_tiles[k + 1], last_tile)
         for c in range(n_cols):  # the newest event's tile, as its two rows
-            good = 0
-            for e in range(part, end):
-                good += valid[c, e]
-            part_cnt[c] = good
             if stats[c, SUM]:
                 if at_newest > part:
                     rest_sum[c] = _run_sum(vals, c, part, at_newest)
@@ -285,10 +277,11 @@ def spine_windows(
             lifetime = windows[w] == 0
             first_tile = head - windows[w] // hop
             lo = a if lifetime else _first_at_least(tile, a, hi, first_tile)
-            reaches = lifetime or last_tile >= first_tile
-            n_out[w, p] = events[hi] - events[lo] + (end - part if reaches else 0)
+            if not (lifetime or last_tile >= first_tile):
+                continue  # every event before t is older than the window
+            n_out[w, p] = end - first[lo]
             for c in range(n_cols):
-                cnt_out[c, w, p] = counts[c, hi] - counts[c, lo] + (part_cnt[c] if reaches else 0)
+                cnt_out[c, w, p] = seen[c, end] - seen[c, first[lo]]
                 if stats[c, SUM]:
                     acc = 0.0
                     if lifetime:
@@ -297,21 +290,19 @@ def spine_windows(
                     else:
                         for r in range(lo, hi):
                             acc += sums[c, r]
-                        if reaches and at_newest > part:
+                        if at_newest > part:
                             acc += rest_sum[c]
-                    if reaches:
-                        acc += newest_sum[c]
-                    sum_out[c, w, p] = acc
+                    sum_out[c, w, p] = acc + newest_sum[c]
                 if stats[c, MIN]:
                     low = np.inf
                     for r in range(lo, hi):
                         low = _lower(low, mins[c, r])
-                    min_out[c, w, p] = _lower(low, part_min[c]) if reaches else low
+                    min_out[c, w, p] = _lower(low, part_min[c])
                 if stats[c, MAX]:
                     high = -np.inf
                     for r in range(lo, hi):
                         high = _higher(high, maxes[c, r])
-                    max_out[c, w, p] = _higher(high, part_max[c]) if reaches else high
+                    max_out[c, w, p] = _higher(high, part_max[c])
     return n_out, cnt_out, sum_out, min_out, max_out
 
 
@@ -334,6 +325,7 @@ def spine_windows_direct(
     ts: I64,
     key_ev: I64,
     valid: B8,
+    seen: I64,
     vals: F64,
     stats: I64,
     hop: int,
@@ -368,10 +360,7 @@ def spine_windows_direct(
                 continue
             n_out[w, p] = end - lo
             for c in range(n_cols):
-                good = 0
-                for e in range(lo, end):
-                    good += valid[c, e]
-                cnt_out[c, w, p] = good
+                cnt_out[c, w, p] = seen[c, end] - seen[c, lo]
                 if stats[c, SUM]:
                     acc, run = 0.0, lo
                     while run < at_newest:  # whole tiles, then the newest tile's older events

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from flows import pointintime
 from flows.aggregate import apply_batch
 from flows.pointintime import point_in_time
 from flows.spec import FeatureView, Source, count, max, mean, min, sum
@@ -49,6 +50,7 @@ VIEW = FeatureView(
         sum("amount", window="60d"),
         mean("amount", window="60d"),
         count("amount", window="60d"),
+        count(window="5h", hop="5m"),  # a group without columns
         count(),
         sum("amount"),
         mean("qty"),
@@ -105,12 +107,22 @@ def identical(a: Any, b: Any) -> bool:
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_point_in_time_equals_the_online_read_bit_for_bit(seed: int) -> None:
+@pytest.mark.parametrize("direct", [0, 10**9], ids=["from-tiles", "from-events"])
+def test_point_in_time_equals_the_online_read_bit_for_bit(
+    seed: int, direct: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pointintime, "DIRECT_EVENTS", direct)  # both ways of reading windows
     layout = VIEW.layout()
     events = make_events(60_000, 12, seed)
     keys = [*(f"u{k}" for k in range(12)), "never-seen"]
+    at_event = int(events.column("ts").cast(pa.int64()).to_numpy()[30_000])  # its events left out
     checked = 0
-    for t in (BASE + 20 * DAY + 7 * MINUTE + 3, BASE + 45 * DAY + 10 * MINUTE, BASE + 70 * DAY + 1):
+    for t in (
+        BASE + 20 * DAY + 7 * MINUTE + 3,
+        BASE + 45 * DAY + 10 * MINUTE,  # on every hop's boundary
+        at_event,
+        BASE + 70 * DAY + 1,
+    ):
         want = online(layout, events, keys, t)
         got = point_in_time(layout, events, pa.array(keys), np.full(len(keys), t, np.int64))
         for i, row in enumerate(want):
