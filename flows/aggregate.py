@@ -350,42 +350,43 @@ def _merge_into_tiles(
     layout: ViewLayout, table: pa.Table, watermark: int | None, get_blobs: BlobGetter
 ) -> dict[bytes, bytes]:
     """The new blobs of the keys of `table`'s events, merged a run of keys at a time (about
-    MERGE_RUN_EVENTS events each): keys merge independently, so a large replay batch needs the
-    merge's temporaries of one run at a time, not of the whole batch."""
+    MERGE_RUN_EVENTS events each, sorted per run): keys merge independently, so a large replay
+    batch needs the sort's and the merge's arrays of one run at a time, not of the whole batch."""
     encoded = entity_keys(table, layout).combine_chunks().dictionary_encode()
-    key_ids = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    key_ids = encoded.indices.to_numpy(zero_copy_only=False)
     keys: list[str] = encoded.dictionary.to_pylist()
     del encoded
-    ev = sort_events(table, layout, key_ids, event_times(table, layout.timestamp))
-    del key_ids  # peak memory: sorted copies only from here on
+    bounds, order, ends = _key_runs(key_ids, len(keys), MERGE_RUN_EVENTS)
+    needed = table.select([*dict.fromkeys([OFFSET, layout.timestamp, *layout.column_types])])
     puts: dict[bytes, bytes] = {}
-    for lo, hi in _key_runs(ev.kid, len(keys), MERGE_RUN_EVENTS):
-        run = _events_of_keys(ev, lo, hi)
-        puts.update(_merge_keys(layout, keys[lo:hi], run, watermark, get_blobs))
+    for lo, hi, a, z in zip(bounds[:-1], bounds[1:], ends[:-1], ends[1:], strict=True):
+        rows = order[a:z]  # the run's events, in offset order
+        run = needed.take(rows)
+        kid = np.asarray(key_ids[rows], dtype=np.int64) - lo
+        ev = sort_events(run, layout, kid, event_times(run, layout.timestamp))
+        del run, kid
+        puts.update(_merge_keys(layout, keys[lo:hi], ev, watermark, get_blobs))
     return puts
 
 
 MERGE_RUN_EVENTS = 500_000  # events merged at once: memory, against a fixed cost per run
 
 
-def _key_runs(kid: I64, n_keys: int, events: int) -> list[tuple[int, int]]:
-    """Runs [lo, hi) of consecutive key ids holding about `events` events each (`kid` sorted;
-    a key's events are never split)."""
-    cuts = kid[np.arange(events, len(kid), events)]  # the key at every `events`-th event
-    bounds = np.unique(np.concatenate([[0], cuts, [n_keys]]))
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-
-
-def _events_of_keys(ev: SortedEvents, lo: int, hi: int) -> SortedEvents:
-    """The events of keys lo..hi-1, their key ids counted from lo (views, not copies)."""
-    a, z = np.searchsorted(ev.kid, [lo, hi])
-    columns = {
-        name: ColumnValues(
-            cv.values[a:z], cv.valid[a:z], None if cv.lengths is None else cv.lengths[a:z]
-        )
-        for name, cv in ev.columns.items()
-    }
-    return SortedEvents(ev.kid[a:z] - lo, ev.ts[a:z], ev.off[a:z], columns)
+def _key_runs(
+    key_ids: npt.NDArray[np.integer[Any]], n_keys: int, events: int
+) -> tuple[list[int], npt.NDArray[np.intp], list[int]]:
+    """Runs of consecutive key ids holding about `events` events each (a key's events are
+    never split): the runs' key id bounds, the rows in run order (each run's in row order),
+    and where each run's rows start in that order (and the last ends)."""
+    per_key = np.cumsum(np.bincount(key_ids, minlength=n_keys))
+    # a run starts at the key holding every `events`-th event (counted in key order)
+    cuts = np.searchsorted(per_key, np.arange(events, len(key_ids), events), side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [n_keys]])).tolist()
+    run_of_key = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    small = np.uint16 if len(bounds) <= 2**16 else np.uint32  # uint16: a linear radix sort
+    order = np.argsort(run_of_key.astype(small)[key_ids], kind="stable")
+    ends = [0, *(int(per_key[k - 1]) for k in bounds[1:])]
+    return bounds, order, ends
 
 
 def _merge_keys(

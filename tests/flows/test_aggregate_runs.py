@@ -14,10 +14,17 @@ from tests.flows.test_core_oracle import SKETCH_VIEW, VIEW, apply_all, make_even
 
 
 def test_runs_cover_every_key_once_and_never_split_one() -> None:
-    kid = np.repeat(np.arange(6), [1, 9, 2, 2, 30, 1])  # sorted key ids, 45 events
+    counts = [1, 9, 2, 2, 30, 1]  # events per key id, 45 in all
+    key_ids = np.random.default_rng(3).permutation(np.repeat(np.arange(6), counts))
+    bounds, order, ends = aggregate._key_runs(key_ids, 6, 10)
     # a run starts at the key holding each 10th event: key 4's 30 events stay in one run
-    assert aggregate._key_runs(kid, 6, 10) == [(0, 2), (2, 4), (4, 6)]
-    assert aggregate._key_runs(kid, 6, 100) == [(0, 6)]
+    assert bounds == [0, 2, 4, 6]
+    assert ends == [0, 10, 14, 45]
+    for lo, hi, a, z in zip(bounds[:-1], bounds[1:], ends[:-1], ends[1:], strict=True):
+        rows = order[a:z]
+        assert list(rows) == sorted(rows)  # in row (offset) order
+        assert sorted(set(key_ids[rows])) == list(range(lo, hi))
+    assert aggregate._key_runs(key_ids, 6, 100)[0] == [0, 6]
 
 
 @pytest.mark.parametrize("view", [VIEW, SKETCH_VIEW], ids=["numeric", "sketches"])
