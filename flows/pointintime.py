@@ -1,11 +1,18 @@
 """Point-in-time feature values for many (key, t) rows: the offline half of the core.
 
-Every row's value covers exactly the events with start(t) <= ts < t. The full tiles of the window
-come from the same tiles the online path builds (`unit_block` + `combine`); the partial head tile
-is merged from the events in [floor(t/H)*H, t), so a row never sees an event at or after its own
-time. Lifetime features use one-day tiles plus the partial day. The tiles and the finalization
-are the online write path's own functions (`state.tiles`); the window merges are equal to the
-online read's (`state.read`) by test, not shared code.
+Every row's value covers exactly the events with start(t) <= ts < t. The events are sorted once
+by (key, time, offset), the write path's order (`_OrderedEvents`: a counting sort on key ids).
+
+A hop group of only counts, sums, means, mins and maxes (the common view) goes through
+`flows.spine_windows` in one compiled pass: each window's rows are those the online read adds
+for a view that applied the key's events before t (whole tiles, the newest event time's events
+in a row of their own), summed in the same order, so the values are the online read's bit for
+bit (tests/flows/test_pointintime_exact.py). Groups run side by side, one thread per core.
+
+Other groups (first/last, var/std, sketches, lists, vectors) merge the online write path's
+tiles (`unit_block` + `combine`, `state.tiles`): the full tiles of the window plus the partial
+head tile merged from the events in [floor(t/H)*H, t); lifetime features use one-day tiles plus
+the partial day. Their window merges equal the online read's (`state.read`) by test.
 
 Vector features come out as Arrow `list<float64>` columns (null for an empty window). The events
 a live view dead-letters for a vector of the wrong length (`state.vectors`: a key's vectors keep
