@@ -211,7 +211,7 @@ def _print_service_sample(plan: FlowPlan, defs: Definitions, spine: Path) -> Non
             key = max(found, key=lambda f: f[1])[0]
             row.update(zip(read.entity_columns, key.split(KEY_SEPARATOR), strict=False))
         try:
-            with FeatureClient(plan.state) as client:
+            with FeatureClient(plan.state, compiled=False) as client:
                 values: Any = client.get_service(name, row, at=(newest + 1) / 1e6)
         except StateError as exc:  # a sample, not the run's result: say so and go on
             values = f"failed: {exc}"
@@ -371,7 +371,7 @@ def _sample_read(plan: FlowPlan) -> str | None:
                 continue
             view_newest = max(f[2] for f in found)
             key = max(found, key=lambda f: f[1])[0]
-            with FeatureClient(plan.state) as client:
+            with FeatureClient(plan.state, compiled=False) as client:
                 if target.view.name not in client.views():
                     return None
                 values = client.get(target.view.name, key, at=(view_newest + 1) / 1e6)

@@ -33,8 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 from state.codec import VALUE_FORMAT, decode_vectors, encode_entity
-from state.compiled_read import blob_plan, compiled_kernel
+from state.compiled_read import blob_plan
 from state.errors import FormatVersionError, InexactReadError
+from state.kernels import kernels
 from state.layout import SUMMARY_KIND, HopGroup, ViewLayout
 from state.read import (
     AsOf,
@@ -63,9 +64,12 @@ def evaluate_blobs(
     t: int,
     checks: Checks | None = None,
     only: frozenset[str] | None = None,
+    *,
+    compiled: bool = True,
 ) -> dict[str, list[Any]]:
     """Every feature of every entity as of t: {feature: one value per blob, in order} (with
-    `only`, those features, in the layout's order).
+    `only`, those features, in the layout's order; `compiled`: counts, sums and means by the
+    compiled kernels, else all in NumPy).
 
     A None blob is an unknown key: the empty-window values (0 for count and sum, None else).
     With `checks`, values of known keys are exact or refused, as `evaluate_blob` decides for
@@ -80,7 +84,7 @@ def evaluate_blobs(
     if not blobs:
         return {name: [] for name in names}
     present = [b if b is not None else empty_blob(layout) for b in blobs]
-    whole = _compiled_batch(layout, present, t, checks, blobs, only)
+    whole = _compiled_batch(layout, present, t, checks, blobs, only) if compiled else None
     if whole is not None:
         return whole
     batch = _Batch.of(layout, present)
@@ -92,7 +96,9 @@ def evaluate_blobs(
         parts, pos = _parts(layout, group, batch, pos)
         if not wanted:
             continue
-        if _compiled(layout, group, plan, parts, batch, t, checks, blobs, values, only):
+        if compiled and _compiled(
+            layout, group, plan, parts, batch, t, checks, blobs, values, only
+        ):
             continue
         section = _section(parts, batch)
         tiles = section.i64[section.index] if plan.hop else np.zeros(len(section.eid), np.int64)
@@ -327,7 +333,7 @@ def _compiled(
         if ((t < batch.newest) & (parts.n > 1)).any():
             return False  # the reads that may mix events around t: the NumPy path checks them
         _refuse(layout, group, plan, t, checks, blobs, batch.newest, np.zeros(len(parts.n), bool))
-    ints, floats = _kernel()(
+    ints, floats = kernels().window_totals(
         batch.raw,
         shift,
         (parts.cols - shift) >> 3,
@@ -377,8 +383,7 @@ def _compiled_batch(
             return None  # tiles around t may mix events before and after it
         for group, gplan in plan.wanted:
             _refuse(layout, group, gplan, t, checks, blobs, newest, np.zeros(len(blobs), bool))
-    kernel = _BATCH_KERNEL[0] if _BATCH_KERNEL else _load_batch_kernel()
-    ints, floats, whole = kernel(
+    ints, floats, whole = kernels().batch_blob_totals(
         raw, starts, ends, t, plan.groups, plan.windows, plan.int_cols, plan.float_cols
     )
     if not whole:
@@ -386,46 +391,6 @@ def _compiled_batch(
     return {
         f.name: _plain(f, ints[:, i], floats[:, j] if j >= 0 else None) for f, i, j in plan.outputs
     }
-
-
-_BATCH_KERNEL: list[Any] = []
-
-
-def _load_batch_kernel() -> Any:
-    from state.window_sums import batch_blob_totals
-
-    _BATCH_KERNEL.append(batch_blob_totals)
-    return batch_blob_totals
-
-
-_KERNEL: list[Any] = []
-
-
-def _kernel() -> Any:
-    """`state.window_sums.window_totals`, imported and compiled (or loaded from Numba's
-    cache) on the first batch read that uses it, or by `warm_up`."""
-    if not _KERNEL:
-        from state.window_sums import window_totals
-
-        # compiles for the types a read passes: a read-only view of the batch's buffer
-        none = np.zeros(0, np.int64)
-        window_totals(
-            np.frombuffer(bytes(8), np.uint8), 0, none, none, none, 0, 0, none, none, none
-        )
-        _KERNEL.append(window_totals)
-    return _KERNEL[0]
-
-
-def warm_up() -> None:
-    """Compile the reads' kernels now (about a second the first time on a machine, then
-    milliseconds from Numba's cache) rather than in the first read that needs them."""
-    _kernel()
-    layout_free = np.zeros(0, np.int64)
-    batch = _load_batch_kernel() if not _BATCH_KERNEL else _BATCH_KERNEL[0]
-    raw = np.frombuffer(bytes(16), np.uint8)
-    batch(raw, layout_free, layout_free, 0, layout_free, layout_free, layout_free, layout_free)
-    single = compiled_kernel()
-    single(raw, 0, layout_free, layout_free, layout_free, layout_free)
 
 
 def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:

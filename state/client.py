@@ -52,6 +52,7 @@ from state.codec import (
 )
 from state.compiled_read import compiled_answers, compiled_values
 from state.errors import RequestTypeError
+from state.kernels import kernels
 from state.layout import ViewLayout
 from state.malloc import tune_allocator
 from state.open_versions import OpenVersions, OpenView
@@ -72,8 +73,10 @@ _SINGLE_READS = 2
 _SINGLE_COMPILED_READS = 32
 
 
-def _single_reads(layout: ViewLayout, only: frozenset[str] | None = None) -> int:
-    return _SINGLE_COMPILED_READS if compiled_answers(layout, only) else _SINGLE_READS
+def _single_reads(layout: ViewLayout, compiled: bool, only: frozenset[str] | None = None) -> int:
+    if compiled and compiled_answers(layout, only):
+        return _SINGLE_COMPILED_READS
+    return _SINGLE_READS
 
 
 class FeatureClient:
@@ -87,6 +90,10 @@ class FeatureClient:
             new ones).
         served_log: log what this client serves (`state.servedlog.ServedLog`: Parquet in the
             warehouse, off the read's path, sampled); the client closes it on `close`.
+        compiled: merge counts, sums and means with the compiled kernels (`state.kernels`,
+            loaded here: 0.3-0.5 s once per process, about 4 s the first time on a machine;
+            no read compiles one later). False for a short-lived client that reads a few
+            values: the same values, from the Python merge.
 
     Raises:
         NotAViewStoreError: `state_dir` is not a view store.
@@ -100,10 +107,14 @@ class FeatureClient:
         refresh_s: float = 0.05,
         features: str | Path | None = None,
         served_log: ServedLog | None = None,
+        compiled: bool = True,
     ) -> None:
         self.root = Path(state_dir)
         self._store = ViewStore(self.root, create=False)  # checks it is a view store
         tune_allocator()  # reads reuse heap blocks instead of faulting pages in per call
+        self._compiled = compiled
+        if compiled:
+            kernels()  # now, not in the middle of serving (a cold compile takes seconds)
         self._services = ServiceBook(self.root, Path(features) if features else None)
         self.served_log = served_log
         self._versions = OpenVersions(self._store)
@@ -149,7 +160,8 @@ class FeatureClient:
             layout = opened.layout
             text = key_text_of(view, layout, key)
             blob, newest = self._one_blob(opened, text, at is not None)
-            return _evaluate(layout, blob, t, AsOf(text, newest) if at is not None else None)
+            check = AsOf(text, newest) if at is not None else None
+            return _evaluate(layout, blob, t, check, self._compiled)
         finally:
             self._versions.unpin(opened)
 
@@ -168,11 +180,11 @@ class FeatureClient:
         opened = self._versions.pin(view)
         try:
             texts = key_texts(view, opened.layout, keys)
-            if len(texts) <= _single_reads(opened.layout):
+            if len(texts) <= _single_reads(opened.layout, self._compiled):
                 blobs, marks = self._blobs(opened, texts, at is not None)
                 layout, strict = opened.layout, at is not None
                 return [
-                    _evaluate(layout, b, t, AsOf(k, m) if strict else None)
+                    _evaluate(layout, b, t, AsOf(k, m) if strict else None, self._compiled)
                     for k, b, m in zip(texts, blobs, marks, strict=True)
                 ]
             columns = self._read_columns(opened, texts, t, at is not None, None)
@@ -203,16 +215,17 @@ class FeatureClient:
         layout = opened.layout
         if len(texts) == 1:  # one request: `get`'s read
             blob, newest = self._one_blob(opened, texts[0], strict)
-            row = _evaluate(layout, blob, t, AsOf(texts[0], newest) if strict else None, only)
+            check = AsOf(texts[0], newest) if strict else None
+            row = _evaluate(layout, blob, t, check, self._compiled, only)
             return {name: [value] for name, value in row.items()}
         distinct = list(dict.fromkeys(texts))
         blobs, marks = self._blobs(opened, distinct, strict)
-        if len(distinct) > _single_reads(layout, only):
+        if len(distinct) > _single_reads(layout, self._compiled, only):
             checks = Checks(distinct, marks) if strict else None
-            columns = evaluate_blobs(layout, blobs, t, checks, only)
+            columns = evaluate_blobs(layout, blobs, t, checks, only, compiled=self._compiled)
         else:
             rows = [
-                _evaluate(layout, b, t, AsOf(k, m) if strict else None, only)
+                _evaluate(layout, b, t, AsOf(k, m) if strict else None, self._compiled, only)
                 for k, b, m in zip(distinct, blobs, marks, strict=True)
             ]
             names = [f.name for f in layout.features if only is None or f.name in only]
@@ -395,9 +408,10 @@ def _evaluate(
     blob: bytes | None,
     t: int,
     as_of: AsOf | None,
+    compiled: bool = True,
     only: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     if blob is None:  # an unknown key: the values of empty windows
         blob, as_of = empty_blob(layout), None
-    found = compiled_values(layout, blob, t, as_of, only)  # counts, sums and means
+    found = compiled_values(layout, blob, t, as_of, only) if compiled else None
     return found if found is not None else evaluate_blob(layout, blob, t, as_of, only)

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from state.codec import blob_header
 from state.errors import InexactReadError
+from state.kernels import kernels
 from state.layout import HopGroup, ViewLayout
 from state.read import AsOf, CompiledFeature, GroupPlan, group_plan, inexact_message
 from state.read import pruned_features as _pruned
@@ -47,7 +48,6 @@ class BlobPlan:
 
 
 _PLANS: dict[tuple[int, frozenset[str] | None], tuple[ViewLayout, BlobPlan | None]] = {}
-_KERNEL: list[Any] = []
 
 
 def compiled_values(
@@ -75,8 +75,7 @@ def compiled_values(
             if pruned:
                 message = inexact_message(layout, group, t, newest, as_of, False, pruned)
                 raise InexactReadError(message)
-    kernel = compiled_kernel()
-    ints, floats, end = kernel(
+    ints, floats, end = kernels().blob_totals(
         np.frombuffer(blob, np.uint8), t, plan.groups, plan.windows, plan.int_cols, plan.float_cols
     )
     if end != len(blob):
@@ -98,15 +97,6 @@ def compiled_answers(layout: ViewLayout, only: frozenset[str] | None = None) -> 
     """Whether `compiled_values` answers reads of these features (checked reads as of before
     an entity's newest event aside)."""
     return blob_plan(layout, only) is not None
-
-
-def compiled_kernel() -> Any:
-    """`state.window_sums.blob_totals`, imported (and compiled or loaded) on first use."""
-    if not _KERNEL:
-        from state.window_sums import blob_totals
-
-        _KERNEL.append(blob_totals)
-    return _KERNEL[0]
 
 
 def blob_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | None:

@@ -228,3 +228,19 @@ def batch_blob_totals(
         )
         whole = whole and end == ends[e]
     return ints, floats, whole
+
+
+def compile_all() -> None:
+    """Compile (or load from Numba's cache) every kernel of the read path, for the argument
+    types reads pass (read-only views of blobs, int64 arrays), so that no read compiles one
+    later: a compile holds the interpreter for seconds when the cache is cold, and a kernel
+    first needed in the middle of a busy client (a batch with a stored tile the single read
+    could not answer, say) stalled its catch-up thread that long."""
+    from connectors.murmur2_compiled import partitions_of
+
+    raw = np.frombuffer(bytes(16), np.uint8)
+    none = np.zeros(0, np.int64)
+    blob_totals(raw, 0, none, none, none, none)
+    batch_blob_totals(raw, none, none, 0, none, none, none, none)
+    window_totals(raw, 0, none, none, none, 0, 0, none, none, none)
+    partitions_of(raw, np.zeros(1, np.int64), 1)

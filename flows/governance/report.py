@@ -83,7 +83,7 @@ def build_report(inputs: ReportInputs) -> str:
 
 def _feature_figures(defs: Definitions, state: Path, store: ViewStore) -> list[go.Figure | str]:
     out: list[go.Figure | str] = []
-    with FeatureClient(state) as client:
+    with FeatureClient(state, compiled=False) as client:
         for name in defs.views:
             if name not in client.views():
                 out.append(f"view {name}: not deployed")

@@ -35,7 +35,6 @@ from flows.serving.errors import (
 )
 from flows.serving.metrics import ServingMetrics
 from flows.serving.requests import parse_service_read, parse_view_read
-from state.batch_read import warm_up
 from state.client import FeatureClient
 from state.errors import (
     InexactReadError,
@@ -45,6 +44,7 @@ from state.errors import (
     UnknownServiceError,
     UnknownViewError,
 )
+from state.kernels import warm_up
 from state.servedlog import ServedLog
 
 Scope = MutableMapping[str, Any]
