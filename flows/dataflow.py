@@ -132,8 +132,9 @@ class _LogPartition(StatefulSourcePartition[tuple[str, LogBatch], None]):
     def next_batch(self) -> Iterable[tuple[str, LogBatch]]:
         self._watch.check()
         if self._stop.is_set() or self._log.done:
+            self._budget.leave(self._key)
             raise StopIteration
-        if not self._budget.reserve(self._expected):  # the rows in flight are at the bound
+        if not self._budget.reserve(self._key, self._expected):  # at the bound, or not its turn
             self._awake = datetime.now(UTC) + _WAIT
             return []
         batch = self._read()

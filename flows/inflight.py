@@ -8,9 +8,11 @@ each batch re-merges the stored tiles of the keys it touches). Without a bound, 
 batch of each of its partitions before the views applied any, so the rows alive grew with the
 number of partitions. With it, a partition reads only while the rows in flight in the process
 plus its previous batch's size (`batch_rows` before the first) fit the budget (`batch_rows` per
-worker), or when nothing is in flight. Live batches (a few thousand records) always fit. The
-budget never blocks forever: every row taken is released once its batch is applied, or when it
-leaves for another process of a cluster.
+worker), or when nothing is in flight. Live batches (a few thousand records) always fit.
+Partitions refused wait their turn in the order they asked, so each gets its next batch before
+any reads again (a replay advances every partition together, none starves). The budget never
+blocks forever: every row taken is released once its batch is applied, or when it leaves for
+another process of a cluster; a partition that stops leaves the queue.
 """
 
 from __future__ import annotations
@@ -30,19 +32,32 @@ class RowBudget:
     rows: int
     _in_flight: int = 0
     _unrouted: dict[str, int] = field(default_factory=dict)  # per partition key: read, not routed
+    _waiting: list[str] = field(default_factory=list)  # partitions refused, first come first
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    def reserve(self, expected: int) -> bool:
-        """Take `expected` rows for a read, if they fit or nothing is in flight."""
+    def reserve(self, part: str, expected: int) -> bool:
+        """Take `expected` rows for a read of partition `part`, if they fit (or nothing is in
+        flight) and no partition refused before is still waiting for its turn."""
         with self._lock:
-            if self._in_flight and self._in_flight + expected > self.rows:
-                return False
-            self._in_flight += expected
-            return True
+            fits = not self._in_flight or self._in_flight + expected <= self.rows
+            if fits and (not self._waiting or self._waiting[0] == part):
+                if self._waiting:
+                    self._waiting.pop(0)
+                self._in_flight += expected
+                return True
+            if part not in self._waiting:
+                self._waiting.append(part)
+            return False
+
+    def leave(self, part: str) -> None:
+        """The partition reads no more: it gives up its turn."""
+        with self._lock:
+            if part in self._waiting:
+                self._waiting.remove(part)
 
     def settle(self, part: str, expected: int, read: int) -> None:
         """The read reserved `expected` rows and returned `read`; they stay taken until routed

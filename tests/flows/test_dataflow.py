@@ -134,8 +134,8 @@ class _RecordingBudget(dataflow.RowBudget):
         super().__init__(rows)
         self.budgets.append(self)
 
-    def reserve(self, expected: int) -> bool:
-        admitted = super().reserve(expected)
+    def reserve(self, part: str, expected: int) -> bool:
+        admitted = super().reserve(part, expected)
         type(self).waits += not admitted
         return admitted
 
