@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from connectors.jit import jit
+from state.window_sums import first_at_least
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -153,18 +154,6 @@ def _tile_of(ts: int, hop: int, inverse: float) -> int:
 
 
 @jit
-def _first_at_least(a: I64, lo: int, hi: int, value: int) -> int:
-    """The first i in [lo, hi) with a[i] >= value (a sorted there), else hi."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < value:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@jit
 def group_tiles(ts: I64, key_ev: I64, hop: int, valid: B8, vals: F64, stats: I64) -> Tiles:
     """One hop group's tiles of every key, from the events sorted by (key, time, offset).
 
@@ -254,15 +243,15 @@ def spine_windows(
     for i in range(n_rows):
         k, t, p = q_kid[i], q_t[i], q_pos[i]
         first_ev = key_ev[k]
-        end = _first_at_least(ts, first_ev, key_ev[k + 1], t)
+        end = first_at_least(ts, first_ev, key_ev[k + 1], t)
         if end == first_ev:
             continue  # no event before t: empty windows
         newest = ts[end - 1]
-        at_newest = _first_at_least(ts, first_ev, end, newest)
+        at_newest = first_at_least(ts, first_ev, end, newest)
         last_tile = newest // hop
-        part = _first_at_least(ts, first_ev, at_newest, last_tile * hop)
+        part = first_at_least(ts, first_ev, at_newest, last_tile * hop)
         a = key_tiles[k]
-        hi = _first_at_least(tile, a, key_tiles[k + 1], last_tile)
+        hi = first_at_least(tile, a, key_tiles[k + 1], last_tile)
         for c in range(n_cols):  # the newest event's tile, as its two rows
             if stats[c, SUM]:
                 if at_newest > part:
@@ -276,7 +265,7 @@ def spine_windows(
         for w in range(n_windows):
             lifetime = windows[w] == 0
             first_tile = head - windows[w] // hop
-            lo = a if lifetime else _first_at_least(tile, a, hi, first_tile)
+            lo = a if lifetime else first_at_least(tile, a, hi, first_tile)
             if not (lifetime or last_tile >= first_tile):
                 continue  # every event before t is older than the window
             n_out[w, p] = end - first[lo]
@@ -312,10 +301,10 @@ def window_events(ts: I64, key_ev: I64, hop: int, window: int, q_kid: I64, q_t: 
     total = 0
     for i in range(len(q_kid)):
         k, t = q_kid[i], q_t[i]
-        end = _first_at_least(ts, key_ev[k], key_ev[k + 1], t)
+        end = first_at_least(ts, key_ev[k], key_ev[k + 1], t)
         lo = key_ev[k]
         if window:
-            lo = _first_at_least(ts, lo, end, (t // hop - window // hop) * hop)
+            lo = first_at_least(ts, lo, end, (t // hop - window // hop) * hop)
         total += end - lo
     return total
 
@@ -346,16 +335,16 @@ def spine_windows_direct(
     for i in range(n_rows):
         k, t, p = q_kid[i], q_t[i], q_pos[i]
         first_ev = key_ev[k]
-        end = _first_at_least(ts, first_ev, key_ev[k + 1], t)
+        end = first_at_least(ts, first_ev, key_ev[k + 1], t)
         if end == first_ev:
             continue  # no event before t: empty windows
-        at_newest = _first_at_least(ts, first_ev, end, ts[end - 1])
+        at_newest = first_at_least(ts, first_ev, end, ts[end - 1])
         head = t // hop
         for w in range(n_windows):
             lifetime = windows[w] == 0
             lo = first_ev
             if not lifetime:
-                lo = _first_at_least(ts, first_ev, end, (head - windows[w] // hop) * hop)
+                lo = first_at_least(ts, first_ev, end, (head - windows[w] // hop) * hop)
             if lo == end:
                 continue
             n_out[w, p] = end - lo

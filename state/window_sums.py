@@ -27,11 +27,11 @@ F64 = npt.NDArray[np.float64]
 
 
 @jit
-def _first_at_least(i64: I64, start: int, lo: int, hi: int, value: int) -> int:
-    """The first row r in [lo, hi) whose tile number (word start + r) is >= value, else hi."""
+def first_at_least(a: I64, lo: int, hi: int, value: int) -> int:
+    """The first i in [lo, hi) with a[i] >= value (a sorted there), else hi."""
     while lo < hi:
         mid = (lo + hi) >> 1
-        if i64[start + mid] < value:
+        if a[mid] < value:
             lo = mid + 1
         else:
             hi = mid
@@ -44,7 +44,7 @@ def _window_end(i64: I64, base: int, rows: int, newest: int, t: int, hop: int) -
     row is left out when t is not after it, and so is a tile that starts at or after t."""
     hi = rows - 1 if t <= newest and rows > 0 else rows
     if hop > 0:
-        hi = _first_at_least(i64, base, 0, hi, -((-t) // hop))
+        hi = first_at_least(i64, base, base + hi, -((-t) // hop)) - base
     return hi
 
 
@@ -53,7 +53,7 @@ def _window_start(i64: I64, base: int, hi: int, t: int, hop: int, window: int) -
     """The first of an entity's rows inside a window of `window` us ending at t."""
     if hop <= 0:
         return 0
-    return _first_at_least(i64, base, 0, hi, t // hop - window // hop)
+    return first_at_least(i64, base, base + hi, t // hop - window // hop) - base
 
 
 @jit
