@@ -37,6 +37,20 @@ SCHEMA_JSON = """{
 TXN_SCHEMA: dict[str, Any] = json.loads(SCHEMA_JSON)
 """SCHEMA_JSON parsed (shared: copy it before changing it)."""
 
+EV_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "Ev",
+    "fields": [
+        {"name": "user_id", "type": "string"},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "amount", "type": ["null", "double"], "default": None},
+        {"name": "qty", "type": ["null", "long"], "default": None},
+        {"name": "channel", "type": ["null", "string"], "default": None},
+    ],
+}
+"""The core tests' events: a float and an int column beside the key, time and a string
+(shared: copy it before changing it)."""
+
 DEFINITIONS = """
 from flows.spec import (FeatureView, Source, count, distinct_count, last, max, mean, min,
                         percentile, std, sum)

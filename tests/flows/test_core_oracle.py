@@ -33,20 +33,10 @@ from state.read import evaluate_blob
 from state.sketches import HLL_RSE, KLL_RANK_ERROR
 from state.store import PartitionProgress
 from state.tiles import empty_block
-from tests.helpers import decode_entity, evaluate
+from tests.helpers import EV_SCHEMA, decode_entity, evaluate
 from tests.oracle import oracle_values, same
 
-SCHEMA = {
-    "type": "record",
-    "name": "Ev",
-    "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-        {"name": "qty", "type": ["null", "long"], "default": None},
-        {"name": "channel", "type": ["null", "string"], "default": None},
-    ],
-}
+SCHEMA = EV_SCHEMA
 SOURCE = Source(name="ev", schema=SCHEMA, key="user_id", timestamp="ts")
 MINUTE = 60_000_000
 VIEW = FeatureView(

@@ -18,19 +18,9 @@ from state.codec import encode_key
 from state.read import evaluate_blob
 from state.store import PartitionProgress
 from state.tiles import empty_block
-from tests.helpers import evaluate
+from tests.helpers import EV_SCHEMA, evaluate
 
-SCHEMA = {
-    "type": "record",
-    "name": "Ev",
-    "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-        {"name": "qty", "type": ["null", "long"], "default": None},
-        {"name": "channel", "type": ["null", "string"], "default": None},
-    ],
-}
+SCHEMA = EV_SCHEMA
 MINUTE = 60_000_000
 DAY = 1440 * MINUTE
 BASE = 1_700_000_000_000_000
