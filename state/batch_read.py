@@ -84,27 +84,26 @@ def evaluate_blobs(
     if not blobs:
         return {name: [] for name in names}
     present = [b if b is not None else empty_blob(layout) for b in blobs]
-    whole = _compiled_batch(layout, present, t, checks, blobs, only) if compiled else None
-    if whole is not None:
-        return whole
-    batch = _Batch.of(layout, present)
     values: dict[str, list[Any]] = {}
+    rest = only  # the features left to the NumPy path
+    found = _compiled_batch(layout, present, t, checks, blobs, only) if compiled else None
+    if found is not None:
+        values, rest = found
+        if not rest:
+            return {name: values[name] for name in names}
+    batch = _Batch.of(layout, present)
     pos = batch.starts + _HEAD_SIZE
     for group in layout.groups:
         plan = group_plan(group)
-        wanted = only is None or not only.isdisjoint(plan.names)
+        wanted = rest is None or not rest.isdisjoint(plan.names)
         parts, pos = _parts(layout, group, batch, pos)
         if not wanted:
-            continue
-        if compiled and _compiled(
-            layout, group, plan, parts, batch, t, checks, blobs, values, only
-        ):
             continue
         section = _section(parts, batch)
         tiles = section.i64[section.index] if plan.hop else np.zeros(len(section.eid), np.int64)
         if checks is not None:
             _check_exact(layout, group, plan, section, batch, tiles, t, checks, blobs)
-        _group_values(group, plan, section, batch, tiles, t, values, only)
+        _group_values(group, plan, section, batch, tiles, t, values, rest)
     if (pos != batch.ends).any():
         raise corrupt_blob(layout, "its sections do not end where the blob ends")
     return {name: values[name] for name in names}
@@ -138,7 +137,6 @@ class _Batch:
 
     blobs: list[bytes]
     buf: bytes
-    raw: npt.NDArray[np.uint8]  # buf as bytes
     starts: I64
     ends: I64
     newest: I64
@@ -173,7 +171,6 @@ class _Batch:
         return cls(
             blobs,
             buf,
-            raw,
             starts,
             starts + lengths,
             newest,
@@ -263,93 +260,6 @@ def _section(parts: _Parts, batch: _Batch) -> _Section:
     return _Section(n, cols, parts.objects, parts.vectors, eid, at, first, rows, step, i64, f64)
 
 
-# Features the compiled window sums answer: counts, sums and means of scalar columns.
-_COMPILED = frozenset({"events", "count", "sum", "mean"})
-
-
-@dataclass(frozen=True, slots=True)
-class _KernelPlan:
-    """What `state.window_sums` computes for a group's wanted features, worked out once."""
-
-    windows: I64
-    int_cols: I64  # the count columns summed
-    float_cols: I64  # the value columns summed
-    outputs: tuple[tuple[CompiledFeature, int, int, int], ...]  # feature, window, int, float
-
-
-_KERNEL_PLANS: dict[tuple[int, frozenset[str] | None], tuple[GroupPlan, _KernelPlan | None]] = {}
-
-
-def _kernel_plan(plan: GroupPlan, only: frozenset[str] | None) -> _KernelPlan | None:
-    """The group's kernel plan, None when a wanted feature is not a count, sum or mean."""
-    cached = _KERNEL_PLANS.get((id(plan), only))
-    if cached is not None and cached[0] is plan:
-        return cached[1]
-    feats = [
-        (w, f) for w, fs in enumerate(plan.features) for f in fs if only is None or f.name in only
-    ]
-    found = None
-    if all(f.agg in _COMPILED and not f.vector for _, f in feats):
-        ints = sorted({f.cnt for _, f in feats})
-        floats = sorted({f.value for _, f in feats if f.agg in ("sum", "mean")})
-        outputs = tuple(
-            (f, w, ints.index(f.cnt), floats.index(f.value) if f.agg in ("sum", "mean") else -1)
-            for w, f in feats
-        )
-        found = _KernelPlan(
-            np.array(plan.windows, np.int64),
-            np.array(ints, np.int64),
-            np.array(floats, np.int64),
-            outputs,
-        )
-    _KERNEL_PLANS[(id(plan), only)] = (plan, found)
-    return found
-
-
-def _compiled(
-    layout: ViewLayout,
-    group: HopGroup,
-    plan: GroupPlan,
-    parts: _Parts,
-    batch: _Batch,
-    t: int,
-    checks: Checks | None,
-    blobs: Sequence[bytes | None],
-    values: dict[str, list[Any]],
-    only: frozenset[str] | None,
-) -> bool:
-    """The group's values through `state.window_sums` when it can answer them (every wanted
-    feature a count, sum or mean of a scalar column, the group's sections aligned alike, and,
-    for a checked read, no entity read before its newest event); False to take the NumPy
-    path."""
-    kernel_plan = _kernel_plan(plan, only)
-    if kernel_plan is None or parts.objects is not None:
-        return False
-    shifts = parts.cols % 8
-    shift = int(shifts[0])
-    if not (shifts == shift).all():
-        return False
-    if checks is not None:
-        if ((t < batch.newest) & (parts.n > 1)).any():
-            return False  # the reads that may mix events around t: the NumPy path checks them
-        _refuse(layout, group, plan, t, checks, blobs, batch.newest, np.zeros(len(parts.n), bool))
-    ints, floats = kernels().window_totals(
-        batch.raw,
-        shift,
-        (parts.cols - shift) >> 3,
-        parts.n,
-        batch.newest,
-        t,
-        plan.hop,
-        kernel_plan.windows,
-        kernel_plan.int_cols,
-        kernel_plan.float_cols,
-    )
-    for f, w, k_int, k_float in kernel_plan.outputs:
-        values[f.name] = _plain(f, ints[k_int, w], floats[k_float, w] if k_float >= 0 else None)
-    return True
-
-
 def _compiled_batch(
     layout: ViewLayout,
     present: list[bytes],
@@ -357,11 +267,12 @@ def _compiled_batch(
     checks: Checks | None,
     blobs: Sequence[bytes | None],
     only: frozenset[str] | None,
-) -> dict[str, list[Any]] | None:
-    """Every wanted feature of every entity in one compiled pass over the batch
-    (`state.window_sums.batch_blob_totals`) when they are all counts, sums and means; None
-    to take the group by group path (also for a checked read as of before an entity's newest
-    event, or a damaged blob, which that path names).
+) -> tuple[dict[str, list[Any]], frozenset[str]] | None:
+    """The wanted features of every entity in the hop groups whose features read are all
+    counts, sums and means, in one compiled pass over the batch
+    (`state.window_sums.batch_blob_totals`), and the features it leaves to the NumPy path;
+    None to take that path for all (no such group, a checked read as of before an entity's
+    newest event, or a damaged or foreign blob, which that path names).
 
     The kernel reads the blobs where they lie in one joined buffer, unpadded (the group by
     group path pads each blob to 8 bytes for NumPy's aligned views)."""
@@ -388,9 +299,10 @@ def _compiled_batch(
     )
     if not whole:
         return None
-    return {
+    values = {
         f.name: _plain(f, ints[:, i], floats[:, j] if j >= 0 else None) for f, i, j in plan.outputs
     }
+    return values, plan.rest
 
 
 def _within(layout: ViewLayout, batch: _Batch, pos: I64) -> None:
@@ -579,7 +491,7 @@ def _feature(f: CompiledFeature, w: _Window, entity_rows: _EntityRows) -> list[A
 
 def _plain(f: CompiledFeature, cnt: I64, total: F64 | None) -> list[Any]:
     """A count, sum or mean of every entity from its window's event count and column total
-    (both paths: `_feature` and `_compiled`)."""
+    (both paths: `_feature` and `_compiled_batch`)."""
     if f.agg in ("events", "count") or total is None:
         return list(cnt.tolist())
     if f.agg == "sum":

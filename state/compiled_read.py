@@ -43,8 +43,9 @@ class BlobPlan:
     windows: I64
     int_cols: I64
     float_cols: I64
-    wanted: tuple[tuple[HopGroup, GroupPlan], ...]  # the groups read, for the pruning check
+    wanted: tuple[tuple[HopGroup, GroupPlan], ...]  # every group read, for the pruning check
     outputs: tuple[tuple[CompiledFeature, int, int], ...]  # feature, int output, float output
+    rest: frozenset[str]  # the features read that the pass leaves to the Python/NumPy merge
 
 
 _PLANS: dict[tuple[int, frozenset[str] | None], tuple[ViewLayout, BlobPlan | None]] = {}
@@ -64,7 +65,7 @@ def compiled_values(
         InexactReadError: with `as_of`, a window reaches behind the tiles the writer kept.
     """
     plan = blob_plan(layout, only)
-    if plan is None:
+    if plan is None or plan.rest:
         return None
     newest = blob_header(layout, blob)
     if as_of is not None:
@@ -96,12 +97,14 @@ def compiled_values(
 def compiled_answers(layout: ViewLayout, only: frozenset[str] | None = None) -> bool:
     """Whether `compiled_values` answers reads of these features (checked reads as of before
     an entity's newest event aside)."""
-    return blob_plan(layout, only) is not None
+    plan = blob_plan(layout, only)
+    return plan is not None and not plan.rest
 
 
 def blob_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | None:
     """The compiled pass's arguments for reads of `only` (None: every feature) of the layout,
-    worked out once; None when a feature read is not a count, sum or mean."""
+    worked out once. The pass answers the hop groups whose features read are all counts, sums
+    and means; the features of the other groups are its `rest`. None when it answers none."""
     cached = _PLANS.get((id(layout), only))
     if cached is None or cached[0] is not layout:
         cached = _PLANS[(id(layout), only)] = (layout, _make_plan(layout, only))
@@ -115,13 +118,17 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | No
     float_cols: list[int] = []
     wanted: list[tuple[HopGroup, GroupPlan]] = []
     where: dict[str, tuple[CompiledFeature, int, int]] = {}
+    rest: set[str] = set()
     n_ints = n_floats = 0
     for group in layout.groups:
         plan = group_plan(group)
         read = [[f for f in feats if only is None or f.name in only] for feats in plan.features]
         feats = [f for fs in read for f in fs]
+        if feats:
+            wanted.append((group, plan))
         if any(f.agg not in _PLAIN or f.vector for f in feats):
-            return None
+            rest.update(f.name for f in feats)
+            feats, read = [], [[] for _ in read]  # the pass skips this group's sections
         ints = sorted({f.cnt for f in feats})
         floats = sorted({f.value for f in feats if f.agg in ("sum", "mean")})
         for w, fs in zip(plan.windows, read, strict=True):
@@ -134,10 +141,8 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | No
             windows.append(w)
             n_ints += len(ints)
             n_floats += len(floats)
-        if feats:
-            wanted.append((group, plan))
-            int_cols += ints
-            float_cols += floats
+        int_cols += ints
+        float_cols += floats
         groups += [
             plan.hop,
             plan.width,
@@ -148,7 +153,9 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | No
             len(int_cols),
             len(float_cols),
         ]
-    names = [f.name for f in layout.features if only is None or f.name in only]
+    if not where:
+        return None
+    names = [f.name for f in layout.features if f.name in where]
     return BlobPlan(
         np.array(groups, np.int64),
         np.array(windows, np.int64),
@@ -156,4 +163,5 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | No
         np.array(float_cols, np.int64),
         tuple(wanted),
         tuple(where[name] for name in names),
+        frozenset(rest),
     )

@@ -1,16 +1,15 @@
-"""The windows of a batch's plain features, compiled: each entity's window rows and their
-column totals in one pass over the tiles (Numba, `nogil`).
+"""The read path's compiled window sums: counts, sums and means of tile blobs (Numba, `nogil`).
 
-`state.batch_read` hands a hop group's tile block of every entity here when the group's wanted
-features are all counts, sums and means (the common view): one call finds, per entity and
-window, the rows the single read's `_group_values` finds (`bisect_left` on the tile numbers,
-the newest-event rule, the tile at a hop boundary left out) and adds their columns up in row
-order from 0 (floats from 0.0, one by one, as Python's `sum` and `np.bincount` add them), so
-the values are bit for bit the single read's (tests/state/test_reads_batch.py). With NumPy the
-same took ~25 array operations per group; here it is one call of a few microseconds.
+`blob_totals` walks one entity's whole blob (`state.compiled_read`, behind `get`) and
+`batch_blob_totals` every blob of a batch (`state.batch_read`, behind `get_many`), each in one
+call: per hop group whose features read are all counts, sums and means, it finds the rows the
+single read's `_group_values` finds (a binary search on the tile numbers, the newest-event
+rule, the tile at a hop boundary left out) and adds their columns up in row order from 0
+(floats from 0.0, one by one, as Python's `sum` and `np.bincount` add them), so the values are
+bit for bit the single read's (tests/state/test_reads_batch.py); the other groups' sections are
+skipped. With NumPy the same took ~25 array operations per hop group.
 
-Compiled on first use (about a second) and cached on disk by Numba (`cache=True`: later
-processes load it in milliseconds).
+`compile_all` compiles them together (`state.kernels`); Numba caches the machine code on disk.
 """
 
 from __future__ import annotations
@@ -63,43 +62,6 @@ def _total(values: Any, at: int, lo: int, hi: int, zero: Any) -> Any:
     for r in range(lo, hi):
         total += values[at + r]
     return total
-
-
-@jit
-def window_totals(
-    buf: npt.NDArray[np.uint8],
-    shift: int,
-    index: I64,
-    n: I64,
-    newest: I64,
-    t: int,
-    hop: int,
-    windows: I64,
-    int_cols: I64,
-    float_cols: I64,
-) -> tuple[I64, F64]:
-    """Per entity e and window w: the sums of the columns `int_cols` (exact ints) and
-    `float_cols` (float64, in row order from 0.0) over the window's rows.
-
-    Entity e's column j, row r is word `index[e] + n[e] * j + r` of `buf` read as 8-byte words
-    from byte `shift` (views, whatever their alignment: no copy of the batch); column 0 holds
-    the tile numbers when `hop` > 0 (0: one lifetime row per entity).
-    """
-    words = buf[shift : shift + 8 * ((len(buf) - shift) // 8)]
-    i64, f64 = words.view(np.int64), words.view(np.float64)
-    entities, n_windows = len(n), len(windows)
-    ints = np.zeros((len(int_cols), n_windows, entities), np.int64)
-    floats = np.zeros((len(float_cols), n_windows, entities), np.float64)
-    for e in range(entities):
-        rows, base = n[e], index[e]
-        hi = _window_end(i64, base, rows, newest[e], t, hop)
-        for w in range(n_windows):
-            lo = _window_start(i64, base, hi, t, hop, windows[w])
-            for k in range(len(int_cols)):
-                ints[k, w, e] = _total(i64, base + rows * int_cols[k], lo, hi, 0)
-            for k in range(len(float_cols)):
-                floats[k, w, e] = _total(f64, base + rows * float_cols[k], lo, hi, 0.0)
-    return ints, floats
 
 
 @jit
@@ -242,5 +204,4 @@ def compile_all() -> None:
     none = np.zeros(0, np.int64)
     blob_totals(raw, 0, none, none, none, none)
     batch_blob_totals(raw, none, none, 0, none, none, none, none)
-    window_totals(raw, 0, none, none, none, 0, 0, none, none, none)
     partitions_of(raw, np.zeros(1, np.int64), 1)

@@ -51,7 +51,7 @@ from state.errors import CorruptStateError, FormatVersionError, InexactReadError
 from state.layout import ViewLayout
 from state.read import AsOf, evaluate_blob
 from state.store import LogPosition, PartitionProgress, ViewStore
-from tests.helpers import REPO
+from tests.helpers import EV_SCHEMA, REPO
 from tests.oracle import feature_ok, oracle_values
 from tests.vector_oracle import differences, events_of, oracle_rows, well_formed
 
@@ -59,15 +59,10 @@ MINUTE = 60_000_000
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 KEYS = [f"u{k}" for k in range(30)] + ["never-seen", "u7"]  # u7 twice: order is kept
-SCHEMA: dict[str, Any] = {
-    "type": "record",
-    "name": "Ev",
+SCHEMA: dict[str, Any] = {  # the core tests' events, and a vector
+    **EV_SCHEMA,
     "fields": [
-        {"name": "user_id", "type": "string"},
-        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-        {"name": "amount", "type": ["null", "double"], "default": None},
-        {"name": "qty", "type": ["null", "long"], "default": None},
-        {"name": "channel", "type": ["null", "string"], "default": None},
+        *EV_SCHEMA["fields"],
         {"name": "emb", "type": ["null", {"type": "array", "items": "float"}], "default": None},
     ],
 }
