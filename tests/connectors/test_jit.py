@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from typing import Any
+
+import pytest
+from numba.core.caching import IndexDataCacheFile
 
 from connectors.jit import jit
 
@@ -21,3 +26,24 @@ def test_a_module_function_is_compiled_and_cached() -> None:
     from connectors.murmur2_compiled import partitions_of
 
     assert partitions_of._cache.cache_path  # a writable cache location was found
+
+
+def _halve(x: float) -> float:
+    return x / 2
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_function_compiled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk under Numba's cache: the compile still succeeds, and the failure is logged."""
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IndexDataCacheFile, "save", full)
+    halve = jit(_halve)
+    with caplog.at_level(logging.WARNING, logger="connectors.jit"):
+        assert halve(5.0) == 2.5
+    assert halve.signatures
+    assert "could not cache" in caplog.text
+    assert "No space left" in caplog.text
