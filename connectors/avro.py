@@ -18,9 +18,6 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
-from fastavro import parse_schema, schemaless_writer
-from fastavro.schema import fingerprint as fastavro_fingerprint
-from fastavro.schema import to_parsing_canonical_form
 
 from connectors.avro_columns import PADDING, DecodedRecords, decode_records, resolve
 from connectors.avro_fields import (
@@ -93,6 +90,8 @@ def load_schema(schema: Mapping[str, Any]) -> ParsedSchema:
             'source schema is {"type": "record", "name": ..., "fields": [...]}'
         )
     check_field_names(schema)
+    from fastavro import parse_schema  # loaded on first use: a segment replay never needs it
+
     try:
         parsed = cast(ParsedSchema, parse_schema(dict(schema)))
     except Exception as exc:  # fastavro raises SchemaParseException, UnknownType, KeyError, ...
@@ -125,6 +124,9 @@ def fingerprint(schema: AvroSchema) -> int:
 
 def fingerprint_bytes(schema: AvroSchema) -> bytes:
     """The fingerprint's 8 bytes as single-object encoding writes them (little-endian)."""
+    from fastavro.schema import fingerprint as fastavro_fingerprint
+    from fastavro.schema import to_parsing_canonical_form
+
     try:
         canonical = to_parsing_canonical_form(_plain(schema))
     except Exception as exc:  # fastavro raises several types for a malformed schema
@@ -189,6 +191,8 @@ class SingleObjectWriter:
         self.schema = dict(schema)
         self.fingerprint = fingerprint(schema)
         self._header = MARKER + fingerprint_bytes(schema)
+        from fastavro import parse_schema
+
         self._parsed = parse_schema(_without_logical_types(self.schema))
         self._units = _timestamp_units(self.schema)
 
@@ -204,6 +208,8 @@ class SingleObjectWriter:
                 values[name] = _to_unit(values[name], unit, name)
         out = io.BytesIO()
         out.write(self._header)
+        from fastavro import schemaless_writer
+
         try:
             schemaless_writer(out, self._parsed, values)
         except Exception as exc:  # fastavro raises TypeError, ValueError, KeyError, ...

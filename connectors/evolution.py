@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fastavro.schema import expand_schema
-
 from connectors.errors import SchemaError
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
@@ -38,6 +36,8 @@ def check_compatible(old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
             a type change that is not an Avro promotion, a renamed record or enum, an enum
             symbol the new schema lacks, a union branch the new schema cannot read).
     """
+    from fastavro.schema import expand_schema  # loaded on first use
+
     try:
         writer, reader = expand_schema(dict(old)), expand_schema(dict(new))
     except Exception as exc:  # fastavro raises several types for a malformed schema

@@ -13,18 +13,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.avro import SchemaStore
 from connectors.envelope import OFFSET, DeadLetter, log_schema
 from connectors.errors import ConnectorError, LogGapError
-from connectors.kafka_admin import list_partitions, offset_at_time, partition_watermarks
-from connectors.kafka_reader import KafkaLogReader
 from connectors.manifest import Gap
 from connectors.segments import Warehouse
+
+if TYPE_CHECKING:  # Kafka's modules load with the first Kafka read: a segment replay never does
+    from connectors.avro import SchemaStore
+    from connectors.kafka_reader import KafkaLogReader
 
 TOPIC_CHECK_S = 2.0  # how often a following flow checks its topic's shape
 
@@ -92,6 +93,8 @@ class PartitionLog:
         """The offset after the newest record the log holds now (segments and Kafka)."""
         end = self.warehouse.next_offset(self.source, self.partition)
         if self.kafka is not None:
+            from connectors.kafka_admin import partition_watermarks
+
             base = self.warehouse.kafka_base(self.source, self.partition)
             _, high = partition_watermarks(self.kafka.bootstrap, self.kafka.topic, self.partition)
             end = max(end, high + (end if base is None else base))
@@ -174,6 +177,8 @@ class PartitionLog:
 
     def _kafka_reader(self) -> KafkaLogReader:
         if self._reader is None:
+            from connectors.kafka_reader import KafkaLogReader
+
             assert self.kafka is not None
             self._base = self.warehouse.fix_kafka_base(self.source, self.partition)
             self._reader = KafkaLogReader(
@@ -298,6 +303,8 @@ def start_kafka_logs(
     Raises:
         LogGapError: as `start_kafka_log`.
     """
+    from connectors.kafka_admin import list_partitions
+
     lines = []
     for source, topic, partitions in logs:
         try:
@@ -338,6 +345,8 @@ def start_kafka_log(
     Raises:
         LogGapError: without `start`, partitions whose first offsets Kafka no longer holds.
     """
+    from connectors.kafka_admin import offset_at_time, partition_watermarks
+
     (bootstrap, topic), gaps, missing = kafka, [], []
     for p in range(partitions):
         low = partition_watermarks(bootstrap, topic, p)[0]
@@ -392,6 +401,8 @@ def _not_held(source: str, topic: str, missing: list[str]) -> str:
 def _high_watermark(kafka: KafkaTail | None, partition: int) -> int | None:
     if kafka is None:
         return None
+    from connectors.kafka_admin import partition_watermarks
+
     try:
         return partition_watermarks(kafka.bootstrap, kafka.topic, partition)[1]
     except ConnectorError:

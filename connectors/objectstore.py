@@ -31,6 +31,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import threading
@@ -101,8 +102,9 @@ class Store(Protocol):
         """Remove every object under `folder` (and the folder)."""
         ...
 
-    def download(self, rel: str, target: Path) -> None:
-        """Copy the object into a local file. Raises FileNotFoundError when it is missing."""
+    def download(self, rel: str, target: Path) -> str:
+        """Copy the object into a local file; returns the sha256 (hex) of its bytes, hashed as
+        they are copied. Raises FileNotFoundError when it is missing."""
         ...
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
@@ -229,8 +231,9 @@ class LocalStore:
     def delete_tree(self, folder: str) -> None:
         shutil.rmtree(self.path(folder), ignore_errors=True)
 
-    def download(self, rel: str, target: Path) -> None:
-        shutil.copyfile(self.path(rel), target)
+    def download(self, rel: str, target: Path) -> str:
+        with open(self.path(rel), "rb") as src:
+            return _copy_hashed(src, target)
 
 
 class FileSystemStore:
@@ -314,9 +317,9 @@ class FileSystemStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_dir(self.full(folder))
 
-    def download(self, rel: str, target: Path) -> None:
-        with self.fs.open_input_stream(self.full(rel)) as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out, 8 << 20)
+    def download(self, rel: str, target: Path) -> str:
+        with self.fs.open_input_stream(self.full(rel)) as src:
+            return _copy_hashed(src, target)
 
     def _before_write(self) -> None:
         """Hook for stores that prepare before a write (S3: create the bucket)."""
@@ -430,6 +433,24 @@ class S3Store(FileSystemStore):
         except BotoCoreError as exc:
             raise self._failed("reach the bucket of", "", exc) from exc
         self._bucket_ready = True
+
+
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+_COPY_BLOCK = 8 << 20
+
+
+def _copy_hashed(src: _Readable, target: Path) -> str:
+    """Copy a stream into a new local file; the sha256 of the bytes copied (hashlib and the
+    reads release the interpreter: downloads in threads overlap)."""
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        while block := src.read(_COPY_BLOCK):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
 
 
 def _env(*names: str) -> str | None:

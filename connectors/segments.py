@@ -38,7 +38,6 @@ import orjson
 import pyarrow as pa
 
 from connectors import segment_reader
-from connectors.avro import fingerprint_hex
 from connectors.errors import ManifestConflictError
 from connectors.manifest import (
     Gap,
@@ -144,6 +143,8 @@ class Warehouse:
         `<root>/<source>/_schemas/`, so readers can resolve old segments and Kafka records to
         the source's current schema.
         """
+        from connectors.avro import fingerprint_hex  # fastavro: loaded by the writers only
+
         fp = fingerprint_hex(schema)
         rel = f"{source}/{SCHEMA_DIR}/{fp}.avsc"
         if not self.store.exists(rel):  # content-addressed: a racing writer writes the same

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -212,11 +213,12 @@ def _restore_view(
     for cid in reversed(checkpoint_ids(store, view, process_id)):
         with _scratch() as tmp:
             try:
-                manifest = _fetch(store, f"{CHECKPOINTS}/{view}/{cid}", tmp)
+                manifest = _manifest(store, f"{CHECKPOINTS}/{view}/{cid}")
+                with _Fetch(store, f"{CHECKPOINTS}/{view}/{cid}", manifest, tmp) as fetch:
+                    _install(target, state, view, manifest, fetch)
             except CheckpointError as exc:
                 lines.append(f"refused checkpoint {cid} of view {view!r}: {exc}")
                 continue
-            _install(target, state, view, manifest, tmp)
         shards = len(manifest["shards"])
         lines.append(f"restored view {view!r} v{manifest['version']} from {cid} ({shards} shards)")
         return lines
@@ -224,12 +226,11 @@ def _restore_view(
     return lines
 
 
-def _fetch(store: Store, base: str, tmp: Path) -> dict[str, Any]:
-    """Download a checkpoint and verify it.
+def _manifest(store: Store, base: str) -> dict[str, Any]:
+    """A checkpoint's manifest.
 
     Raises:
-        CheckpointError: no manifest (incomplete), a bad manifest, a missing file or a
-            checksum mismatch.
+        CheckpointError: no manifest (incomplete), or a bad one.
     """
     try:
         manifest: dict[str, Any] = orjson.loads(store.read_bytes(f"{base}/{MANIFEST}"))
@@ -245,47 +246,91 @@ def _fetch(store: Store, base: str, tmp: Path) -> dict[str, Any]:
             f"{store.describe(base)} has format {manifest.get('format')!r}; this version "
             f"reads {CHECKPOINT_FORMAT}: upgrade featureflow"
         )
-    for name, meta in manifest["files"].items():
-        _fetch_file(store, base, name, meta, tmp)
     return manifest
 
 
-def _fetch_file(store: Store, base: str, name: str, meta: dict[str, Any], tmp: Path) -> None:
+FETCH_THREADS = 4  # files downloaded at once: I/O and hashing release the interpreter
+
+
+class _Fetch:
+    """A checkpoint's files downloading side by side into `tmp`, each hashed as it arrives;
+    `ready(name)` waits for one and gives its verified local path, so the restore ingests a
+    shard while the next ones download. Leaving the block cancels what has not started."""
+
+    def __init__(self, store: Store, base: str, manifest: dict[str, Any], tmp: Path) -> None:
+        self.tmp = tmp
+        self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="checkpoint-fetch")
+        self._files: dict[str, Future[Path]] = {
+            name: self._pool.submit(_fetch_file, store, base, name, meta, tmp)
+            for name, meta in manifest["files"].items()
+        }
+
+    def __enter__(self) -> _Fetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def ready(self, name: str) -> Path:
+        """The verified local copy of file `name` of the manifest.
+
+        Raises:
+            CheckpointError: the file is missing, or its checksum does not match.
+        """
+        return self._files[name].result()
+
+    def all_ready(self) -> None:
+        for name in self._files:
+            self.ready(name)
+
+
+def _fetch_file(store: Store, base: str, name: str, meta: dict[str, Any], tmp: Path) -> Path:
     local = tmp / name
     local.parent.mkdir(parents=True, exist_ok=True)
     try:
-        store.download(f"{base}/{name}", local)
+        digest = store.download(f"{base}/{name}", local)
     except FileNotFoundError:
         raise CheckpointError(f"{store.describe(base)}/{name} is missing") from None
-    digest = _sha256(local)
     if digest != meta["sha256"]:
         raise CheckpointError(
             f"{store.describe(base)}/{name} has sha256 {digest[:16]}..., the manifest says "
             f"{meta['sha256'][:16]}... (corrupt or changed)"
         )
+    return local
 
 
 def _install(
-    target: ViewStore, state: Path, view: str, manifest: dict[str, Any], tmp: Path
+    target: ViewStore, state: Path, view: str, manifest: dict[str, Any], fetch: _Fetch
 ) -> None:
-    """The checkpoint as version `version` of the view, made live."""
+    """The checkpoint as version `version` of the view, made live; each shard ingested as soon
+    as its file is verified. Nothing is made live unless every file verifies."""
     version = int(manifest["version"])
     vdir = target.version_dir(view, version)
     staging = vdir.with_name(f".{vdir.name}.restore")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    shutil.copyfile(tmp / "layout.json", staging / "layout.json")
+    try:
+        _ingest_shards(staging, manifest, fetch)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / USE_LOCK).touch()
+    staging.rename(vdir)
+    target.switch(view, version)
+    _install_definitions(state, fetch.tmp)
+
+
+def _ingest_shards(staging: Path, manifest: dict[str, Any], fetch: _Fetch) -> None:
+    shutil.copyfile(fetch.ready("layout.json"), staging / "layout.json")
     ingest = IngestExternalFileOptions()
     ingest.set_move_files(True)  # the downloaded copy is ours: link it in, no second copy
     for shard in manifest["shards"]:
         name = f"p{int(shard):04d}"
+        sst = fetch.ready(f"{name}.sst")
         db = Rdict(str(staging / name), rocks_options())
-        db.ingest_external_file([str(tmp / f"{name}.sst")], ingest)
+        db.ingest_external_file([str(sst)], ingest)
         db.close()
-    (staging / USE_LOCK).touch()
-    staging.rename(vdir)
-    target.switch(view, version)
-    _install_definitions(state, tmp)
+    fetch.all_ready()  # the definitions record too, before anything is made live
 
 
 def _install_definitions(state: Path, tmp: Path) -> None:

@@ -27,16 +27,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
 
-from connectors.avro import SingleObjectWriter
 from connectors.deadletters import DeadLetterSink, FileDeadLetterSink, SentOffsets, sent_offsets
 from connectors.envelope import OFFSET, DeadLetter, PayloadFormat
 from connectors.errors import SchemaError
-from connectors.kafka_deadletters import KafkaDeadLetterSink
+
+if TYPE_CHECKING:  # Avro and Kafka load when a flow has a late event or a broker, not before
+    from connectors.avro import SingleObjectWriter
 
 
 def dlq_topic(source: str) -> str:
@@ -58,6 +59,8 @@ def open_dead_letters(
     """
     if not kafka_bootstrap:
         return DeadLetterWriter(FileDeadLetterSink(warehouse, source), schema=schema)
+    from connectors.kafka_deadletters import KafkaDeadLetterSink
+
     sink = KafkaDeadLetterSink(kafka_bootstrap, dlq_topic(source), source)
     return DeadLetterWriter(sink, sent=sent_offsets(warehouse, source), schema=schema)
 
@@ -79,8 +82,8 @@ class DeadLetterWriter:
         sent: SentOffsets | None = None,
         schema: Mapping[str, Any] | None = None,
     ) -> None:
-        self._sink, self._sent = sink, sent
-        self._encoder = SingleObjectWriter(schema) if schema is not None else None
+        self._sink, self._sent, self._schema = sink, sent, schema
+        self._writer: SingleObjectWriter | None = None
 
     def write(self, letters: Sequence[DeadLetter]) -> None:
         """Write source-level dead letters; returns once every one is confirmed written.
@@ -123,11 +126,19 @@ class DeadLetterWriter:
         )
         return DeadLetter(reason, partition, int(row[OFFSET]), payload, fmt, view, version)
 
+    def _encoder(self) -> SingleObjectWriter | None:
+        if self._writer is None and self._schema is not None:
+            from connectors.avro import SingleObjectWriter
+
+            self._writer = SingleObjectWriter(self._schema)
+        return self._writer
+
     def _encode_row(self, row: dict[str, Any]) -> tuple[bytes, PayloadFormat]:
-        if self._encoder is not None:
-            fields = {f["name"] for f in self._encoder.schema["fields"]}
+        encoder = self._encoder()
+        if encoder is not None:
+            fields = {f["name"] for f in encoder.schema["fields"]}
             try:
-                return self._encoder.encode({k: row.get(k) for k in fields}), "avro-single-object"
+                return encoder.encode({k: row.get(k) for k in fields}), "avro-single-object"
             except SchemaError:  # a transform changed a column: keep what can be kept
                 pass
         return orjson.dumps(row, default=str), "json"

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from tqdm import tqdm
 
 from connectors.envelope import ARRIVAL
 
@@ -294,6 +293,8 @@ class ConsoleReporter:
             print(self._metrics.status_line(), flush=True)
 
     def _show_catch_up(self) -> None:
+        from tqdm import tqdm  # a terminal's progress bar: logs never load it
+
         total = self._metrics.to_catch_up
         with tqdm(
             total=total,

@@ -19,14 +19,12 @@ from typing import Any, Protocol
 
 import pyarrow.parquet as pq
 
-from connectors.kafka_admin import ensure_topic, partition_watermarks
 from connectors.log import KafkaStart, start_kafka_logs
 from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
 from flows.checkpoints import restore_views
 from flows.cli import command_main
 from flows.dataflow import FlowControl, run_dataflow
-from flows.demo import ensure_demo_data
 from flows.governance.breaking import refuse_breaking
 from flows.governance.history import record_history, record_rate
 from flows.metrics import ConsoleReporter, Metrics
@@ -39,7 +37,6 @@ from flows.settings import (
     option,
 )
 from flows.spec import Definitions, FeatureView, Source, load_definitions
-from state.client import FeatureClient
 from state.codec import KEY_SEPARATOR, decode_key, entity_newest
 from state.definitions import record_definitions
 from state.errors import StateError
@@ -119,6 +116,8 @@ def _run(settings: RunSettings) -> int:
             print(line, flush=True)
     embedded_demo = Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve()
     if embedded_demo and not settings.process_id:
+        from flows.demo import ensure_demo_data  # the demo's generator and ingest: for it only
+
         for source in {v.source.name: v.source for v in views}.values():
             if settings.kafka and _topic_has_records(settings.kafka, source):
                 continue  # real events are flowing: no made-up history in front of them
@@ -211,6 +210,8 @@ def _print_service_sample(plan: FlowPlan, defs: Definitions, spine: Path) -> Non
             key = max(found, key=lambda f: f[1])[0]
             row.update(zip(read.entity_columns, key.split(KEY_SEPARATOR), strict=False))
         try:
+            from state.client import FeatureClient  # the read client: for this sample only
+
             with FeatureClient(plan.state, compiled=False) as client:
                 values: Any = client.get_service(name, row, at=(newest + 1) / 1e6)
         except StateError as exc:  # a sample, not the run's result: say so and go on
@@ -245,6 +246,8 @@ def _sample_request(fields: Sequence[tuple[str, str]], spine: Path) -> dict[str,
 
 
 def _topic_has_records(bootstrap: str, source: Source) -> bool:
+    from connectors.kafka_admin import ensure_topic, partition_watermarks
+
     ensure_topic(bootstrap, source.kafka_topic, source.partitions)
     return any(
         partition_watermarks(bootstrap, source.kafka_topic, p)[1] > 0
@@ -371,6 +374,8 @@ def _sample_read(plan: FlowPlan) -> str | None:
                 continue
             view_newest = max(f[2] for f in found)
             key = max(found, key=lambda f: f[1])[0]
+            from state.client import FeatureClient  # the read client: for this sample only
+
             with FeatureClient(plan.state, compiled=False) as client:
                 if target.view.name not in client.views():
                     return None

@@ -16,14 +16,13 @@ from typing import Any
 import pyarrow as pa
 
 from connectors.avro import arrow_schema
-from connectors.kafka_admin import ensure_topic
 from connectors.log import KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.cluster import Cluster, ClusterStarts, Publication, publish
 from flows.errors import ConfigError
 from flows.schemas import field_defaults, schema_store
 from flows.shards import Rekeyed
-from flows.spec import FeatureView
+from flows.spec import FeatureView, Source
 from flows.validate import EventRules
 from state.layout import ViewLayout
 from state.store import (
@@ -213,6 +212,12 @@ def resume_points(
     return start, marks
 
 
+def _ensure_topic(bootstrap: str, source: Source) -> bool:
+    from connectors.kafka_admin import ensure_topic  # Kafka's client: for flows with a broker
+
+    return ensure_topic(bootstrap, source.kafka_topic, source.partitions)
+
+
 def build_plan(
     views: Sequence[FeatureView],
     *,
@@ -240,7 +245,7 @@ def build_plan(
     for name in sorted({t.view.source.name for t in targets}):
         src_targets = tuple(t for t in targets if t.view.source.name == name)
         source = src_targets[0].view.source
-        if kafka and process_id == 0 and ensure_topic(kafka, source.kafka_topic, source.partitions):
+        if kafka and process_id == 0 and _ensure_topic(kafka, source):
             print(
                 f"created topic {source.kafka_topic!r} with {source.partitions} partitions "
                 f"on {kafka}",

@@ -364,11 +364,15 @@ def _spread(group: StoredGroup, present: I64, n_keys: int) -> StoredGroup:
     return StoredGroup(group.words, group.objs, counts, group.entries)
 
 
-def _windows(buf: bytes, size: int) -> npt.NDArray[np.uint8]:
-    """Every `size`-byte window of `buf` as a row (a strided view, no copy)."""
-    u8 = np.frombuffer(buf, dtype=np.uint8)
-    rows = max(len(u8) - size + 1, 0)
-    return np.lib.stride_tricks.as_strided(u8, (rows, size), (1, 1), writeable=False)
+def _unaligned(buf: bytes | bytearray, dtype: str) -> npt.NDArray[Any]:
+    """The `dtype` value starting at every byte of `buf` (index = byte position): a view with a
+    one-byte stride, so a gather (or, on a bytearray, a scatter) of values at any positions is
+    one indexing call, no copy."""
+    size = np.dtype(dtype).itemsize
+    count = max(len(buf) - size + 1, 0)
+    if not count:
+        return np.zeros(0, dtype=dtype)
+    return np.ndarray((count,), dtype=dtype, buffer=buf, strides=(1,))
 
 
 class _BlobWalk:
@@ -381,16 +385,17 @@ class _BlobWalk:
         self.buf = b"".join(blobs)
         self.ends = np.cumsum(lengths)
         self.pos = self.ends - lengths
-        self.w4, self.w8 = _windows(self.buf, 4), _windows(self.buf, 8)
+        self.w4, self.w8 = _unaligned(self.buf, "<u4"), _unaligned(self.buf, "<i8")
 
     def u32(self, pos: I64) -> I64:
-        return self.w4[pos].view("<u4").reshape(len(pos)).astype(np.int64)
+        return self.w4[pos].astype(np.int64)
 
     def i64(self, pos: I64) -> I64:
-        return self.w8[pos].view("<i8").reshape(len(pos))
+        return self.w8[pos]
 
     def run(self) -> tuple[list[StoredGroup], I64]:
-        if len(self.buf) < 9 * len(self.pos) or (self.w4[self.pos][:, 0] != VALUE_FORMAT).any():
+        heads = np.frombuffer(self.buf, dtype=np.uint8)
+        if len(self.buf) < 9 * len(self.pos) or (heads[self.pos] != VALUE_FORMAT).any():
             raise _IrregularBlobError
         newest = self.i64(self.pos + 1)
         self.pos = self.pos + _HEAD.size
@@ -518,6 +523,8 @@ def _key_range(group: StoredGroup, a: int, z: int, first: int, last: int) -> Sto
 def _encode_chunk(
     layout: ViewLayout, groups: list[StoredGroup], newest: I64, dims: dict[str, I64]
 ) -> list[bytes]:
+    if not any(g.object_fields or g.vector_fields for g in layout.groups):
+        return _encode_plain(layout, groups, newest)
     n_keys = len(newest)
     heads = np.zeros(n_keys, dtype=[("v", "u1"), ("t", "<i8")])
     heads["v"], heads["t"] = VALUE_FORMAT, newest
@@ -525,6 +532,35 @@ def _encode_chunk(
     for gi, g in enumerate(groups):
         columns += _group_columns(layout.groups[gi], g, dims)
     return [b"".join(parts) for parts in zip(*columns, strict=True)]
+
+
+def _encode_plain(layout: ViewLayout, groups: list[StoredGroup], newest: I64) -> list[bytes]:
+    """`_encode_chunk` for layouts of fixed-width tiles only (no object or vector sections):
+    every word written at its place in one buffer of all the keys' blobs, then the buffer cut
+    into blobs (a few array operations per column, not a few byte strings per key)."""
+    widths = [len(g.dtype.names or ()) for g in layout.groups]
+    sizes = np.full(len(newest), _HEAD.size, dtype=np.int64)
+    for width, g in zip(widths, groups, strict=True):
+        sizes += 4 + g.counts * (8 * width)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    out = bytearray(int(ends[-1]) if len(ends) else 0)
+    np.frombuffer(out, dtype=np.uint8)[starts] = VALUE_FORMAT
+    words, counts = _unaligned(out, "<i8"), _unaligned(out, "<u4")
+    words[starts + 1] = newest
+    pos = starts + _HEAD.size
+    for width, g in zip(widths, groups, strict=True):
+        n = g.counts
+        counts[pos] = n
+        # word (r, j) of key k: column-major in the key's section, pos[k] + 4 + (j n[k] + r) 8
+        key = np.repeat(np.arange(len(n)), n)
+        at = (pos + 4 - (np.cumsum(n) - n) * 8)[key] + np.arange(len(key)) * 8
+        step = n[key] * 8
+        for j in range(width):
+            words[at + j * step] = g.words[:, j]
+        pos = pos + 4 + n * (8 * width)
+    raw = bytes(out)
+    return [raw[a:z] for a, z in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def _slices(raw: bytes, sizes: I64) -> list[bytes]:

@@ -245,3 +245,38 @@ def test_encode_many_in_chunks_of_keys_gives_the_same_bytes(
         assert again is not None
         assert all(np.array_equal(a.words, b.words) for a, b in zip(again[0], groups, strict=True))
     assert applied(batches(6)) == applied_default  # the write path, kept rows' spans too
+
+
+PLAIN: ViewLayout = FeatureView(
+    name="p",
+    source=Source("e", SCHEMA, "k", "ts"),
+    features=[count(window="10m"), sum("x", window="1h", hop="5m"), mean("x", window="1d")],
+).layout()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16_384])
+def test_plain_tiles_are_encoded_for_all_keys_at_once_with_the_per_blob_bytes(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """A layout of fixed-width tiles only takes encode_many's one-buffer path: every key's
+    blob is the per-blob encoder's, keys without tiles (in some group or all) included."""
+    assert not any(g.object_fields or g.vector_fields for g in PLAIN.groups)
+    store: dict[bytes, bytes] = {}
+    progress = PartitionProgress(-1, None, 0, 0)
+    for batch in batches(5):
+        result = apply_batch(PLAIN, batch, progress, lambda keys: [store.get(k) for k in keys])
+        store.update(result.puts)
+        progress = result.progress
+    blobs: list[bytes | None] = [store[k] for k in sorted(store)]
+    blobs.insert(2, None)
+    decoded = decode_many(PLAIN, blobs)
+    assert decoded is not None
+    groups, newest = decoded
+    assert any((g.counts == 0).sum() > 1 for g in groups)  # a key without rows in a group
+    monkeypatch.setattr(codec, "ENCODE_CHUNK", chunk)
+    again = encode_many(PLAIN, groups, newest)
+    singles = [
+        encode_words(PLAIN, [(g.words[:0], {}) for g in groups], int(newest[i])) if b is None else b
+        for i, b in enumerate(blobs)
+    ]
+    assert again == singles
