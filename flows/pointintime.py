@@ -9,10 +9,14 @@ for a view that applied the key's events before t (whole tiles, the newest event
 in a row of their own), summed in the same order, so the values are the online read's bit for
 bit (tests/flows/test_pointintime_exact.py). Groups run side by side, one thread per core.
 
-Other groups (first/last, var/std, sketches, lists, vectors) merge the online write path's
-tiles (`unit_block` + `combine`, `state.tiles`): the full tiles of the window plus the partial
-head tile merged from the events in [floor(t/H)*H, t); lifetime features use one-day tiles plus
-the partial day. Their window merges equal the online read's (`state.read`) by test.
+Other groups (first/last, var/std, sketches, lists, vectors) go through `flows.spine_merges`:
+each window is a range of the sorted events, its value the online read's of that range (by
+test, tests/flows/test_pointintime_merges.py); their plain features take the compiled pass as
+a group of their own. Windows a sketch cannot answer exactly from the events alone (a
+percentile over more than 200 values, a distinct count past 384 coupons) and aggregations out of
+COMPILED_KINDS merge the online write path's tiles (`unit_block` + `combine`, `state.tiles`):
+the full tiles of the window plus the partial head tile merged from the events in
+[floor(t/H)*H, t); lifetime features use one-day tiles plus the partial day.
 
 Vector features come out as Arrow `list<float64>` columns (null for an empty window). The events
 a live view dead-letters for a vector of the wrong length (`state.vectors`: a key's vectors keep
@@ -44,6 +48,7 @@ from flows.aggregate import (
     running_watermarks,
     sort_events,
 )
+from flows.spine_merges import merged_feature, window_spans
 from flows.spine_windows import (
     group_tiles,
     in_time_order,
@@ -52,7 +57,7 @@ from flows.spine_windows import (
     spine_windows_direct,
     window_events,
 )
-from state.layout import HopGroup, ViewLayout
+from state.layout import ColumnStats, FeatureDef, HopGroup, ViewLayout
 from state.services import feature_type
 from state.tiles import (
     F64,
@@ -152,7 +157,11 @@ def point_in_time(
         # the kernels run without the GIL: one hop group per core
         runs = [pool.submit(_plain_values, g, ordered, q_kid, q_t, q_order, types) for g in plain]
         for group in layout.groups:
-            if group not in plain:
+            if group in plain:
+                continue
+            if events.num_rows and any(f.agg in COMPILED_KINDS for f in group.features):
+                values.update(_merged_values(group, ordered, q_kid, q_t, q_order, types))
+            else:
                 chunks.update(_group_values(group, ordered.sorted_events(), q_kid, q_t, types))
         for run in runs:
             values.update(run.result())
@@ -203,11 +212,12 @@ class _OrderedEvents:
         self.sorted_ts = self.ts[self.order]
         self._sorted: SortedEvents | None = None
         self._plain: dict[tuple[str, bool], tuple[npt.NDArray[np.bool_], I64, F64]] = {}
+        self._vectors: dict[str, tuple[F64, I64]] = {}
 
     def plain_columns(self, group: HopGroup) -> tuple[npt.NDArray[np.bool_], I64, F64]:
         """Per column (a row each) and sorted event: whether its value is valid, how many of
         the events before it have one, and its value (0.0 where not valid)."""
-        columns = [self._plain_column(col.column, col.numeric) for col in group.columns]
+        columns = [self.column(col.column, col.numeric) for col in group.columns]
         if not columns:  # counts of events only
             n = len(self.order)
             return np.ones((0, n), bool), np.zeros((0, n + 1), np.int64), np.zeros((0, n))
@@ -215,7 +225,9 @@ class _OrderedEvents:
             return tuple(part[np.newaxis] for part in columns[0])  # type: ignore[return-value]
         return tuple(np.stack(parts) for parts in zip(*columns, strict=True))  # type: ignore[return-value]
 
-    def _plain_column(self, name: str, numeric: bool) -> tuple[npt.NDArray[np.bool_], I64, F64]:
+    def column(self, name: str, numeric: bool) -> tuple[npt.NDArray[np.bool_], I64, F64]:
+        """Per sorted event: whether column `name` is valid, how many events before it have a
+        valid value, its value as float64 (0.0 where not valid or not numeric)."""
         found = self._plain.get((name, numeric))
         if found is None:
             column, n = self.events.column(name), len(self.order)
@@ -232,6 +244,13 @@ class _OrderedEvents:
                 if column.null_count:
                     vals[~valid] = 0.0
             found = self._plain[(name, numeric)] = (valid, seen, vals)
+        return found
+
+    def vectors(self, name: str) -> tuple[F64, I64]:
+        """The vector column `name` as a zero-padded matrix and its lengths, in log order."""
+        found = self._vectors.get(name)
+        if found is None:
+            found = self._vectors[name] = padded(self.events.column(name))
         return found
 
     def sorted_events(self) -> SortedEvents:
@@ -323,6 +342,104 @@ def _plain_values(
             if f.window_us == window_us:
                 part = finalize_array(f, group.column_stats(f), merged)
                 out[f.name] = part.cast(types[f.name])
+    return out
+
+
+# Aggregations `flows.spine_merges` computes for groups that are not plain (their plain
+# features take the compiled pass as a group of their own); the others, and windows a sketch
+# cannot answer from the events alone, merge the tiles per row (`_group_values`).
+COMPILED_KINDS = frozenset(
+    {"count", "sum", "mean", "min", "max", "var", "std", "first", "last", "last_k"}
+    | {"percentile", "distinct_count"}
+)
+
+
+def _merged_values(
+    group: HopGroup,
+    ordered: _OrderedEvents,
+    q_kid: I64,
+    q_t: I64,
+    q_pos: I64,
+    types: dict[str, pa.DataType],
+) -> dict[str, pa.Array]:
+    """The feature values of a group that is not plain for the spine rows sorted by (key,
+    time), in row order (`q_pos`: each sorted row's position)."""
+    compiled = [f for f in group.features if f.agg in COMPILED_KINDS]
+    plain = _plain_part(group, compiled)
+    out = _plain_values(plain, ordered, q_kid, q_t, q_pos, types) if plain else {}
+    rest = [f for f in compiled if f.name not in out]
+    hop = group.hop_us or LIFETIME_TILE_US
+    back = np.empty(len(q_pos), dtype=np.int64)
+    back[q_pos] = np.arange(len(q_pos))  # sorted position of each original row
+    sorted_out: dict[str, pa.Array] = {}
+    retry: dict[str, npt.NDArray[np.bool_]] = {}
+    for window_us in sorted({f.window_us for f in rest}):
+        spans = window_spans(ordered.sorted_ts, ordered.key_starts, hop, window_us, q_kid, q_t)
+        for f in (f for f in rest if f.window_us == window_us):
+            col = group.column_stats(f)
+            assert col is not None  # a plain count of events took the compiled pass
+            values, needs = merged_feature(f, col, hop, spans, ordered)
+            sorted_out[f.name] = values
+            if needs is not None and needs.any():
+                retry[f.name] = needs
+    if len(out) + len(sorted_out) < len(group.features) or retry:
+        sorted_out.update(_merged_per_row(group, ordered, q_kid, q_t, types, sorted_out, retry))
+    for name, values in sorted_out.items():
+        out[name] = values.take(pa.array(back)).cast(types[name])
+    return out
+
+
+def _plain_part(group: HopGroup, features: list[FeatureDef]) -> HopGroup | None:
+    """The group's plain features of scalar columns (and counts of events) as a plain group
+    of their own (only the stats they need), or None when it has none."""
+    vectors = {c.column for c in group.columns if c.vector}
+    plain = [f for f in features if f.agg in PLAIN and f.column not in vectors]
+    if not plain:
+        return None
+    needs: dict[str, set[str]] = {}
+    for f in plain:
+        if f.column is not None:
+            needs.setdefault(f.column, {"cnt"}).update(_PLAIN_NEEDS[f.agg])
+    columns = tuple(
+        ColumnStats(c.column, c.avro_type, frozenset(needs[c.column]))
+        for c in group.columns
+        if c.column in needs
+    )
+    return HopGroup(group.hop_us, tuple(plain), columns)
+
+
+_PLAIN_NEEDS = {"count": (), "sum": ("sum",), "mean": ("sum",), "min": ("min",), "max": ("max",)}
+
+
+def _merged_per_row(
+    group: HopGroup,
+    ordered: _OrderedEvents,
+    q_kid: I64,
+    q_t: I64,
+    types: dict[str, pa.DataType],
+    done: dict[str, pa.Array],
+    retry: dict[str, npt.NDArray[np.bool_]],
+) -> dict[str, pa.Array]:
+    """The per-row tile merge's values (sorted rows) of the features out of COMPILED_KINDS,
+    and of the windows `retry` flags in place of the compiled ones (`done`: the compiled
+    values of the features in COMPILED_KINDS that are not plain)."""
+    rows = np.zeros(len(q_t), dtype=bool)
+    for needs in retry.values():
+        rows |= needs
+    others = any(f.agg not in COMPILED_KINDS for f in group.features)
+    at = np.arange(len(q_t)) if others else np.flatnonzero(rows)
+    merged = _group_values(group, ordered.sorted_events(), q_kid[at], q_t[at], types)
+    out: dict[str, pa.Array] = {}
+    for f in group.features:
+        values = pa.concat_arrays(merged[f.name])
+        if f.agg not in COMPILED_KINDS:
+            out[f.name] = values
+        elif f.name in retry:  # the flagged rows from the merge, the others as computed
+            pick = np.arange(len(q_t))
+            flagged = np.flatnonzero(retry[f.name])
+            pick[flagged] = len(q_t) + np.searchsorted(at, flagged)
+            both = pa.concat_arrays([done[f.name].cast(values.type), values])
+            out[f.name] = both.take(pa.array(pick))
     return out
 
 

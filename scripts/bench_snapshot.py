@@ -8,7 +8,13 @@ events on key and time grouped by spine row; DuckDB with per-key prefix sums (ru
 sum per event) and ASOF joins (each window's value = prefix before t - prefix before the window's
 start); Polars `join_asof` on the same prefix sums.
 
+Then, per sketch or list kind (percentile, distinct_count, last_k, first/last, var/std, vector
+mean/last), a one-feature view over the same events and spine (`--window`, default 14d at its
+default hop), timed the same way and printed as spine rows/s (issue 16: >= 500k rows/s each);
+`--per-row` times the per-row tile merge those kinds took before beside it, in the same run.
+
     python scripts/bench_snapshot.py [--events 10000000] [--keys 100000] [--spine 1000000]
+                                     [--kinds all|plain|sketch] [--window 14d] [--per-row]
 """
 
 from __future__ import annotations
@@ -20,9 +26,23 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from workload import DAY_US, spend_view, transactions
+from workload import DAY_US, SCHEMA, spend_view, transactions
 
+from flows import pointintime
 from flows.pointintime import point_in_time
+from flows.spec import (
+    FeatureView,
+    Source,
+    distinct_count,
+    first,
+    last,
+    last_k,
+    mean,
+    percentile,
+    std,
+    var,
+)
+from state.layout import ViewLayout
 
 DAY = DAY_US
 WINDOWS = {"30m": 30 * 60_000_000, "14d": 14 * DAY, "180d": 180 * DAY}
@@ -96,11 +116,77 @@ def run_duckdb_asof(con: duckdb.DuckDBPyConnection, events: pa.Table) -> float:
     return time.perf_counter() - started
 
 
+DIM = 8  # the embeddings' length in the vector kinds
+
+
+def sketch_views(window: str) -> dict[str, ViewLayout]:
+    """One one-feature view per sketch or list kind (and a plain mean for reference), over the
+    transactions plus an embedding column."""
+    emb = {"type": "array", "items": "float"}
+    fields = [*SCHEMA["fields"], {"name": "emb", "type": ["null", emb], "default": None}]
+    source = Source(name="txn", schema={**SCHEMA, "fields": fields}, key="user_id", timestamp="ts")
+    kinds = {
+        "mean (plain, for reference)": mean("amount", window=window),
+        "percentile(amount, 0.95)": percentile("amount", 0.95, window=window),
+        "distinct_count(merchant_id)": distinct_count("merchant_id", window=window),
+        "last_k(amount, 3)": last_k("amount", 3, window=window),
+        "first(merchant_id) (string)": first("merchant_id", window=window),
+        "last(amount)": last("amount", window=window),
+        "var(amount)": var("amount", window=window),
+        "std(amount)": std("amount", window=window),
+        f"mean(emb) ({DIM}-dim vector)": mean("emb", window=window),
+        f"last(emb) ({DIM}-dim vector)": last("emb", window=window),
+    }
+    return {
+        name: FeatureView(name=f"k{i}", source=source, features=[agg]).layout()
+        for i, (name, agg) in enumerate(kinds.items())
+    }
+
+
+def with_embeddings(events: pa.Table, rng: np.random.Generator) -> pa.Table:
+    n = events.num_rows
+    flat = pa.array(rng.standard_normal(n * DIM).astype(np.float32))
+    offsets = pa.array(np.arange(0, (n + 1) * DIM, DIM, dtype=np.int32))
+    return events.append_column("emb", pa.ListArray.from_arrays(offsets, flat))
+
+
+def run_sketches(
+    args: argparse.Namespace, events: pa.Table, keys: np.ndarray, times: np.ndarray
+) -> None:
+    """Ours per sketch or list kind, spine rows/s (and the per-row tile merge with --per-row)."""
+    events = with_embeddings(events, np.random.default_rng(5))
+    spine_keys = pa.array(keys)
+    print(
+        f"snapshot per kind: {len(times):,} spine rows against {events.num_rows:,} events, "
+        f"window {args.window} (target >= 500k spine rows/s each)"
+    )
+    for name, layout in sketch_views(args.window).items():
+        point_in_time(layout, events.slice(0, 20_000), spine_keys[:1000], times[:1000])  # warm
+        started = time.perf_counter()
+        point_in_time(layout, events, spine_keys, times)
+        ours = time.perf_counter() - started
+        line = f"  {name:32s} ours {ours:6.2f} s  {len(times) / ours / 1000:7.0f}k rows/s"
+        if args.per_row:
+            saved = pointintime.COMPILED_KINDS
+            pointintime.COMPILED_KINDS = frozenset()  # every group through the tile merge
+            try:
+                started = time.perf_counter()
+                point_in_time(layout, events, spine_keys, times)
+                before = time.perf_counter() - started
+            finally:
+                pointintime.COMPILED_KINDS = saved
+            line += f"   per-row {before:6.2f} s  {len(times) / before / 1000:6.0f}k rows/s"
+        print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--spine", type=int, default=1_000_000)
+    parser.add_argument("--kinds", choices=("all", "plain", "sketch"), default="all")
+    parser.add_argument("--window", default="14d", help="the sketch kinds' window")
+    parser.add_argument("--per-row", action="store_true", help="time the per-row merge too")
     args = parser.parse_args()
     rng = np.random.default_rng(3)
     n, s = args.events, args.spine
@@ -109,6 +195,15 @@ def main() -> None:
     end = int(events.column("ts").cast(pa.int64()).to_numpy().max())
     keys = np.char.add("u", rng.integers(0, args.keys, s).astype(str))
     times = rng.integers(end - 180 * DAY, end, s)
+    if args.kinds != "sketch":
+        run_plain(events, keys, times, args.keys)
+    if args.kinds != "plain":
+        run_sketches(args, events, keys, times)
+
+
+def run_plain(events: pa.Table, keys: np.ndarray, times: np.ndarray, n_keys: int) -> None:
+    """Counts, sums and means (9 features): ours, DuckDB twice and Polars, in one run."""
+    n, s = events.num_rows, len(times)
     layout = spend_view().layout()
 
     started = time.perf_counter()  # compiles the kernels once per install (cached on disk)
@@ -139,8 +234,7 @@ def main() -> None:
     asof = run_duckdb_asof(con, events)
     polars = run_polars_asof(events, keys, times)
     print(
-        f"snapshot: {s:,} spine rows x 9 features against {n:,} events "
-        f"({args.keys:,} keys, 180 days)"
+        f"snapshot: {s:,} spine rows x 9 features against {n:,} events ({n_keys:,} keys, 180 days)"
     )
     print(f"ours   (flows.pointintime):              {ours:7.2f} s")
     print(f"  (before it, a warm-up on 100k events loads or compiles the kernels: {warm:.2f} s)")
