@@ -5,15 +5,15 @@ returns an Arrow array of that length; nulls in give nulls out (as documented pe
 They run the same way online (the rows of one `get_service_many` call) and offline (a spine
 batch of `flows.snapshot --service`), so the values agree by construction.
 
-    @on_demand(sources=[payment, user_text], outputs={"text_similarity": "double"})
+    @on_demand(sources=[payment, user_spend], outputs={"text_similarity": "double"})
     def signals(rows):
         return {"text_similarity": cosine_similarity(
-            rows["text_embedding"], rows["user_text__text_embedding_mean_30d"])}
+            rows["text_embedding"], rows["user_spend__text_embedding_mean_30d"])}
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,69 +35,77 @@ def cosine_similarity(a: Any, b: Any) -> pa.Array:
     """Row-wise cosine similarity of two vector columns (lists of numbers), as float64.
 
     Null where either vector is null, holds a null element, or is all zeros. Each row's sums
-    run over its items in order (`_cosine_rows` for a few rows, `_cosine_matrix` column by
-    column for many), so a row gets the same float64 value whatever batch it is in.
+    run over its items in order in float64 (`flows.ondemand_kernels.cosine_rows`), so a row
+    gets the same value whatever batch it is in, online (one request) and offline (a spine
+    batch).
 
     Raises:
-        ValueError: the columns differ in length, or two vectors of a row differ in dimension.
+        ValueError: the columns differ in length, a column's vectors differ in dimension, or
+            two vectors of a row do.
     """
+    kernels = _kernels()
     left, right = _array(a), _array(b)
     _same_length(("a", left), ("b", right))
-    if len(left) <= _SMALL:  # a request or a few: Python floats beat the kernels' set-up
-        values = _cosine_rows(_vectors(left, "a"), _vectors(right, "b"))
-        return pa.array(values, pa.float64())
-    x, x_ok = _matrix(left, "a")
-    y, y_ok = _matrix(right, "b")
-    return _cosine_matrix(x, y, x_ok & y_ok)
+    x, y = _vector_parts(left, "a"), _vector_parts(right, "b")
+    values, ok, outcome = kernels.cosine_rows(*x, *y)
+    if outcome == kernels.RAGGED:
+        for name, arr in (("a", left), ("b", right)):
+            dims = _usable_lengths(arr)
+            if len(dims) > 1:
+                _ragged(name, dims)
+    if outcome == kernels.DIMENSIONS:
+        _check_dims(_usable_lengths(left)[0], _usable_lengths(right)[0], True)
+    return pa.array(values, mask=~ok)
 
 
-def _cosine_matrix(x: F64, y: F64, ok: Mask) -> pa.Array:
-    if x.shape[1] != y.shape[1]:  # rows that are not both valid are zeros of any width
-        _check_dims(x.shape[1], y.shape[1], bool(ok.any()))
-        return pa.nulls(len(ok), pa.float64())
-    n = len(ok)
-    dots, xx, yy = np.zeros(n), np.zeros(n), np.zeros(n)
-    for xj, yj in zip(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T), strict=True):
-        dots += xj * yj  # item by item, in order: what `_cosine_rows` adds
-        xx += xj * xj
-        yy += yj * yj
-    norms = np.sqrt(xx) * np.sqrt(yy)
-    ok &= norms > 0  # invalid rows are zeros, so their norm is 0 too
-    out = np.divide(dots, norms, out=np.zeros(n), where=ok)
-    return pa.array(out, mask=~ok)
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the kernels for the common column types (vectors
+    of float32 and float64, in lists), so that no request compiles one: the read client calls
+    this when it loads definitions that use these helpers."""
+    for left in (pa.float32(), pa.float64()):
+        for right in (pa.float32(), pa.float64()):
+            cosine_similarity(pa.array([[1.0]], pa.list_(left)), pa.array([[1.0]], pa.list_(right)))
 
 
-def _cosine_rows(xs: list[list[float] | None], ys: list[list[float] | None]) -> list[float | None]:
-    """`_cosine_matrix` row by row in Python floats, with the same operations in the same
-    order (IEEE float64 products, sums, square roots and quotients: equal bit for bit)."""
-    _check_dims(_dim(xs, "a"), _dim(ys, "b"), any(u and v for u, v in zip(xs, ys, strict=True)))
-    out: list[float | None] = []
-    for u, v in zip(xs, ys, strict=True):
-        if not u or not v:
-            out.append(None)
-            continue
-        dot = uu = vv = 0.0
-        for p, q in zip(u, v, strict=True):
-            dot += p * q
-            uu += p * p
-            vv += q * q
-        norm = math.sqrt(uu) * math.sqrt(vv)
-        out.append(dot / norm if norm > 0 else None)
-    return out
+@functools.cache
+def _kernels() -> Any:
+    """`flows.ondemand_kernels`, imported on first use (so a process that only declares
+    on-demand functions, the flow, never loads Numba for them)."""
+    import flows.ondemand_kernels
+
+    return flows.ondemand_kernels
 
 
-def _vectors(arr: pa.Array, name: str) -> list[list[float] | None]:
-    """The rows as lists of floats; None for a null row, an empty row or a row with a null
-    item (the rows `_matrix` marks invalid)."""
+def _vector_parts(arr: pa.Array, name: str) -> tuple[Any, Any, Mask, Mask]:
+    """A vector column as the kernel takes it: its items (float32 or float64), offsets, which
+    rows are not null and which items are not null."""
     _vector_type(arr, name)
-    return [[float(x) for x in row] if row and None not in row else None for row in arr.to_pylist()]
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not (
+        pa.types.is_float32(arr.type.value_type) or pa.types.is_float64(arr.type.value_type)
+    ):  # fixed-size lists, integer items, a null column: as list<float64>
+        arr = arr.cast(pa.list_(pa.float64()))
+    items = arr.values
+    rows_ok = _validity(arr)
+    items_ok = _validity(items)
+    values = items.to_numpy(zero_copy_only=False) if items.null_count else items.to_numpy()
+    return values, arr.offsets.to_numpy(), rows_ok, items_ok
 
 
-def _dim(rows: list[list[float] | None], name: str) -> int:
-    dims = sorted({len(row) for row in rows if row})
-    if len(dims) > 1:
-        _ragged(name, dims)
-    return dims[0] if dims else 0
+def _validity(arr: pa.Array) -> Mask:
+    if not arr.null_count:
+        return _ALL_VALID[: len(arr)] if len(arr) <= len(_ALL_VALID) else np.ones(len(arr), bool)
+    return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+_ALL_VALID = np.ones(4096, dtype=bool)
+_ALL_VALID.flags.writeable = False
+
+
+def _usable_lengths(arr: pa.Array) -> list[int]:
+    """The distinct lengths of a column's usable vectors (non-null, non-empty, no null item),
+    in order (for the error messages)."""
+    rows = arr.cast(pa.list_(pa.float64())).to_pylist()
+    return sorted({len(row) for row in rows if row and None not in row})
 
 
 def _check_dims(x_dim: int, y_dim: int, compared: bool) -> None:
@@ -186,63 +194,12 @@ def _floats(arr: pa.Array) -> tuple[F64, Mask]:
     return np.asarray(filled.to_numpy(zero_copy_only=False), dtype=np.float64), ok
 
 
-def _matrix(arr: pa.Array, name: str) -> tuple[F64, Mask]:
-    """Rows as a (n, dim) float64 matrix (zeros for invalid rows) and which rows are valid."""
-    if pa.types.is_null(arr.type):
-        return np.zeros((len(arr), 0)), np.zeros(len(arr), dtype=bool)
-    _vector_type(arr, name)
-    if arr.null_count == len(arr):  # no vector at all (e.g. a request for an unknown user)
-        return np.zeros((len(arr), 0)), np.zeros(len(arr), dtype=bool)
-    uniform = _uniform_matrix(arr)
-    if uniform is not None:
-        return uniform, np.ones(len(arr), dtype=bool)
-    lengths = np.asarray(pc.list_value_length(arr).fill_null(-1).to_numpy(), dtype=np.int64)
-    has_null_item = _rows_with_null_items(arr)
-    ok = (lengths > 0) & ~has_null_item
-    dims = np.unique(lengths[ok])
-    if len(dims) > 1:
-        _ragged(name, dims.tolist())
-    dim = int(dims[0]) if len(dims) else 0
-    out = np.zeros((len(arr), dim))
-    if ok.any():
-        flat = pc.list_flatten(arr.filter(pa.array(ok)))
-        out[ok] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64).reshape(-1, dim)
-    return out, ok
-
-
 def _vector_type(arr: pa.Array, name: str) -> None:
     t = arr.type
     if not (pa.types.is_null(t) or pa.types.is_list(t) or pa.types.is_large_list(t)) and not (
         pa.types.is_fixed_size_list(t)
     ):
         raise TypeError(f"cosine_similarity: {name} has type {t}; pass vector columns")
-
-
-def _uniform_matrix(arr: pa.Array) -> F64 | None:
-    """The common case without the kernels' set-up (what `_matrix` computes, when no row or
-    item is null and every row has one non-zero length): the rows as a (n, dim) matrix."""
-    if arr.null_count or not len(arr) or not pa.types.is_list(arr.type):
-        return None
-    flat = arr.flatten()  # the items of this slice's rows
-    n, size = len(arr), len(flat)
-    dim = size // n
-    if dim <= 0 or dim * n != size or flat.null_count:
-        return None
-    if n > 1 and (np.diff(arr.offsets.to_numpy()) != dim).any():
-        return None
-    values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64)
-    return values.reshape(n, dim)
-
-
-def _rows_with_null_items(arr: pa.Array) -> Mask:
-    flat = pc.list_flatten(arr)
-    if flat.null_count == 0:
-        return np.zeros(len(arr), dtype=bool)
-    parents = np.asarray(pc.list_parent_indices(arr).to_numpy(), dtype=np.int64)
-    nulls = np.asarray(flat.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    out = np.zeros(len(arr), dtype=bool)
-    out[parents[nulls]] = True
-    return out
 
 
 def _checked(categories: Sequence[Any]) -> Sequence[Any]:

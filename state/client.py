@@ -60,7 +60,13 @@ from state.read import AsOf, evaluate_blob
 from state.request_keys import key_text_of, key_texts
 from state.servedlog import ServedLog, logs_service_reads, logs_view_reads
 from state.service_reads import ServiceBook, view_features
-from state.services import check_entity_columns, evaluate_service, request_columns, rows_of
+from state.services import (
+    check_entity_columns,
+    on_demand_columns,
+    request_columns,
+    rows_of,
+    step_inputs,
+)
 from state.store import ViewStore, list_views
 from state.timestamps import Timestamp, to_micros
 
@@ -339,11 +345,16 @@ class FeatureClient:
             )
         n = rows.num_rows if isinstance(rows, pa.Table) else len(rows)
         check_entity_columns(plan, rows)
-        request = request_columns(plan, rows)
-        features: dict[str, pa.Array] = {}
+        inputs: dict[str, pa.Array] = request_columns(plan, rows)
+        needed = step_inputs(plan)
+        values: dict[str, list[Any]] = {}
         for read in plan.reads:
-            features.update(view_features(plan, read, rows, at, self._columns))
-        return rows_of(evaluate_service(plan, features, request, n), n)
+            found, arrays = view_features(plan, read, rows, at, self._columns, needed)
+            values.update(found)
+            inputs.update(arrays)
+        outputs = on_demand_columns(plan, inputs, n)
+        columns = {c: values[c] if c in values else outputs[c].to_pylist() for c in plan.columns}
+        return rows_of(columns, n)
 
     # --- closing ---------------------------------------------------------------------------
 

@@ -43,12 +43,14 @@ class BlobPlan:
     windows: I64
     int_cols: I64
     float_cols: I64
+    vec_fields: I64
     wanted: tuple[tuple[HopGroup, GroupPlan], ...]  # every group read, for the pruning check
-    outputs: tuple[tuple[CompiledFeature, int, int], ...]  # feature, int output, float output
+    # feature, int output, float output (a vector mean: its vector output)
+    outputs: tuple[tuple[CompiledFeature, int, int], ...]
     rest: frozenset[str]  # the features read that the pass leaves to the Python/NumPy merge
 
 
-_PLANS: dict[tuple[int, frozenset[str] | None], tuple[ViewLayout, BlobPlan | None]] = {}
+_PLANS: dict[tuple[int, frozenset[str] | None, bool], tuple[ViewLayout, BlobPlan | None]] = {}
 
 
 def compiled_values(
@@ -64,7 +66,7 @@ def compiled_values(
     Raises:
         InexactReadError: with `as_of`, a window reaches behind the tiles the writer kept.
     """
-    plan = blob_plan(layout, only)
+    plan = blob_plan(layout, only, vectors=True)
     if plan is None or plan.rest:
         return None
     newest = blob_header(layout, blob)
@@ -76,8 +78,14 @@ def compiled_values(
             if pruned:
                 message = inexact_message(layout, group, t, newest, as_of, False, pruned)
                 raise InexactReadError(message)
-    ints, floats, end = kernels().blob_totals(
-        np.frombuffer(blob, np.uint8), t, plan.groups, plan.windows, plan.int_cols, plan.float_cols
+    ints, floats, vectors, ends, end = kernels().blob_totals(
+        np.frombuffer(blob, np.uint8),
+        t,
+        plan.groups,
+        plan.windows,
+        plan.int_cols,
+        plan.float_cols,
+        plan.vec_fields,
     )
     if end != len(blob):
         return None  # damaged: the Python read raises naming it
@@ -89,60 +97,83 @@ def compiled_values(
             values[f.name] = cnt
         elif f.agg == "sum":
             values[f.name] = round(totals[j]) if f.integral else totals[j]
+        elif not cnt:
+            values[f.name] = None
+        elif f.vector:  # the element-wise sums over the count, as `feature_value` divides
+            values[f.name] = (vectors[ends[j] : ends[j + 1]] / cnt).tolist()
         else:
-            values[f.name] = totals[j] / cnt if cnt else None
+            values[f.name] = totals[j] / cnt
     return values
 
 
 def compiled_answers(layout: ViewLayout, only: frozenset[str] | None = None) -> bool:
     """Whether `compiled_values` answers reads of these features (checked reads as of before
     an entity's newest event aside)."""
-    plan = blob_plan(layout, only)
+    plan = blob_plan(layout, only, vectors=True)
     return plan is not None and not plan.rest
 
 
-def blob_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | None:
+def blob_plan(
+    layout: ViewLayout, only: frozenset[str] | None, vectors: bool = False
+) -> BlobPlan | None:
     """The compiled pass's arguments for reads of `only` (None: every feature) of the layout,
     worked out once. The pass answers the hop groups whose features read are all counts, sums
-    and means; the features of the other groups are its `rest`. None when it answers none."""
-    cached = _PLANS.get((id(layout), only))
+    and means (with `vectors`, the single read's, element-wise vector means too); the features
+    of the other groups are its `rest`. None when it answers none."""
+    cached = _PLANS.get((id(layout), only, vectors))
     if cached is None or cached[0] is not layout:
-        cached = _PLANS[(id(layout), only)] = (layout, _make_plan(layout, only))
+        plan = _make_plan(layout, only, vectors)
+        cached = _PLANS[(id(layout), only, vectors)] = (layout, plan)
     return cached[1]
 
 
-def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | None:
+def _answered(f: CompiledFeature, vectors: bool) -> bool:
+    if f.vector:
+        return vectors and f.agg == "mean"
+    return f.agg in _PLAIN
+
+
+def _make_plan(layout: ViewLayout, only: frozenset[str] | None, vectors: bool) -> BlobPlan | None:
     groups: list[int] = []
     windows: list[int] = []
     int_cols: list[int] = []
     float_cols: list[int] = []
+    vec_fields: list[int] = []
     wanted: list[tuple[HopGroup, GroupPlan]] = []
     where: dict[str, tuple[CompiledFeature, int, int]] = {}
     rest: set[str] = set()
-    n_ints = n_floats = 0
+    n_ints = n_floats = n_vectors = 0
     for group in layout.groups:
         plan = group_plan(group)
         read = [[f for f in feats if only is None or f.name in only] for feats in plan.features]
         feats = [f for fs in read for f in fs]
         if feats:
             wanted.append((group, plan))
-        if any(f.agg not in _PLAIN or f.vector for f in feats):
+        if not all(_answered(f, vectors) for f in feats):
             rest.update(f.name for f in feats)
             feats, read = [], [[] for _ in read]  # the pass skips this group's sections
         ints = sorted({f.cnt for f in feats})
-        floats = sorted({f.value for f in feats if f.agg in ("sum", "mean")})
+        floats = sorted({f.value for f in feats if f.agg in ("sum", "mean") and not f.vector})
+        fields = sorted({group.vector_fields.index(f.vector) for f in feats if f.vector})
         for w, fs in zip(plan.windows, read, strict=True):
             if not fs:
                 continue
             for f in fs:
                 i = n_ints + ints.index(f.cnt)
-                j = n_floats + floats.index(f.value) if f.agg in ("sum", "mean") else -1
+                if f.vector:
+                    j = n_vectors + fields.index(group.vector_fields.index(f.vector))
+                elif f.agg in ("sum", "mean"):
+                    j = n_floats + floats.index(f.value)
+                else:
+                    j = -1
                 where[f.name] = (f, i, j)
             windows.append(w)
             n_ints += len(ints)
             n_floats += len(floats)
+            n_vectors += len(fields)
         int_cols += ints
         float_cols += floats
+        vec_fields += fields
         groups += [
             plan.hop,
             plan.width,
@@ -152,6 +183,7 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | No
             len(windows),
             len(int_cols),
             len(float_cols),
+            len(vec_fields),
         ]
     if not where:
         return None
@@ -161,6 +193,7 @@ def _make_plan(layout: ViewLayout, only: frozenset[str] | None) -> BlobPlan | No
         np.array(windows, np.int64),
         np.array(int_cols, np.int64),
         np.array(float_cols, np.int64),
+        np.array(vec_fields, np.int64),
         tuple(wanted),
         tuple(where[name] for name in names),
         frozenset(rest),

@@ -137,6 +137,9 @@ def load_service_plans(path: Path) -> dict[str, ServicePlan]:
         if not isinstance(plan, ServicePlan):
             continue
         plans[plan.name] = plan
+    helpers = sys.modules.get("flows.ondemand")
+    if plans and helpers is not None:  # compiled now, not by the first request that uses them
+        helpers.warm_up()
     return plans
 
 

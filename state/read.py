@@ -397,7 +397,7 @@ def feature_value(f: CompiledFeature, cols: Columns, lo: int, hi: int, cnt: int)
     if f.vector:
         matrix = cols.vectors[f.vector]
         if agg == "mean":
-            return (matrix[lo:hi].sum(axis=0) / cnt).tolist()
+            return (_vector_sum(matrix, lo, hi) / cnt).tolist()
         return matrix[_edge_row(cols, f, lo, hi)].tolist()
     if agg == "mean":
         return cols.total(f.value, lo, hi) / cnt
@@ -412,6 +412,15 @@ def feature_value(f: CompiledFeature, cols: Columns, lo: int, hi: int, cnt: int)
         v = cols.d(f.value)[pick]
         return int(v) if f.integral else v
     return cols.objects()[f"{f.column}.{agg}"][pick]
+
+
+def _vector_sum(matrix: Any, lo: int, hi: int) -> Any:
+    """Rows [lo, hi) of a vector matrix added element-wise in row order (what the batch read's
+    `np.bincount` and the compiled read add). NumPy adds the rows of a (rows, d) matrix so for
+    d > 1, but a one-column matrix pairwise, as a flat array: that one is added in order."""
+    if matrix.shape[1] == 1 and hi - lo > 1:
+        return np.cumsum(matrix[lo:hi, 0])[-1:]
+    return matrix[lo:hi].sum(axis=0)
 
 
 def _m2(cols: Columns, f: CompiledFeature, lo: int, hi: int, cnt: int) -> float:

@@ -34,7 +34,7 @@ from state.errors import (
 )
 from state.layout import FeatureDef, ViewLayout
 from state.read import evaluate_blob
-from state.services import ServicePlan, ViewRead, feature_column
+from state.services import ServicePlan, ViewRead, feature_column, feature_values
 from state.timestamps import Timestamp
 
 _RECHECK_S = 1.0  # how often the definitions record is looked at for new definitions
@@ -104,24 +104,25 @@ class ServiceBook:
         return self._plans
 
 
-def view_features(
+def view_values(
     plan: ServicePlan,
     read: ViewRead,
     rows: Sequence[Mapping[str, Any]] | pa.Table,
     at: Timestamp | None,
     columns: ViewColumns,
-) -> dict[str, pa.Array]:
-    """The features `read` takes from its view for `rows`, as `<view>__<feature>` columns.
+) -> tuple[ViewLayout, dict[str, FeatureDef], dict[str, list[Any]]]:
+    """The features `read` takes from its view for `rows`, as {feature: values} (the read's
+    Python values), with the layout read and its features by name.
 
     Raises:
         RequestTypeError: an entity value of the wrong type.
         MissingFeatureError: a feature is not in the live version of its view.
     """
-    keys = _entity_keys(plan, read, rows)
+    keys = _entity_keys(read, rows)
     present = [i for i, k in enumerate(keys) if k is not None]
     try:
-        wanted = [keys[i] for i in present]
-        version, layout, found = columns(read.view, wanted, at, frozenset(read.features))
+        wanted = keys if len(present) == len(keys) else [keys[i] for i in present]
+        version, layout, found = columns(read.view, wanted, at, read.wanted)
     except KeyTypeError as exc:
         raise RequestTypeError(
             f"service {plan.name!r}: entity column(s) {list(read.entity_columns)} of view "
@@ -138,12 +139,32 @@ def view_features(
             for i, v in zip(present, found[f], strict=True):
                 values[i] = v
             found[f] = values
-    return {read.column(f): feature_column(layout, by_name[f], found[f]) for f in read.features}
+    return layout, by_name, found
 
 
-def _entity_keys(
-    plan: ServicePlan, read: ViewRead, rows: Sequence[Mapping[str, Any]] | pa.Table
-) -> list[Any]:
+def view_features(
+    plan: ServicePlan,
+    read: ViewRead,
+    rows: Sequence[Mapping[str, Any]] | pa.Table,
+    at: Timestamp | None,
+    columns: ViewColumns,
+    needed: frozenset[str],
+) -> tuple[dict[str, list[Any]], dict[str, pa.Array]]:
+    """`view_values` as service columns `<view>__<feature>`: every feature's values as the
+    Python values of its canonical type, and the columns in `needed` (an on-demand step's
+    inputs) also as canonical Arrow arrays."""
+    layout, by_name, found = view_values(plan, read, rows, at, columns)
+    values: dict[str, list[Any]] = {}
+    arrays: dict[str, pa.Array] = {}
+    for f in read.features:
+        column = read.column(f)
+        values[column] = feature_values(layout, by_name[f], found[f])
+        if column in needed:
+            arrays[column] = feature_column(layout, by_name[f], found[f])
+    return values, arrays
+
+
+def _entity_keys(read: ViewRead, rows: Sequence[Mapping[str, Any]] | pa.Table) -> list[Any]:
     """Each row's key of the view (a value, or a tuple for a composite key); None when a part
     is null: that row gets the view's empty-window values, as an unknown key does."""
     if isinstance(rows, pa.Table):

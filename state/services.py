@@ -21,6 +21,7 @@ function sees identical tables.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,10 @@ class ViewRead:
     key_columns: tuple[str, ...]
     entity_columns: tuple[str, ...]
     features: tuple[str, ...]
+    wanted: frozenset[str] = dataclasses.field(init=False)  # the features, as a set
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wanted", frozenset(self.features))
 
     def column(self, feature: str) -> str:
         return f"{self.view}__{feature}"
@@ -68,6 +73,11 @@ class OnDemandStep:
     function: OnDemandFunction
     inputs: tuple[str, ...]
     outputs: tuple[tuple[str, str], ...]  # (output name, declared type)
+
+    @property
+    def names(self) -> list[str]:
+        """The input columns as a list (the names of the table the function gets)."""
+        return list(self.inputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +112,42 @@ def evaluate_service(
             wrong-type output; the message names the service, the function and the output.
     """
     columns: dict[str, pa.Array] = {**request, **features}
+    columns.update(on_demand_columns(plan, columns, n))
+    return {name: columns[name] for name in plan.columns}
+
+
+def on_demand_columns(
+    plan: ServicePlan, inputs: Mapping[str, pa.Array], n: int
+) -> dict[str, pa.Array]:
+    """The outputs of the service's on-demand steps, `<on_demand>__<output>` -> values, for
+    a batch of `n` rows: each step, in order, gets a table of its input columns (from
+    `inputs`, the request fields and view features it reads, or an earlier step's outputs).
+
+    Raises:
+        OnDemandError: as `evaluate_service`.
+    """
+    columns = dict(inputs)
+    out: dict[str, pa.Array] = {}
     for step in plan.steps:
         if n == 0:  # no rows: a function is not asked to handle an empty table
             outputs = {name: pa.array([], FIELD_TYPES[kind]) for name, kind in step.outputs}
         else:
-            outputs = _call(plan.name, step, pa.table({c: columns[c] for c in step.inputs}), n)
-        columns.update((f"{step.name}__{name}", values) for name, values in outputs.items())
-    return {name: columns[name] for name in plan.columns}
+            table = pa.Table.from_arrays([columns[c] for c in step.inputs], names=step.names)
+            outputs = _call(plan.name, step, table, n)
+        for name, values in outputs.items():
+            columns[f"{step.name}__{name}"] = out[f"{step.name}__{name}"] = values
+    return out
+
+
+def step_inputs(plan: ServicePlan) -> frozenset[str]:
+    """The columns some on-demand step of the service reads."""
+    cached = _INPUTS.get(id(plan))
+    if cached is None or cached[0] is not plan:
+        cached = _INPUTS[id(plan)] = (plan, frozenset(c for s in plan.steps for c in s.inputs))
+    return cached[1]
+
+
+_INPUTS: dict[int, tuple[ServicePlan, frozenset[str]]] = {}
 
 
 def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str, pa.Array]:
@@ -375,6 +414,30 @@ def feature_column(layout: ViewLayout, feature: FeatureDef, values: Any) -> pa.A
     return pa.array(values, type=kind)
 
 
+def feature_values(layout: ViewLayout, feature: FeatureDef, values: list[Any]) -> list[Any]:
+    """A feature's values from an online read as the Python values of its canonical Arrow
+    type (what `feature_column(...).to_pylist()` gives, without building the array): the
+    read's ints, floats, strings and lists, with ints made floats in float columns."""
+    kind = _feature_types(layout)[feature.name]
+    convert = _PYTHON.get(kind)
+    if convert is None:
+        found: list[Any] = feature_column(layout, feature, values).to_pylist()
+        return found
+    return [v if v is None else convert(v) for v in values]
+
+
+def _float_items(v: Any) -> list[float | None]:
+    return [x if x is None else float(x) for x in v]
+
+
+_PYTHON: dict[pa.DataType, Callable[[Any], Any]] = {
+    pa.int64(): int,
+    pa.float64(): float,
+    pa.string(): str,
+    pa.bool_(): bool,
+    pa.list_(pa.float64()): _float_items,
+}
+
 _TYPES: dict[int, tuple[ViewLayout, dict[str, pa.DataType]]] = {}
 
 
@@ -387,12 +450,11 @@ def _feature_types(layout: ViewLayout) -> dict[str, pa.DataType]:
     return cached[1]
 
 
-def rows_of(columns: Mapping[str, pa.Array], n: int) -> list[dict[str, Any]]:
-    """Output columns as one dict per row, in row order."""
+def rows_of(columns: Mapping[str, list[Any]], n: int) -> list[dict[str, Any]]:
+    """Output columns (lists of values) as one dict per row, in row order."""
     names = list(columns)
-    lists = [columns[name].to_pylist() for name in names]
-    return (
-        [dict(zip(names, values, strict=True)) for values in zip(*lists, strict=True)]
-        if names
-        else [{} for _ in range(n)]
-    )
+    if not names:
+        return [{} for _ in range(n)]
+    if n == 1:
+        return [{name: values[0] for name, values in columns.items()}]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]

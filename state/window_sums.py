@@ -2,12 +2,13 @@
 
 `blob_totals` walks one entity's whole blob (`state.compiled_read`, behind `get`) and
 `batch_blob_totals` every blob of a batch (`state.batch_read`, behind `get_many`), each in one
-call: per hop group whose features read are all counts, sums and means, it finds the rows the
-single read's `_group_values` finds (a binary search on the tile numbers, the newest-event
-rule, the tile at a hop boundary left out) and adds their columns up in row order from 0
-(floats from 0.0, one by one, as Python's `sum` and `np.bincount` add them), so the values are
-bit for bit the single read's (tests/state/test_reads_batch.py); the other groups' sections are
-skipped. With NumPy the same took ~25 array operations per hop group.
+call: per hop group whose features read are all counts, sums and means (and, for the single
+read, element-wise vector means), it finds the rows the single read's `_group_values` finds (a
+binary search on the tile numbers, the newest-event rule, the tile at a hop boundary left out)
+and adds their columns up in row order from 0 (floats from 0.0, one by one, as Python's `sum`
+and `np.bincount` add them; a vector's elements each so), so the values are bit for bit the
+single read's (tests/state/test_reads_batch.py); the other groups' sections are skipped. With
+NumPy the same took ~25 array operations per hop group.
 
 `compile_all` compiles them together (`state.kernels`); Numba caches the machine code on disk.
 """
@@ -76,17 +77,57 @@ def _u32(buf: npt.NDArray[np.uint8], at: int) -> int:
     return int(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24))
 
 
+STRIDE = 9  # int64 per hop group in a plan's `groups`
+
+
 @jit
-def _outputs(groups: I64) -> tuple[int, int]:
-    """How many int and float sums a blob plan (`blob_totals`' `groups`) yields."""
-    n_ints, n_floats = 0, 0
-    w_lo, i_lo, f_lo = 0, 0, 0
-    for g in range(len(groups) // 8):
-        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
+def _outputs(groups: I64) -> tuple[int, int, int]:
+    """How many int sums, float sums and vector sums a blob plan (`blob_totals`' `groups`)
+    yields."""
+    n_ints, n_floats, n_vectors = 0, 0, 0
+    w_lo, i_lo, f_lo, v_lo = 0, 0, 0, 0
+    for g in range(len(groups) // STRIDE):
+        at = STRIDE * g
+        w_hi, i_hi, f_hi, v_hi = groups[at + 5], groups[at + 6], groups[at + 7], groups[at + 8]
         n_ints += (w_hi - w_lo) * (i_hi - i_lo)
         n_floats += (w_hi - w_lo) * (f_hi - f_lo)
-        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
-    return n_ints, n_floats
+        n_vectors += (w_hi - w_lo) * (v_hi - v_lo)
+        w_lo, i_lo, f_lo, v_lo = w_hi, i_hi, f_hi, v_hi
+    return n_ints, n_floats, n_vectors
+
+
+@jit
+def _vector_space(
+    buf: npt.NDArray[np.uint8], end: int, groups: I64, vec_fields: I64, n_vectors: int
+) -> int:
+    """How many floats the vector sums of a blob take (each wanted vector field's length,
+    per window read); 0 when a section runs past `end` (`_walk` then says where)."""
+    if n_vectors == 0:
+        return 0
+    pos = 9
+    total = 0
+    w_lo, v_lo = 0, 0
+    for g in range(len(groups) // STRIDE):
+        at = STRIDE * g
+        width, w_hi, v_hi = groups[at + 1], groups[at + 5], groups[at + 8]
+        if pos + 4 > end:
+            return 0
+        rows = _u32(buf, pos)
+        pos += 4 + 8 * rows * width
+        if groups[at + 2]:
+            if pos + 4 > end:
+                return 0
+            pos += 4 + _u32(buf, pos)
+        for v in range(groups[at + 3]):
+            if pos + 4 > end:
+                return 0
+            dim = _u32(buf, pos)
+            for k in range(v_lo, v_hi):
+                if vec_fields[k] == v:
+                    total += dim * (w_hi - w_lo)
+            pos += 4 + 8 * rows * dim
+        w_lo, v_lo = w_hi, v_hi
+    return total
 
 
 @jit
@@ -99,34 +140,41 @@ def _walk(
     windows: I64,
     int_cols: I64,
     float_cols: I64,
+    vec_fields: I64,
     ints: I64,
     floats: F64,
+    vectors: F64,
+    ends: I64,
 ) -> int:
-    """The window sums of the blob `buf[start:end]` into `ints` and `floats`; where its last
-    section ends (-1 when a section runs past `end`)."""
+    """The window sums of the blob `buf[start:end]` into `ints` and `floats` (and the wanted
+    vector fields' element-wise sums into `vectors`, the k-th at `vectors[ends[k]:ends[k+1]]`);
+    where its last section ends (-1 when a section runs past `end`)."""
     newest = buf[start + 1 : start + 9].view(np.int64)[0]
     pos = start + 9
-    out_i, out_f = 0, 0
-    w_lo, i_lo, f_lo = 0, 0, 0
-    for g in range(len(groups) // 8):
-        hop, width = groups[8 * g], groups[8 * g + 1]
-        w_hi, i_hi, f_hi = groups[8 * g + 5], groups[8 * g + 6], groups[8 * g + 7]
+    out_i, out_f, out_v, at_v = 0, 0, 0, 0
+    w_lo, i_lo, f_lo, v_lo = 0, 0, 0, 0
+    for g in range(len(groups) // STRIDE):
+        at = STRIDE * g
+        hop, width = groups[at], groups[at + 1]
+        w_hi, i_hi, f_hi, v_hi = groups[at + 5], groups[at + 6], groups[at + 7], groups[at + 8]
         if pos + 4 > end:
             return -1
         rows = _u32(buf, pos)
         block = pos + 4
         pos = block + 8 * rows * width
-        if groups[8 * g + 2]:  # the object section: its length, then the document
+        if groups[at + 2]:  # the object section: its length, then the document
             if pos + 4 > end:
                 return -1
             pos += 4 + _u32(buf, pos)
-        for _ in range(groups[8 * g + 3]):  # each vector field: its length, then the matrix
+        fields = np.empty(groups[at + 3], np.int64)
+        for v in range(groups[at + 3]):  # each vector field: its length, then the matrix
             if pos + 4 > end:
                 return -1
+            fields[v] = pos
             pos += 4 + 8 * rows * _u32(buf, pos)
         if pos > end:
             return -1
-        if groups[8 * g + 4]:
+        if groups[at + 4]:
             words = buf[block : block + 8 * rows * width]
             i64 = words.view(np.int64)
             f64 = words.view(np.float64)
@@ -139,7 +187,19 @@ def _walk(
                 for k in range(f_lo, f_hi):
                     floats[out_f] = _total(f64, rows * float_cols[k], lo, hi, 0.0)
                     out_f += 1
-        w_lo, i_lo, f_lo = w_hi, i_hi, f_hi
+                for k in range(v_lo, v_hi):
+                    where = fields[vec_fields[k]]
+                    dim = _u32(buf, where)
+                    matrix = buf[where + 4 : where + 4 + 8 * rows * dim].view(np.float64)
+                    for j in range(dim):  # element j: rows lo..hi added in row order from 0.0
+                        total = 0.0
+                        for r in range(lo, hi):
+                            total += matrix[r * dim + j]
+                        vectors[at_v + j] = total
+                    at_v += dim
+                    out_v += 1
+                    ends[out_v] = at_v
+        w_lo, i_lo, f_lo, v_lo = w_hi, i_hi, f_hi, v_hi
     return pos
 
 
@@ -151,20 +211,41 @@ def blob_totals(
     windows: I64,
     int_cols: I64,
     float_cols: I64,
-) -> tuple[I64, F64, int]:
+    vec_fields: I64,
+) -> tuple[I64, F64, F64, I64, int]:
     """One entity's window sums from its whole blob (the single read's `_group_values` for
-    counts, sums and means), and where the blob's last section ends (-1: past its end).
+    counts, sums, means and vector means), and where the blob's last section ends (-1: past
+    its end).
 
-    `groups` holds 8 int64 per hop group: hop, width (columns), has an object section, vector
-    fields, wanted, and the ends (exclusive) of the group's windows, int columns and float
-    columns in the flat `windows`, `int_cols` and `float_cols`. Outputs are flat: per wanted
-    group, per window, its int columns' sums then (in `floats`) its float columns' sums.
+    `groups` holds STRIDE int64 per hop group: hop, width (columns), has an object section,
+    vector fields, wanted, and the ends (exclusive) of the group's windows, int columns, float
+    columns and vector fields in the flat `windows`, `int_cols`, `float_cols` and `vec_fields`
+    (a vector field by its place among the group's). Outputs are flat: per wanted group, per
+    window, its int columns' sums, then (in `floats`) its float columns' sums, then (in
+    `vectors`, the k-th at `vectors[ends[k]:ends[k + 1]]`) its vector fields' element-wise
+    sums.
     """
-    n_ints, n_floats = _outputs(groups)
+    n_ints, n_floats, n_vectors = _outputs(groups)
     ints = np.zeros(n_ints, np.int64)
     floats = np.zeros(n_floats, np.float64)
-    end = _walk(buf, 0, len(buf), t, groups, windows, int_cols, float_cols, ints, floats)
-    return ints, floats, end
+    vectors = np.zeros(_vector_space(buf, len(buf), groups, vec_fields, n_vectors), np.float64)
+    ends = np.zeros(n_vectors + 1, np.int64)
+    end = _walk(
+        buf,
+        0,
+        len(buf),
+        t,
+        groups,
+        windows,
+        int_cols,
+        float_cols,
+        vec_fields,
+        ints,
+        floats,
+        vectors,
+        ends,
+    )
+    return ints, floats, vectors, ends, end
 
 
 @jit
@@ -179,14 +260,30 @@ def batch_blob_totals(
     float_cols: I64,
 ) -> tuple[I64, F64, bool]:
     """`blob_totals` of every blob `buf[starts[e]:ends[e]]` of a batch: (entities, outputs)
-    sums, and whether every blob's sections ended where the blob ends."""
-    n_ints, n_floats = _outputs(groups)
+    sums, and whether every blob's sections ended where the blob ends. Its plans read no
+    vector field (the batch read merges vectors itself)."""
+    n_ints, n_floats, _ = _outputs(groups)
     ints = np.zeros((len(starts), n_ints), np.int64)
     floats = np.zeros((len(starts), n_floats), np.float64)
+    none = np.zeros(0, np.int64)
+    no_vectors = np.zeros(0, np.float64)
+    at_zero = np.zeros(1, np.int64)
     whole = True
     for e in range(len(starts)):
         end = _walk(
-            buf, starts[e], ends[e], t, groups, windows, int_cols, float_cols, ints[e], floats[e]
+            buf,
+            starts[e],
+            ends[e],
+            t,
+            groups,
+            windows,
+            int_cols,
+            float_cols,
+            none,
+            ints[e],
+            floats[e],
+            no_vectors,
+            at_zero,
         )
         whole = whole and end == ends[e]
     return ints, floats, whole
@@ -202,6 +299,6 @@ def compile_all() -> None:
 
     raw = np.frombuffer(bytes(16), np.uint8)
     none = np.zeros(0, np.int64)
-    blob_totals(raw, 0, none, none, none, none)
+    blob_totals(raw, 0, none, none, none, none, none)
     batch_blob_totals(raw, none, none, 0, none, none, none, none)
     partitions_of(raw, np.zeros(1, np.int64), 1)

@@ -8,7 +8,7 @@ The `fraud_model` service is the vector a fraud model consumes per payment: the 
 mean amount (view `user_spend`), the merchant's 30-day chargeback rate (view `merchant_risk`,
 another entity), and request-time signals computed from the payment itself (`payment_signals`):
 the amount against the user's mean, the channel's code, and the similarity between the payment
-text's embedding and the user's 30-day mean embedding (view `user_text`, a vector feature).
+text's embedding and the user's 30-day mean embedding (a vector feature of `user_spend`).
 """
 
 from __future__ import annotations
@@ -57,13 +57,8 @@ user_spend = FeatureView(
         count(window="1d"),  # count_1d
         last("channel"),  # channel_last (lifetime)
         last("merchant", window="1d"),  # merchant_last_1d
+        mean("text_embedding", window="30d"),  # text_embedding_mean_30d (element-wise)
     ],
-)
-
-user_text = FeatureView(
-    name="user_text",
-    source=transactions,
-    features=[mean("text_embedding", window="30d")],  # text_embedding_mean_30d (element-wise)
 )
 
 merchant_events = Source(
@@ -89,7 +84,7 @@ CHANNEL_CODES = ["pos", "web", "app", "atm"]
 
 
 @on_demand(
-    sources=[payment, user_spend[["amount_mean_14d"]], user_text],
+    sources=[payment, user_spend[["amount_mean_14d", "text_embedding_mean_30d"]]],
     outputs={"amount_vs_mean_14d": "double", "channel_code": "int", "text_similarity": "double"},
 )
 def payment_signals(rows: pa.Table) -> dict[str, Any]:
@@ -104,7 +99,7 @@ def payment_signals(rows: pa.Table) -> dict[str, Any]:
         "amount_vs_mean_14d": pa.array(ratio, mask=~usable),
         "channel_code": category_index(rows["channel"], CHANNEL_CODES),
         "text_similarity": cosine_similarity(
-            rows["text_embedding"], rows["user_text__text_embedding_mean_30d"]
+            rows["text_embedding"], rows["user_spend__text_embedding_mean_30d"]
         ),
     }
 
