@@ -129,6 +129,7 @@ def live_batches(history_minutes: int) -> None:
                 "merchant": ["m1"] * 5000,
                 "channel": ["web"] * 5000,
                 "is_fraud": [False] * 5000,
+                "text_embedding": pa.nulls(5000, pa.list_(pa.float32())),  # not measured here
                 "_offset": pa.array(np.arange(offset, offset + 5000), pa.int64()),
             }
         )
