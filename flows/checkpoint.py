@@ -9,13 +9,12 @@ one into an empty state directory and continues from its offsets.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from flows.checkpoints import write_checkpoints
-from flows.cli import command_main
+from flows.cli import command_main, exit_command
 from flows.settings import STATE, WAREHOUSE, WAREHOUSE_ENDPOINT, CommandSettings, option
 
 
@@ -50,4 +49,4 @@ def _checkpoint(settings: CheckpointSettings) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())

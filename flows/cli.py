@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import gc
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from connectors.errors import ConnectorError
 from flows.errors import FlowError
@@ -40,6 +42,14 @@ def command_main(
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def exit_command(code: int) -> NoReturn:
+    """End `python -m <command>` with `code`, without the interpreter's final garbage collection:
+    the process is ending, and after a flow that collection walked every object for 0.06-0.12 s
+    (objects are still released, and files closed, as the modules are torn down)."""
+    gc.freeze()
+    sys.exit(code)
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -10,7 +10,6 @@ following `flows.run` of the same definitions continues on the new version by it
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flows.cli import command_main
+from flows.cli import command_main, exit_command
 from flows.dataflow import FlowControl
 from flows.errors import ConfigError
 from flows.run import claim_versions, execute, load_views
@@ -114,4 +113,4 @@ def _from_time(view: FeatureView, text: str) -> FeatureView:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from connectors.log import KafkaStart, start_kafka_logs
 from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
 from flows.checkpoints import restore_views
-from flows.cli import command_main
+from flows.cli import command_main, exit_command
 from flows.dataflow import FlowControl, run_dataflow
 from flows.governance.breaking import refuse_breaking
 from flows.governance.history import record_history, record_rate
@@ -409,4 +408,4 @@ def _newest_entity(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())

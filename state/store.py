@@ -220,6 +220,11 @@ class PartitionStore:
         with disk_full_named(self.path, "committing a batch"):
             self._db.write(batch)
 
+    def flush_soon(self) -> None:
+        """Start writing the memtable out in RocksDB's background threads, without waiting: a
+        store that will get no more writes then closes without doing it."""
+        self._db.flush(wait=False)
+
     def close(self) -> None:
         """Close the store. A full disk may keep RocksDB from flushing: what was committed is
         in its write-ahead log and comes back on the next open, so that is not an error here."""
