@@ -233,7 +233,7 @@ class LocalStore:
 
     def download(self, rel: str, target: Path) -> str:
         with open(self.path(rel), "rb") as src:
-            return _copy_hashed(src, target)
+            return _copy_hashed(src.read, target)
 
 
 class FileSystemStore:
@@ -319,7 +319,7 @@ class FileSystemStore:
 
     def download(self, rel: str, target: Path) -> str:
         with self.fs.open_input_stream(self.full(rel)) as src:
-            return _copy_hashed(src, target)
+            return _copy_hashed(src.read_buffer, target)  # Arrow's buffers: no copy to bytes
 
     def _before_write(self) -> None:
         """Hook for stores that prepare before a write (S3: create the bucket)."""
@@ -435,19 +435,16 @@ class S3Store(FileSystemStore):
         self._bucket_ready = True
 
 
-class _Readable(Protocol):
-    def read(self, size: int, /) -> bytes: ...
-
-
 _COPY_BLOCK = 8 << 20
 
 
-def _copy_hashed(src: _Readable, target: Path) -> str:
-    """Copy a stream into a new local file; the sha256 of the bytes copied (hashlib and the
-    reads release the interpreter: downloads in threads overlap)."""
+def _copy_hashed(read: Callable[[int], Any], target: Path) -> str:
+    """Copy a stream (`read(size)` gives its next block, any buffer, empty at the end) into a
+    new local file; the sha256 of the bytes copied (hashlib and the reads release the
+    interpreter: downloads in threads overlap)."""
     digest = hashlib.sha256()
     with open(target, "wb") as out:
-        while block := src.read(_COPY_BLOCK):
+        while len(block := read(_COPY_BLOCK)):
             digest.update(block)
             out.write(block)
     return digest.hexdigest()
