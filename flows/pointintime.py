@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.envelope import OFFSET
 from flows.aggregate import (
@@ -48,7 +49,7 @@ from flows.aggregate import (
     running_watermarks,
     sort_events,
 )
-from flows.spine_merges import merged_feature, window_spans
+from flows.spine_merges import merged_feature, valid_before, window_spans
 from flows.spine_windows import (
     group_tiles,
     in_time_order,
@@ -212,7 +213,7 @@ class _OrderedEvents:
         self.sorted_ts = self.ts[self.order]
         self._sorted: SortedEvents | None = None
         self._plain: dict[tuple[str, bool], tuple[npt.NDArray[np.bool_], I64, F64]] = {}
-        self._vectors: dict[str, tuple[F64, I64]] = {}
+        self._vectors: dict[str, tuple[npt.NDArray[np.floating[Any]], I64]] = {}
 
     def plain_columns(self, group: HopGroup) -> tuple[npt.NDArray[np.bool_], I64, F64]:
         """Per column (a row each) and sorted event: whether its value is valid, how many of
@@ -235,8 +236,7 @@ class _OrderedEvents:
             if column.null_count:
                 is_valid = column.is_valid().to_numpy(zero_copy_only=False)
                 valid = np.asarray(is_valid, dtype=bool)[self.order]
-            seen = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(valid, out=seen[1:])
+            seen = valid_before(valid)
             vals = np.zeros(n, dtype=np.float64)
             if numeric:
                 raw = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
@@ -246,11 +246,11 @@ class _OrderedEvents:
             found = self._plain[(name, numeric)] = (valid, seen, vals)
         return found
 
-    def vectors(self, name: str) -> tuple[F64, I64]:
+    def vectors(self, name: str) -> tuple[npt.NDArray[np.floating[Any]], I64]:
         """The vector column `name` as a zero-padded matrix and its lengths, in log order."""
         found = self._vectors.get(name)
         if found is None:
-            found = self._vectors[name] = padded(self.events.column(name))
+            found = self._vectors[name] = _vector_matrix(self.events.column(name))
         return found
 
     def sorted_events(self) -> SortedEvents:
@@ -267,6 +267,28 @@ class _OrderedEvents:
                     {name: cv.take(o) for name, cv in columns.items()},
                 )
         return self._sorted
+
+
+def _vector_matrix(column: pa.ChunkedArray) -> tuple[npt.NDArray[np.floating[Any]], I64]:
+    """`state.vectors.padded`'s zero-padded matrix (its rows' values as float64 exactly) and
+    lengths; when every vector has one length (or none), the flat values reshaped in their
+    own float type (a float32 column without a copy)."""
+    lengths = np.asarray(
+        pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False),
+        dtype=np.int64,
+    )
+    width = int(lengths.max()) if len(lengths) else 0
+    full = lengths == width
+    if not width or not (full | (lengths == 0)).all():
+        return padded(column)
+    chunks = [chunk.flatten() for chunk in column.chunks]
+    flat = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+    values = flat.to_numpy(zero_copy_only=False).reshape(-1, width)
+    if full.all():
+        return values, lengths
+    matrix = np.zeros((len(lengths), width), dtype=values.dtype)
+    matrix[full] = values
+    return matrix, lengths
 
 
 def _sorted_events(layout: ViewLayout, events: pa.Table, kid: I64) -> SortedEvents:
@@ -367,26 +389,22 @@ def _merged_values(
     compiled = [f for f in group.features if f.agg in COMPILED_KINDS]
     plain = _plain_part(group, compiled)
     out = _plain_values(plain, ordered, q_kid, q_t, q_pos, types) if plain else {}
-    rest = [f for f in compiled if f.name not in out]
     hop = group.hop_us or LIFETIME_TILE_US
     back = np.empty(len(q_pos), dtype=np.int64)
     back[q_pos] = np.arange(len(q_pos))  # sorted position of each original row
-    sorted_out: dict[str, pa.Array] = {}
     retry: dict[str, npt.NDArray[np.bool_]] = {}
+    rest = [f for f in compiled if f.name not in out]
     for window_us in sorted({f.window_us for f in rest}):
         spans = window_spans(ordered.sorted_ts, ordered.key_starts, hop, window_us, q_kid, q_t)
         for f in (f for f in rest if f.window_us == window_us):
             col = group.column_stats(f)
             assert col is not None  # a plain count of events took the compiled pass
-            values, needs = merged_feature(f, col, hop, spans, ordered)
-            sorted_out[f.name] = values
+            out[f.name], needs = merged_feature(f, col, hop, spans, ordered, back)
             if needs is not None and needs.any():
                 retry[f.name] = needs
-    if len(out) + len(sorted_out) < len(group.features) or retry:
-        sorted_out.update(_merged_per_row(group, ordered, q_kid, q_t, types, sorted_out, retry))
-    for name, values in sorted_out.items():
-        out[name] = values.take(pa.array(back)).cast(types[name])
-    return out
+    if len(out) < len(group.features) or retry:
+        out.update(_merged_per_row(group, ordered, q_kid, q_t, q_pos, types, out, retry))
+    return {name: values.cast(types[name]) for name, values in out.items()}
 
 
 def _plain_part(group: HopGroup, features: list[FeatureDef]) -> HopGroup | None:
@@ -416,13 +434,13 @@ def _merged_per_row(
     ordered: _OrderedEvents,
     q_kid: I64,
     q_t: I64,
+    q_pos: I64,
     types: dict[str, pa.DataType],
     done: dict[str, pa.Array],
     retry: dict[str, npt.NDArray[np.bool_]],
 ) -> dict[str, pa.Array]:
-    """The per-row tile merge's values (sorted rows) of the features out of COMPILED_KINDS,
-    and of the windows `retry` flags in place of the compiled ones (`done`: the compiled
-    values of the features in COMPILED_KINDS that are not plain)."""
+    """The per-row tile merge's values (in row order) of the features out of COMPILED_KINDS,
+    and of the sorted rows `retry` flags in place of the compiled values `done` holds."""
     rows = np.zeros(len(q_t), dtype=bool)
     for needs in retry.values():
         rows |= needs
@@ -432,12 +450,12 @@ def _merged_per_row(
     out: dict[str, pa.Array] = {}
     for f in group.features:
         values = pa.concat_arrays(merged[f.name])
-        if f.agg not in COMPILED_KINDS:
-            out[f.name] = values
+        if f.agg not in COMPILED_KINDS:  # every row, sorted: put back in row order
+            out[f.name] = values.take(pa.array(np.argsort(q_pos)))
         elif f.name in retry:  # the flagged rows from the merge, the others as computed
             pick = np.arange(len(q_t))
             flagged = np.flatnonzero(retry[f.name])
-            pick[flagged] = len(q_t) + np.searchsorted(at, flagged)
+            pick[q_pos[flagged]] = len(q_t) + np.searchsorted(at, flagged)
             both = pa.concat_arrays([done[f.name].cast(values.type), values])
             out[f.name] = both.take(pa.array(pick))
     return out

@@ -27,7 +27,7 @@ Consecutive spine rows of a key whose window covers the same events reuse the fi
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Any, Protocol
 
 import datasketches as ds
 import numpy as np
@@ -78,6 +78,17 @@ def window_spans(
 
 
 @jit
+def valid_before(valid: B8) -> I64:
+    """How many of the first i values are valid, for i = 0..n (NumPy's cumsum of a bool array
+    casts it in chunks, 10x slower)."""
+    seen = np.empty(len(valid) + 1, np.int64)
+    seen[0] = 0
+    for i in range(len(valid)):
+        seen[i + 1] = seen[i] + valid[i]
+    return seen
+
+
+@jit
 def edge_events(valid: B8, lo: I64, end: I64, last: bool) -> I64:
     """Per range [lo, end): its first (or last) event with a valid value, -1 when none."""
     n = len(lo)
@@ -119,16 +130,22 @@ def newest_events(valid: B8, lo: I64, end: I64, k: int) -> tuple[I64, I64]:
 
 @jit
 def _row_moments(valid: B8, vals: F64, a: int, b: int, x: F64) -> tuple[int, float, float]:
-    """`state.tiles.combine`'s (count, sum, M2) of the events [a, b) as one stored row."""
+    """`state.tiles.combine`'s (count, sum, M2) of the events [a, b) as one stored row
+    (`vals` and the scratch `x`: one row each, as `_run_sum` reads them)."""
+    if b - a == 1:  # one event: its value, and M2 from the same terms
+        cnt = int(valid[a])
+        total = vals[0, a]
+        dev = (total if cnt else 0.0) - (total / cnt if cnt else 0.0)
+        return cnt, total, cnt * dev * dev
     cnt, row = 0, int(np.int64(0))  # not a literal 0: `_pairwise` recurses, cached on int64
     for i in range(a, b):
         cnt += valid[i]
-    total = _run_sum(vals.reshape(1, -1), row, a, b)
+    total = _run_sum(vals, row, a, b)
     mean = total / cnt if cnt > 0 else 0.0
     for i in range(a, b):
-        dev = (vals[i] if valid[i] else 0.0) - mean
-        x[i - a] = valid[i] * dev * dev
-    m2 = _run_sum(x.reshape(1, -1), row, row, b - a)  # x[0], then the others' pairwise sum
+        dev = (vals[0, i] if valid[i] else 0.0) - mean
+        x[0, i - a] = valid[i] * dev * dev
+    m2 = _run_sum(x, row, row, b - a)  # x[0], then the others' pairwise sum
     return cnt, total, m2
 
 
@@ -162,31 +179,31 @@ def _window_rows(
 @jit
 def window_moments(
     ts: I64, valid: B8, vals: F64, hop: int, lifetime: bool, spans: tuple[I64, I64, I64, I64]
-) -> tuple[I64, F64]:
-    """Per window (`window_spans`): the valid count and the M2 the online read merges from the
-    window's rows (`state.read._m2`: the rows' M2 in order from 0.0, plus each non-empty row's
+) -> F64:
+    """Per window (`window_spans`): the M2 the online read merges from the window's rows
+    (`state.read._m2`: the rows' M2 in order from 0.0, plus each non-empty row's
     n_i * (mean_i - mean)^2 in order from 0.0)."""
     lo, end, part, at_newest = spans
     n = len(lo)
-    cnt_out, m2_out = np.zeros(n, np.int64), np.zeros(n, np.float64)
+    m2_out = np.zeros(n, np.float64)
     widest = 1
     for i in range(n):
         widest = max(widest, end[i] - lo[i])
-    x, bounds = np.empty(widest, np.float64), np.empty(widest + 2, np.int64)
+    x, bounds = np.empty((1, widest), np.float64), np.empty(widest + 2, np.int64)
     counts, sums = np.empty(widest + 2, np.int64), np.empty(widest + 2, np.float64)
     m2s = np.empty(widest + 2, np.float64)
+    vals_row = vals.reshape(1, -1)
     for i in range(n):
         if end[i] == lo[i]:
             continue
         if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
-            cnt_out[i], m2_out[i] = cnt_out[i - 1], m2_out[i - 1]
+            m2_out[i] = m2_out[i - 1]
             continue
         rows = _window_rows(ts, hop, lifetime, lo[i], part[i], at_newest[i], bounds)
-        for r in range(rows):
-            b = bounds[r + 1] if r + 1 < rows else end[i]
-            counts[r], sums[r], m2s[r] = _row_moments(valid, vals, bounds[r], b, x)
         cnt, total, m2 = 0, 0.0, 0.0
         for r in range(rows):
+            b = bounds[r + 1] if r + 1 < rows else end[i]
+            counts[r], sums[r], m2s[r] = _row_moments(valid, vals_row, bounds[r], b, x)
             cnt += counts[r]
             total += sums[r]
             m2 += m2s[r]
@@ -197,15 +214,15 @@ def window_moments(
             if counts[r]:
                 dev = sums[r] / counts[r] - mean
                 spread += counts[r] * dev * dev
-        cnt_out[i], m2_out[i] = cnt, m2 + spread
-    return cnt_out, m2_out
+        m2_out[i] = m2 + spread
+    return m2_out
 
 
 @jit
 def window_vector_sums(
     ts: I64,
     valid: B8,
-    matrix: F64,
+    matrix: npt.NDArray[np.floating[Any]],
     lengths: I64,
     order: I64,
     hop: int,
@@ -213,7 +230,8 @@ def window_vector_sums(
     spans: tuple[I64, I64, I64, I64],
 ) -> tuple[F64, I64]:
     """Per window: the element-wise sum of the valid vectors (`matrix[order[i]]` for sorted
-    event i; rows without one are zeros) as the online read adds them, and their length.
+    event i, as float64; rows without one are zeros) as the online read adds them, and their
+    length (`lengths[i]`: sorted event i's, 0 when it has none).
 
     A stored row's sum is `np.add.reduceat(axis=0)`'s (per element, the first value plus the
     pairwise sum of the others); the window's is `sum(axis=0)` over its rows' sums: one row
@@ -226,24 +244,30 @@ def window_vector_sums(
     for i in range(n):
         widest = max(widest, end[i] - lo[i])
     bounds = np.empty(widest + 2, np.int64)
-    events = np.empty((width, widest), np.float64)  # the window's vectors, a column per row
-    rows_sum = np.empty((width, widest + 2), np.float64)  # each stored row's sum, likewise
+    events = np.empty((width, widest), np.float64)  # one row's vectors, a column per event
+    rows_sum = np.empty((width, widest + 2), np.float64)  # each row's sum, a column per row
     zero = int(np.int64(0))  # not a literal 0: `_pairwise` recurses, cached on int64
     for i in range(n):
         if end[i] == lo[i]:
             continue
         if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
-            sums[i], dims[i] = sums[i - 1], dims[i - 1]
+            sums[i, :], dims[i] = sums[i - 1, :], dims[i - 1]
             continue
-        for e in range(lo[i], end[i]):
-            events[:, e - lo[i]] = matrix[order[e]]
-            if valid[e]:
-                dims[i] = max(dims[i], lengths[order[e]])
         rows = _window_rows(ts, hop, lifetime, lo[i], part[i], at_newest[i], bounds)
+        for r in range(rows):
+            a, b = bounds[r], bounds[r + 1] if r + 1 < rows else end[i]
+            for e in range(a, b):
+                dims[i] = max(dims[i], lengths[e])
+            if b - a == 1:  # a one-event row's sum is its vector
+                for j in range(width):
+                    rows_sum[j, r] = matrix[order[a], j]
+                continue
+            for e in range(a, b):
+                for j in range(width):
+                    events[j, e - a] = matrix[order[e], j]
+            for j in range(width):
+                rows_sum[j, r] = _run_sum(events, j, zero, b - a)
         for j in range(width):
-            for r in range(rows):
-                b = bounds[r + 1] if r + 1 < rows else end[i]
-                rows_sum[j, r] = _run_sum(events, j, bounds[r] - lo[i], b - lo[i])
             if dims[i] == 1:
                 sums[i, j] = _pairwise(rows_sum, j, zero, rows)
             else:
@@ -300,38 +324,27 @@ def window_distinct(
     HLL_SET_MAX, else `needs_merge` is set."""
     n = len(lo)
     out, needs_merge = np.zeros(n, np.int64), np.zeros(n, np.bool_)
-    buf = np.empty(HLL_SET_MAX + 1, np.int64)
+    buf = np.empty(HLL_SET_MAX, np.int64)
     for i in range(n):
         if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
             out[i], needs_merge[i] = out[i - 1], needs_merge[i - 1]
             continue
-        m = 0
+        m = 0  # buf[:m]: the distinct coupons so far, sorted
         for e in range(lo[i], end[i]):
             if valid[e] and coupons[e] != NO_COUPON:
-                buf[m] = coupons[e]
+                at = first_at_least(buf, 0, m, coupons[e])
+                if at < m and buf[at] == coupons[e]:
+                    continue
+                if m == HLL_SET_MAX:
+                    needs_merge[i] = True
+                    break
+                for x in range(m, at, -1):
+                    buf[x] = buf[x - 1]
+                buf[at] = coupons[e]
                 m += 1
-                if m == len(buf):  # collapse duplicates before giving up
-                    m = _distinct_prefix(buf, m)
-                    if m == len(buf):
-                        break
-        m = _distinct_prefix(buf, m)
-        if m > HLL_SET_MAX:
-            needs_merge[i] = True
-        else:
+        if not needs_merge[i]:
             out[i] = estimates[m]
     return out, needs_merge
-
-
-@jit
-def _distinct_prefix(buf: I64, m: int) -> int:
-    """buf[:m] sorted and deduplicated in place; how many distinct values it holds."""
-    buf[:m] = np.sort(buf[:m])
-    d = 0
-    for i in range(m):
-        if d == 0 or buf[i] != buf[d - 1]:
-            buf[d] = buf[i]
-            d += 1
-    return d
 
 
 def coupon_of(value: object) -> int:
@@ -398,8 +411,9 @@ class SortedColumns(Protocol):
         valid value, its value as float64 (0.0 where not valid, and for non-numeric columns)."""
         ...
 
-    def vectors(self, name: str) -> tuple[F64, I64]:
-        """The vector column `name` as a zero-padded matrix and its lengths, in log order."""
+    def vectors(self, name: str) -> tuple[npt.NDArray[np.floating[Any]], I64]:
+        """The vector column `name` as a zero-padded matrix (float32 or float64) and its
+        lengths, in log order."""
         ...
 
 
@@ -407,71 +421,73 @@ Spans = tuple[I64, I64, I64, I64]
 
 
 def merged_feature(
-    f: FeatureDef, col: ColumnStats, hop: int, spans: Spans, ev: SortedColumns
+    f: FeatureDef, col: ColumnStats, hop: int, spans: Spans, ev: SortedColumns, back: I64
 ) -> tuple[pa.Array, B8 | None]:
-    """One feature's values for the windows `spans` (`window_spans`, sorted spine rows), and
-    which windows the per-row tile merge must answer instead (None: none)."""
+    """One feature's values for the windows `spans` (`window_spans`, spine rows sorted by key
+    and time) in spine order (`back`: each spine row's place among the sorted ones), and which
+    sorted windows the per-row tile merge must answer instead (None: none)."""
     lo, end = spans[0], spans[1]
-    lifetime = f.window_us == 0
     if col.vector:
-        return _vector_feature(f, col, hop, spans, ev), None
+        return _vector_feature(f, col, hop, spans, ev, back), None
     valid, seen, vals = ev.column(col.column, col.numeric)
-    cnt = seen[end] - seen[lo]
-    empty = pa.array(cnt == 0)
+    cnt = (seen[end] - seen[lo])[back]
     if f.agg == "count":
         return pa.array(cnt, pa.int64()), None
     if f.agg in ("var", "std"):
-        cnt, m2 = window_moments(ev.sorted_ts, valid, vals, hop, lifetime, spans)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        m2 = window_moments(ev.sorted_ts, valid, vals, hop, f.window_us == 0, spans)[back]
+        with np.errstate(invalid="ignore"):
             var = np.maximum(m2 / np.maximum(cnt, 1), 0.0)
         values = np.sqrt(var) if f.agg == "std" else var
         return pa.array(values, pa.float64(), mask=(cnt == 0) | np.isnan(values)), None
     if f.agg in ("first", "last"):
-        picked = edge_events(valid, lo, end, f.agg == "last")
+        picked = edge_events(valid, lo, end, f.agg == "last")[back]
         none = picked < 0
-        if col.numeric:
-            values = vals[picked]
-            if col.integral:
-                return pa.array(np.where(none, 0, values).astype(np.int64), mask=none), None
-            return pa.array(values, pa.float64(), mask=none | np.isnan(values)), None
-        rows = pa.array(ev.order[picked], mask=none)
-        return _taken(ev.events.column(col.column), rows), None
+        if not col.numeric:
+            return _taken(ev.events.column(col.column), pa.array(ev.order[picked], mask=none)), None
+        values = vals[picked]
+        if col.integral:
+            return pa.array(np.where(none, 0, values).astype(np.int64), mask=none), None
+        return pa.array(values, pa.float64(), mask=none | np.isnan(values)), None
     if f.agg == "last_k":
         offsets, picked = newest_events(valid, lo, end, int(f.param or 0))
         if col.numeric:
             flat = pa.array(vals[picked], pa.float64())
         else:
             flat = _taken(ev.events.column(col.column), pa.array(ev.order[picked]))
-        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat, mask=empty), None
+        empty = pa.array(offsets[1:] == offsets[:-1])  # null where the window holds none
+        lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat, mask=empty)
+        return lists.take(pa.array(back)), None
     if f.agg == "percentile":
         q, needs = window_quantiles(valid, vals, float(f.param or 0.5), lo, end)
-        return pa.array(q, pa.float64(), mask=cnt == 0), needs
+        return pa.array(q[back], pa.float64(), mask=cnt == 0), needs
     if f.agg == "distinct_count":
         coupons = event_coupons(ev.events.column(col.column), col.numeric)[ev.order]
         est, needs = window_distinct(valid, coupons, hll_estimates(), lo, end)
-        return pa.array(est, pa.int64(), mask=cnt == 0), needs
+        return pa.array(est[back], pa.int64(), mask=cnt == 0), needs
     raise NotImplementedError(f"aggregation {f.agg!r} in a point-in-time window")
 
 
 def _vector_feature(
-    f: FeatureDef, col: ColumnStats, hop: int, spans: Spans, ev: SortedColumns
+    f: FeatureDef, col: ColumnStats, hop: int, spans: Spans, ev: SortedColumns, back: I64
 ) -> pa.Array:
     matrix, lengths = ev.vectors(col.column)
-    valid = lengths[ev.order] > 0  # null and empty vectors alike hold no value
+    sorted_lengths = lengths[ev.order]
+    valid = sorted_lengths > 0  # null and empty vectors alike hold no value
     lo, end = spans[0], spans[1]
-    seen = np.zeros(len(valid) + 1, np.int64)
-    np.cumsum(valid, out=seen[1:])
-    cnt = seen[end] - seen[lo]
+    seen = valid_before(valid)
+    cnt = (seen[end] - seen[lo])[back]
     if f.agg == "count":
         return pa.array(cnt, pa.int64())
     if f.agg == "mean":
         sums, dims = window_vector_sums(
-            ev.sorted_ts, valid, matrix, lengths, ev.order, hop, f.window_us == 0, spans
+            ev.sorted_ts, valid, matrix, sorted_lengths, ev.order, hop, f.window_us == 0, spans
         )
-        return list_array(sums / np.maximum(cnt, 1).astype(np.float64)[:, None], dims, cnt == 0)
-    picked = edge_events(valid, lo, end, f.agg == "last")
+        means = sums[back] / np.maximum(cnt, 1).astype(np.float64)[:, None]
+        return list_array(means, dims[back], cnt == 0)
+    picked = edge_events(valid, lo, end, f.agg == "last")[back]
     rows = ev.order[np.maximum(picked, 0)]
-    return list_array(matrix[rows], np.where(picked < 0, 0, lengths[rows]), picked < 0)
+    values = matrix[rows].astype(np.float64)
+    return list_array(values, np.where(picked < 0, 0, lengths[rows]), picked < 0)
 
 
 def _taken(column: pa.ChunkedArray, rows: pa.Array) -> pa.Array:
