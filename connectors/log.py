@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ class PartitionLog:
     _segments_end: int = field(init=False, default=0)  # the offset after the segments read
     _next_topic_check: float = field(init=False, default=0.0)
     _partitions: int | None = field(init=False, default=None)  # the topic's, when first read
+    _ahead: Future[LogBatch | None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._next = self.start_offset
@@ -107,13 +109,23 @@ class PartitionLog:
         high = self._reader.cached_high_watermark()
         return None if high is None else max(0, high + self._base - self._next)
 
+    def read_ahead(self) -> None:
+        """Start reading the segments of a log that ends within READ_AHEAD_ROWS (`stop_at`) on
+        a background thread: the object store's requests release the interpreter, so the
+        partitions of a short catch-up (a restored host's tail) download side by side while
+        the flow applies the first, instead of one after another. `read` takes the result."""
+        todo = None if self.stop_at is None else self.stop_at - self._next
+        if self._ahead is None and todo is not None and 0 < todo <= READ_AHEAD_ROWS:
+            self._ahead = _read_ahead_pool().submit(self._read_segments)
+
     def read(self) -> LogBatch | None:
         """The next batch, or None when nothing new is available right now."""
         if self.done:
             return None
         batch = None
         if not self._in_kafka:
-            batch = self._read_segments()
+            ahead, self._ahead = self._ahead, None
+            batch = ahead.result() if ahead is not None else self._read_segments()
             # Segments exhausted: from here on Kafka holds the log (until a gap says otherwise).
             self._in_kafka = batch is None and self.kafka is not None
         if batch is None and self._in_kafka:
@@ -258,6 +270,16 @@ class PartitionLog:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+READ_AHEAD_ROWS = 100_000  # the largest log end read ahead, per partition (live-batch sized)
+_READ_AHEAD: list[ThreadPoolExecutor] = []
+
+
+def _read_ahead_pool() -> ThreadPoolExecutor:
+    if not _READ_AHEAD:
+        _READ_AHEAD.append(ThreadPoolExecutor(4, thread_name_prefix="log-read-ahead"))
+    return _READ_AHEAD[0]
 
 
 @dataclass(frozen=True, slots=True)

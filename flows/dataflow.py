@@ -203,6 +203,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             batch_rows=self._plan.batch_rows,
             defaults=sp.defaults,
         )
+        log.read_ahead()  # a short catch-up: every partition's tail downloads at once
         watch = _VersionWatch(self._plan, self._control, sp)
         return _LogPartition(for_part, log, self._control, watch)
 

@@ -196,7 +196,12 @@ def _slices(
         empty = rows is not None and len(rows) == 0
         if shard != own and not marked.broadcast and (empty or not events.num_rows):
             continue
-        part = events if rows is None else events.take(pa.array(rows))
+        if rows is None:
+            part = events
+        elif len(rows):
+            part = events.take(pa.array(rows))
+        else:  # nothing for this shard (a broadcast): no buffer of the batch kept, no take
+            part = events.schema.empty_table()
         piece = LogSlice(
             batch.partition,
             shard,
