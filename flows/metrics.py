@@ -177,12 +177,13 @@ class Metrics:
         rate = (events - before) / (now - then) if now > then else 0.0
         head = f"[featureflow] {now - self.started:7.1f}s"
         tail = f"({rate:,.0f} events/s)  late {late:,}  dead letters {dead:,}"
-        if self.to_catch_up and events < self.to_catch_up:
-            done = events / self.to_catch_up
+        read = sum(self.read_totals().values())  # of every source: what to_catch_up counts
+        if self.to_catch_up and read < self.to_catch_up:
+            done = read / self.to_catch_up
             bar = "#" * int(done * 30)
             return (
                 f"{head}  catching up [{bar:<30}] {done:4.0%}  "
-                f"{events:,}/{self.to_catch_up:,} events  {tail}"
+                f"{read:,}/{self.to_catch_up:,} records read  {tail}"
             )
         fresh, age = self.freshness_s(), self.last_event_age_s()
         freshness = f"  freshness {fresh:.2f}s" if fresh is not None else ""
