@@ -139,15 +139,17 @@ def on_demand_columns(
     return out
 
 
-def step_inputs(plan: ServicePlan) -> frozenset[str]:
-    """The columns some on-demand step of the service reads."""
-    cached = _INPUTS.get(id(plan))
+def column_roles(plan: ServicePlan) -> tuple[frozenset[str], frozenset[str]]:
+    """The columns some on-demand step of the service reads, and the service's output
+    columns (a view feature may be either or both)."""
+    cached = _ROLES.get(id(plan))
     if cached is None or cached[0] is not plan:
-        cached = _INPUTS[id(plan)] = (plan, frozenset(c for s in plan.steps for c in s.inputs))
+        inputs = frozenset(c for s in plan.steps for c in s.inputs)
+        cached = _ROLES[id(plan)] = (plan, (inputs, frozenset(plan.columns)))
     return cached[1]
 
 
-_INPUTS: dict[int, tuple[ServicePlan, frozenset[str]]] = {}
+_ROLES: dict[int, tuple[ServicePlan, tuple[frozenset[str], frozenset[str]]]] = {}
 
 
 def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str, pa.Array]:
