@@ -101,7 +101,10 @@ def _vector_space(
     buf: npt.NDArray[np.uint8], end: int, groups: I64, vec_fields: I64, n_vectors: int
 ) -> int:
     """How many floats the vector sums of a blob take (each wanted vector field's length,
-    per window read); 0 when a section runs past `end` (`_walk` then says where)."""
+    per window read; 0 for a group without rows). Where a section runs past `end`, what the
+    groups before it take (`_walk` stops there, -1, before writing that group's sums): a
+    damaged blob never makes `_walk` write past the array, nor a length read from garbage
+    size it (a length counts only with rows, whose matrix must then fit the blob)."""
     if n_vectors == 0:
         return 0
     pos = 9
@@ -111,21 +114,23 @@ def _vector_space(
         at = STRIDE * g
         width, w_hi, v_hi = groups[at + 1], groups[at + 5], groups[at + 8]
         if pos + 4 > end:
-            return 0
+            return total
         rows = _u32(buf, pos)
         pos += 4 + 8 * rows * width
         if groups[at + 2]:
             if pos + 4 > end:
-                return 0
+                return total
             pos += 4 + _u32(buf, pos)
         for v in range(groups[at + 3]):
             if pos + 4 > end:
-                return 0
+                return total
             dim = _u32(buf, pos)
-            for k in range(v_lo, v_hi):
-                if vec_fields[k] == v:
-                    total += dim * (w_hi - w_lo)
             pos += 4 + 8 * rows * dim
+            if pos > end:
+                return total
+            for k in range(v_lo, v_hi):
+                if vec_fields[k] == v and rows > 0:
+                    total += dim * (w_hi - w_lo)
         w_lo, v_lo = w_hi, v_hi
     return total
 
@@ -189,7 +194,7 @@ def _walk(
                     out_f += 1
                 for k in range(v_lo, v_hi):
                     where = fields[vec_fields[k]]
-                    dim = _u32(buf, where)
+                    dim = _u32(buf, where) if rows > 0 else 0  # no rows: no sums (count 0)
                     matrix = buf[where + 4 : where + 4 + 8 * rows * dim].view(np.float64)
                     for j in range(dim):  # element j: rows lo..hi added in row order from 0.0
                         total = 0.0
