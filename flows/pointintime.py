@@ -49,7 +49,7 @@ from flows.aggregate import (
     running_watermarks,
     sort_events,
 )
-from flows.spine_merges import merged_feature, valid_before, window_spans
+from flows.spine_merges import merged_feature, spine_spans, valid_before
 from flows.spine_windows import (
     group_tiles,
     in_time_order,
@@ -395,11 +395,11 @@ def _merged_values(
     retry: dict[str, npt.NDArray[np.bool_]] = {}
     rest = [f for f in compiled if f.name not in out]
     for window_us in sorted({f.window_us for f in rest}):
-        spans = window_spans(ordered.sorted_ts, ordered.key_starts, hop, window_us, q_kid, q_t)
+        spans = spine_spans(ordered.sorted_ts, ordered.key_starts, hop, window_us, q_kid, q_t)
         for f in (f for f in rest if f.window_us == window_us):
             col = group.column_stats(f)
             assert col is not None  # a plain count of events took the compiled pass
-            out[f.name], needs = merged_feature(f, col, hop, spans, ordered, back)
+            out[f.name], needs = merged_feature(f, col, hop, q_kid, spans, ordered, back)
             if needs is not None and needs.any():
                 retry[f.name] = needs
     if len(out) < len(group.features) or retry:

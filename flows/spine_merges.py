@@ -26,7 +26,11 @@ Consecutive spine rows of a key whose window covers the same events reuse the fi
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from typing import Any, Protocol
 
 import datasketches as ds
@@ -35,7 +39,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from connectors.jit import jit
-from flows.spine_windows import _pairwise, _run_sum, _tile_of
+from flows.spine_windows import _run_sum, _tile_of
 from state.layout import ColumnStats, FeatureDef
 from state.sketches import HLL_LG_K, KLL_K
 from state.vectors import list_array
@@ -44,11 +48,38 @@ from state.window_sums import first_at_least
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 B8 = npt.NDArray[np.bool_]
+Spans = tuple[I64, I64, I64, I64]  # per spine row: lo, end, the newest tile's start, at_newest
 
 # An HLL union stays a coupon set (its estimate a function of the coupon count) up to this many
 # distinct coupons (lg_k 12: 3/4 of the 512-slot set); the next one makes it an HLL array.
 HLL_SET_MAX = 384
 NO_COUPON = -1  # a value DataSketches does not count (the empty string)
+# The sorted spine rows are cut in this many parts, a thread each (the kernels release the GIL),
+# when there are at least SPLIT_ROWS of them.
+PARTS = min(2, os.cpu_count() or 1)
+SPLIT_ROWS = 50_000
+
+
+def side_by_side(
+    kernel: Callable[[slice], tuple[npt.NDArray[Any], ...]], n: int
+) -> tuple[npt.NDArray[Any], ...]:
+    """`kernel`'s outputs (one value per row each) for the n sorted spine rows, run on PARTS
+    consecutive parts side by side and put together. A part's first row reuses nothing from
+    the row before it, so the values are those of one run."""
+    if PARTS == 1 or n < SPLIT_ROWS:
+        return kernel(slice(0, n))
+    cuts = [n * p // PARTS for p in range(PARTS + 1)]
+    with ThreadPoolExecutor(max_workers=PARTS) as pool:
+        parts = list(pool.map(kernel, [slice(a, b) for a, b in pairwise(cuts)]))
+    return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
+
+
+def spine_spans(ts: I64, key_ev: I64, hop: int, window: int, q_kid: I64, q_t: I64) -> Spans:
+    """`window_spans` of the sorted spine rows, computed side by side."""
+    spans = side_by_side(
+        lambda p: window_spans(ts, key_ev, hop, window, q_kid[p], q_t[p]), len(q_t)
+    )
+    return spans[0], spans[1], spans[2], spans[3]
 
 
 @jit
@@ -150,131 +181,220 @@ def _row_moments(valid: B8, vals: F64, a: int, b: int, x: F64) -> tuple[int, flo
 
 
 @jit
-def _window_rows(
-    ts: I64, hop: int, lifetime: bool, lo: int, part: int, at_newest: int, bounds: I64
-) -> int:
-    """Where the online read's rows of a window [lo, end) start (written to `bounds`), and how
-    many there are: whole tiles before `part` (the lifetime's one row instead), then the newest
-    tile's events before the newest time, then those at it (always a row)."""
-    n = 1
-    bounds[0] = lo
-    if lifetime:
-        if at_newest > lo:
-            bounds[n] = at_newest
-            n += 1
-        return n
-    inverse, i = 1.0 / hop, lo
-    while i < part:
+def _key_tiles(ts: I64, hop: int, a: int, b: int, first: I64) -> int:
+    """How many tiles a key's events [a, b) fill; `first[j]` gets where tile j starts (and
+    `first[count]` = b)."""
+    inverse, count, i = 1.0 / hop, 0, a
+    while i < b:
+        first[count] = i
         after = (_tile_of(ts[i], hop, inverse) + 1) * hop
-        while i < part and ts[i] < after:
+        i += 1
+        while i < b and ts[i] < after:
             i += 1
-        bounds[n] = i
-        n += 1
-    if at_newest > bounds[n - 1]:
-        bounds[n] = at_newest
-        n += 1
-    return n
+        count += 1
+    first[count] = b
+    return count
+
+
+@jit
+def _most_events(key_ev: I64, q_kid: I64) -> int:
+    most = 1
+    for k in q_kid:
+        most = max(most, key_ev[k + 1] - key_ev[k])
+    return most
 
 
 @jit
 def window_moments(
-    ts: I64, valid: B8, vals: F64, hop: int, lifetime: bool, spans: tuple[I64, I64, I64, I64]
+    ts: I64, valid: B8, vals: F64, hop: int, lifetime: bool, key_ev: I64, q_kid: I64, spans: Spans
 ) -> F64:
     """Per window (`window_spans`): the M2 the online read merges from the window's rows
     (`state.read._m2`: the rows' M2 in order from 0.0, plus each non-empty row's
-    n_i * (mean_i - mean)^2 in order from 0.0)."""
+    n_i * (mean_i - mean)^2 in order from 0.0). The rows are the key's whole tiles before the
+    newest event's tile (each key's tiles made once, when its first spine row comes), then
+    that tile's events before the newest time, then those at it; a lifetime's first row holds
+    all its events before the newest time."""
     lo, end, part, at_newest = spans
-    n = len(lo)
+    n, most = len(lo), _most_events(key_ev, q_kid)
     m2_out = np.zeros(n, np.float64)
-    widest = 1
-    for i in range(n):
-        widest = max(widest, end[i] - lo[i])
-    x, bounds = np.empty((1, widest), np.float64), np.empty(widest + 2, np.int64)
-    counts, sums = np.empty(widest + 2, np.int64), np.empty(widest + 2, np.float64)
-    m2s = np.empty(widest + 2, np.float64)
-    vals_row = vals.reshape(1, -1)
+    first = np.empty(most + 1, np.int64)  # the current key's tiles: where each starts
+    tile_cnt, tile_sum = np.empty(most, np.int64), np.empty(most, np.float64)
+    tile_m2 = np.empty(most, np.float64)
+    cnts, sums, m2s = np.empty(most + 2, np.int64), np.empty(most + 2), np.empty(most + 2)
+    x, vals_row = np.empty((1, most), np.float64), vals.reshape(1, -1)
+    key, tiles, made_hi = -1, 0, 0  # the key's tiles before made_hi have their moments
     for i in range(n):
         if end[i] == lo[i]:
             continue
         if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
             m2_out[i] = m2_out[i - 1]
             continue
-        rows = _window_rows(ts, hop, lifetime, lo[i], part[i], at_newest[i], bounds)
-        cnt, total, m2 = 0, 0.0, 0.0
-        for r in range(rows):
-            b = bounds[r + 1] if r + 1 < rows else end[i]
-            counts[r], sums[r], m2s[r] = _row_moments(valid, vals_row, bounds[r], b, x)
-            cnt += counts[r]
-            total += sums[r]
-            m2 += m2s[r]
-        if cnt == 0:
-            continue
-        mean, spread = total / cnt, 0.0
-        for r in range(rows):
-            if counts[r]:
-                dev = sums[r] / counts[r] - mean
-                spread += counts[r] * dev * dev
-        m2_out[i] = m2 + spread
+        rows = 0
+        if lifetime:
+            if at_newest[i] > lo[i]:
+                cnts[0], sums[0], m2s[0] = _row_moments(valid, vals_row, lo[i], at_newest[i], x)
+                rows = 1
+        else:
+            if q_kid[i] != key:
+                key, made_hi = q_kid[i], 0
+                tiles = _key_tiles(ts, hop, key_ev[key], key_ev[key + 1], first)
+            t_lo = first_at_least(first, 0, tiles, lo[i])
+            t_hi = first_at_least(first, t_lo, tiles, part[i])
+            for j in range(max(made_hi, t_lo), t_hi):  # made when a window first needs them
+                tile_cnt[j], tile_sum[j], tile_m2[j] = _row_moments(
+                    valid, vals_row, first[j], first[j + 1], x
+                )
+            made_hi = max(made_hi, t_hi)
+            for j in range(t_lo, t_hi):
+                cnts[rows], sums[rows], m2s[rows] = tile_cnt[j], tile_sum[j], tile_m2[j]
+                rows += 1
+            if at_newest[i] > part[i]:
+                cnts[rows], sums[rows], m2s[rows] = _row_moments(
+                    valid, vals_row, part[i], at_newest[i], x
+                )
+                rows += 1
+        cnts[rows], sums[rows], m2s[rows] = _row_moments(valid, vals_row, at_newest[i], end[i], x)
+        m2_out[i] = _merged_m2(cnts, sums, m2s, rows + 1)
     return m2_out
+
+
+@jit
+def _merged_m2(cnts: I64, sums: F64, m2s: F64, rows: int) -> float:
+    """`state.read._m2` of rows [0, rows): their M2 and spread, each added in row order."""
+    cnt, total, m2 = 0, 0.0, 0.0
+    for r in range(rows):
+        cnt += cnts[r]
+        total += sums[r]
+        m2 += m2s[r]
+    if cnt == 0:
+        return 0.0
+    mean, spread = total / cnt, 0.0
+    for r in range(rows):
+        if cnts[r]:
+            dev = sums[r] / cnts[r] - mean
+            spread += cnts[r] * dev * dev
+    return m2 + spread
+
+
+@jit
+def _row_vector_sum(
+    matrix: npt.NDArray[Any], order: I64, a: int, b: int, events: F64, out: F64
+) -> None:
+    """out[:] = the stored row [a, b)'s element-wise sum, as `np.add.reduceat(axis=0)` makes
+    it (per element, the first value plus the pairwise sum of the others)."""
+    width = out.shape[0]
+    if b - a == 1:  # one event: its vector
+        for j in range(width):
+            out[j] = matrix[order[a], j]
+        return
+    for e in range(a, b):
+        for j in range(width):
+            events[j, e - a] = matrix[order[e], j]
+    zero = int(np.int64(0))  # not a literal 0: `_pairwise` recurses, cached on int64
+    for j in range(width):
+        out[j] = _run_sum(events, j, zero, b - a)
+
+
+@jit
+def _tile_vector_sums(
+    matrix: npt.NDArray[Any], order: I64, first: I64, lo: int, hi: int, events: F64, out: F64
+) -> None:
+    """out[t] = `_row_vector_sum` of tile t (events [first[t], first[t + 1])), lo <= t < hi."""
+    width = out.shape[1]
+    zero = int(np.int64(0))  # not a literal 0: `_pairwise` recurses, cached on int64
+    for t in range(lo, hi):
+        a, b = first[t], first[t + 1]
+        if b - a == 1:
+            row = order[a]
+            for j in range(width):
+                out[t, j] = matrix[row, j]
+            continue
+        for e in range(a, b):
+            row = order[e]
+            for j in range(width):
+                events[j, e - a] = matrix[row, j]
+        for j in range(width):
+            out[t, j] = _run_sum(events, j, zero, b - a)
+
+
+@jit
+def _added(total: F64, i: int, rows_sum: F64, r: int, rows: int) -> int:
+    """total[i] += rows_sum[r] (= for the first row): `sum(axis=0)`, one row after the other;
+    how many rows total[i] then holds."""
+    for j in range(total.shape[1]):
+        if rows == 0:
+            total[i, j] = rows_sum[r, j]
+        else:
+            total[i, j] += rows_sum[r, j]
+    return rows + 1
 
 
 @jit
 def window_vector_sums(
     ts: I64,
-    valid: B8,
     matrix: npt.NDArray[np.floating[Any]],
     lengths: I64,
     order: I64,
     hop: int,
     lifetime: bool,
-    spans: tuple[I64, I64, I64, I64],
+    key_ev: I64,
+    q_kid: I64,
+    spans: Spans,
 ) -> tuple[F64, I64]:
-    """Per window: the element-wise sum of the valid vectors (`matrix[order[i]]` for sorted
-    event i, as float64; rows without one are zeros) as the online read adds them, and their
-    length (`lengths[i]`: sorted event i's, 0 when it has none).
+    """Per window: the element-wise sum of the vectors (`matrix[order[i]]` for sorted event i,
+    as float64; zeros where it has none) as the online read adds them, and their length
+    (`lengths[i]`: sorted event i's, 0 when it has none).
 
-    A stored row's sum is `np.add.reduceat(axis=0)`'s (per element, the first value plus the
-    pairwise sum of the others); the window's is `sum(axis=0)` over its rows' sums: one row
-    after the other, or for vectors of length 1 (a contiguous column) NumPy's pairwise sum.
+    The window's sum adds its rows' sums (`_row_vector_sum`) one row after the other, as the
+    online read does (`state.read._vector_sum`): the key's whole tiles (their sums made once,
+    when its first spine row comes), continued from the window before when it starts at the
+    same tile, then the newest event's tile as its two rows.
     """
     lo, end, part, at_newest = spans
-    n, width = len(lo), matrix.shape[1]
+    n, width, most = len(lo), matrix.shape[1], _most_events(key_ev, q_kid)
     sums, dims = np.zeros((n, width), np.float64), np.zeros(n, np.int64)
-    widest = 1
-    for i in range(n):
-        widest = max(widest, end[i] - lo[i])
-    bounds = np.empty(widest + 2, np.int64)
-    events = np.empty((width, widest), np.float64)  # one row's vectors, a column per event
-    rows_sum = np.empty((width, widest + 2), np.float64)  # each row's sum, a column per row
-    zero = int(np.int64(0))  # not a literal 0: `_pairwise` recurses, cached on int64
+    first = np.empty(most + 1, np.int64)  # the current key's tiles: where each starts
+    tile_sums = np.empty((most, width), np.float64)
+    events = np.empty((width, most), np.float64)  # one row's vectors, a column per event
+    row = np.empty((1, width), np.float64)
+    whole = np.zeros((1, width), np.float64)  # the sum of the tiles [whole_lo, whole_hi)
+    key, tiles, whole_lo, whole_hi, whole_rows, made_hi = -1, 0, -1, -1, 0, 0
     for i in range(n):
         if end[i] == lo[i]:
             continue
         if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
             sums[i, :], dims[i] = sums[i - 1, :], dims[i - 1]
             continue
-        rows = _window_rows(ts, hop, lifetime, lo[i], part[i], at_newest[i], bounds)
-        for r in range(rows):
-            a, b = bounds[r], bounds[r + 1] if r + 1 < rows else end[i]
-            for e in range(a, b):
-                dims[i] = max(dims[i], lengths[e])
-            if b - a == 1:  # a one-event row's sum is its vector
-                for j in range(width):
-                    rows_sum[j, r] = matrix[order[a], j]
-                continue
-            for e in range(a, b):
-                for j in range(width):
-                    events[j, e - a] = matrix[order[e], j]
-            for j in range(width):
-                rows_sum[j, r] = _run_sum(events, j, zero, b - a)
-        for j in range(width):
-            if dims[i] == 1:
-                sums[i, j] = _pairwise(rows_sum, j, zero, rows)
-            else:
-                acc = rows_sum[j, 0]
-                for r in range(1, rows):
-                    acc += rows_sum[j, r]
-                sums[i, j] = acc
+        for e in range(lo[i], end[i]):
+            dims[i] = max(dims[i], lengths[e])
+        added = 0
+        if lifetime:
+            if at_newest[i] > lo[i]:
+                _row_vector_sum(matrix, order, lo[i], at_newest[i], events, row[0])
+                added = _added(sums, i, row, 0, added)
+        else:
+            if q_kid[i] != key:
+                key, whole_lo, made_hi = q_kid[i], -1, 0
+                tiles = _key_tiles(ts, hop, key_ev[key], key_ev[key + 1], first)
+            t_lo = first_at_least(first, 0, tiles, lo[i])
+            t_hi = first_at_least(first, t_lo, tiles, part[i])
+            if t_hi > max(made_hi, t_lo):  # a tile's sum is made when a window first needs it
+                from_tile = max(made_hi, t_lo)  # (no later window reaches those before t_lo)
+                _tile_vector_sums(matrix, order, first, from_tile, t_hi, events, tile_sums)
+                made_hi = t_hi
+            if not (t_lo == whole_lo and whole_hi <= t_hi):
+                whole_lo, whole_hi, whole_rows = t_lo, t_lo, 0
+            while whole_hi < t_hi:
+                whole_rows = _added(whole, 0, tile_sums, whole_hi, whole_rows)
+                whole_hi += 1
+            if whole_rows:
+                _added(sums, i, whole, 0, 0)
+                added = whole_rows
+            if at_newest[i] > part[i]:  # the newest tile's events before the newest time
+                _row_vector_sum(matrix, order, part[i], at_newest[i], events, row[0])
+                added = _added(sums, i, row, 0, added)
+        _row_vector_sum(matrix, order, at_newest[i], end[i], events, row[0])
+        _added(sums, i, row, 0, added)
     return sums, dims
 
 
@@ -291,28 +411,65 @@ def kll_quantile(values: F64, q: float) -> float:
 
 
 @jit
+def _widest(lo: I64, end: I64) -> int:
+    widest = 1
+    for i in range(len(lo)):
+        widest = max(widest, end[i] - lo[i])
+    return widest
+
+
+@jit
+def _insert(buf: npt.NDArray[Any], m: int, value: Any) -> None:
+    """value into the sorted buf[:m] (room for it at buf[m])."""
+    at = np.searchsorted(buf[:m], value)
+    for x in range(m, at, -1):
+        buf[x] = buf[x - 1]
+    buf[at] = value
+
+
+@jit
+def _remove(buf: npt.NDArray[Any], m: int, value: Any) -> None:
+    """One copy of value out of the sorted buf[:m] (a tied -0.0 and 0.0 are one value)."""
+    at = np.searchsorted(buf[:m], value)
+    for x in range(at, m - 1):
+        buf[x] = buf[x + 1]
+
+
+@jit
 def window_quantiles(
     valid: B8, vals: F64, q: float, lo: I64, end: I64
 ) -> tuple[F64, npt.NDArray[np.bool_]]:
     """Per window: the percentile of its valid values when a KLL sketch keeps them all (at most
-    KLL_K values, none NaN), else `needs_merge` is set."""
+    KLL_K values, none NaN), else `needs_merge` is set. The values are kept sorted from one
+    window to the next, which covers the same events or later ones (a sliding window)."""
     n = len(lo)
     out, needs_merge = np.full(n, np.nan), np.zeros(n, np.bool_)
-    buf = np.empty(KLL_K, np.float64)
+    buf = np.empty(_widest(lo, end), np.float64)  # the window's values but NaN, sorted
+    m, nans, at_lo, at_end = 0, 0, 0, -1  # buf holds the events [at_lo, at_end)
     for i in range(n):
-        if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
-            out[i], needs_merge[i] = out[i - 1], needs_merge[i - 1]
+        if lo[i] == end[i]:
             continue
-        m = 0
-        for e in range(lo[i], end[i]):
+        if not (at_lo <= lo[i] <= at_end <= end[i]):
+            m, nans, at_lo, at_end = 0, 0, lo[i], lo[i]
+        for e in range(at_lo, lo[i]):  # the events the window no longer holds
             if valid[e]:
-                if m == KLL_K or vals[e] != vals[e]:
-                    needs_merge[i] = True
-                    break
-                buf[m] = vals[e]
-                m += 1
-        if m and not needs_merge[i]:
-            out[i] = kll_quantile(np.sort(buf[:m]), q)
+                if vals[e] != vals[e]:
+                    nans -= 1
+                else:
+                    _remove(buf, m, vals[e])
+                    m -= 1
+        for e in range(at_end, end[i]):  # and those it holds now
+            if valid[e]:
+                if vals[e] != vals[e]:
+                    nans += 1
+                else:
+                    _insert(buf, m, vals[e])
+                    m += 1
+        at_lo, at_end = lo[i], end[i]
+        if nans or m > KLL_K:
+            needs_merge[i] = True
+        elif m:
+            out[i] = kll_quantile(buf[:m], q)
     return out, needs_merge
 
 
@@ -321,29 +478,36 @@ def window_distinct(
     valid: B8, coupons: I64, estimates: I64, lo: I64, end: I64
 ) -> tuple[I64, npt.NDArray[np.bool_]]:
     """Per window: the HLL estimate of its valid values' distinct coupons while they are at most
-    HLL_SET_MAX, else `needs_merge` is set."""
+    HLL_SET_MAX, else `needs_merge` is set. The coupons are kept sorted (with repeats) from one
+    window to the next, as `window_quantiles` keeps its values."""
     n = len(lo)
     out, needs_merge = np.zeros(n, np.int64), np.zeros(n, np.bool_)
-    buf = np.empty(HLL_SET_MAX, np.int64)
+    buf = np.empty(_widest(lo, end), np.int64)
+    m, distinct, at_lo, at_end = 0, 0, 0, -1  # buf holds the coupons of [at_lo, at_end)
     for i in range(n):
-        if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
-            out[i], needs_merge[i] = out[i - 1], needs_merge[i - 1]
+        if lo[i] == end[i]:
             continue
-        m = 0  # buf[:m]: the distinct coupons so far, sorted
-        for e in range(lo[i], end[i]):
-            if valid[e] and coupons[e] != NO_COUPON:
-                at = first_at_least(buf, 0, m, coupons[e])
-                if at < m and buf[at] == coupons[e]:
-                    continue
-                if m == HLL_SET_MAX:
-                    needs_merge[i] = True
-                    break
-                for x in range(m, at, -1):
-                    buf[x] = buf[x - 1]
-                buf[at] = coupons[e]
+        if not (at_lo <= lo[i] <= at_end <= end[i]):
+            m, distinct, at_lo, at_end = 0, 0, lo[i], lo[i]
+        for e in range(at_lo, lo[i]):
+            c = coupons[e]
+            if valid[e] and c != NO_COUPON:
+                _remove(buf, m, c)
+                m -= 1
+                at = np.searchsorted(buf[:m], c)
+                distinct -= not (at < m and buf[at] == c)
+        for e in range(at_end, end[i]):
+            c = coupons[e]
+            if valid[e] and c != NO_COUPON:
+                at = np.searchsorted(buf[:m], c)
+                distinct += not (at < m and buf[at] == c)
+                _insert(buf, m, c)
                 m += 1
-        if not needs_merge[i]:
-            out[i] = estimates[m]
+        at_lo, at_end = lo[i], end[i]
+        if distinct > HLL_SET_MAX:
+            needs_merge[i] = True
+        else:
+            out[i] = estimates[distinct]
     return out, needs_merge
 
 
@@ -405,6 +569,7 @@ class SortedColumns(Protocol):
     events: pa.Table  # in log order; `order[i]` is the row of sorted event i
     order: I64
     sorted_ts: I64
+    key_starts: I64  # where each key id's sorted events start (keys + 1 bounds)
 
     def column(self, name: str, numeric: bool) -> tuple[B8, I64, F64]:
         """Per sorted event: whether `name` is valid there, how many events before it have a
@@ -417,24 +582,37 @@ class SortedColumns(Protocol):
         ...
 
 
-Spans = tuple[I64, I64, I64, I64]
-
-
 def merged_feature(
-    f: FeatureDef, col: ColumnStats, hop: int, spans: Spans, ev: SortedColumns, back: I64
+    f: FeatureDef,
+    col: ColumnStats,
+    hop: int,
+    q_kid: I64,
+    spans: Spans,
+    ev: SortedColumns,
+    back: I64,
 ) -> tuple[pa.Array, B8 | None]:
     """One feature's values for the windows `spans` (`window_spans`, spine rows sorted by key
-    and time) in spine order (`back`: each spine row's place among the sorted ones), and which
-    sorted windows the per-row tile merge must answer instead (None: none)."""
+    and time; `q_kid`: their key ids) in spine order (`back`: each spine row's place among the
+    sorted ones), and which sorted windows the per-row tile merge must answer instead (None:
+    none)."""
     lo, end = spans[0], spans[1]
     if col.vector:
-        return _vector_feature(f, col, hop, spans, ev, back), None
+        return _vector_feature(f, col, hop, q_kid, spans, ev, back), None
     valid, seen, vals = ev.column(col.column, col.numeric)
     cnt = (seen[end] - seen[lo])[back]
     if f.agg == "count":
         return pa.array(cnt, pa.int64()), None
     if f.agg in ("var", "std"):
-        m2 = window_moments(ev.sorted_ts, valid, vals, hop, f.window_us == 0, spans)[back]
+        lifetime, keys = f.window_us == 0, ev.key_starts
+        (m2,) = side_by_side(
+            lambda p: (
+                window_moments(
+                    ev.sorted_ts, valid, vals, hop, lifetime, keys, q_kid[p], _at(spans, p)
+                ),
+            ),
+            len(lo),
+        )
+        m2 = m2[back]
         with np.errstate(invalid="ignore"):
             var = np.maximum(m2 / np.maximum(cnt, 1), 0.0)
         values = np.sqrt(var) if f.agg == "std" else var
@@ -458,17 +636,28 @@ def merged_feature(
         lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat, mask=empty)
         return lists.take(pa.array(back)), None
     if f.agg == "percentile":
-        q, needs = window_quantiles(valid, vals, float(f.param or 0.5), lo, end)
+        q, needs = side_by_side(
+            lambda p: window_quantiles(valid, vals, float(f.param or 0.5), lo[p], end[p]), len(lo)
+        )
         return pa.array(q[back], pa.float64(), mask=cnt == 0), needs
     if f.agg == "distinct_count":
         coupons = event_coupons(ev.events.column(col.column), col.numeric)[ev.order]
-        est, needs = window_distinct(valid, coupons, hll_estimates(), lo, end)
+        estimates = hll_estimates()
+        est, needs = side_by_side(
+            lambda p: window_distinct(valid, coupons, estimates, lo[p], end[p]), len(lo)
+        )
         return pa.array(est[back], pa.int64(), mask=cnt == 0), needs
     raise NotImplementedError(f"aggregation {f.agg!r} in a point-in-time window")
 
 
 def _vector_feature(
-    f: FeatureDef, col: ColumnStats, hop: int, spans: Spans, ev: SortedColumns, back: I64
+    f: FeatureDef,
+    col: ColumnStats,
+    hop: int,
+    q_kid: I64,
+    spans: Spans,
+    ev: SortedColumns,
+    back: I64,
 ) -> pa.Array:
     matrix, lengths = ev.vectors(col.column)
     sorted_lengths = lengths[ev.order]
@@ -479,8 +668,19 @@ def _vector_feature(
     if f.agg == "count":
         return pa.array(cnt, pa.int64())
     if f.agg == "mean":
-        sums, dims = window_vector_sums(
-            ev.sorted_ts, valid, matrix, sorted_lengths, ev.order, hop, f.window_us == 0, spans
+        sums, dims = side_by_side(
+            lambda p: window_vector_sums(
+                ev.sorted_ts,
+                matrix,
+                sorted_lengths,
+                ev.order,
+                hop,
+                f.window_us == 0,
+                ev.key_starts,
+                q_kid[p],
+                _at(spans, p),
+            ),
+            len(lo),
         )
         means = sums[back] / np.maximum(cnt, 1).astype(np.float64)[:, None]
         return list_array(means, dims[back], cnt == 0)
@@ -488,6 +688,11 @@ def _vector_feature(
     rows = ev.order[np.maximum(picked, 0)]
     values = matrix[rows].astype(np.float64)
     return list_array(values, np.where(picked < 0, 0, lengths[rows]), picked < 0)
+
+
+def _at(spans: Spans, part: slice) -> Spans:
+    lo, end, newest_tile, at_newest = spans
+    return lo[part], end[part], newest_tile[part], at_newest[part]
 
 
 def _taken(column: pa.ChunkedArray, rows: pa.Array) -> pa.Array:

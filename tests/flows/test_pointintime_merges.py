@@ -93,7 +93,7 @@ def make_events(n: int, keys: int, seed: int, shuffled: bool = False) -> pa.Tabl
     zeros = rng.random(n) < 0.02
     amount[zeros] = rng.choice([0.0, -0.0], int(zeros.sum()))
     kid = rng.integers(0, keys, n)
-    dims = 2 + kid % 3
+    dims = 1 + kid % 3  # length 1 too: NumPy sums a column pairwise
     emb = [list(rng.standard_normal(d) * 100) for d in dims]
     emb_mask = rng.random(n) < 0.1
     channels = [f"c{i}" if i else "" for i in rng.integers(0, 40, n)]  # "" is not counted
@@ -164,7 +164,12 @@ TIMES = (
 
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("shuffled", [False, True], ids=["log-in-order", "out-of-order"])
-def test_merged_kinds_equal_the_online_read(seed: int, shuffled: bool) -> None:
+@pytest.mark.parametrize("parts", [1, 3], ids=["one-part", "in-parts"])
+def test_merged_kinds_equal_the_online_read(
+    seed: int, shuffled: bool, parts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spine_merges, "PARTS", parts)  # the spine rows cut in parts or not
+    monkeypatch.setattr(spine_merges, "SPLIT_ROWS", 1)
     events = make_events(20_000, 10, seed, shuffled)
     at_event = int(np.sort(events.column("ts").cast(pa.int64()).to_numpy())[12_345])
     keys = [*(f"u{k}" for k in range(10)), "never-seen"]
@@ -220,6 +225,8 @@ def test_without_compiled_kinds_the_per_row_merge_gives_the_same_values(
 ) -> None:
     """The compiled windows equal the per-row tile merge: exactly, but for float sums (sum,
     mean, var, std, vector mean), which the per-row merge adds in another order."""
+    monkeypatch.setattr(spine_merges, "PARTS", 2)
+    monkeypatch.setattr(spine_merges, "SPLIT_ROWS", 1)
     events = make_events(8000, 6, 3)
     layout = VIEW.layout()
     rng = np.random.default_rng(4)
