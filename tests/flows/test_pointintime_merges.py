@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows import pointintime, spine_merges
+from flows import pointintime, spine_merges, spine_sketches
 from flows.pointintime import point_in_time
 from flows.spec import (
     FeatureView,
@@ -177,9 +177,7 @@ def test_merged_kinds_equal_the_online_read(
     assert checked > 500  # the windows hold events: not a comparison of empty values
 
 
-def test_windows_past_the_sketch_bounds_take_the_tile_merge(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_windows_past_the_sketch_bounds_take_the_tile_merge() -> None:
     """A percentile over more than 200 values and a distinct count over more than 384
     coupons come from the per-row tile merge (as exact as the online read: a KLL sketch past
     k compacts at random, so only its bound is checked)."""
@@ -253,6 +251,29 @@ def test_without_compiled_kinds_the_per_row_merge_gives_the_same_values(
             assert all(same(x, y) for x, y in pairs), f.name
 
 
+def test_a_nan_in_a_percentile_window_takes_the_tile_merge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KLL sketch skips NaN; whatever the tile merge then gives, the snapshot gives the same
+    (and a window without a NaN beside it still its exact quantile). Windows of only NaN are
+    left out: the tile merge raises there (`state.sketches.result` of an empty sketch)."""
+    events = make_events(3000, 3, 5)
+    amount = events.column("amount").to_numpy(zero_copy_only=False).copy()
+    amount[::97] = np.nan
+    events = events.set_column(2, "amount", pa.array(amount))
+    layout = FeatureView(
+        name="nan", source=SOURCE, features=[percentile("amount", 0.5, window="1d")]
+    ).layout()
+    rng = np.random.default_rng(6)
+    keys = pa.array([f"u{k}" for k in rng.integers(0, 3, 2000)])
+    times = BASE + rng.integers(2 * DAY, 31 * DAY, 2000)  # ~30 values a window
+    got = point_in_time(layout, events, keys, times)["amount_p50_1d"].to_pylist()
+    monkeypatch.setattr(pointintime, "COMPILED_KINDS", frozenset())
+    want = point_in_time(layout, events, keys, times)["amount_p50_1d"].to_pylist()
+    assert len([v for v in got if v is not None]) > 500
+    assert all(same(a, b) or a == b for a, b in zip(got, want, strict=True))
+
+
 DERANDOMIZE = bool(os.environ.get("CI"))
 
 
@@ -268,7 +289,7 @@ def test_kll_quantile_is_the_sketch_s_while_it_keeps_every_value(
     sketch = ds.kll_doubles_sketch(KLL_K)
     for v in values:
         sketch.update(v)
-    got = spine_merges.kll_quantile(np.sort(np.array(values)), q)
+    got = spine_sketches.kll_quantile(np.sort(np.array(values)), q)
     assert got == float(sketch.get_quantile(q))  # -0.0 and 0.0 tie: either sign may come
 
 
@@ -290,7 +311,7 @@ def test_hll_estimate_is_the_union_s_while_it_keeps_a_coupon_set(
         union.update(tile)
         at += size
     taken = values[:at]
-    coupons = {spine_merges.coupon_of(v) for v in taken} - {spine_merges.NO_COUPON}
-    if len(coupons) <= spine_merges.HLL_SET_MAX:
+    coupons = {spine_sketches.coupon_of(v) for v in taken} - {spine_sketches.NO_COUPON}
+    if len(coupons) <= spine_sketches.HLL_SET_MAX:
         want = round(union.get_result(ds.tgt_hll_type.HLL_8).get_estimate())
-        assert spine_merges.hll_estimates()[len(coupons)] == want
+        assert spine_sketches.hll_estimates()[len(coupons)] == want
