@@ -387,7 +387,7 @@ def _sample_read(plan: FlowPlan) -> str | None:
 
 
 def _newest_entity(
-    plan: FlowPlan, view: str, version: int, p: int, scan: int = 1000
+    plan: FlowPlan, view: str, version: int, p: int, scan: int = 200
 ) -> tuple[str, int, int] | None:
     """(key, its newest event time, the shard's newest event time) among the first `scan` keys."""
     store = ViewStore(plan.state)
