@@ -315,3 +315,27 @@ def test_hll_estimate_is_the_union_s_while_it_keeps_a_coupon_set(
     if len(coupons) <= spine_sketches.HLL_SET_MAX:
         want = round(union.get_result(ds.tgt_hll_type.HLL_8).get_estimate())
         assert spine_sketches.hll_estimates()[len(coupons)] == want
+
+
+@settings(max_examples=200, deadline=None, derandomize=DERANDOMIZE)
+@given(
+    st.lists(st.text(max_size=40), max_size=50),
+    st.lists(
+        st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0]), max_size=50
+    ),
+)
+def test_compiled_coupons_are_datasketches_own(texts: list[str], floats: list[float]) -> None:
+    """The compiled hash (MurmurHash3_x64_128, seed 9001) gives each value the coupon a
+    one-value DataSketches sketch holds: strings of any length and script, empty ones not
+    counted, signed zeros and NaNs as the sketch canonicalizes them; sliced arrays too."""
+    assert spine_sketches.string_coupons(
+        *spine_sketches._utf8(pa.array(texts, pa.string()))
+    ).tolist() == [spine_sketches.coupon_of(t) for t in texts]
+    column = pa.chunked_array([pa.array(["pad", *texts]).slice(1)], pa.string())
+    got = spine_sketches.event_coupons(column, numeric=False)
+    assert got.tolist() == [spine_sketches.coupon_of(t) for t in texts]
+    large = spine_sketches.event_coupons(column.cast(pa.large_string()), numeric=False)
+    assert large.tolist() == got.tolist()
+    numbers = pa.chunked_array([pa.array(floats, pa.float64())])
+    got = spine_sketches.event_coupons(numbers, numeric=True)
+    assert got.tolist() == [spine_sketches.coupon_of(f) for f in floats]
