@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from connectors.envelope import OFFSET, DeadLetter
 from connectors.log import LogBatch
-from connectors.partitioner import partitions_for
+from connectors.partitioner import partitions_and_codes, partitions_for
 from flows.aggregate import (
     KEY,
     LogSlice,
@@ -147,8 +147,10 @@ def split(marked: MarkedBatch, key: str, shards: int) -> list[tuple[int, LogSlic
     theirs when they have events, or an empty one on broadcast.
     """
     events = marked.batch.events
-    homes = _homes(key_strings(events, key) if events.num_rows else None, shards)
-    return _slices(marked, events, marked.watermarks, homes, shards, None)
+    if not events.num_rows:
+        return _slices(marked, events, marked.watermarks, _homes(None, shards), shards, None)
+    homes, codes = partitions_and_codes(key_strings(events, key), shards)
+    return _slices(marked, events, marked.watermarks, homes, shards, None, codes)
 
 
 def split_rekeyed(
@@ -187,6 +189,7 @@ def _slices(
     homes: I64,
     shards: int,
     late: pa.Table | None,
+    codes: pa.DictionaryArray | None = None,
 ) -> list[tuple[int, LogSlice]]:
     batch = marked.batch
     own = batch.partition
@@ -211,6 +214,7 @@ def _slices(
             marked.end_watermark,
             prepared=late is not None,
             late=late if shard == own else None,
+            key_codes=codes if rows is None else None,  # they number every row of `events`
         )
         out.append((shard, piece))
     return out
