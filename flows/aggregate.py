@@ -368,9 +368,10 @@ def _merge_into_tiles(
     bounds, order, ends = _key_runs(key_ids, len(keys), MERGE_RUN_EVENTS)
     needed = table.select([*dict.fromkeys([OFFSET, layout.timestamp, *layout.column_types])])
     puts: dict[bytes, bytes] = {}
+    whole = len(bounds) == 2  # one run (a live batch): its rows are the table's, in order
     for lo, hi, a, z in zip(bounds[:-1], bounds[1:], ends[:-1], ends[1:], strict=True):
         rows = order[a:z]  # the run's events, in offset order
-        run = needed.take(rows)
+        run = needed if whole else needed.take(rows)
         kid = np.asarray(key_ids[rows], dtype=np.int64) - lo
         ev = sort_events(run, layout, kid, event_times(run, layout.timestamp))
         del run, kid
