@@ -486,7 +486,10 @@ def _vector_feature(
     back: I64,
 ) -> pa.Array:
     matrix, lengths = ev.vectors(col.column)
-    sorted_lengths = lengths[ev.order]
+    if len(lengths) and bool((lengths == matrix.shape[1]).all()):  # one length, no nulls
+        sorted_lengths = np.full(len(lengths), matrix.shape[1], np.int64)  # no gather
+    else:
+        sorted_lengths = lengths[ev.order]
     valid = sorted_lengths > 0  # null and empty vectors alike hold no value
     lo, end = spans[0], spans[1]
     seen = valid_before(valid)

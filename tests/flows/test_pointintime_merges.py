@@ -177,6 +177,20 @@ def test_merged_kinds_equal_the_online_read(
     assert checked > 500  # the windows hold events: not a comparison of empty values
 
 
+def test_vectors_of_one_length_without_nulls_equal_the_online_read() -> None:
+    """Every event with a vector of one length: the case read without a gather of lengths."""
+    events = make_events(6000, 5, 9)
+    emb = np.random.default_rng(9).standard_normal((6000, 3)) * 100
+    events = events.set_column(5, "emb", pa.array(list(emb), pa.list_(pa.float64())))
+    view = FeatureView(
+        name="vec",
+        source=SOURCE,
+        features=[mean("emb", window="14d"), last("emb", window="2h", hop="10m"), mean("emb")],
+    )
+    keys = [*(f"u{k}" for k in range(5)), "never-seen"]
+    assert assert_online(view.layout(), events, keys, list(TIMES)) > 30
+
+
 def test_windows_past_the_sketch_bounds_take_the_tile_merge() -> None:
     """A percentile over more than 200 values and a distinct count over more than 384
     coupons come from the per-row tile merge (as exact as the online read: a KLL sketch past
