@@ -28,8 +28,10 @@ slower.
 from __future__ import annotations
 
 import hashlib
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,3 +162,69 @@ class ClusterStarts:
                 )
             publications = self._cache[source]
         return lowest_position(publications, versions, partition)
+
+
+JOIN_WAIT_S = 10.0  # the longest a process waits for a lower-numbered process of its host
+
+
+def wait_for_listeners(
+    addresses: list[str], process_id: int, timeout_s: float = JOIN_WAIT_S
+) -> None:
+    """Before joining a cluster, wait until every lower-numbered process on this host listens.
+
+    A process connects to every lower-numbered one as it joins (bytewax's timely dataflow);
+    one that is not listening yet (still importing or planning, a few ms behind) refuses the
+    connection, and timely retries only after a full second: a 2-process cluster on one host
+    lost ~1 s of a 3 s replay to it. This waits, polling the host's listening TCP ports
+    (/proc/net/tcp), for the addresses on this host; those on other hosts, a host without
+    /proc, or a process still not listening after `timeout_s` are left to timely's retries.
+    """
+    local = {_port(a) for a in addresses[:process_id] if _on_this_host(a)}
+    deadline = time.monotonic() + timeout_s
+    while local and time.monotonic() < deadline:
+        listening = _listening_ports()
+        if listening is None:
+            return
+        local -= listening
+        if local:
+            time.sleep(0.005)
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def _on_this_host(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = socket.gethostbyname(host)
+    except OSError:
+        return False
+    return ip.startswith("127.") or ip in _host_addresses()
+
+
+def _host_addresses() -> set[str]:
+    try:
+        return set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        return set()
+
+
+_LISTEN = "0A"  # the TCP_LISTEN state in /proc/net/tcp
+
+
+def _listening_ports() -> set[int] | None:
+    """The ports of this host's listening TCP sockets; None where /proc/net/tcp is not."""
+    ports: set[int] = set()
+    found = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == _LISTEN:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports if found else None

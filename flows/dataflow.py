@@ -44,6 +44,7 @@ from connectors.errors import ConnectorError
 from connectors.log import LogBatch, PartitionLog
 from connectors.segments import Warehouse
 from flows.aggregate import KEY
+from flows.cluster import wait_for_listeners
 from flows.deadletters import open_dead_letters
 from flows.errors import FlowError
 from flows.inflight import RowBudget
@@ -458,6 +459,8 @@ def run_dataflow(
     from bytewax.run import cli_main
 
     run = cast(Callable[..., None], cli_main)  # an untyped extension function
+    if addresses:
+        wait_for_listeners(addresses, process_id)
     try:
         run(
             build_dataflow(plan, control, workers),
