@@ -309,6 +309,15 @@ def _tile_vector_sums(
 
 
 @jit
+def _gathered(matrix: npt.NDArray[Any], order: I64, a: int, b: int, out: F64) -> None:
+    """out[:, e - a] = the vector of sorted event e, for e in [a, b)."""
+    for e in range(a, b):
+        row = order[e]
+        for j in range(out.shape[0]):
+            out[j, e - a] = matrix[row, j]
+
+
+@jit
 def _added(total: F64, i: int, rows_sum: F64, r: int, rows: int) -> int:
     """total[i] += rows_sum[r] (= for the first row): `sum(axis=0)`, one row after the other;
     how many rows total[i] then holds."""
@@ -331,38 +340,50 @@ def window_vector_sums(
     key_ev: I64,
     q_kid: I64,
     spans: Spans,
-) -> tuple[F64, I64]:
+    pos: I64,
+    sums: F64,
+    dims: I64,
+) -> tuple[()]:
     """Per window: the element-wise sum of the vectors (`matrix[order[i]]` for sorted event i,
     as float64; zeros where it has none) as the online read adds them, and their length
-    (`lengths[i]`: sorted event i's, 0 when it has none).
+    (`lengths[i]`: sorted event i's, 0 when it has none; `lengths` empty: every event has one
+    of the matrix's width), written to row pos[i] of `sums` and `dims`.
 
     The window's sum adds its rows' sums (`_row_vector_sum`) one row after the other, as the
     online read does (`state.read._vector_sum`): the key's whole tiles (their sums made once,
     when its first spine row comes), continued from the window before when it starts at the
-    same tile, then the newest event's tile as its two rows.
+    same tile, then the newest event's tile as its two rows. A lifetime's first row is all its
+    events before the newest time, summed from the key's vectors gathered once.
     """
     lo, end, part, at_newest = spans
     n, width, most = len(lo), matrix.shape[1], _most_events(key_ev, q_kid)
-    sums, dims = np.zeros((n, width), np.float64), np.zeros(n, np.int64)
     first = np.empty(most + 1, np.int64)  # the current key's tiles: where each starts
     tile_sums = np.empty((most, width), np.float64)
     events = np.empty((width, most), np.float64)  # one row's vectors, a column per event
+    key_vectors = np.empty((width, most if lifetime else 0), np.float64)  # likewise, the key's
     row = np.empty((1, width), np.float64)
     whole = np.zeros((1, width), np.float64)  # the sum of the tiles [whole_lo, whole_hi)
     key, tiles, whole_lo, whole_hi, whole_rows, made_hi = -1, 0, -1, -1, 0, 0
     for i in range(n):
+        p = pos[i]
         if end[i] == lo[i]:
             continue
         if i and lo[i] == lo[i - 1] and end[i] == end[i - 1]:
-            sums[i, :], dims[i] = sums[i - 1, :], dims[i - 1]
+            sums[p, :], dims[p] = sums[pos[i - 1], :], dims[pos[i - 1]]
             continue
-        for e in range(lo[i], end[i]):
-            dims[i] = max(dims[i], lengths[e])
+        dims[p] = width if len(lengths) == 0 else 0
+        for e in range(lo[i], end[i] if len(lengths) else lo[i]):
+            dims[p] = max(dims[p], lengths[e])
         added = 0
-        if lifetime:
+        if lifetime:  # one row before the newest time (summed from the key's vectors)
+            if q_kid[i] != key:
+                key = q_kid[i]
+                _gathered(matrix, order, key_ev[key], key_ev[key + 1], key_vectors)
             if at_newest[i] > lo[i]:
-                _row_vector_sum(matrix, order, lo[i], at_newest[i], events, row[0])
-                added = _added(sums, i, row, 0, added)
+                first_row, rows_end = lo[i] - key_ev[key], at_newest[i] - key_ev[key]
+                for j in range(width):
+                    row[0, j] = _run_sum(key_vectors, j, first_row, rows_end)
+                added = _added(sums, p, row, 0, added)
         else:
             if q_kid[i] != key:
                 key, whole_lo, made_hi = q_kid[i], -1, 0
@@ -379,14 +400,14 @@ def window_vector_sums(
                 whole_rows = _added(whole, 0, tile_sums, whole_hi, whole_rows)
                 whole_hi += 1
             if whole_rows:
-                _added(sums, i, whole, 0, 0)
+                _added(sums, p, whole, 0, 0)
                 added = whole_rows
             if at_newest[i] > part[i]:  # the newest tile's events before the newest time
                 _row_vector_sum(matrix, order, part[i], at_newest[i], events, row[0])
-                added = _added(sums, i, row, 0, added)
+                added = _added(sums, p, row, 0, added)
         _row_vector_sum(matrix, order, at_newest[i], end[i], events, row[0])
-        _added(sums, i, row, 0, added)
-    return sums, dims
+        _added(sums, p, row, 0, added)
+    return ()
 
 
 class SortedColumns(Protocol):
@@ -486,37 +507,43 @@ def _vector_feature(
     back: I64,
 ) -> pa.Array:
     matrix, lengths = ev.vectors(col.column)
-    if len(lengths) and bool((lengths == matrix.shape[1]).all()):  # one length, no nulls
-        sorted_lengths = np.full(len(lengths), matrix.shape[1], np.int64)  # no gather
+    n, width = len(lengths), matrix.shape[1]
+    if n and bool((lengths == width).all()):  # every event has a vector of one length
+        sorted_lengths, valid = np.zeros(0, np.int64), np.ones(n, np.bool_)
     else:
         sorted_lengths = lengths[ev.order]
-    valid = sorted_lengths > 0  # null and empty vectors alike hold no value
+        valid = sorted_lengths > 0  # null and empty vectors alike hold no value
     lo, end = spans[0], spans[1]
     seen = valid_before(valid)
     cnt = (seen[end] - seen[lo])[back]
     if f.agg == "count":
         return pa.array(cnt, pa.int64())
     if f.agg == "mean":
-        sums, dims = side_by_side(
+        sums, dims = np.zeros((len(lo), width)), np.zeros(len(lo), np.int64)
+        pos = np.argsort(back)  # each sorted row's place in spine order
+        side_by_side(
             lambda p: window_vector_sums(
-                ev.sorted_ts,
-                matrix,
-                sorted_lengths,
-                ev.order,
-                hop,
-                f.window_us == 0,
-                ev.key_starts,
-                q_kid[p],
-                _at(spans, p),
+                ev.sorted_ts, matrix, sorted_lengths, ev.order, hop, f.window_us == 0,
+                ev.key_starts, q_kid[p], _at(spans, p), pos[p], sums, dims,
             ),
             len(lo),
-        )
-        means = sums[back] / np.maximum(cnt, 1).astype(np.float64)[:, None]
-        return list_array(means, dims[back], cnt == 0)
+        )  # fmt: skip
+        sums /= np.maximum(cnt, 1).astype(np.float64)[:, None]
+        return _lists(sums, dims, cnt == 0)
     picked = edge_events(valid, lo, end, f.agg == "last")[back]
     rows = ev.order[np.maximum(picked, 0)]
     values = matrix[rows].astype(np.float64)
     return list_array(values, np.where(picked < 0, 0, lengths[rows]), picked < 0)
+
+
+def _lists(matrix: F64, lengths: I64, null: B8) -> pa.Array:
+    """`state.vectors.list_array`: the rows cut to their lengths; when every row that is not
+    null is the matrix's width, its values as they stand (a null row keeps its zeros)."""
+    width = matrix.shape[1]
+    if not bool((null | (lengths == width)).all()):
+        return list_array(matrix, lengths, null)
+    offsets = pa.array(np.arange(0, (len(matrix) + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel()), mask=pa.array(null))
 
 
 def _at(spans: Spans, part: slice) -> Spans:

@@ -123,9 +123,10 @@ def run_duckdb_asof(con: duckdb.DuckDBPyConnection, events: pa.Table) -> float:
 DIM = 8  # the embeddings' length in the vector kinds
 
 
-def sketch_views(window: str) -> dict[str, ViewLayout]:
+def sketch_views(spelled: str) -> dict[str, ViewLayout]:
     """One one-feature view per sketch or list kind (and a plain mean for reference), over the
-    transactions plus an embedding column."""
+    transactions plus an embedding column, with the window `spelled` ("lifetime": none)."""
+    window = None if spelled == "lifetime" else spelled
     emb = {"type": "array", "items": "float"}
     fields = [*SCHEMA["fields"], {"name": "emb", "type": ["null", emb], "default": None}]
     source = Source(name="txn", schema={**SCHEMA, "fields": fields}, key="user_id", timestamp="ts")
@@ -196,7 +197,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--spine", type=int, default=1_000_000)
     parser.add_argument("--kinds", choices=("all", "plain", "sketch"), default="all")
-    parser.add_argument("--window", default="14d", help="the sketch kinds' window")
+    parser.add_argument("--window", default="14d", help="the sketch kinds' window, or lifetime")
     parser.add_argument("--per-row", action="store_true", help="time the per-row merge too")
     parser.add_argument("--repeat", type=int, default=2, help="runs per sketch kind (best)")
     args = parser.parse_args()
