@@ -86,8 +86,8 @@ def result(kind: str, summary: Any, param: float | int | None) -> Any:
     """The feature value of a merged summary."""
     if summary is None:
         return None
-    if kind == "kll":
-        return float(summary.get_quantile(float(param or 0.5)))
+    if kind == "kll":  # empty when the window's values are all NaN (the sketch skips NaN)
+        return None if summary.is_empty() else float(summary.get_quantile(float(param or 0.5)))
     if kind == "hll":
         return round(summary.get_estimate())
     values = [x[2] for x in reversed(summary)]

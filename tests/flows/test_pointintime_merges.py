@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flows import pointintime, spine_merges, spine_sketches
+from flows.aggregate import apply_batch
 from flows.pointintime import point_in_time
 from flows.spec import (
     FeatureView,
@@ -33,7 +34,11 @@ from flows.spec import (
     sum,
     var,
 )
+from state.batch_read import evaluate_blobs
+from state.codec import encode_key
+from state.read import evaluate_blob
 from state.sketches import HLL_LG_K, KLL_K
+from state.store import PartitionProgress
 from tests.flows.test_pointintime_exact import BASE, DAY, MINUTE, identical, online
 from tests.helpers import EV_SCHEMA
 
@@ -269,8 +274,7 @@ def test_a_nan_in_a_percentile_window_takes_the_tile_merge(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A KLL sketch skips NaN; whatever the tile merge then gives, the snapshot gives the same
-    (and a window without a NaN beside it still its exact quantile). Windows of only NaN are
-    left out: the tile merge raises there (`state.sketches.result` of an empty sketch)."""
+    (and a window without a NaN beside it still its exact quantile)."""
     events = make_events(3000, 3, 5)
     amount = events.column("amount").to_numpy(zero_copy_only=False).copy()
     amount[::97] = np.nan
@@ -286,6 +290,29 @@ def test_a_nan_in_a_percentile_window_takes_the_tile_merge(
     want = point_in_time(layout, events, keys, times)["amount_p50_1d"].to_pylist()
     assert len([v for v in got if v is not None]) > 500
     assert all(same(a, b) or a == b for a, b in zip(got, want, strict=True))
+
+
+def test_a_percentile_window_of_only_nan_reads_null_everywhere() -> None:
+    """The sketch skips NaN, so a window whose values are all NaN has an empty sketch: its
+    percentile is null in the single read, the batch read and the snapshot (the single and
+    batch reads raised RuntimeError: operation is undefined for an empty sketch)."""
+    n = 40
+    events = make_events(n, 1, 5)
+    events = events.set_column(2, "amount", pa.array([float("nan")] * n))
+    layout = FeatureView(
+        name="nan", source=SOURCE, features=[percentile("amount", 0.5, window="1d")]
+    ).layout()
+    store: dict[bytes, bytes] = {}
+    applied = apply_batch(
+        layout, events, PartitionProgress(-1, None, 0, 0), lambda ks: [store.get(k) for k in ks]
+    )
+    key = events.column("user_id")[0].as_py()
+    t = int(events.column("ts").cast(pa.int64()).to_numpy().max()) + 1
+    blob = applied.puts[encode_key(key)]
+    assert evaluate_blob(layout, blob, t)["amount_p50_1d"] is None
+    assert evaluate_blobs(layout, [blob, blob], t)["amount_p50_1d"] == [None, None]
+    got = point_in_time(layout, events, pa.array([key]), np.array([t]))
+    assert got["amount_p50_1d"].to_pylist() == [None]
 
 
 DERANDOMIZE = bool(os.environ.get("CI"))
