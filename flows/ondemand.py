@@ -93,12 +93,8 @@ def _vector_parts(arr: pa.Array, name: str) -> tuple[Any, Any, Mask, Mask]:
 
 def _validity(arr: pa.Array) -> Mask:
     if not arr.null_count:
-        return _ALL_VALID[: len(arr)] if len(arr) <= len(_ALL_VALID) else np.ones(len(arr), bool)
+        return np.ones(len(arr), dtype=bool)
     return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-
-
-_ALL_VALID = np.ones(4096, dtype=bool)
-_ALL_VALID.flags.writeable = False
 
 
 def _usable_lengths(arr: pa.Array) -> list[int]:

@@ -62,7 +62,6 @@ from state.servedlog import ServedLog, logs_service_reads, logs_view_reads
 from state.service_reads import ServiceBook, view_features
 from state.services import (
     check_entity_columns,
-    column_roles,
     on_demand_columns,
     request_columns,
     rows_of,
@@ -346,10 +345,9 @@ class FeatureClient:
         n = rows.num_rows if isinstance(rows, pa.Table) else len(rows)
         check_entity_columns(plan, rows)
         inputs: dict[str, pa.Array] = request_columns(plan, rows)
-        roles = column_roles(plan)
         values: dict[str, list[Any]] = {}
         for read in plan.reads:
-            found, arrays = view_features(plan, read, rows, at, self._columns, roles)
+            found, arrays = view_features(plan, read, rows, at, self._columns)
             values.update(found)
             inputs.update(arrays)
         outputs = on_demand_columns(plan, inputs, n)

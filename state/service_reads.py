@@ -148,20 +148,18 @@ def view_features(
     rows: Sequence[Mapping[str, Any]] | pa.Table,
     at: Timestamp | None,
     columns: ViewColumns,
-    roles: tuple[frozenset[str], frozenset[str]],
 ) -> tuple[dict[str, list[Any]], dict[str, pa.Array]]:
-    """`view_values` as service columns `<view>__<feature>`, by their roles (`column_roles`):
-    the service's output columns as the Python values of their canonical type, and an
-    on-demand step's inputs as canonical Arrow arrays."""
+    """`view_values` as service columns `<view>__<feature>`, in the forms the service uses
+    them: its output columns as the Python values of their canonical type, and an on-demand
+    step's inputs as canonical Arrow arrays."""
     layout, by_name, found = view_values(plan, read, rows, at, columns)
-    needed, outputs = roles
     values: dict[str, list[Any]] = {}
     arrays: dict[str, pa.Array] = {}
     for f in read.features:
         column = read.column(f)
-        if column in outputs:
+        if column in plan.outputs:
             values[column] = feature_values(layout, by_name[f], found[f])
-        if column in needed:
+        if column in plan.step_inputs:
             arrays[column] = feature_column(layout, by_name[f], found[f])
     return values, arrays
 

@@ -56,7 +56,8 @@ class ViewRead:
     key_columns: tuple[str, ...]
     entity_columns: tuple[str, ...]
     features: tuple[str, ...]
-    wanted: frozenset[str] = dataclasses.field(init=False)  # the features, as a set
+    # derived: the features as a set (how the client's read takes them)
+    wanted: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "wanted", frozenset(self.features))
@@ -74,11 +75,6 @@ class OnDemandStep:
     inputs: tuple[str, ...]
     outputs: tuple[tuple[str, str], ...]  # (output name, declared type)
 
-    @property
-    def names(self) -> list[str]:
-        """The input columns as a list (the names of the table the function gets)."""
-        return list(self.inputs)
-
 
 @dataclass(frozen=True, slots=True)
 class ServicePlan:
@@ -89,6 +85,15 @@ class ServicePlan:
     request: tuple[tuple[str, str], ...]  # (field, declared type)
     steps: tuple[OnDemandStep, ...]
     columns: tuple[str, ...]  # the output columns, in the order the service lists them
+    # derived: the columns some on-demand step reads, and the output columns as a set (a view
+    # feature may be either or both: the online read builds each only in the form it needs)
+    step_inputs: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+    outputs: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        inputs = frozenset(c for s in self.steps for c in s.inputs)
+        object.__setattr__(self, "step_inputs", inputs)
+        object.__setattr__(self, "outputs", frozenset(self.columns))
 
     @property
     def entity_columns(self) -> tuple[str, ...]:
@@ -132,24 +137,11 @@ def on_demand_columns(
         if n == 0:  # no rows: a function is not asked to handle an empty table
             outputs = {name: pa.array([], FIELD_TYPES[kind]) for name, kind in step.outputs}
         else:
-            table = pa.Table.from_arrays([columns[c] for c in step.inputs], names=step.names)
+            table = pa.Table.from_arrays([columns[c] for c in step.inputs], names=list(step.inputs))
             outputs = _call(plan.name, step, table, n)
         for name, values in outputs.items():
             columns[f"{step.name}__{name}"] = out[f"{step.name}__{name}"] = values
     return out
-
-
-def column_roles(plan: ServicePlan) -> tuple[frozenset[str], frozenset[str]]:
-    """The columns some on-demand step of the service reads, and the service's output
-    columns (a view feature may be either or both)."""
-    cached = _ROLES.get(id(plan))
-    if cached is None or cached[0] is not plan:
-        inputs = frozenset(c for s in plan.steps for c in s.inputs)
-        cached = _ROLES[id(plan)] = (plan, (inputs, frozenset(plan.columns)))
-    return cached[1]
-
-
-_ROLES: dict[int, tuple[ServicePlan, tuple[frozenset[str], frozenset[str]]]] = {}
 
 
 def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str, pa.Array]:
@@ -457,6 +449,6 @@ def rows_of(columns: Mapping[str, list[Any]], n: int) -> list[dict[str, Any]]:
     names = list(columns)
     if not names:
         return [{} for _ in range(n)]
-    if n == 1:
+    if n == 1:  # get_service: one dict, without zipping
         return [{name: values[0] for name, values in columns.items()}]
     return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]

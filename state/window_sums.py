@@ -97,45 +97,6 @@ def _outputs(groups: I64) -> tuple[int, int, int]:
 
 
 @jit
-def _vector_space(
-    buf: npt.NDArray[np.uint8], end: int, groups: I64, vec_fields: I64, n_vectors: int
-) -> int:
-    """How many floats the vector sums of a blob take (each wanted vector field's length,
-    per window read; 0 for a group without rows). Where a section runs past `end`, what the
-    groups before it take (`_walk` stops there, -1, before writing that group's sums): a
-    damaged blob never makes `_walk` write past the array, nor a length read from garbage
-    size it (a length counts only with rows, whose matrix must then fit the blob)."""
-    if n_vectors == 0:
-        return 0
-    pos = 9
-    total = 0
-    w_lo, v_lo = 0, 0
-    for g in range(len(groups) // STRIDE):
-        at = STRIDE * g
-        width, w_hi, v_hi = groups[at + 1], groups[at + 5], groups[at + 8]
-        if pos + 4 > end:
-            return total
-        rows = _u32(buf, pos)
-        pos += 4 + 8 * rows * width
-        if groups[at + 2]:
-            if pos + 4 > end:
-                return total
-            pos += 4 + _u32(buf, pos)
-        for v in range(groups[at + 3]):
-            if pos + 4 > end:
-                return total
-            dim = _u32(buf, pos)
-            pos += 4 + 8 * rows * dim
-            if pos > end:
-                return total
-            for k in range(v_lo, v_hi):
-                if vec_fields[k] == v and rows > 0:
-                    total += dim * (w_hi - w_lo)
-        w_lo, v_lo = w_hi, v_hi
-    return total
-
-
-@jit
 def _walk(
     buf: npt.NDArray[np.uint8],
     start: int,
@@ -233,7 +194,10 @@ def blob_totals(
     n_ints, n_floats, n_vectors = _outputs(groups)
     ints = np.zeros(n_ints, np.int64)
     floats = np.zeros(n_floats, np.float64)
-    vectors = np.zeros(_vector_space(buf, len(buf), groups, vec_fields, n_vectors), np.float64)
+    # A sum is as long as its field's vectors, whose matrix of one row at least fits the blob
+    # before `_walk` reads it (a group without rows sums nothing): at most len(buf) / 8 floats
+    # each, so a damaged blob cannot make `_walk` write past this array.
+    vectors = np.empty(n_vectors * (len(buf) // 8), np.float64)
     ends = np.zeros(n_vectors + 1, np.int64)
     end = _walk(
         buf,
