@@ -92,9 +92,13 @@ def _vector_parts(arr: pa.Array, name: str) -> tuple[Any, Any, Mask, Mask]:
 
 
 def _validity(arr: pa.Array) -> Mask:
+    """Which values are not null; empty when none is (the kernels read that as all valid)."""
     if not arr.null_count:
-        return np.ones(len(arr), dtype=bool)
+        return _NONE_NULL
     return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+_NONE_NULL = np.zeros(0, dtype=bool)
 
 
 def _usable_lengths(arr: pa.Array) -> list[int]:

@@ -2,12 +2,11 @@
 declares on-demand functions never loads Numba for them).
 
 `cosine_rows` is the row-wise cosine of two vector columns given as Arrow's buffers (each
-column's items, offsets, row and item validity), each row's sums taken over its items in
-order in float64, as the Python loop `_cosine_rows` takes them: equal bit for bit. It answers
-the common case only; a column whose valid vectors have several lengths, or two columns whose
-lengths differ, come back as a code, and `flows.ondemand` takes its checked path, which names
-the dimensions.
-"""
+column's items, offsets, and row and item validity, empty when nothing is null), each row's
+sums taken over its items in order in float64, as a Python loop over the row's items takes
+them: equal bit for bit (tests/state/test_reads_services.py). A column whose usable vectors
+have several lengths, or two columns whose lengths differ, come back as a code, and
+`flows.ondemand` raises the error that names the dimensions."""
 
 from __future__ import annotations
 
@@ -32,10 +31,10 @@ def _dim(offsets: Any, rows_ok: Mask, items_ok: Mask, keep: Mask) -> int:
     dim = 0
     for r in range(len(keep)):
         lo, hi = offsets[r], offsets[r + 1]
-        usable = rows_ok[r] and hi > lo
+        usable = (len(rows_ok) == 0 or rows_ok[r]) and hi > lo
         if usable:
             for i in range(lo, hi):
-                if not items_ok[i]:
+                if len(items_ok) and not items_ok[i]:
                     usable = False
                     break
         keep[r] = usable
@@ -61,7 +60,7 @@ def cosine_rows(
     """Each row's cosine similarity (float64) and whether it has one (both vectors usable and
     not all zeros), and OK, RAGGED (a column's usable vectors differ in length) or DIMENSIONS
     (the two columns' lengths differ where a row has both)."""
-    n = len(x_rows)
+    n = len(x_offsets) - 1
     out = np.zeros(n, np.float64)
     ok = np.zeros(n, np.bool_)
     x_keep = np.zeros(n, np.bool_)
