@@ -47,7 +47,14 @@ from connectors.objectstore import Store, open_store
 from flows.errors import FlowError
 from state.definitions import DEFINITIONS_DIR
 from state.lock import USE_LOCK
-from state.store import ViewStore, open_secondary, progress_of, rocks_options, scratch_dir
+from state.store import (
+    ViewStore,
+    exclusive,
+    open_secondary,
+    progress_of,
+    rocks_options,
+    scratch_dir,
+)
 
 CHECKPOINTS = "_checkpoints"
 CHECKPOINT_FORMAT = 1
@@ -196,14 +203,21 @@ def restore_views(
 
     A state directory that already holds views is left as it is (restore never overwrites
     views; the flow continues from them), so `--restore` can stay in a deployment's flags.
+    Two restores into one state directory at once take turns (`RESTORE.lock`): the second
+    finds the first's views. One that died before making a view live is done again.
     """
     store, target = open_store(warehouse), ViewStore(state)
-    if target.views():
-        return [f"--restore: {state} already holds views: continuing from them, not restoring"]
-    lines: list[str] = []
-    for view in views:
-        lines.extend(_restore_view(store, target, state, view, process_id))
-    return lines
+    state.mkdir(parents=True, exist_ok=True)
+    with exclusive(state / RESTORE_LOCK):  # a second restore waits, then finds the views
+        if target.views():
+            return [f"--restore: {state} already holds views: continuing from them, not restoring"]
+        lines: list[str] = []
+        for view in views:
+            lines.extend(_restore_view(store, target, state, view, process_id))
+        return lines
+
+
+RESTORE_LOCK = "RESTORE.lock"
 
 
 def _restore_view(
@@ -315,6 +329,8 @@ def _install(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     (staging / USE_LOCK).touch()
+    if vdir.exists() and target.current_version(view) != version:
+        shutil.rmtree(vdir)  # a restore that died before making it live left it: not in use
     staging.rename(vdir)
     target.switch(view, version)
     _install_definitions(state, fetch.tmp)

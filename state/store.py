@@ -247,7 +247,7 @@ class VersionCleanup:
 
 
 @contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
+def exclusive(path: Path) -> Iterator[None]:
     """A blocking exclusive flock on `path` for the duration of the block."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -343,7 +343,7 @@ class ViewStore:
         vdir = self.version_dir(view, version)
         if not (vdir / "layout.json").is_file():
             raise StateError(f"view {view!r} has no version {version} to switch to")
-        with _exclusive(self.view_dir(view) / _SWITCH_LOCK):
+        with exclusive(self.view_dir(view) / _SWITCH_LOCK):
             live = self.current_version(view)
             if live is not None and version < live and not rollback:
                 raise StaleVersionError(

@@ -4,14 +4,17 @@ corrupt and incomplete checkpoints refused for the next older one, pruning by --
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 
 from connectors.objectstore import open_store
-from flows.checkpoints import CHECKPOINTS, MANIFEST, checkpoint_ids
+from flows.checkpoints import CHECKPOINTS, MANIFEST, checkpoint_ids, restore_views
 from state.client import FeatureClient
+from state.store import ViewStore
 from tests.helpers import make_events, run_command, write_definitions
 
 KEYS = [f"user{k}" for k in range(30)]
@@ -106,3 +109,47 @@ def test_keep_prunes_older_checkpoints(tmp_path: Path, warehouse_location: str) 
     ids = checkpoint_ids(store, "channels", 0)
     assert len(ids) == 2
     assert all(store.exists(f"{CHECKPOINTS}/channels/{c}/{MANIFEST}") for c in ids)
+
+
+class _Died(BaseException):
+    """Stands for kill -9: raised where the process would die, caught by nobody."""
+
+
+def test_a_restore_killed_between_its_steps_is_done_again_by_the_next_one(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A restore that died after a view's version directory was in place but before it was
+    made live (the last two steps of `_install`) left a directory the next restore could not
+    rename onto; the next `--restore` now replaces it and finishes, equal to the live host."""
+    warehouse = str(tmp_path / "wh")
+    setup(tmp_path, warehouse)
+    ok("flows.checkpoint", "--warehouse", warehouse, "--state", str(tmp_path / "live"))
+    new = tmp_path / "new"
+
+    def die(*args: Any, **kwargs: Any) -> None:
+        raise _Died
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ViewStore, "switch", die)
+        with pytest.raises(_Died):
+            restore_views(new, warehouse, list(VIEWS), 0)
+    assert ViewStore(new).views() == []  # nothing live: the next restore starts again
+    lines = restore_views(new, warehouse, list(VIEWS), 0)
+    assert all(line.startswith("restored view") for line in lines), lines
+    assert reads(new) == reads(tmp_path / "live")
+
+
+def test_two_restores_at_once_into_one_state_directory_take_turns(tmp_path: Path) -> None:
+    """Both finish: one restores every view, the other finds them and leaves them as they
+    are (they shared the staging directories and could delete each other's files)."""
+    warehouse = str(tmp_path / "wh")
+    setup(tmp_path, warehouse)
+    ok("flows.checkpoint", "--warehouse", warehouse, "--state", str(tmp_path / "live"))
+    new = tmp_path / "new"
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: restore_views(new, warehouse, list(VIEWS), 0), [0, 1]))
+    restored = [o for o in outcomes if all(line.startswith("restored view") for line in o)]
+    skipped = [o for o in outcomes if o and "already holds views" in o[0]]
+    assert len(restored) == 1, outcomes
+    assert len(skipped) == 1, outcomes
+    assert reads(new) == reads(tmp_path / "live")
