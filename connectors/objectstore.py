@@ -483,6 +483,14 @@ def _write_table(table: pa.Table, where: str, fs: pafs.FileSystem | None = None)
     )
 
 
+def owned_temp(path: Path) -> Path:
+    """A temporary name beside `path` owned by this thread of this process:
+    `.<name>.tmp-<thread>-<pid>`. Unique per thread (two threads of one process writing the
+    same file must not share one), with the pid last so a later process can tell whether its
+    owner is still alive (`tmp.name.rsplit("-", 1)[-1]`)."""
+    return path.with_name(f".{path.name}.tmp-{threading.get_native_id()}-{os.getpid()}")
+
+
 def replace_file(
     path: Path,
     write: Callable[[Path], object],

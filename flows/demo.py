@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from connectors.objectstore import owned_temp, replace_file
 from connectors.segments import Warehouse
-from flows.ingest import IngestReport, ingest_table
+from flows.ingest import IngestReport, ingest_table_into_empty_log
 from flows.spec import Source
 
 DEMO_END = datetime(2026, 11, 1, tzinfo=UTC)
@@ -156,16 +157,18 @@ def ensure_demo_data(
     """Generate the demo log if the warehouse holds nothing for `source` (the transactions,
     with the labelled spine written to `spine` when given; or the merchant events).
 
-    The check and the ingest hold the source's manifest lock, so two runs started at once
-    generate the demo data once."""
+    Two runs started at once generate it once: the look and the ingest hold the source's
+    manifest lock on a local warehouse, and the commit itself refuses a log that is no longer
+    empty (an object store has no lock). The spine is the same file whoever writes it."""
+    if any(warehouse.next_offset(source.name, p) for p in range(source.partitions)):
+        return None
     with warehouse.lock(source.name):
-        if any(warehouse.next_offset(source.name, p) for p in range(source.partitions)):
-            return None
         if source.name == "merchant_events":
-            return ingest_table(source, merchant_table(), warehouse, keep_order=True)
-        events = demo_table(n_events)
-        if spine is not None:
-            spine.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(demo_spine(events), spine)
+            table = merchant_table()
+        else:
+            table = demo_table(n_events)
+            if spine is not None:
+                spine_table = demo_spine(table)
+                replace_file(spine, lambda t: pq.write_table(spine_table, t), tmp=owned_temp(spine))
         # The demo's log order is its arrival order: some events arrive late on purpose.
-        return ingest_table(source, events, warehouse, keep_order=True)
+        return ingest_table_into_empty_log(source, table, warehouse, keep_order=True)

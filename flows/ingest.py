@@ -124,11 +124,32 @@ def ingest_table(
         SegmentError: the warehouse cannot be written (a full disk names the path); nothing of
             the table is then committed.
     """
+    return _ingest(source, _table_batch(source, table), warehouse, arrival, keep_order)
+
+
+def ingest_table_into_empty_log(
+    source: Source, table: pa.Table, warehouse: Warehouse, *, keep_order: bool = False
+) -> IngestReport | None:
+    """`ingest_table` only if the source's log holds nothing yet, checked in the commit
+    itself (an object store has no lock to hold around a look and an append): None, with
+    nothing committed, when another writer filled it first."""
+    batch = _table_batch(source, table)
+    try:
+        return _ingest(source, batch, warehouse, None, keep_order, only_into_empty=True)
+    except _LogNotEmptyError:
+        return None
+
+
+def _table_batch(source: Source, table: pa.Table) -> _Batch:
     table = table.select(arrow_schema(source.avro_schema()).names)
     bad = pc.or_(pc.is_null(table.column(source.key)), pc.is_null(table.column(source.timestamp)))
     letters = tuple(_null_key_letters(source, table.filter(bad)))
     table, non_finite = non_finite_as_null(table.filter(pc.invert(bad)))
-    return _ingest(source, _Batch(table, letters, non_finite), warehouse, arrival, keep_order)
+    return _Batch(table, letters, non_finite)
+
+
+class _LogNotEmptyError(Exception):
+    """An `only_into_empty` ingest found records in the log (nothing was committed)."""
 
 
 def ingest_files(
@@ -170,6 +191,8 @@ def _ingest(
     arrival: datetime | None,
     keep_order: bool,
     force: bool = False,
+    *,
+    only_into_empty: bool = False,
 ) -> IngestReport:
     started = time.perf_counter()
     register_current(source, warehouse)  # refuses a schema the log's records cannot be read as
@@ -184,6 +207,8 @@ def _ingest(
     at = arrival or datetime.now(UTC)
 
     def change(tx: LogTransaction) -> None:
+        if only_into_empty and any(tx.next_offset(p) for p in range(source.partitions)):
+            raise _LogNotEmptyError
         _refuse_continued(tx, source, sorted(by_partition))
         _refuse_ingested(tx, batch.files, force)
         for p, rows in by_partition.items():

@@ -29,6 +29,7 @@ from state.store import (
     LogPosition,
     PartitionProgress,
     ViewStore,
+    exclusive,
     read_partition_progress,
 )
 
@@ -125,26 +126,34 @@ def choose_targets(
     With `create=False` (every process of a cluster but the first) a needed new version is
     waited for, not created, so that all processes write the same version.
     """
-    targets: list[ViewTarget] = []
-    for view in views:
-        layout = view.layout()
-        current = store.current_version(view.name)
-        if (
-            not rebuild
-            and current is not None
-            and store.layout(view.name, current).same_semantics(layout)
-        ):
-            targets.append(ViewTarget(view, layout, current))
-            continue
-        pending = _pending_versions(store, view.name, layout, current)
-        if not create:
-            version = _wait_for_version(store, view.name, layout, current)
-        elif rebuild or not pending:
-            version = store.create_version(layout)
-        else:
-            version = pending[-1]
-        targets.append(ViewTarget(view, layout, version, switch_when_caught_up=True))
-    return targets
+    if not create:
+        return [_choose_target(store, view, rebuild=rebuild, create=False) for view in views]
+    with exclusive(store.root / PLAN_LOCK):  # two runs starting at once: one creates, the other
+        return [_choose_target(store, view, rebuild=rebuild, create=True) for view in views]
+
+
+PLAN_LOCK = "PLAN.lock"  # held while a run or replay chooses (and creates) its versions
+
+
+def _choose_target(
+    store: ViewStore, view: FeatureView, *, rebuild: bool, create: bool
+) -> ViewTarget:
+    layout = view.layout()
+    current = store.current_version(view.name)
+    if (
+        not rebuild
+        and current is not None
+        and store.layout(view.name, current).same_semantics(layout)
+    ):
+        return ViewTarget(view, layout, current)
+    pending = _pending_versions(store, view.name, layout, current)
+    if not create:
+        version = _wait_for_version(store, view.name, layout, current)
+    elif rebuild or not pending:
+        version = store.create_version(layout)
+    else:
+        version = pending[-1]
+    return ViewTarget(view, layout, version, switch_when_caught_up=True)
 
 
 def _pending_versions(

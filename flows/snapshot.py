@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +32,7 @@ from connectors.avro import arrow_schema
 from connectors.envelope import log_schema
 from connectors.files import implausible_epoch
 from connectors.log import KafkaTail, PartitionLog
-from connectors.objectstore import replace_file
+from connectors.objectstore import owned_temp, replace_file
 from connectors.segments import Warehouse
 from flows.aggregate import DERIVED_ARROW, NO_KEY, entity_keys, event_times, key_column
 from flows.cli import command_main
@@ -384,7 +383,7 @@ def _empty_source(
 
 
 def write_parquet_atomic(table: pa.Table, out: Path) -> None:
-    """Write to a temporary name beside `out` (`.<name>.tmp-<pid>`), fsync, then rename: never
+    """Write to a temporary name beside `out` (`owned_temp(out)`), fsync, then rename: never
     a half-written file. Temporary files of killed snapshots (dead pids) are removed first.
 
     Raises:
@@ -392,7 +391,7 @@ def write_parquet_atomic(table: pa.Table, out: Path) -> None:
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = owned_temp(out)
     try:
         replace_file(out, lambda t: pq.write_table(table, t, compression="zstd"), tmp=tmp)
     except OSError as exc:

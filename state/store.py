@@ -40,7 +40,7 @@ from rocksdict import (
     WriteBatch,
 )
 
-from connectors.objectstore import replace_file
+from connectors.objectstore import owned_temp, replace_file
 from state.codec import (
     APPLIED_OFFSET,
     ENTITY_PREFIX,
@@ -107,8 +107,8 @@ def _shared_cache() -> Cache:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """`data` as the file `path`, atomically and durably (`.<name>.tmp-<pid>` meanwhile)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """`data` as the file `path`, atomically and durably (`owned_temp(path)` meanwhile)."""
+    tmp = owned_temp(path)
     with disk_full_named(path, f"writing {path.name}"):
         replace_file(path, lambda t: t.write_bytes(data), tmp=tmp)
 
@@ -456,10 +456,12 @@ def check_store(root: Path, *, create: bool) -> None:
         in_progress = _clear_marker_leftovers(root)
         if in_progress and _wait_for(marker):  # another process of a cluster is creating it
             return check_store(root, create=create)
-        if create and (not root.exists() or not any(root.iterdir())):
+        if create and _holds_only_markers(root):
             root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(marker, _FORMAT_TEXT.encode())
+            _write_atomic(marker, _FORMAT_TEXT.encode())  # the same bytes whoever writes last
             return
+        if marker.is_file():  # another thread or process finished writing it meanwhile
+            return check_store(root, create=create)
         raise NotAViewStoreError(
             f"{str(root)!r} is not a view store (no {_FORMAT_FILE} file); pass the --state "
             "directory that flows.run writes (default data/state)"
@@ -473,6 +475,15 @@ def check_store(root: Path, *, create: bool) -> None:
             f"view store {str(root)!r} has on-disk format {match.group(1)}, this code reads "
             f"format {STORE_FORMAT}; rebuild it with flows.replay into a new --state directory"
         )
+
+
+def _holds_only_markers(root: Path) -> bool:
+    """True if `root` is missing, empty, or holds nothing but a FORMAT marker being written
+    (by another thread or process creating the store at the same moment)."""
+    if not root.exists():
+        return True
+    temporary = f".{_FORMAT_FILE}.tmp-"
+    return all(p.name == _FORMAT_FILE or p.name.startswith(temporary) for p in root.iterdir())
 
 
 def _clear_marker_leftovers(root: Path) -> bool:

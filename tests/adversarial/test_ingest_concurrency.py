@@ -51,3 +51,26 @@ def test_concurrent_ingests_both_succeed_with_every_row_exactly_once(tmp_path: P
         assert f"{n:,} rows read, {n:,} written, 0 dead letters" in out
     assert log_amounts(warehouse) == [float(a) for a in range(runs * n)]
     assert unlisted_files(warehouse) == []
+
+
+def test_two_runs_generating_the_demo_data_at_once_ingest_it_once(
+    warehouse_location: str, tmp_path: Path
+) -> None:
+    """On an object store there is no manifest lock: the commit itself refuses a log that
+    another writer filled meanwhile, so the demo history is never doubled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from connectors.segments import Warehouse
+    from flows.demo import ensure_demo_data
+    from flows.settings import EXAMPLE_FEATURES
+    from flows.spec.definitions import load_definitions
+
+    source = load_definitions(EXAMPLE_FEATURES).sources["transactions"]
+    warehouses = [Warehouse(warehouse_location) for _ in range(3)]
+    spine = tmp_path / "spine.parquet"
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(lambda w: ensure_demo_data(source, w, 20_000, spine), warehouses))
+    assert sum(r is not None for r in reports) == 1
+    wh = warehouses[0]
+    assert sum(wh.next_offset(source.name, p) for p in range(source.partitions)) == 20_000
+    assert pq.read_table(spine).num_rows > 0

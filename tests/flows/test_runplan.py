@@ -4,6 +4,8 @@ partition keys a process lists to bytewax. Real view stores and warehouses in tm
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,30 @@ def test_an_unchanged_live_view_continues_and_a_changed_one_is_rebuilt_beside_it
     assert (rebuilt.version, rebuilt.switch_when_caught_up) == (3, True)
     assert store.versions("spend") == [1, 2, 3]
     assert store.current_version("spend") == 1
+
+
+def test_runs_planning_at_once_on_a_new_state_directory_share_one_version(
+    tmp_path: Path,
+) -> None:
+    """Two flows.run started together must not both create a version (both would then write
+    the view, or one would crash renaming onto the other's directory): the second plans after
+    the first and finds its unfinished version; claiming it then refuses one of them. Two
+    replays at once each get their own new version."""
+    for attempt in range(10):
+        store = ViewStore(tmp_path / f"s{attempt}")
+        start = threading.Barrier(6)
+
+        def plan(rebuild: bool, store: ViewStore = store, start: threading.Barrier = start) -> int:
+            start.wait()
+            return choose_targets(store, [SPEND], rebuild=rebuild)[0].version
+
+        with ThreadPoolExecutor(6) as pool:
+            assert set(pool.map(plan, [False] * 6)) == {1}
+        assert store.versions("spend") == [1]
+        start.reset()
+        with ThreadPoolExecutor(6) as pool:
+            assert sorted(pool.map(plan, [True] * 6)) == [2, 3, 4, 5, 6, 7]
+        assert store.versions("spend") == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_other_cluster_processes_take_the_version_process_0_created(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,22 @@ def test_a_dead_writers_temporary_marker_is_cleared(tmp_path: Path) -> None:
     (root / f".FORMAT.tmp-{dead_pid()}").write_text("half")
     ViewStore(root)
     assert sorted(p.name for p in root.iterdir()) == ["FORMAT"]
+
+
+def test_many_threads_open_one_new_state_directory_at_once(tmp_path: Path) -> None:
+    """They all create the FORMAT marker side by side: each under its own temporary name (one
+    per process made two threads rename the same file, and the second found it gone)."""
+    for attempt in range(20):
+        root = tmp_path / f"state{attempt}"
+        start = threading.Barrier(8)
+
+        def open_store(_: int, root: Path = root, start: threading.Barrier = start) -> Path:
+            start.wait()
+            return ViewStore(root).root
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(open_store, range(8))) == [root] * 8
+        assert sorted(p.name for p in root.iterdir()) == ["FORMAT"]
 
 
 # --- views, versions and their paths ---------------------------------------------------------
