@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from connectors.objectstore import replace_file
 from connectors.segments import Warehouse
 from flows.cli import command_main
 from flows.errors import ConfigError
@@ -47,9 +48,7 @@ def _report(settings: ReportSettings) -> int:
     skew = None if settings.skip_skew else _skew(defs, wh, settings.kafka, state)
     page = build_report(ReportInputs(defs, state, wh, settings.kafka, skew))
     out = Path(settings.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    replace_file(out, lambda t: t.write_text(page, encoding="utf-8"))
     print(f"report: {out} ({len(page) / 1e6:.1f} MB)")
     return 0
 

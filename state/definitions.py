@@ -29,9 +29,10 @@ from typing import Any
 
 import orjson
 
+from connectors.objectstore import owned_temp
 from state.errors import ServiceDefinitionError
 from state.services import ServicePlan
-from state.store import _write_atomic, disk_full_named
+from state.store import _write_atomic, disk_full_named, pid_alive
 
 RECORD_FORMAT = 1
 DEFINITIONS_DIR = "definitions"
@@ -71,7 +72,11 @@ def record_definitions(
 def _write_record(
     target: Path, contents: Mapping[str, bytes], module: str, views: Mapping[str, int]
 ) -> None:
-    staging = target.with_name(f".{target.name}.tmp")
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):  # of killed recorders
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = owned_temp(target)  # two recorders at once must not write into one directory
     shutil.rmtree(staging, ignore_errors=True)
     for rel, data in contents.items():
         path = staging / rel

@@ -309,3 +309,33 @@ def test_scratch_directories_of_dead_processes_are_swept(tmp_path: Path) -> None
         path.mkdir()
     assert sweep_scratch(tmp_path) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_many_threads_record_the_same_definitions_at_once(tmp_path: Path) -> None:
+    """Each writes its own staging directory; the record ends complete and the pointer names
+    it (one shared staging name let one recorder delete the files another was renaming)."""
+    from state.definitions import record_definitions, recorded_module
+
+    module = tmp_path / "features.py"
+    module.write_text("VIEWS = []\n" * 50)
+    schemas = {f"schemas/s{i}.avsc": tmp_path / f"s{i}.avsc" for i in range(20)}
+    for path in schemas.values():
+        path.write_text('{"type": "record", "name": "r", "fields": []}\n')
+    root = tmp_path / "state"
+    ViewStore(root)
+    start = threading.Barrier(8)
+
+    def record(_: int) -> str:
+        start.wait()
+        return record_definitions(root, module, schemas, {"spend": 1})
+
+    with ThreadPoolExecutor(8) as pool:
+        (sha,) = set(pool.map(record, range(8)))
+    found = recorded_module(root)
+    assert found is not None
+    assert found[0] == sha
+    record_dir = root / "definitions" / sha
+    assert sorted(p.name for p in (record_dir / "schemas").iterdir()) == sorted(
+        Path(rel).name for rel in schemas
+    )
+    assert not [p for p in (root / "definitions").iterdir() if ".tmp" in p.name]
