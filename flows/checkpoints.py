@@ -11,13 +11,13 @@ from its offsets instead of replaying all history.
              "created_at": "<ISO UTC>", "shards": {"0": {"applied_offset": 41, ...}},
              "files": {"p0000.sst": {"sha256": "...", "bytes": 123}, ...}}
 
-Consistency: a shard's tiles and its applied offsets (own partition and, in `others`, every
-source partition that routed records to it) are one RocksDB written in one WriteBatch per
-commit. A checkpoint reads each shard through a RocksDB secondary caught up with the writer and
-exports every key from one iterator (a point-in-time view) into an SST file, so the copy holds
-tiles and offsets of one and the same commit. Shards may be at different offsets: restart
-already handles that (each shard skips what it applied). A RocksDB Checkpoint of a secondary
-would miss the writer's memtable, hence the export.
+Consistency: a shard's tiles and its applied offsets (own partition and, in `others`, every source
+partition that routed records to it) are one RocksDB written in one WriteBatch (or one ingested SST
+file) per commit. A checkpoint reads each shard through a RocksDB secondary caught up with the
+writer and exports every key from one iterator (a point-in-time view) into an SST file, so the copy
+holds tiles and offsets of one and the same commit. Shards may be at different offsets: restart
+already handles that (each shard skips what it applied). A RocksDB Checkpoint of a secondary would
+miss the writer's memtable, hence the export.
 
 Restore (flows.run --restore on an empty state directory): per view, the newest checkpoint of
 this process id whose manifest parses and whose files all match their sha256 is loaded (SST

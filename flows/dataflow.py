@@ -12,7 +12,8 @@
     op.output("views")         ViewSink: a shard's owner applies each slice to every view version
                                of the source (flows.aggregate, guarded by flows.quarantine) and
                                commits tiles + its position in the slice's partition in one
-                               RocksDB WriteBatch per view, then gives the slice's rows back
+                               RocksDB WriteBatch (or ingested SST file) per view, then gives
+                               the slice's rows back
 
 Shards are the partitions of the key space (as many as the source has log partitions). A log
 partitioned by entity key with murmur2 sends each batch whole to one shard, owned by the process
@@ -284,7 +285,9 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             if result.poison:
                 self._dead.write(list(result.poison))
                 self._control.metrics.dead_letters(self._source.name, len(result.poison))
-            self._stores[i].commit(result.puts, result.progress)
+            # a version not live yet has no readers: a replay batch may go in as a file
+            bulk = self._switcher.building(i)
+            self._stores[i].commit(result.puts, result.progress, bulk=bulk)
             self._progress[i] = result.progress
             self._control.metrics.applied(target.view.name, self._shard, result, arrival)
 
@@ -365,6 +368,10 @@ class _Switcher:
         self._store, self._source, self._shard = store, source, shard
         self._shards = shards  # the shards of this state directory: all must catch up
         self._pending = {i for i, t in enumerate(source.targets) if t.switch_when_caught_up}
+
+    def building(self, target: int) -> bool:
+        """Whether this shard of target `target`'s version is still catching up (not live)."""
+        return target in self._pending
 
     def check(self, progress: list[PartitionProgress]) -> None:
         if not self._pending:

@@ -35,8 +35,10 @@ from rocksdict import (
     BlockBasedOptions,
     Cache,
     DBCompressionType,
+    IngestExternalFileOptions,
     Options,
     Rdict,
+    SstFileWriter,
     WriteBatch,
 )
 
@@ -189,9 +191,11 @@ class PartitionStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._options = rocks_options()
         with disk_full_named(path, "opening the view store"):
             path.mkdir(parents=True, exist_ok=True)
-            self._db = Rdict(str(path), rocks_options())
+            _remove_dead_ingest_files(path)
+            self._db = Rdict(str(path), self._options)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
@@ -203,24 +207,50 @@ class PartitionStore:
     def progress(self) -> PartitionProgress:
         return progress_of(self._db)
 
-    def commit(self, puts: dict[bytes, bytes], progress: PartitionProgress) -> None:
-        """Write changed entities and the new progress atomically (one WriteBatch). `puts` is
-        emptied as its blobs are copied into the batch: a replay batch's new blobs (100+ MB)
-        are then held once, not twice, at the commit."""
-        batch = WriteBatch(raw_mode=True)
-        for key in list(puts):  # in the order given (the write path's: key order)
-            batch.put(key, puts.pop(key))
-        batch.put(APPLIED_OFFSET, encode_int(progress.applied_offset))
-        if progress.watermark is not None:
-            batch.put(WATERMARK, encode_int(progress.watermark))
-        batch.put(EVENTS_APPLIED, encode_int(progress.events_applied))
-        batch.put(LATE_EVENTS, encode_int(progress.late_events))
-        for partition, position in progress.others.items():
-            batch.put(foreign_key(FOREIGN_OFFSET, partition), encode_int(position.offset))
-            if position.watermark is not None:
-                batch.put(foreign_key(FOREIGN_WATERMARK, partition), encode_int(position.watermark))
+    def commit(
+        self, puts: dict[bytes, bytes], progress: PartitionProgress, *, bulk: bool = False
+    ) -> None:
+        """Write changed entities and the new progress atomically. `puts` is emptied as its
+        blobs are written out, so a replay batch's new blobs are held once, not twice.
+
+        A commit is one WriteBatch, unless `bulk` (a version no reader uses yet: a replay
+        building it) and it holds BULK_COMMIT_KEYS keys or more: then it is one SST file,
+        written in key order beside the store and ingested. That is atomic like the WriteBatch,
+        without the batch's copy of every blob, the write-ahead log's and the memtable's
+        (10M-event replay: 2.9 s instead of 3.4-4.1 s). Not for a live version: a RocksDB
+        secondary that replayed earlier WriteBatches from the log keeps them in its memtable
+        and reads them over the newer ingested file until the log moves on."""
+        meta = _progress_entries(progress)
         with disk_full_named(self.path, "committing a batch"):
+            if bulk and len(puts) >= BULK_COMMIT_KEYS:
+                self._ingest(puts, meta)
+                return
+            batch = WriteBatch(raw_mode=True)
+            for key in list(puts):  # in the order given (the write path's: key order)
+                batch.put(key, puts.pop(key))
+            for key, value in meta.items():
+                batch.put(key, value)
             self._db.write(batch)
+
+    def _ingest(self, puts: dict[bytes, bytes], meta: dict[bytes, bytes]) -> None:
+        """`puts` and `meta` as one SST file ingested into the store (all or nothing; a file
+        left by a process killed before the ingest is removed when the store next opens)."""
+        path = _ingest_file(self.path)
+        puts.update(meta)
+        writer = SstFileWriter(options=self._options)
+        try:
+            writer.open(str(path))
+            for key in sorted(puts):  # an SST file's keys are in the store's (bytewise) order
+                writer[key] = puts.pop(key)
+            writer.finish()
+            self._db.ingest_external_file([str(path)], _INGEST_OPTIONS)
+        finally:
+            path.unlink(missing_ok=True)
+        # The same offset again, through the log: a secondary catching up after this record
+        # drops what it replayed before the file (see `commit`).
+        nudge = WriteBatch(raw_mode=True)
+        nudge.put(APPLIED_OFFSET, meta[APPLIED_OFFSET])
+        self._db.write(nudge)
 
     def flush_soon(self) -> None:
         """Start writing the memtable out in RocksDB's background threads, without waiting: a
@@ -235,6 +265,38 @@ class PartitionStore:
         except Exception as exc:
             if not any(text in str(exc) for text in _DISK_FULL):
                 raise
+
+
+BULK_COMMIT_KEYS = 4096  # a commit of this many keys or more is ingested as an SST file
+
+_INGEST_OPTIONS = IngestExternalFileOptions()
+_INGEST_OPTIONS.set_move_files(True)  # link the file in, no copy
+
+
+def _progress_entries(progress: PartitionProgress) -> dict[bytes, bytes]:
+    """The metadata entries that record a shard's progress."""
+    meta = {APPLIED_OFFSET: encode_int(progress.applied_offset)}
+    if progress.watermark is not None:
+        meta[WATERMARK] = encode_int(progress.watermark)
+    meta[EVENTS_APPLIED] = encode_int(progress.events_applied)
+    meta[LATE_EVENTS] = encode_int(progress.late_events)
+    for partition, position in progress.others.items():
+        meta[foreign_key(FOREIGN_OFFSET, partition)] = encode_int(position.offset)
+        if position.watermark is not None:
+            meta[foreign_key(FOREIGN_WATERMARK, partition)] = encode_int(position.watermark)
+    return meta
+
+
+def _ingest_file(store: Path) -> Path:
+    """Where a commit writes its SST file: beside the store, named after its process."""
+    return store.with_name(f".{store.name}.ingest-{os.getpid()}.sst")
+
+
+def _remove_dead_ingest_files(store: Path) -> None:
+    for path in store.parent.glob(f".{store.name}.ingest-*.sst"):
+        pid = path.name.rsplit("-", 1)[-1].removesuffix(".sst")
+        if pid.isdigit() and not pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)

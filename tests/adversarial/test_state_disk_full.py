@@ -26,9 +26,12 @@ def small_state(tmp_path: Path) -> Iterator[Path]:
         yield mount
 
 
-def test_a_full_state_disk_names_the_path_and_recovers(tmp_path: Path, small_state: Path) -> None:
+@pytest.mark.parametrize("keys", [3000, 15_000])  # 15k: a replay batch committed as a file
+def test_a_full_state_disk_names_the_path_and_recovers(
+    tmp_path: Path, small_state: Path, keys: int
+) -> None:
     features = write_definitions(tmp_path / "defs", partitions=3)
-    events = make_events(60_000, 3000, seed=4)
+    events = make_events(60_000, keys, seed=4)
     ingest_table(load_definitions(features).sources["txns"], events, Warehouse(tmp_path / "wh"))
     common = ["--features", str(features), "--warehouse", str(tmp_path / "wh")]
     common += ["--until-caught-up"]

@@ -438,14 +438,32 @@ pattern = "*" + sys.argv.pop(1)
 def die_at(path):
     if fnmatch.fnmatch(str(path), pattern):
         os.kill(os.getpid(), signal.SIGKILL)
-real_replace, real_touch = os.replace, pathlib.Path.touch
+real_replace, real_touch, real_unlink = os.replace, pathlib.Path.touch, pathlib.Path.unlink
 def replace(src, dst, *args, **kwargs):
     die_at(dst)
     return real_replace(src, dst, *args, **kwargs)
 def touch(self, *args, **kwargs):
     die_at(self)
     return real_touch(self, *args, **kwargs)
-os.replace, pathlib.Path.touch = replace, touch
+def unlink(self, *args, **kwargs):  # a commit's SST file is unlinked once ingested
+    die_at(self)
+    return real_unlink(self, *args, **kwargs)
+os.replace, pathlib.Path.touch, pathlib.Path.unlink = replace, touch, unlink
+if ".sst" in pattern:  # every commit of the run goes in as an SST file
+    import state.store
+    state.store.BULK_COMMIT_KEYS = 1
+    class Writer:  # dies once a commit's SST file is written, before it is ingested
+        def __init__(self, **kwargs):
+            self._writer = state.store.RealSstFileWriter(**kwargs)
+        def open(self, path):
+            self._path = path
+            self._writer.open(path)
+        def __setitem__(self, key, value):
+            self._writer[key] = value
+        def finish(self):
+            self._writer.finish()
+            die_at(self._path + ".written")
+    state.store.RealSstFileWriter, state.store.SstFileWriter = state.store.SstFileWriter, Writer
 from flows.run import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -467,6 +485,8 @@ sys.exit(main(sys.argv[1:]))
             id="after-a-partitions-last-commit",
         ),
         pytest.param("/spend/CURRENT", id="making-the-views-live"),
+        pytest.param(".ingest-*.sst.written", id="bulk-commit-file-written-not-ingested"),
+        pytest.param(".ingest-*.sst", id="bulk-commit-ingested-before-its-log-record"),
     ],
 )
 def test_kill_at_a_protocol_moment_then_restart(

@@ -24,11 +24,13 @@ from state.errors import (
 from state.layout import ViewLayout
 from state.lock import use_version
 from state.store import (
+    BULK_COMMIT_KEYS,
     NOTHING_APPLIED,
     STORE_FORMAT,
     LogPosition,
     PartitionProgress,
     ViewStore,
+    open_secondary,
     read_partition_progress,
     sweep_scratch,
 )
@@ -272,6 +274,55 @@ def test_a_partition_commits_tiles_and_progress_together(store: ViewStore) -> No
     assert again.progress() == progress
     again.close()
     assert read_partition_progress(store.partition_dir("spend", 1, 1)) == progress
+
+
+def test_bulk_commits_are_ingested_files_equal_to_write_batches(
+    store: ViewStore, tmp_path: Path
+) -> None:
+    """A replay-sized commit goes in as one SST file: its blobs, the small commits around it
+    and the progress read back as the last commit left them, beside the writer (a secondary
+    caught up) and after a reopen; no file is left beside the store."""
+    store.create_version(layout())
+    part = store.open_partition("spend", 1, 0)
+    n = BULK_COMMIT_KEYS + 500
+    keys = [f"e\x00k{i:06d}".encode() for i in range(n)]
+    expected: dict[bytes, bytes] = {}
+    commits = [
+        ({k: b"bulk-1-" + k for k in keys}, 10),  # bulk
+        ({k: b"small-" + k for k in keys[:50]}, 11),  # write batch over the ingested file
+        ({k: b"bulk-2-" + k for k in reversed(keys[25:])}, 12),  # bulk, keys out of order
+    ]
+    reader = open_secondary(store.partition_dir("spend", 1, 0), tmp_path / "secondary")
+    try:
+        for puts, offset in commits:
+            expected.update(puts)
+            progress = PartitionProgress(offset, offset * 100, offset, 0, {1: LogPosition(3, 7)})
+            part.commit(dict(puts), progress, bulk=True)
+            assert part.get_many(keys) == [expected[k] for k in keys]
+            assert part.progress() == progress
+            reader.try_catch_up_with_primary()
+            assert reader.get(keys) == [expected[k] for k in keys]
+            assert read_partition_progress(store.partition_dir("spend", 1, 0)) == progress
+    finally:
+        reader.close()
+    part.close()
+    assert not [p for p in store.version_dir("spend", 1).iterdir() if ".ingest-" in p.name]
+    again = store.open_partition("spend", 1, 0)
+    assert again.get_many(keys) == [expected[k] for k in keys]
+    again.close()
+
+
+def test_a_killed_commits_ingest_file_is_removed_when_the_store_opens(store: ViewStore) -> None:
+    store.create_version(layout())
+    vdir = store.version_dir("spend", 1)
+    vdir.joinpath("p0000").mkdir()
+    dead = vdir / f".p0000.ingest-{dead_pid()}.sst"
+    live = vdir / f".p0000.ingest-{os.getpid()}.sst"  # this process's: a commit under way
+    dead.write_bytes(b"half an sst")
+    live.write_bytes(b"being written")
+    store.open_partition("spend", 1, 0).close()
+    assert not dead.exists()
+    assert live.exists()
 
 
 def test_progress_is_read_beside_its_writer(store: ViewStore) -> None:
