@@ -136,9 +136,12 @@ def start_run(args: list[str], log: Path, inject: str | None = None) -> subproce
         )
 
 
-def kill_run(args: list[str], state: Path, point: KillPoint, log: Path) -> Kill:
-    """Start a run, SIGKILL it at `point` (unless it has finished), report where it stopped."""
-    proc = start_run(args, log)
+def kill_run(
+    args: list[str], state: Path, point: KillPoint, log: Path, *, bulk: bool = False
+) -> Kill:
+    """Start a run, SIGKILL it at `point` (unless it has finished), report where it stopped.
+    With `bulk`, every commit of the run is an ingested SST file (as a large replay batch's)."""
+    proc = start_run(args, log, inject=BULK_ONLY if bulk else None)
     try:
         if point.commits:
             wait_for_commits(proc, state, point.commits)
@@ -165,12 +168,14 @@ def finish_run(args: list[str]) -> None:
 
 
 def crash_and_recover(
-    args: list[str], state: Path, points: list[KillPoint], logs: Path
+    args: list[str], state: Path, points: list[KillPoint], logs: Path, *, bulk: bool = False
 ) -> list[Kill]:
     """Kill a run at every point in turn (each run starting from what the last one left), then
     let a last run finish."""
     logs.mkdir(parents=True, exist_ok=True)
-    kills = [kill_run(args, state, p, logs / f"run-{i:02d}.txt") for i, p in enumerate(points)]
+    kills = [
+        kill_run(args, state, p, logs / f"run-{i:02d}.txt", bulk=bulk) for i, p in enumerate(points)
+    ]
     finish_run(args)
     return kills
 
@@ -415,12 +420,13 @@ SEGMENT_KILLS = [
 ]
 
 
+@pytest.mark.parametrize("bulk", [False, True], ids=["write-batches", "ingested-files"])
 def test_segment_crashes_give_the_uninterrupted_views(
-    segment_log: SegmentLog, tmp_path: Path
+    segment_log: SegmentLog, tmp_path: Path, bulk: bool
 ) -> None:
     crashed = tmp_path / "crashed"
     args = segment_args(segment_log, crashed)
-    kills = crash_and_recover(args, crashed, SEGMENT_KILLS, tmp_path / "logs")
+    kills = crash_and_recover(args, crashed, SEGMENT_KILLS, tmp_path / "logs", bulk=bulk)
     report = describe(kills, segment_log.events.num_rows)
     print(f"kill points:\n{report}")
     compare_states(segment_log.features, segment_log.ref, crashed, segment_log.events)
@@ -432,6 +438,7 @@ def test_segment_crashes_give_the_uninterrupted_views(
 # Runs flows.run, but the process SIGKILLs itself just before it renames a file into a path
 # matching the pattern argv[1] (the atomic writes of state.store: FORMAT, layout.json, CURRENT)
 # or touches such a path (the caught-up markers of a version being built).
+BULK_ONLY = "commits-as-files.sst"  # an INJECT moment that never comes: only makes commits files
 INJECT = """
 import fnmatch, os, pathlib, signal, sys
 pattern = "*" + sys.argv.pop(1)
