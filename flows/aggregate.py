@@ -49,6 +49,7 @@ from state.vectors import check_lengths, concat_matrices, padded
 
 Transform = Callable[[pa.Table], pa.Table]
 BlobGetter = Callable[[Sequence[bytes]], list[bytes | None]]
+PutSink = Callable[[dict[bytes, bytes]], None]  # takes (and may empty) a run's new blobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,10 +295,13 @@ def apply_slices(
     progress: PartitionProgress,
     get_blobs: BlobGetter,
     transform: Transform | None = None,
+    sink: PutSink | None = None,
 ) -> ApplyResult:
     """Apply slices (of one or several source partitions, each in offset order) to a view
     shard in one merge: what the shard received at once costs one read, merge and write of
-    each touched key, however many partitions it came from.
+    each touched key, however many partitions it came from. With `sink`, each merge run's new
+    blobs go to it as they are made (runs in ascending key order) instead of into the
+    result's `puts`.
 
     Per slice, records at or below the shard's applied offset in its partition are skipped
     (exactly-once effect after a restart); records older than the partition's watermark minus
@@ -327,7 +331,7 @@ def apply_slices(
     puts = {}
     if events is not None:
         reuse = codes[0] if len(codes) == 1 and not layout.rekeyed else None
-        puts = _merge_into_tiles(layout, events, newest, get_blobs, reuse)
+        puts = _merge_into_tiles(layout, events, newest, get_blobs, reuse, sink)
     late = _concat_or_empty(rejected, slices[0].events)
     return ApplyResult(puts, progress, late, events.num_rows if events is not None else 0)
 
@@ -359,6 +363,7 @@ def _merge_into_tiles(
     watermark: int | None,
     get_blobs: BlobGetter,
     key_codes: pa.DictionaryArray | None = None,
+    sink: PutSink | None = None,
 ) -> dict[bytes, bytes]:
     """The new blobs of the keys of `table`'s events, merged a run of keys at a time (about
     MERGE_RUN_EVENTS events each, sorted per run): keys merge independently, so a large replay
@@ -375,7 +380,7 @@ def _merge_into_tiles(
         kid = np.asarray(key_ids[rows], dtype=np.int64) - lo
         ev = sort_events(run, layout, kid, event_times(run, layout.timestamp))
         del run, kid
-        puts.update(_merge_keys(layout, keys[lo:hi], ev, watermark, get_blobs))
+        (sink or puts.update)(_merge_keys(layout, keys[lo:hi], ev, watermark, get_blobs))
     return puts
 
 

@@ -61,7 +61,13 @@ from flows.runplan import (
 )
 from flows.shards import PartitionMark, Routed
 from state.errors import StateError
-from state.store import LogPosition, PartitionProgress, PartitionStore, ViewStore
+from state.store import (
+    BULK_COMMIT_KEYS,
+    LogPosition,
+    PartitionProgress,
+    PartitionStore,
+    ViewStore,
+)
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
 _WAIT = timedelta(milliseconds=1)  # poll a partition waiting for the row budget every 1 ms
@@ -271,11 +277,22 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
         self._receive_all(items, chosen)
         parts = [item.slice for item in items]
         arrival = newest_arrival(parts[-1])
+        events = sum(part.events.num_rows for part in parts)
         for n, i in enumerate(chosen, start=1):
             target = self._source.targets[i]
-            result = apply_guarded(
-                target.view, target.layout, parts, self._progress[i], self._stores[i].get_many
-            )
+            store = self._stores[i]
+            # a version not live yet has no readers: a replay batch goes in as a file, its
+            # blobs written a merge run at a time (state.store.BulkCommit)
+            building = self._switcher.building(i)
+            bulk = store.bulk_commit() if building and events >= BULK_COMMIT_KEYS else None
+            try:
+                result = apply_guarded(
+                    target.view, target.layout, parts, self._progress[i], store.get_many, bulk
+                )
+            except BaseException:
+                if bulk is not None:
+                    bulk.reset()  # the file of a commit that will not come
+                raise
             if n == len(chosen):  # merged into every view: the records go before the commit
                 items.clear()
                 parts.clear()
@@ -285,9 +302,10 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             if result.poison:
                 self._dead.write(list(result.poison))
                 self._control.metrics.dead_letters(self._source.name, len(result.poison))
-            # a version not live yet has no readers: a replay batch may go in as a file
-            bulk = self._switcher.building(i)
-            self._stores[i].commit(result.puts, result.progress, bulk=bulk)
+            if bulk is not None and bulk.used:
+                bulk.finish(result.progress)
+            else:
+                store.commit(result.puts, result.progress, bulk=building)
             self._progress[i] = result.progress
             self._control.metrics.applied(target.view.name, self._shard, result, arrival)
 

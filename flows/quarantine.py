@@ -36,7 +36,7 @@ from flows.spec import FeatureView
 from flows.validate import EventRules, record_payload, validate
 from state.errors import StateError
 from state.layout import ViewLayout
-from state.store import PartitionProgress
+from state.store import BulkCommit, PartitionProgress
 
 MAX_POISON = 100
 _INFRA = (ConnectorError, FlowError, StateError, OSError, MemoryError)
@@ -163,14 +163,20 @@ def apply_guarded(
     slices: Sequence[LogSlice],
     progress: PartitionProgress,
     get_blobs: Callable[[Sequence[bytes]], list[bytes | None]],
+    bulk: BulkCommit | None = None,
 ) -> ApplyResult:
-    """`apply_slices`, with the records that fail on their own moved to `poison`."""
+    """`apply_slices`, with the records that fail on their own moved to `poison`. With `bulk`,
+    the new blobs go into it as they are made; when a record fails, what it took is dropped
+    and the bisection's blobs come back in the result's `puts`."""
     try:
-        return apply_slices(layout, slices, progress, get_blobs, view.transform)
+        sink = bulk.add if bulk is not None else None
+        return apply_slices(layout, slices, progress, get_blobs, view.transform, sink)
     except _INFRA:
         raise
     except Exception as exc:  # bisected slice by slice below
         first = exc
+    if bulk is not None:
+        bulk.reset()
     run = _Bisection(view, progress, get_blobs)
     for part in slices:
         error = run.attempt(layout, part)

@@ -5,6 +5,7 @@ oracle; wrong-length vectors as dead letters; definitions and Avro decoding of v
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from connectors.avro import SchemaStore, SingleObjectWriter, arrow_schema, decode_batch
 from connectors.errors import DecodeError, SchemaError
+from flows import aggregate
 from flows.aggregate import whole_partition
 from flows.errors import DefinitionError
 from flows.pointintime import kept_events, point_in_time
@@ -23,7 +25,7 @@ from flows.spec import FeatureView, Source, count, first, last, mean, sum
 from state.codec import encode_key
 from state.layout import ViewLayout
 from state.read import evaluate_blob
-from state.store import PartitionProgress
+from state.store import PartitionProgress, ViewStore
 from state.tiles import empty_block
 from tests.connectors.avro_oracle import decode_one
 from tests.helpers import evaluate
@@ -361,3 +363,51 @@ def comparable(record: dict[str, Any]) -> dict[str, Any]:
         for k, v in record.items()
         if k != "ts"
     }
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["clean", "a-bad-vector-in-the-last-run"])
+def test_a_bulk_commit_streams_the_runs_and_drops_them_when_a_record_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: bool
+) -> None:
+    """A replay batch's blobs go into the commit's SST file a merge run at a time. When a
+    record fails in a later run (a wrong-length vector), what earlier runs wrote is dropped and
+    the bisection's blobs are committed instead: the store ends as the WriteBatch path's."""
+    monkeypatch.setattr(aggregate, "MERGE_RUN_EVENTS", 40)  # several runs per batch
+    n = 600
+    vectors: list[list[float] | None] = [[float(i), 1.0] for i in range(n)]
+    if bad:
+        vectors[n - 5] = [1.0, 2.0, 3.0]  # the last key's events come in the last run
+    keys = [f"k{i % 150:03d}" for i in range(n)]
+    events = pa.table(
+        {
+            "user_id": keys,
+            "ts": pa.array([T0 + i for i in range(n)], pa.timestamp("us", tz="UTC")),
+            "emb": pa.array(vectors, pa.list_(pa.float32())),
+            "pos": pa.array([None] * n, pa.list_(pa.float64())),
+            "amount": pa.array([1.0] * n),
+            "_offset": pa.array(np.arange(n, dtype=np.int64)),
+        }
+    )
+    layout = VIEW.layout()
+    start = PartitionProgress(-1, None, 0, 0)
+    part = whole_partition(events, layout, start)
+    reference = apply_guarded(VIEW, layout, [part], start, lambda ks: [None for _ in ks])
+
+    store = ViewStore(tmp_path)
+    store.create_version(layout)
+    shard = store.open_partition(VIEW.name, 1, 0)
+    bulk = shard.bulk_commit()
+    result = apply_guarded(VIEW, layout, [part], start, shard.get_many, bulk)
+    assert [letter.offset for letter in result.poison] == ([n - 5] if bad else [])
+    assert bulk.used is not bad  # streamed; or dropped for the bisection's blobs
+    assert bool(list(tmp_path.rglob("*.ingest-*.sst"))) is not bad
+    if bulk.used:
+        assert result.puts == {}
+        bulk.finish(result.progress)
+    else:
+        shard.commit(result.puts, result.progress, bulk=True)
+    assert not list(tmp_path.rglob("*.ingest-*.sst"))
+    stored = shard.get_many(sorted(reference.puts))
+    assert stored == [reference.puts[k] for k in sorted(reference.puts)]
+    assert shard.progress() == reference.progress
+    shard.close()
