@@ -60,14 +60,9 @@ from flows.runplan import (
     split_part_key,
 )
 from flows.shards import PartitionMark, Routed
+from state.bulk import BULK_COMMIT_KEYS, BulkCommit, commit_building
 from state.errors import StateError
-from state.store import (
-    BULK_COMMIT_KEYS,
-    LogPosition,
-    PartitionProgress,
-    PartitionStore,
-    ViewStore,
-)
+from state.store import LogPosition, PartitionProgress, PartitionStore, ViewStore
 
 _IDLE = timedelta(milliseconds=10)  # poll an idle partition every 10 ms
 _WAIT = timedelta(milliseconds=1)  # poll a partition waiting for the row budget every 1 ms
@@ -282,9 +277,9 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             target = self._source.targets[i]
             store = self._stores[i]
             # a version not live yet has no readers: a replay batch goes in as a file, its
-            # blobs written a merge run at a time (state.store.BulkCommit)
+            # blobs written a merge run at a time (state.bulk)
             building = self._switcher.building(i)
-            bulk = store.bulk_commit() if building and events >= BULK_COMMIT_KEYS else None
+            bulk = BulkCommit(store) if building and events >= BULK_COMMIT_KEYS else None
             try:
                 result = apply_guarded(
                     target.view, target.layout, parts, self._progress[i], store.get_many, bulk
@@ -304,8 +299,10 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
                 self._control.metrics.dead_letters(self._source.name, len(result.poison))
             if bulk is not None and bulk.used:
                 bulk.finish(result.progress)
+            elif building:
+                commit_building(store, result.puts, result.progress)
             else:
-                store.commit(result.puts, result.progress, bulk=building)
+                store.commit(result.puts, result.progress)
             self._progress[i] = result.progress
             self._control.metrics.applied(target.view.name, self._shard, result, arrival)
 

@@ -34,9 +34,10 @@ from flows.aggregate import (
 from flows.errors import FlowError
 from flows.spec import FeatureView
 from flows.validate import EventRules, record_payload, validate
+from state.bulk import BulkCommit
 from state.errors import StateError
 from state.layout import ViewLayout
-from state.store import BulkCommit, PartitionProgress
+from state.store import PartitionProgress
 
 MAX_POISON = 100
 _INFRA = (ConnectorError, FlowError, StateError, OSError, MemoryError)

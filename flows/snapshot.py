@@ -56,7 +56,7 @@ from state.services import (
     feature_type,
     request_columns,
 )
-from state.store import pid_alive
+from state.store import left_by_dead
 
 SPINE_TS = "ts"
 SNAPSHOT_FORMAT = "1"
@@ -404,10 +404,8 @@ def write_parquet_atomic(table: pa.Table, out: Path) -> None:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+    for tmp in left_by_dead(out.parent.glob(f".{out.name}.tmp-*")):
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

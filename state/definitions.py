@@ -32,7 +32,7 @@ import orjson
 from connectors.objectstore import owned_temp
 from state.errors import ServiceDefinitionError
 from state.services import ServicePlan
-from state.store import _write_atomic, disk_full_named, pid_alive
+from state.store import _write_atomic, disk_full_named, left_by_dead
 
 RECORD_FORMAT = 1
 DEFINITIONS_DIR = "definitions"
@@ -72,10 +72,8 @@ def record_definitions(
 def _write_record(
     target: Path, contents: Mapping[str, bytes], module: str, views: Mapping[str, int]
 ) -> None:
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):  # of killed recorders
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in left_by_dead(target.parent.glob(f".{target.name}.tmp-*")):  # killed recorders'
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = owned_temp(target)  # two recorders at once must not write into one directory
     shutil.rmtree(staging, ignore_errors=True)
     for rel, data in contents.items():

@@ -38,7 +38,6 @@ from rocksdict import (
     IngestExternalFileOptions,
     Options,
     Rdict,
-    SstFileWriter,
     WriteBatch,
 )
 
@@ -50,7 +49,6 @@ from state.codec import (
     FOREIGN_OFFSET,
     FOREIGN_WATERMARK,
     LATE_EVENTS,
-    META_PREFIX,
     WATERMARK,
     decode_int,
     encode_int,
@@ -192,11 +190,11 @@ class PartitionStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._options = rocks_options()
+        self.options = rocks_options()
         with disk_full_named(path, "opening the view store"):
             path.mkdir(parents=True, exist_ok=True)
             _remove_dead_ingest_files(path)
-            self._db = Rdict(str(path), self._options)
+            self._db = Rdict(str(path), self.options)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
@@ -208,45 +206,32 @@ class PartitionStore:
     def progress(self) -> PartitionProgress:
         return progress_of(self._db)
 
-    def commit(
-        self, puts: dict[bytes, bytes], progress: PartitionProgress, *, bulk: bool = False
-    ) -> None:
-        """Write changed entities and the new progress atomically. `puts` is emptied as its
-        blobs are written out, so a replay batch's new blobs are held once, not twice.
-
-        A commit is one WriteBatch, unless `bulk` (a version no reader uses yet: a replay
-        building it) and it holds BULK_COMMIT_KEYS keys or more: then it is one SST file,
-        written in key order beside the store and ingested. That is atomic like the WriteBatch,
-        without the batch's copy of every blob, the write-ahead log's and the memtable's
-        (10M-event replay: 2.9 s instead of 3.4-4.1 s). Not for a live version: a RocksDB
-        secondary that replayed earlier WriteBatches from the log keeps them in its memtable
-        and reads them over the newer ingested file until the log moves on."""
-        if bulk and len(puts) >= BULK_COMMIT_KEYS:
-            writer = self.bulk_commit()
-            writer.add(dict(sorted(puts.items())))
-            puts.clear()
-            writer.finish(progress)
-            return
+    def commit(self, puts: dict[bytes, bytes], progress: PartitionProgress) -> None:
+        """Write changed entities and the new progress atomically (one WriteBatch). `puts` is
+        emptied as its blobs are copied into the batch: they are held once, not twice. (A
+        replay building a version commits SST files instead: `state.bulk`.)"""
         batch = WriteBatch(raw_mode=True)
         for key in list(puts):  # in the order given (the write path's: key order)
             batch.put(key, puts.pop(key))
-        for key, value in _progress_entries(progress).items():
+        for key, value in progress_entries(progress).items():
             batch.put(key, value)
         with disk_full_named(self.path, "committing a batch"):
             self._db.write(batch)
 
-    def bulk_commit(self) -> BulkCommit:
-        """A commit written as it is computed: the new blobs of each merge run go straight
-        into an SST file, so a replay batch never holds all of them (only for a version no
-        reader uses yet; see `commit`)."""
-        return BulkCommit(self, _ingest_file(self.path))
+    @property
+    def ingest_path(self) -> Path:
+        """Where this process writes an SST file to ingest: beside the store (a file of a
+        process killed before ingesting it is removed when the store next opens)."""
+        return self.path.with_name(f".{self.path.name}.ingest-{os.getpid()}.sst")
 
-    def _ingest_file_now(self, path: Path, meta: dict[bytes, bytes]) -> None:
+    def ingest(self, path: Path, applied_offset: bytes) -> None:
+        """Ingest the SST file at `path` (one atomic change), then write the applied offset
+        (its encoded value, the same as in the file) again through the log: a RocksDB
+        secondary that replayed earlier WriteBatches from the log keeps them in its memtable
+        and reads them over the newer file until a later record makes it drop them."""
         self._db.ingest_external_file([str(path)], _INGEST_OPTIONS)
-        # The same offset again, through the log: a secondary catching up after this record
-        # drops what it replayed before the file (see `commit`).
         nudge = WriteBatch(raw_mode=True)
-        nudge.put(APPLIED_OFFSET, meta[APPLIED_OFFSET])
+        nudge.put(APPLIED_OFFSET, applied_offset)
         self._db.write(nudge)
 
     def flush_soon(self) -> None:
@@ -264,72 +249,11 @@ class PartitionStore:
                 raise
 
 
-BULK_COMMIT_KEYS = 4096  # a commit of this many keys or more is ingested as an SST file
-assert ENTITY_PREFIX < META_PREFIX  # a bulk commit writes the entities, then the progress
-
-
-class BulkCommit:
-    """One atomic commit of a view shard as an SST file beside the store, ingested at the end
-    (all or nothing; a file left by a process killed before the ingest is removed when the
-    store next opens). Entity blobs are added in runs of ascending keys, each run's bytes
-    written (and let go) at once; `finish` adds the progress, which sorts after every entity.
-    """
-
-    def __init__(self, store: PartitionStore, path: Path) -> None:
-        self._store, self._path = store, path
-        self._writer: SstFileWriter | None = None
-        self._last: bytes | None = None
-
-    @property
-    def used(self) -> bool:
-        """Whether blobs were added since the start (or the last `reset`)."""
-        return self._writer is not None
-
-    def add(self, puts: dict[bytes, bytes]) -> None:
-        """Write `puts` (keys ascending, after every key added before) and empty it.
-
-        Raises:
-            ValueError: the keys are out of order (nothing can be written after that: `reset`).
-        """
-        if not puts:
-            return
-        with disk_full_named(self._store.path, "committing a batch"):
-            if self._writer is None:
-                self._path.unlink(missing_ok=True)
-                self._writer = SstFileWriter(options=self._store._options)
-                self._writer.open(str(self._path))
-            writer, last = self._writer, self._last
-            for key in list(puts):
-                if last is not None and key <= last:
-                    raise ValueError(f"bulk commit keys out of order: {key!r} after {last!r}")
-                writer[key] = puts.pop(key)
-                last = key
-        self._last = last
-
-    def finish(self, progress: PartitionProgress) -> None:
-        """Add the progress entries, ingest the file: the commit point."""
-        meta = _progress_entries(progress)
-        try:
-            self.add(dict(sorted(meta.items())))
-            assert self._writer is not None
-            with disk_full_named(self._store.path, "committing a batch"):
-                self._writer.finish()
-                self._writer = None
-                self._store._ingest_file_now(self._path, meta)
-        finally:
-            self.reset()
-
-    def reset(self) -> None:
-        """Forget what was added (the file is removed); the next `add` starts a new file."""
-        self._writer, self._last = None, None
-        self._path.unlink(missing_ok=True)
-
-
 _INGEST_OPTIONS = IngestExternalFileOptions()
 _INGEST_OPTIONS.set_move_files(True)  # link the file in, no copy
 
 
-def _progress_entries(progress: PartitionProgress) -> dict[bytes, bytes]:
+def progress_entries(progress: PartitionProgress) -> dict[bytes, bytes]:
     """The metadata entries that record a shard's progress."""
     meta = {APPLIED_OFFSET: encode_int(progress.applied_offset)}
     if progress.watermark is not None:
@@ -343,16 +267,9 @@ def _progress_entries(progress: PartitionProgress) -> dict[bytes, bytes]:
     return meta
 
 
-def _ingest_file(store: Path) -> Path:
-    """Where a commit writes its SST file: beside the store, named after its process."""
-    return store.with_name(f".{store.name}.ingest-{os.getpid()}.sst")
-
-
 def _remove_dead_ingest_files(store: Path) -> None:
-    for path in store.parent.glob(f".{store.name}.ingest-*.sst"):
-        pid = path.name.rsplit("-", 1)[-1].removesuffix(".sst")
-        if pid.isdigit() and not pid_alive(int(pid)):
-            path.unlink(missing_ok=True)
+    for path in left_by_dead(store.parent.glob(f".{store.name}.ingest-*.sst"), ".sst"):
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,6 +532,17 @@ def _clear_marker_leftovers(root: Path) -> bool:
         else:
             tmp.unlink(missing_ok=True)
     return in_progress
+
+
+def left_by_dead(paths: Iterable[Path], suffix: str = "") -> list[Path]:
+    """Those of `paths` (temporary files named `...-<pid><suffix>`, as `owned_temp` names them)
+    whose owning process is gone: leftovers of a killed writer, safe to remove."""
+    dead = []
+    for path in paths:
+        pid = path.name.removesuffix(suffix).rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            dead.append(path)
+    return dead
 
 
 def pid_alive(pid: int) -> bool:

@@ -457,11 +457,11 @@ def unlink(self, *args, **kwargs):  # a commit's SST file is unlinked once inges
     return real_unlink(self, *args, **kwargs)
 os.replace, pathlib.Path.touch, pathlib.Path.unlink = replace, touch, unlink
 if ".sst" in pattern:  # every commit of the run goes in as an SST file
-    import state.store
-    state.store.BULK_COMMIT_KEYS = 1
+    import flows.dataflow, state.bulk
+    state.bulk.BULK_COMMIT_KEYS = flows.dataflow.BULK_COMMIT_KEYS = 1
     class Writer:  # dies once a commit's SST file is written, before it is ingested
         def __init__(self, **kwargs):
-            self._writer = state.store.RealSstFileWriter(**kwargs)
+            self._writer = state.bulk.RealSstFileWriter(**kwargs)
         def open(self, path):
             self._path = path
             self._writer.open(path)
@@ -470,7 +470,7 @@ if ".sst" in pattern:  # every commit of the run goes in as an SST file
         def finish(self):
             self._writer.finish()
             die_at(self._path + ".written")
-    state.store.RealSstFileWriter, state.store.SstFileWriter = state.store.SstFileWriter, Writer
+    state.bulk.RealSstFileWriter, state.bulk.SstFileWriter = state.bulk.SstFileWriter, Writer
 from flows.run import main
 sys.exit(main(sys.argv[1:]))
 """

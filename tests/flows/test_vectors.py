@@ -22,6 +22,7 @@ from flows.errors import DefinitionError
 from flows.pointintime import kept_events, point_in_time
 from flows.quarantine import apply_guarded
 from flows.spec import FeatureView, Source, count, first, last, mean, sum
+from state.bulk import BulkCommit, commit_building
 from state.codec import encode_key
 from state.layout import ViewLayout
 from state.read import evaluate_blob
@@ -396,7 +397,7 @@ def test_a_bulk_commit_streams_the_runs_and_drops_them_when_a_record_fails(
     store = ViewStore(tmp_path)
     store.create_version(layout)
     shard = store.open_partition(VIEW.name, 1, 0)
-    bulk = shard.bulk_commit()
+    bulk = BulkCommit(shard)
     result = apply_guarded(VIEW, layout, [part], start, shard.get_many, bulk)
     assert [letter.offset for letter in result.poison] == ([n - 5] if bad else [])
     assert bulk.used is not bad  # streamed; or dropped for the bisection's blobs
@@ -405,7 +406,7 @@ def test_a_bulk_commit_streams_the_runs_and_drops_them_when_a_record_fails(
         assert result.puts == {}
         bulk.finish(result.progress)
     else:
-        shard.commit(result.puts, result.progress, bulk=True)
+        commit_building(shard, result.puts, result.progress)
     assert not list(tmp_path.rglob("*.ingest-*.sst"))
     stored = shard.get_many(sorted(reference.puts))
     assert stored == [reference.puts[k] for k in sorted(reference.puts)]

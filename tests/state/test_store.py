@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.spec import FeatureView, Source, count, sum
+from state.bulk import BULK_COMMIT_KEYS, commit_building
 from state.errors import (
     FormatVersionError,
     NotAViewStoreError,
@@ -24,7 +25,6 @@ from state.errors import (
 from state.layout import ViewLayout
 from state.lock import use_version
 from state.store import (
-    BULK_COMMIT_KEYS,
     NOTHING_APPLIED,
     STORE_FORMAT,
     LogPosition,
@@ -297,7 +297,7 @@ def test_bulk_commits_are_ingested_files_equal_to_write_batches(
         for puts, offset in commits:
             expected.update(puts)
             progress = PartitionProgress(offset, offset * 100, offset, 0, {1: LogPosition(3, 7)})
-            part.commit(dict(puts), progress, bulk=True)
+            commit_building(part, dict(puts), progress)
             assert part.get_many(keys) == [expected[k] for k in keys]
             assert part.progress() == progress
             reader.try_catch_up_with_primary()
