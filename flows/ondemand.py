@@ -14,6 +14,7 @@ batch of `flows.snapshot --service`), so the values agree by construction.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,11 +23,18 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["EARTH_RADIUS_KM", "category_index", "cosine_similarity", "haversine_km", "one_hot"]
+__all__ = [
+    "EARTH_RADIUS_KM",
+    "category_index",
+    "cosine_similarity",
+    "haversine_km",
+    "one_hot",
+    "ratio",
+]
 
 EARTH_RADIUS_KM = 6371.0088  # the IUGG mean Earth radius
 
-_SMALL = 32  # rows up to which category_index looks values up in Python (same results)
+_SMALL = 32  # rows up to which the helpers work in Python floats (same results, less set-up)
 F64 = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
 
@@ -43,9 +51,11 @@ def cosine_similarity(a: Any, b: Any) -> pa.Array:
         ValueError: the columns differ in length, a column's vectors differ in dimension, or
             two vectors of a row do.
     """
-    kernels = _kernels()
     left, right = _array(a), _array(b)
     _same_length(("a", left), ("b", right))
+    if len(left) <= _SMALL:  # a request or a few: a Python loop beats the kernel's set-up
+        return _cosine_few(_float_vectors(left, "a"), _float_vectors(right, "b"))
+    kernels = _kernels()
     x, y = _vector_parts(left, "a"), _vector_parts(right, "b")
     values, ok, outcome = kernels.cosine_rows(*x, *y)
     if outcome == kernels.RAGGED:
@@ -56,6 +66,30 @@ def cosine_similarity(a: Any, b: Any) -> pa.Array:
     if outcome == kernels.DIMENSIONS:
         _check_dims(_usable_lengths(left)[0], _usable_lengths(right)[0], True)
     return pa.array(values, mask=~ok)
+
+
+def _cosine_few(left: pa.Array, right: pa.Array) -> pa.Array:
+    """`cosine_rows` as a Python loop over a few rows: the same sums in the same order in
+    float64 (Python floats), so the same values and the same errors, bit for bit."""
+    xs, ys = left.to_pylist(), right.to_pylist()
+    for name, rows in (("a", xs), ("b", ys)):
+        dims = {len(row) for row in rows if row and None not in row}
+        if len(dims) > 1:
+            _ragged(name, sorted(dims))
+    out: list[float | None] = []
+    for u, v in zip(xs, ys, strict=True):
+        if not u or not v or None in u or None in v:
+            out.append(None)
+            continue
+        _check_dims(len(u), len(v), True)
+        dot = uu = vv = 0.0
+        for p, q in zip(u, v, strict=True):
+            dot += p * q
+            uu += p * p
+            vv += q * q
+        norm = math.sqrt(uu) * math.sqrt(vv)
+        out.append(dot / norm if norm > 0 else None)
+    return pa.array(out, pa.float64())
 
 
 def warm_up() -> None:
@@ -79,16 +113,28 @@ def _kernels() -> Any:
 def _vector_parts(arr: pa.Array, name: str) -> tuple[Any, Any, Mask, Mask]:
     """A vector column as the kernel takes it: its items (float32 or float64), offsets, which
     rows are not null and which items are not null."""
-    _vector_type(arr, name)
-    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not (
-        pa.types.is_float32(arr.type.value_type) or pa.types.is_float64(arr.type.value_type)
-    ):  # fixed-size lists, integer items, a null column: as list<float64>
-        arr = arr.cast(pa.list_(pa.float64()))
+    arr = _float_vectors(arr, name)
     items = arr.values
     rows_ok = _validity(arr)
     items_ok = _validity(items)
     values = items.to_numpy(zero_copy_only=False) if items.null_count else items.to_numpy()
     return values, arr.offsets.to_numpy(), rows_ok, items_ok
+
+
+def _float_vectors(arr: pa.Array, name: str) -> pa.Array:
+    """A vector column as lists of float32 or float64 (fixed-size lists, integer items and a
+    null column cast to list<float64>).
+
+    Raises:
+        TypeError: the column is not a vector column.
+    """
+    _vector_type(arr, name)
+    t = arr.type
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+        pa.types.is_float32(t.value_type) or pa.types.is_float64(t.value_type)
+    ):
+        return arr
+    return arr.cast(pa.list_(pa.float64()))
 
 
 def _validity(arr: pa.Array) -> Mask:
@@ -142,13 +188,59 @@ def category_index(values: Any, categories: Sequence[Any]) -> pa.Array:
     for null (e.g. a request channel's code)."""
     arr = _array(values)
     if len(arr) <= _SMALL:  # a request or a few: a dict lookup beats the kernels' set-up
-        codes = {c: i for i, c in reversed(list(enumerate(_checked(categories))))}
+        codes = _codes(categories)
         return pa.array(
             [None if v is None else codes.get(v, -1) for v in arr.to_pylist()], pa.int32()
         )
     found = pc.index_in(arr, value_set=_categories(categories, arr.type))
     coded = pc.fill_null(found, -1).cast(pa.int32())
     return pc.if_else(pc.is_valid(arr), coded, pa.scalar(None, pa.int32()))
+
+
+def _codes(categories: Sequence[Any]) -> dict[Any, int]:
+    """{category: its first position}, made once per list of categories."""
+    return _codes_of(tuple(_checked(categories)))
+
+
+@functools.lru_cache(maxsize=256)
+def _codes_of(categories: tuple[Any, ...]) -> dict[Any, int]:
+    return {c: i for i, c in reversed(list(enumerate(categories)))}
+
+
+def ratio(numerator: Any, denominator: Any) -> pa.Array:
+    """Row-wise `numerator / denominator` as float64 (e.g. a request's amount against the
+    user's mean amount): null where either side is null or not finite (NaN, +-inf) or the
+    denominator is 0. Integers are divided as float64."""
+    top, bottom = _number_column(numerator, "numerator"), _number_column(denominator, "denominator")
+    _same_length(("numerator", top), ("denominator", bottom))
+    if len(top) <= _SMALL:  # the same IEEE division on Python floats
+        return pa.array(
+            [
+                x / y if x is not None and y and math.isfinite(x) and math.isfinite(y) else None
+                for x, y in zip(_float_list(top), _float_list(bottom), strict=True)
+            ],
+            pa.float64(),
+        )
+    (x, x_ok), (y, y_ok) = _floats(top), _floats(bottom)
+    usable = x_ok & y_ok & np.isfinite(x) & np.isfinite(y) & (y != 0)
+    with np.errstate(over="ignore"):  # an overflow is inf, as in Python floats
+        out = np.divide(x, y, out=np.zeros_like(x), where=usable)
+    return pa.array(out, mask=~usable)
+
+
+def _number_column(values: Any, name: str) -> pa.Array:
+    arr = _array(values)
+    t = arr.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+        raise TypeError(f"ratio: {name} has type {t}; pass number columns")
+    return arr
+
+
+def _float_list(arr: pa.Array) -> list[float | None]:
+    if not pa.types.is_floating(arr.type):  # integers and nulls as _floats reads them
+        arr = arr.cast(pa.float64(), safe=False)
+    values: list[float | None] = arr.to_pylist()
+    return values
 
 
 def one_hot(values: Any, categories: Sequence[Any]) -> pa.Array:

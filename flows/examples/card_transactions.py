@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
-from flows.ondemand import category_index, cosine_similarity
+from flows.ondemand import category_index, cosine_similarity, ratio
 from flows.spec import (
     FeatureService,
     FeatureView,
@@ -91,12 +90,8 @@ def payment_signals(rows: pa.Table) -> dict[str, Any]:
     """Request-time features: the amount against the user's 14-day mean (null without a
     mean), the channel's code (-1 for an unknown channel), and the cosine similarity of the
     payment text's embedding with the user's 30-day mean embedding (null without either)."""
-    amount = rows["amount"].to_numpy()  # float64, NaN for null
-    mean_14d = rows["user_spend__amount_mean_14d"].to_numpy()
-    usable = np.isfinite(amount) & (mean_14d > 0)
-    ratio = np.divide(amount, mean_14d, out=np.zeros_like(amount), where=usable)
     return {
-        "amount_vs_mean_14d": pa.array(ratio, mask=~usable),
+        "amount_vs_mean_14d": ratio(rows["amount"], rows["user_spend__amount_mean_14d"]),
         "channel_code": category_index(rows["channel"], CHANNEL_CODES),
         "text_similarity": cosine_similarity(
             rows["text_embedding"], rows["user_spend__text_embedding_mean_30d"]
