@@ -89,16 +89,15 @@ class ServicePlan:
     # feature may be either or both: the online read builds each only in the form it needs)
     step_inputs: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
     outputs: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+    # derived: the entity columns the views are looked up by, each once, in order
+    entity_columns: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         inputs = frozenset(c for s in self.steps for c in s.inputs)
         object.__setattr__(self, "step_inputs", inputs)
         object.__setattr__(self, "outputs", frozenset(self.columns))
-
-    @property
-    def entity_columns(self) -> tuple[str, ...]:
         seen = dict.fromkeys(c for r in self.reads for c in r.entity_columns)
-        return tuple(seen)
+        object.__setattr__(self, "entity_columns", tuple(seen))
 
 
 def evaluate_service(
