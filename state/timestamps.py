@@ -3,11 +3,14 @@ the epoch microseconds that tiles and windows are in."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from datetime import UTC, datetime, timedelta
 
 Timestamp = datetime | int | float
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_SECONDS = 253_402_300_800  # 10000-01-01: a larger epoch number is not in seconds
 
 
 def to_micros(t: Timestamp) -> int:
@@ -19,6 +22,14 @@ def to_micros(t: Timestamp) -> int:
                 "(e.g. datetime.now(timezone.utc))"
             )
         return (t - _EPOCH) // timedelta(microseconds=1)  # exact before 1970 too
-    if isinstance(t, bool) or not isinstance(t, int | float):
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TypeError(f"timestamp {t!r} must be an aware datetime or epoch seconds")
-    return round(t * 1_000_000)
+    if not math.isfinite(t) or abs(t) >= _MAX_SECONDS:
+        raise ValueError(
+            f"timestamp {t!r} is not epoch seconds (years 1 to 9999); at= takes epoch seconds "
+            "or an aware datetime: divide a time in milliseconds by 1e3, in microseconds by "
+            "1e6, in nanoseconds by 1e9"
+        )
+    if isinstance(t, numbers.Integral):
+        return int(t) * 1_000_000
+    return round(float(t) * 1_000_000)

@@ -3,6 +3,8 @@ writer runs, and a clear stop on an on-disk format it cannot read."""
 
 from __future__ import annotations
 
+import math
+
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -108,6 +110,21 @@ def test_pre_1970_times_keep_their_microseconds() -> None:
     assert to_micros(t) == -750_000
     assert to_micros(datetime(1960, 1, 1, 0, 0, 0, 1, tzinfo=UTC)) == -315_619_200_000_000 + 1
     assert to_micros(-0.75) == -750_000
+
+
+def test_epoch_numbers_in_other_units_or_types_are_named() -> None:
+    import numpy as np
+
+    from state.client import to_micros
+
+    assert to_micros(np.int64(1_790_000_000)) == to_micros(1_790_000_000) == 1_790_000_000_000_000
+    assert to_micros(np.float32(0.5)) == 500_000
+    for wrong in (1_790_000_000_000, 1_790_000_000_000_000, -1e12, math.nan, math.inf):
+        with pytest.raises(ValueError, match="not epoch seconds.*in microseconds by 1e6"):
+            to_micros(wrong)
+    for wrong in (True, "1790000000", np.datetime64("2026-01-01")):
+        with pytest.raises(TypeError, match="aware datetime or epoch seconds"):
+            to_micros(wrong)  # type: ignore[arg-type]
 
 
 def test_keys_of_the_wrong_type_are_refused(state: Path) -> None:
