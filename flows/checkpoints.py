@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rocksdict import IngestExternalFileOptions, Options, Rdict, SstFileWriter
+from rocksdict import IngestExternalFileOptions, Options, SstFileWriter
 
 from connectors.objectstore import Store, open_store
 from flows.errors import FlowError
@@ -50,6 +50,7 @@ from state.lock import USE_LOCK
 from state.store import (
     ViewStore,
     exclusive,
+    open_rocks,
     open_secondary,
     progress_of,
     rocks_options,
@@ -343,7 +344,7 @@ def _ingest_shards(staging: Path, manifest: dict[str, Any], fetch: _Fetch) -> No
     for shard in manifest["shards"]:
         name = f"p{int(shard):04d}"
         sst = fetch.ready(f"{name}.sst")
-        db = Rdict(str(staging / name), rocks_options())
+        db = open_rocks(staging / name, rocks_options())
         db.ingest_external_file([str(sst)], ingest)
         db.close()
     fetch.all_ready()  # the definitions record too, before anything is made live

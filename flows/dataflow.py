@@ -280,9 +280,10 @@ class _ViewPartition(StatefulSinkPartition[Routed, None]):
             # blobs written a merge run at a time (state.bulk)
             building = self._switcher.building(i)
             bulk = BulkCommit(store) if building and events >= BULK_COMMIT_KEYS else None
+            read = store.get_many_once if building else store.get_many
             try:
                 result = apply_guarded(
-                    target.view, target.layout, parts, self._progress[i], store.get_many, bulk
+                    target.view, target.layout, parts, self._progress[i], read, bulk
                 )
             except BaseException:
                 if bulk is not None:

@@ -38,6 +38,7 @@ from rocksdict import (
     IngestExternalFileOptions,
     Options,
     Rdict,
+    ReadOptions,
     WriteBatch,
 )
 
@@ -78,8 +79,9 @@ _SWITCH_LOCK = "SWITCH.lock"  # serializes switches of one view
 def rocks_options(*, read_only: bool = False) -> Options:
     """Options for point reads of entity blobs, chosen by measurement (scripts/bench_store.py):
     10-bit bloom filters, LZ4, and one block cache shared by every store a process opens
-    (FEATUREFLOW_BLOCK_CACHE_MB, default 256). Index and filter blocks stay pinned in the table
-    readers: putting them in the block cache measured 15x worse at p99."""
+    (FEATUREFLOW_BLOCK_CACHE_MB, default 256; open stores with `open_rocks`). Index and filter
+    blocks stay pinned in the table readers: putting them in the block cache measured 15x
+    worse at p99."""
     opts = Options(raw_mode=True)
     opts.create_if_missing(not read_only)
     table = BlockBasedOptions()
@@ -98,6 +100,9 @@ def rocks_options(*, read_only: bool = False) -> Options:
 
 
 _CACHE: list[Cache] = []
+_READ_ONCE = ReadOptions()  # blocks read are not put in the block cache
+_READ_ONCE.fill_cache(False)
+_READ_CACHED = ReadOptions()  # RocksDB's defaults
 
 
 def _shared_cache() -> Cache:
@@ -194,12 +199,28 @@ class PartitionStore:
         with disk_full_named(path, "opening the view store"):
             path.mkdir(parents=True, exist_ok=True)
             _remove_dead_ingest_files(path)
-            self._db = Rdict(str(path), self.options)
+            self._db = open_rocks(path, self.options)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
         result = self._db.get(list(keys))
+        assert isinstance(result, list)
+        return result
+
+    def get_many_once(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """`get_many` for blobs read once and then rewritten (a replay building a version):
+        their blocks are not put in the block cache, where they would never be read again
+        and would only grow the process."""
+        if not keys:
+            return []
+        # rocksdict's multi-get ignores a `read_opt` argument but honours preset options; the
+        # store is used by its worker's thread alone, so preset them around this one read
+        self._db.set_read_options(_READ_ONCE)
+        try:
+            result = self._db.get(list(keys))
+        finally:
+            self._db.set_read_options(_READ_CACHED)
         assert isinstance(result, list)
         return result
 
@@ -675,11 +696,18 @@ def sweep_scratch(tmp: Path) -> list[Path]:
 def open_secondary(primary: Path, secondary: Path) -> Rdict:
     """A read-only follower of a writer's RocksDB (safe while the writer runs)."""
     secondary.mkdir(parents=True, exist_ok=True)
-    return Rdict(
-        str(primary),
-        rocks_options(read_only=True),
-        access_type=AccessType.secondary(str(secondary)),
-    )
+    return open_rocks(primary, rocks_options(read_only=True), AccessType.secondary(str(secondary)))
+
+
+def open_rocks(path: Path, options: Options, access: AccessType | None = None) -> Rdict:
+    """A RocksDB at `path` with `options` for its (only) column family too: opening a database
+    that exists, rocksdict otherwise gives the column family the options recorded in the
+    database's OPTIONS file, whose table factory has a private 8 MB block cache in place of
+    the process's shared one (so every reopened shard and every reader's follower had 8 MB)."""
+    families = {"default": options}
+    if access is None:
+        return Rdict(str(path), options, column_families=families)
+    return Rdict(str(path), options, column_families=families, access_type=access)
 
 
 def iter_entities(db: Rdict) -> Iterator[tuple[bytes, bytes]]:

@@ -30,6 +30,7 @@ from state.store import (
     LogPosition,
     PartitionProgress,
     ViewStore,
+    _shared_cache,
     open_secondary,
     read_partition_progress,
     sweep_scratch,
@@ -310,6 +311,50 @@ def test_bulk_commits_are_ingested_files_equal_to_write_batches(
     again = store.open_partition("spend", 1, 0)
     assert again.get_many(keys) == [expected[k] for k in keys]
     again.close()
+
+
+def test_reopened_stores_and_followers_use_the_shared_block_cache(
+    store: ViewStore, tmp_path: Path
+) -> None:
+    """A shard reopened (a restarted flow) and a reader's follower read through the process's
+    one block cache of FEATUREFLOW_BLOCK_CACHE_MB, not the private 8 MB cache that the
+    database's OPTIONS file would give them; a replay's once-read blobs stay out of it."""
+    store.create_version(layout())
+    part = store.open_partition("spend", 1, 0)
+    keys = [f"e\x00k{i:06d}".encode() for i in range(3000)]
+    part.commit({k: os.urandom(600) for k in keys}, PartitionProgress(1, 1, 1, 0))
+    part.close()
+    shared = _shared_cache()
+    capacity = int(os.environ.get("FEATUREFLOW_BLOCK_CACHE_MB", "256")) << 20
+    again = store.open_partition("spend", 1, 0)
+    reader = open_secondary(store.partition_dir("spend", 1, 0), tmp_path / "secondary")
+    try:
+        again._db.flush()
+        reader.try_catch_up_with_primary()
+        for db in (again._db, reader):
+            assert int(db.property_value("rocksdb.block-cache-capacity")) == capacity
+        before = shared.get_usage()
+        assert again.get_many_once(keys) == again.get_many(keys[:0] + keys)[: len(keys)]
+        filled = shared.get_usage()
+        assert filled > before  # the cached read filled the shared cache
+        assert reader.get(keys) == again.get_many(keys)
+    finally:
+        reader.close()
+        again.close()
+
+
+def test_a_replays_once_read_blobs_do_not_fill_the_block_cache(store: ViewStore) -> None:
+    store.create_version(layout())
+    part = store.open_partition("spend", 1, 1)
+    keys = [f"e\x00q{i:06d}".encode() for i in range(3000)]
+    part.commit({k: os.urandom(600) for k in keys}, PartitionProgress(1, 1, 1, 0))
+    part._db.flush()
+    try:
+        before = _shared_cache().get_usage()
+        assert len(part.get_many_once(keys)) == len(keys)
+        assert _shared_cache().get_usage() == before
+    finally:
+        part.close()
 
 
 def test_a_killed_commits_ingest_file_is_removed_when_the_store_opens(store: ViewStore) -> None:
