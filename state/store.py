@@ -101,7 +101,7 @@ def rocks_options(*, read_only: bool = False) -> Options:
 
 _CACHE: list[Cache] = []
 _READ_ONCE = ReadOptions()  # blocks read are not put in the block cache
-_READ_ONCE.fill_cache(False)
+_READ_ONCE.fill_cache(False)  # type: ignore[call-arg]  # the stub lacks the argument
 _READ_CACHED = ReadOptions()  # RocksDB's defaults
 
 

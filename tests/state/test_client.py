@@ -4,7 +4,6 @@ writer runs, and a clear stop on an on-disk format it cannot read."""
 from __future__ import annotations
 
 import math
-
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def test_epoch_numbers_in_other_units_or_types_are_named() -> None:
     assert to_micros(np.int64(1_790_000_000)) == to_micros(1_790_000_000) == 1_790_000_000_000_000
     assert to_micros(np.float32(0.5)) == 500_000
     for wrong in (1_790_000_000_000, 1_790_000_000_000_000, -1e12, math.nan, math.inf):
-        with pytest.raises(ValueError, match="not epoch seconds.*in microseconds by 1e6"):
+        with pytest.raises(ValueError, match=r"not epoch seconds.*in microseconds by 1e6"):
             to_micros(wrong)
     for wrong in (True, "1790000000", np.datetime64("2026-01-01")):
         with pytest.raises(TypeError, match="aware datetime or epoch seconds"):
