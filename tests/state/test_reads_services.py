@@ -147,10 +147,15 @@ def test_cosine_is_the_python_loop_bit_for_bit(
     a = pa.array(a_rows, pa.list_(item)).slice(cut)
     b = pa.array(b_rows, pa.large_list(pa.float64())).slice(cut)
     want = [python_cosine(u, v) for u, v in zip(a.to_pylist(), b.to_pylist(), strict=True)]
-    got = cosine_similarity(a, b).to_pylist()
-    assert [None if x is None else struct_bits(x) for x in got] == [
-        None if x is None else struct_bits(x) for x in want
-    ]
+    few = cosine_similarity(a, b).to_pylist()  # a few rows: flows.ondemand's Python loop
+    pad = 40  # past _SMALL rows: the compiled loop over the Arrow buffers
+    many = cosine_similarity(
+        pa.concat_arrays([a, pa.nulls(pad, a.type)]), pa.concat_arrays([b, pa.nulls(pad, b.type)])
+    ).to_pylist()[: len(a)]
+    for got in (few, many):
+        assert [None if x is None else struct_bits(x) for x in got] == [
+            None if x is None else struct_bits(x) for x in want
+        ]
 
 
 def struct_bits(x: float) -> int:
