@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,12 @@ def run_flow(
     return elapsed, peak_kb / 1024
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the child processes waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def watch_peak_rss(procs: list[subprocess.Popen[bytes]]) -> int:
     """The largest peak RSS (kB) of `procs` until they all exit, from /proc/<pid>/status
     VmHWM sampled every 50 ms (a fork's wait4 `ru_maxrss` would count the pages it shared
@@ -204,11 +211,15 @@ def main() -> None:
         defs, newest = make_log(tmp, args.events, args.keys, args.partitions)
         duck = run_duckdb(tmp)
         polars = run_polars(tmp)
+        cpu = children_cpu()
         one, peak1 = run_flow(tmp, defs, 1, batch_rows=args.batch_rows)
+        cpu1, cpu = children_cpu() - cpu, children_cpu()
         two, peak2 = run_flow(tmp, defs, 2, batch_rows=args.batch_rows)
+        cpu = children_cpu()
         procs, peak_p = run_flow(
             tmp, defs, 1, name="-cluster", processes=2, batch_rows=args.batch_rows
         )
+        cpu_p = children_cpu() - cpu
         p50, p99, batch = read_latency(tmp / "state-w1", args.keys, newest)
         both = None
         if args.rekeyed:
@@ -221,7 +232,7 @@ def main() -> None:
     )
     print(
         f"flows.run --until-caught-up, 1 worker : {one:7.2f} s ({n / one:,.0f} events/s), "
-        f"peak RSS {peak1:,.0f} MB"
+        f"peak RSS {peak1:,.0f} MB, CPU {cpu1:.2f} s ({cpu1 / one:.2f} cores busy)"
     )
     print(
         f"flows.run --until-caught-up, 2 workers: {two:7.2f} s ({n / two:,.0f} events/s), "
@@ -230,7 +241,10 @@ def main() -> None:
     print(
         f"flows.run --until-caught-up, 2 processes (--addresses, 1 worker each, own state): "
         f"{procs:7.2f} s ({n / procs:,.0f} events/s), peak RSS {peak_p:,.0f} MB per process: "
-        f"{one / procs:.2f}x the 1-process rate (target >= 1.8)"
+        f"{one / procs:.2f}x the 1-process rate (target >= 1.8); CPU {cpu_p:.2f} s in all "
+        f"({cpu_p / procs:.2f} cores busy of {os.cpu_count()}): the 1-process run keeps "
+        f"{cpu1 / one:.2f} cores busy, so {os.cpu_count()} cores bound 2 processes to "
+        f"{(os.cpu_count() or 1) / (cpu1 / one):.2f}x"
     )
     print(f"duckdb window SQL over the same segments: {duck:7.2f} s")
     print(f"polars rolling_*_by over the same segments: {polars:7.2f} s")
