@@ -59,7 +59,7 @@ from state.open_versions import OpenVersions, OpenView
 from state.read import AsOf, evaluate_blob
 from state.request_keys import key_text_of, key_texts
 from state.servedlog import ServedLog, logs_service_reads, logs_view_reads
-from state.service_reads import ServiceBook, view_features
+from state.service_reads import ServiceBook, one_row, view_features
 from state.services import (
     check_entity_columns,
     on_demand_columns,
@@ -213,15 +213,34 @@ class FeatureClient:
             self._versions.unpin(opened)
         return opened.version, opened.layout, columns
 
+    def _one_entity(
+        self, view: str, key: str, at: Timestamp | None, only: frozenset[str]
+    ) -> tuple[int, ViewLayout, dict[str, Any]]:
+        """The features `only` of the entity whose key text is `key`, as {feature: value}
+        (`get`'s read), with the version and layout read."""
+        t = to_micros(at) if at is not None else time.time_ns() // 1000
+        opened = self._versions.pin(view)
+        try:
+            row = self._read_one(opened, key, t, at is not None, only)
+        finally:
+            self._versions.unpin(opened)
+        return opened.version, opened.layout, row
+
+    def _read_one(
+        self, opened: OpenView, text: str, t: int, strict: bool, only: frozenset[str] | None
+    ) -> dict[str, Any]:
+        """{feature: value} of the key `text`: one point get and one merge."""
+        blob, newest = self._one_blob(opened, text, strict)
+        check = AsOf(text, newest) if strict else None
+        return _evaluate(opened.layout, blob, t, check, self._compiled, only)
+
     def _read_columns(
         self, opened: OpenView, texts: list[str], t: int, strict: bool, only: frozenset[str] | None
     ) -> dict[str, list[Any]]:
         """{feature: values} of the keys `texts`; each distinct key is read and merged once."""
         layout = opened.layout
         if len(texts) == 1:  # one request: `get`'s read
-            blob, newest = self._one_blob(opened, texts[0], strict)
-            check = AsOf(texts[0], newest) if strict else None
-            row = _evaluate(layout, blob, t, check, self._compiled, only)
+            row = self._read_one(opened, texts[0], t, strict, only)
             return {name: [value] for name, value in row.items()}
         distinct = list(dict.fromkeys(texts))
         blobs, marks = self._blobs(opened, distinct, strict)
@@ -323,7 +342,12 @@ class FeatureClient:
                 f"service {name!r}: get_service takes one row as a dict, got a "
                 f"{type(row).__name__}; for many rows use get_service_many"
             )
-        return self.get_service_many(name, [row], at)[0]
+        out = one_row(self._services.plan(name), row, at, self._one_entity)
+        if out is None:  # a row the batch path reads, or names what is wrong in
+            return self.get_service_many(name, [row], at)[0]
+        if self.served_log is not None:
+            self.served_log.service_read(name, [row], at, [out])
+        return out
 
     @logs_service_reads
     def get_service_many(

@@ -34,7 +34,15 @@ from state.errors import (
 )
 from state.layout import FeatureDef, ViewLayout
 from state.read import evaluate_blob
-from state.services import ServicePlan, ViewRead, feature_column, feature_values
+from state.services import (
+    FIELD_TYPES,
+    ServicePlan,
+    ViewRead,
+    feature_column,
+    feature_values,
+    is_plain,
+    on_demand_columns,
+)
 from state.timestamps import Timestamp
 
 _RECHECK_S = 1.0  # how often the definitions record is looked at for new definitions
@@ -47,6 +55,17 @@ class ViewColumns(Protocol):
         self, view: str, keys: Sequence[Any], at: Timestamp | None, only: frozenset[str]
     ) -> tuple[int, ViewLayout, dict[str, list[Any]]]:
         """The features `only` of `keys` as {feature: values} columns, with the version and
+        layout read."""
+        ...
+
+
+class EntityRead(Protocol):
+    """The client's read of one entity (`FeatureClient._one_entity`)."""
+
+    def __call__(
+        self, view: str, key: str, at: Timestamp | None, only: frozenset[str]
+    ) -> tuple[int, ViewLayout, dict[str, Any]]:
+        """The features `only` of the entity `key` as {feature: value}, with the version and
         layout read."""
         ...
 
@@ -162,6 +181,55 @@ def view_features(
         if column in plan.step_inputs:
             arrays[column] = feature_column(layout, by_name[f], found[f])
     return values, arrays
+
+
+def one_row(
+    plan: ServicePlan, row: Mapping[str, Any], at: Timestamp | None, read_one: EntityRead
+) -> dict[str, Any] | None:
+    """`get_service`'s vector for one row whose request fields are plain Python values of
+    their declared kinds and whose entity keys are str: one point read per view, each value
+    made an Arrow array of its canonical type in one step, the on-demand steps as for a batch
+    (`on_demand_columns`). The same values as `get_service_many([row])` (tested), without its
+    per-batch work. None for any other row (a missing column, another type, a null or int
+    key, a composite key, an out-of-range int, a feature the live version lacks): the caller
+    then takes the batch path, which reads it or names what is wrong.
+
+    Raises:
+        OnDemandError: as `on_demand_columns`.
+        InexactReadError: as a read as of `at`.
+    """
+    inputs: dict[str, pa.Array] = {}
+    try:
+        for field, kind in plan.request:
+            value = row.get(field, _ABSENT)
+            if value is _ABSENT or not is_plain(kind, value):
+                return None
+            inputs[field] = pa.array([value], FIELD_TYPES[kind])  # checked as the batch path
+    except (TypeError, OverflowError, pa.ArrowException):
+        return None  # e.g. an int out of an int field's range: the batch path names it
+    values: dict[str, Any] = {}
+    for read in plan.reads:
+        if len(read.entity_columns) != 1:
+            return None
+        key = row.get(read.entity_columns[0])
+        if type(key) is not str:
+            return None
+        _, layout, found = read_one(read.view, key, at, read.wanted)
+        by_name = _features_by_name(layout)
+        for f in read.features:
+            feature = by_name.get(f)
+            if feature is None:
+                return None  # the batch path raises MissingFeatureError naming it
+            column = read.column(f)
+            if column in plan.outputs:
+                values[column] = feature_values(layout, feature, [found[f]])[0]
+            if column in plan.step_inputs:
+                inputs[column] = feature_column(layout, feature, [found[f]])
+    outputs = on_demand_columns(plan, inputs, 1) if plan.steps else {}
+    return {c: values[c] if c in values else outputs[c][0].as_py() for c in plan.columns}
+
+
+_ABSENT = object()
 
 
 def _entity_keys(read: ViewRead, rows: Sequence[Mapping[str, Any]] | pa.Table) -> list[Any]:

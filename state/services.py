@@ -291,6 +291,15 @@ def _plain_values(
         return None  # missing, not a row, or out of range: the checked path names it
 
 
+def is_plain(kind: str, value: Any) -> bool:
+    """Whether a request value is None or a plain Python value of its field's declared kind:
+    what `request_columns` builds straight in the field's Arrow type (`FIELD_TYPES`)."""
+    if value is None:
+        return True
+    plain = _PLAIN_CHECKS.get(kind)
+    return plain is not None and plain(value)
+
+
 def _float_list(v: Any) -> bool:
     return type(v) is list and all(type(x) is float for x in v)
 

@@ -205,6 +205,59 @@ def test_online_equals_offline(deployed: tuple[Path, Definitions]) -> None:
     assert False in values["signals__risky"]
 
 
+def test_one_row_reads_equal_the_batch_path(deployed: tuple[Path, Definitions]) -> None:
+    """`get_service` reads a row of plain values on its own path (one point read per view):
+    each row's vector equals the batch path's for that row, to the bit and in type, with
+    unknown keys, null request fields, null vectors and empty windows. Any other row (an int
+    or null key, an int for a double, a missing field) takes the batch path and gets its
+    value or its error; a function that fails fails alike on both paths."""
+    tmp, defs = deployed
+    rows = spine(n_times=30, per_time=20, seed=8)
+    ts = rows.column("ts").to_pylist()
+    batch_calls = 0
+    with FeatureClient(tmp / "state", features=defs.path) as client:
+        batch = client.get_service_many
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal batch_calls
+            batch_calls += 1
+            return batch(*args, **kwargs)
+
+        client.get_service_many = counted  # type: ignore[method-assign]
+        requests = rows.drop_columns(["ts"]).to_pylist()
+        for i, row in enumerate(requests):
+            at = ts[i] if i % 3 else None  # as of a time, and now
+            assert repr(client.get_service("fraud", row, at=at)) == repr(
+                batch("fraud", [row], at=at)[0]
+            )
+        assert batch_calls == 0  # every row above took the one-row path
+        base = requests[0]
+        odd = [
+            {**base, "user_id": 7},
+            {**base, "merchant_id": None},
+            {**base, "amount": 5},
+            {**base, "channel": 3},
+            {k: v for k, v in base.items() if k != "channel"},
+        ]
+        compared = next(
+            r for r in requests if batch("fraud", [r], at=ts[0])[0]["signals__similarity"]
+        )
+        wrong_vector = {**compared, "text": [1.0, 2.0]}  # plain, but the cosine refuses it
+        for row in [*odd, wrong_vector]:
+            outcomes = []
+            for read in (
+                lambda r: client.get_service("fraud", r, at=ts[0]),
+                lambda r: batch("fraud", [r], at=ts[0])[0],
+            ):
+                try:
+                    outcomes.append(repr(read(row)))
+                except Exception as exc:
+                    outcomes.append(f"{type(exc).__name__}: {exc}")
+            assert outcomes[0] == outcomes[1]
+        assert batch_calls == len(odd)
+        assert outcomes[0].startswith("OnDemandError: service 'fraud'")  # the wrong vector
+
+
 def test_client_finds_the_recorded_definitions(deployed: tuple[Path, Definitions]) -> None:
     tmp, defs = deployed
     row = {
