@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,32 @@ def test_one_row_reads_equal_the_batch_path(deployed: tuple[Path, Definitions]) 
             assert outcomes[0] == outcomes[1]
         assert batch_calls == len(odd)
         assert outcomes[0].startswith("OnDemandError: service 'fraud'")  # the wrong vector
+
+
+def test_many_threads_share_one_client_for_service_reads(
+    deployed: tuple[Path, Definitions],
+) -> None:
+    """8 threads call `get_service` and `get_service_many` on one client at once: every
+    answer is the one the same call gives alone (no state of one call leaks into another)."""
+    tmp, defs = deployed
+    rows = spine(n_times=10, per_time=20, seed=12)
+    ts = rows.column("ts").to_pylist()
+    requests = rows.drop_columns(["ts"]).to_pylist()
+    with FeatureClient(tmp / "state", features=defs.path) as client:
+        alone = [repr(client.get_service("fraud", r, at=ts[i])) for i, r in enumerate(requests)]
+
+        def worker(seed: int) -> int:
+            order = np.random.default_rng(seed).permutation(len(requests))
+            for i in order.tolist():
+                if i % 2:
+                    got = client.get_service("fraud", requests[i], at=ts[i])
+                else:
+                    got = client.get_service_many("fraud", [requests[i]], at=ts[i])[0]
+                assert repr(got) == alone[i], f"row {i}"
+            return len(order)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(worker, range(8))) == 8 * len(requests)
 
 
 def test_client_finds_the_recorded_definitions(deployed: tuple[Path, Definitions]) -> None:
