@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -110,15 +111,16 @@ def test_cosine_paths_agree_bit_for_bit(data: st.DataObject, dim: int, cut: int)
 
 
 def python_cosine(u: list[float | None] | None, v: list[float | None] | None) -> float | None:
-    """The reference: a row's sums over its items in order, in Python floats."""
+    """The reference: a row's sums over its items in order (left folds), in Python floats."""
     if not u or not v or None in u or None in v:
         return None
-    dot = uu = vv = 0.0
-    for p, q in zip(u, v, strict=True):
-        dot += p * q
-        uu += p * p
-        vv += q * q
-    norm = math.sqrt(uu) * math.sqrt(vv)
+    pairs = list(zip(map(float, u), map(float, v), strict=True))
+    dot = functools.reduce(lambda total, pq: total + pq[0] * pq[1], pairs, 0.0)
+    norms = [
+        functools.reduce(lambda total, x: total + x * x, side, 0.0)
+        for side in zip(*pairs, strict=True)
+    ]
+    norm = math.sqrt(norms[0]) * math.sqrt(norms[1])
     return dot / norm if norm > 0 else None
 
 
