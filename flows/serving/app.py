@@ -144,7 +144,10 @@ class FeatureServer:
             return _json({"rows": self.client.get_many(route.name, keys, read.at)})
         if route.endpoint == "service":
             rows = parse_service_read(await self._body(scope, receive), self.config.batch_limit)
-            values = self.client.get_service_many(route.name, rows.rows, rows.at)
+            if len(rows.rows) == 1:  # one request: the client's one-row path
+                values = [self.client.get_service(route.name, rows.rows[0], rows.at)]
+            else:
+                values = self.client.get_service_many(route.name, rows.rows, rows.at)
             return _json({"rows": values})
         return self._describe(route.endpoint)
 
