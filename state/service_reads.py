@@ -12,6 +12,10 @@ adds the on-demand outputs over all the rows:
          --ViewColumns: one batch read of the non-null keys, only the service's features-->
          {feature: values} --rows without a key: the empty-window values-->
          --feature_column--> {<view>__<feature>: pa.Array}
+
+`get_service` (one row) first tries `one_row`: a row of plain values and str keys is read with
+one point read per view (`FeatureClient._one_entity`) and its values made arrays directly,
+equal to the batch path above (tests/flows/test_services.py); any other row takes that path.
 """
 
 from __future__ import annotations
