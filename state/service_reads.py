@@ -14,8 +14,9 @@ adds the on-demand outputs over all the rows:
          --feature_column--> {<view>__<feature>: pa.Array}
 
 `get_service` (one row) first tries `one_row`: a row of plain values and str keys is read with
-one point read per view (`FeatureClient._one_entity`) and its values made arrays directly,
-equal to the batch path above (tests/flows/test_services.py); any other row takes that path.
+one point read per view (`FeatureClient._one_entity`) and each on-demand table made from its
+Python values in one conversion, equal to the batch path above (tests/flows/test_services.py);
+any other row takes that path.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from state.services import (
     ServicePlan,
     ViewRead,
     feature_column,
+    feature_types,
     feature_values,
     is_plain,
-    on_demand_columns,
+    one_row_steps,
 )
 from state.timestamps import Timestamp
 
@@ -191,26 +193,27 @@ def one_row(
     plan: ServicePlan, row: Mapping[str, Any], at: Timestamp | None, read_one: EntityRead
 ) -> dict[str, Any] | None:
     """`get_service`'s vector for one row whose request fields are plain Python values of
-    their declared kinds and whose entity keys are str: one point read per view, each value
-    made an Arrow array of its canonical type in one step, the on-demand steps as for a batch
-    (`on_demand_columns`). The same values as `get_service_many([row])` (tested), without its
+    their declared kinds and whose entity keys are str: one point read per view, and each
+    on-demand step's input table made from the row's Python values in one conversion
+    (`one_row_steps`). The same values as `get_service_many([row])` (tested), without its
     per-batch work. None for any other row (a missing column, another type, a null or int
     key, a composite key, an out-of-range int, a feature the live version lacks): the caller
     then takes the batch path, which reads it or names what is wrong.
 
     Raises:
-        OnDemandError: as `on_demand_columns`.
+        OnDemandError: as `state.services.on_demand_columns`.
         InexactReadError: as a read as of `at`.
     """
-    inputs: dict[str, pa.Array] = {}
-    try:
-        for field, kind in plan.request:
-            value = row.get(field, _ABSENT)
-            if value is _ABSENT or not is_plain(kind, value):
-                return None
-            inputs[field] = pa.array([value], FIELD_TYPES[kind])  # checked as the batch path
-    except (TypeError, OverflowError, pa.ArrowException):
-        return None  # e.g. an int out of an int field's range: the batch path names it
+    inputs: dict[str, Any] = {}  # the on-demand steps' inputs, as Python values
+    types: dict[str, pa.DataType] = {}  # and their canonical Arrow types
+    for field, kind in plan.request:
+        value = row.get(field, _ABSENT)
+        if value is _ABSENT or not is_plain(kind, value):
+            return None
+        if field in plan.step_inputs:
+            inputs[field], types[field] = value, FIELD_TYPES[kind]
+        elif not _converts(value, FIELD_TYPES[kind]):
+            return None  # e.g. an int out of an int field's range: the batch path names it
     values: dict[str, Any] = {}
     for read in plan.reads:
         if len(read.entity_columns) != 1:
@@ -228,12 +231,22 @@ def one_row(
             if column in plan.outputs:
                 values[column] = feature_values(layout, feature, [found[f]])[0]
             if column in plan.step_inputs:
-                inputs[column] = feature_column(layout, feature, [found[f]])
-    outputs = on_demand_columns(plan, inputs, 1) if plan.steps else {}
-    return {c: values[c] if c in values else outputs[c][0].as_py() for c in plan.columns}
+                inputs[column], types[column] = found[f], feature_types(layout)[f]
+    outputs = one_row_steps(plan, inputs, types)
+    if outputs is None:
+        return None
+    return {c: values[c] if c in values else outputs[c] for c in plan.columns}
 
 
 _ABSENT = object()
+
+
+def _converts(value: Any, kind: pa.DataType) -> bool:
+    try:
+        pa.array([value], kind)
+    except (TypeError, OverflowError, pa.ArrowException):
+        return False
+    return True
 
 
 def _entity_keys(read: ViewRead, rows: Sequence[Mapping[str, Any]] | pa.Table) -> list[Any]:

@@ -143,6 +143,35 @@ def on_demand_columns(
     return out
 
 
+def one_row_steps(
+    plan: ServicePlan, values: Mapping[str, Any], types: Mapping[str, pa.DataType]
+) -> dict[str, Any] | None:
+    """`on_demand_columns` for one row given as Python values of the input columns' canonical
+    Arrow `types`: each step's table made in one conversion of the row (a struct array; the
+    same arrays `pa.array([value], type)` makes column by column, in about 60% of the time).
+    Returns `<on_demand>__<output>` -> Python value, or None when a value does not convert
+    (e.g. an int out of an `int` field's range: the batch path names it).
+
+    Raises:
+        OnDemandError: as `evaluate_service`.
+    """
+    row, kinds = dict(values), dict(types)
+    out: dict[str, Any] = {}
+    for step in plan.steps:
+        try:
+            record = pa.array(
+                [{c: row[c] for c in step.inputs}], pa.struct([(c, kinds[c]) for c in step.inputs])
+            )
+        except (TypeError, OverflowError, pa.ArrowException):
+            return None
+        outputs = _call(plan.name, step, pa.Table.from_struct_array(record), 1)
+        for name, kind in step.outputs:
+            column = f"{step.name}__{name}"
+            row[column] = out[column] = outputs[name][0].as_py()
+            kinds[column] = FIELD_TYPES[kind]
+    return out
+
+
 def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str, pa.Array]:
     where = f"service {service!r}, on-demand function {step.name!r}"
     try:
@@ -408,7 +437,7 @@ def feature_type(layout: ViewLayout, feature: FeatureDef) -> pa.DataType:
 def feature_column(layout: ViewLayout, feature: FeatureDef, values: Any) -> pa.Array:
     """A feature's values (a list from online reads, an Arrow column from a snapshot) as its
     canonical Arrow array."""
-    kind = _feature_types(layout)[feature.name]
+    kind = feature_types(layout)[feature.name]
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
@@ -420,7 +449,7 @@ def feature_values(layout: ViewLayout, feature: FeatureDef, values: list[Any]) -
     """A feature's values from an online read as the Python values of its canonical Arrow
     type (what `feature_column(...).to_pylist()` gives, without building the array): the
     read's ints, floats, strings and lists, with ints made floats in float columns."""
-    kind = _feature_types(layout)[feature.name]
+    kind = feature_types(layout)[feature.name]
     convert = _PYTHON.get(kind)
     if convert is None:
         found: list[Any] = feature_column(layout, feature, values).to_pylist()
@@ -443,7 +472,7 @@ _PYTHON: dict[pa.DataType, Callable[[Any], Any]] = {
 _TYPES: dict[int, tuple[ViewLayout, dict[str, pa.DataType]]] = {}
 
 
-def _feature_types(layout: ViewLayout) -> dict[str, pa.DataType]:
+def feature_types(layout: ViewLayout) -> dict[str, pa.DataType]:
     """`feature_type` of each feature of the layout, worked out once per layout."""
     cached = _TYPES.get(id(layout))
     if cached is None or cached[0] is not layout:
