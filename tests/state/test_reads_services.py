@@ -14,13 +14,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flows.ondemand import cosine_similarity
 from state.errors import RequestTypeError
-from state.services import FIELD_TYPES, ServicePlan, _plain_values, conform, request_columns
+from state.services import (
+    FIELD_TYPES,
+    OnDemandStep,
+    ServicePlan,
+    _plain_values,
+    conform,
+    on_demand_columns,
+    one_row_steps,
+    request_columns,
+)
 
 EDGES = [0.1, 1 / 3, 1e300, -1e-320, 3.4028235e38, 3.4028236e38, math.inf, -0.0, 16777217.0]
 
@@ -191,3 +201,35 @@ def test_cosine_fast_path_leaves_ragged_and_null_columns_to_the_general_path() -
     ]
     zeros = np.zeros((2, 3))
     assert cosine_similarity(zeros, zeros).to_pylist() == [None, None]
+
+
+def test_one_row_steps_equal_the_batch_steps_with_a_chain_of_steps() -> None:
+    """The one-row path's tables (one struct conversion per step) give every step, a second
+    one reading the first's outputs included, what the batch path's column arrays give; a
+    value that does not convert sends the row to the batch path (None)."""
+
+    def first(rows: pa.Table) -> dict[str, Any]:
+        return {"scaled": pc.multiply(rows["amount"], 2.0), "code": pa.array([7] * len(rows))}
+
+    def second(rows: pa.Table) -> dict[str, Any]:
+        return {"sum": pc.add(rows["first__scaled"], rows["first__code"]), "echo": rows["tags"]}
+
+    steps = (
+        OnDemandStep("first", first, ("amount",), (("scaled", "double"), ("code", "int"))),
+        OnDemandStep(
+            "second",
+            second,
+            ("first__scaled", "first__code", "tags"),
+            (("sum", "double"), ("echo", "array<float>")),
+        ),
+    )
+    columns = ("first__scaled", "first__code", "second__sum", "second__echo")
+    plan = ServicePlan("svc", (), (("amount", "double"), ("tags", "array<float>")), steps, columns)
+    types = {"amount": FIELD_TYPES["double"], "tags": FIELD_TYPES["array<float>"]}
+    for amount, tags in [(1.5, [0.1, 1 / 3]), (None, None), (1e300, []), (-0.0, [math.nan])]:
+        values = {"amount": amount, "tags": tags}
+        batch = on_demand_columns(plan, {k: pa.array([v], types[k]) for k, v in values.items()}, 1)
+        one = one_row_steps(plan, values, types)
+        assert one is not None
+        assert repr(one) == repr({c: batch[c][0].as_py() for c in columns})
+    assert one_row_steps(plan, {"amount": "text", "tags": None}, types) is None
