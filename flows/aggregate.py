@@ -400,7 +400,7 @@ def _numbered_keys(column: pa.ChunkedArray | pa.DictionaryArray) -> tuple[I64, l
     return ids, encoded.dictionary.take(sorted_at).to_pylist()
 
 
-MERGE_RUN_EVENTS = 500_000  # events merged at once: memory, against a fixed cost per run
+MERGE_RUN_EVENTS = 250_000  # events merged at once: memory, against a fixed cost per run
 
 
 def _key_runs(
