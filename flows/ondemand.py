@@ -13,6 +13,7 @@ batch of `flows.snapshot --service`), so the values agree by construction.
 
 from __future__ import annotations
 
+import array
 import functools
 import math
 from collections.abc import Sequence
@@ -89,7 +90,7 @@ def _cosine_few(left: pa.Array, right: pa.Array) -> pa.Array:
             vv += q * q
         norm = math.sqrt(uu) * math.sqrt(vv)
         out.append(dot / norm if norm > 0 else None)
-    return pa.array(out, pa.float64())
+    return _few_array(out, "d")
 
 
 def warm_up() -> None:
@@ -189,8 +190,8 @@ def category_index(values: Any, categories: Sequence[Any]) -> pa.Array:
     arr = _array(values)
     if len(arr) <= _SMALL:  # a request or a few: a dict lookup beats the kernels' set-up
         codes = _codes(categories)
-        return pa.array(
-            [None if v is None else codes.get(v, -1) for v in arr.to_pylist()], pa.int32()
+        return _few_array(
+            [None if v is None else codes.get(v, -1) for v in arr.to_pylist()], _INT32
         )
     found = pc.index_in(arr, value_set=_categories(categories, arr.type))
     coded = pc.fill_null(found, -1).cast(pa.int32())
@@ -214,12 +215,12 @@ def ratio(numerator: Any, denominator: Any) -> pa.Array:
     top, bottom = _number_column(numerator, "numerator"), _number_column(denominator, "denominator")
     _same_length(("numerator", top), ("denominator", bottom))
     if len(top) <= _SMALL:  # the same IEEE division on Python floats
-        return pa.array(
+        return _few_array(
             [
                 x / y if x is not None and y and math.isfinite(x) and math.isfinite(y) else None
                 for x, y in zip(_float_list(top), _float_list(bottom), strict=True)
             ],
-            pa.float64(),
+            "d",
         )
     (x, x_ok), (y, y_ok) = _floats(top), _floats(bottom)
     usable = x_ok & y_ok & np.isfinite(x) & np.isfinite(y) & (y != 0)
@@ -256,6 +257,24 @@ def one_hot(values: Any, categories: Sequence[Any]) -> pa.Array:
     offsets = pa.array(np.arange(len(arr) + 1, dtype=np.int32) * width)
     mask = pc.is_null(arr) if arr.null_count else None
     return pa.ListArray.from_arrays(offsets, flat, mask=mask)
+
+
+_INT32 = next(code for code in "ilh" if array.array(code).itemsize == 4)  # "i" in practice
+_FEW_TYPES = {"d": pa.float64(), _INT32: pa.int32()}
+
+
+def _few_array(values: list[Any], code: str) -> pa.Array:
+    """A few rows' Python values (None for null) as a float64 ("d") or int32 (`_INT32`) array,
+    from their buffers: what `pa.array(values, type)` makes, in half its time."""
+    n = len(values)
+    if None not in values:
+        buffers = [None, pa.py_buffer(array.array(code, values))]
+        return pa.Array.from_buffers(_FEW_TYPES[code], n, buffers, 0)
+    valid = sum(1 << i for i, v in enumerate(values) if v is not None)
+    data = array.array(code, [0 if v is None else v for v in values])
+    bitmap = pa.py_buffer(valid.to_bytes((n + 7) // 8, "little"))
+    nulls = values.count(None)
+    return pa.Array.from_buffers(_FEW_TYPES[code], n, [bitmap, pa.py_buffer(data)], nulls)
 
 
 def _array(values: Any) -> pa.Array:

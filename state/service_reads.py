@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +49,8 @@ from state.services import (
     feature_values,
     is_plain,
     one_row_steps,
+    step_structs,
+    value_converter,
 )
 from state.timestamps import Timestamp
 
@@ -205,40 +208,120 @@ def one_row(
         InexactReadError: as a read as of `at`.
     """
     inputs: dict[str, Any] = {}  # the on-demand steps' inputs, as Python values
-    types: dict[str, pa.DataType] = {}  # and their canonical Arrow types
-    for field, kind in plan.request:
+    for field, kind, kind_type, is_input in _request_fields(plan):
         value = row.get(field, _ABSENT)
         if value is _ABSENT or not is_plain(kind, value):
             return None
-        if field in plan.step_inputs:
-            inputs[field], types[field] = value, FIELD_TYPES[kind]
-        elif not _converts(value, FIELD_TYPES[kind]):
+        if is_input:
+            inputs[field] = value
+        elif not _converts(value, kind_type):
             return None  # e.g. an int out of an int field's range: the batch path names it
-    values: dict[str, Any] = {}
+    layouts: list[ViewLayout] = []
+    found: list[dict[str, Any]] = []
     for read in plan.reads:
         if len(read.entity_columns) != 1:
             return None
         key = row.get(read.entity_columns[0])
         if type(key) is not str:
             return None
-        _, layout, found = read_one(read.view, key, at, read.wanted)
-        by_name = _features_by_name(layout)
-        for f in read.features:
-            feature = by_name.get(f)
-            if feature is None:
-                return None  # the batch path raises MissingFeatureError naming it
-            column = read.column(f)
-            if column in plan.outputs:
-                values[column] = feature_values(layout, feature, [found[f]])[0]
-            if column in plan.step_inputs:
-                inputs[column], types[column] = found[f], feature_types(layout)[f]
-    outputs = one_row_steps(plan, inputs, types)
+        _, layout, read_values = read_one(read.view, key, at, read.wanted)
+        layouts.append(layout)
+        found.append(read_values)
+    recipe = _row_recipe(plan, tuple(layouts))
+    if recipe is None:
+        return None  # a feature the live version lacks: the batch path raises naming it
+    values: dict[str, Any] = {}
+    for takes, features in zip(recipe.takes, found, strict=True):
+        for name, column, to_python, is_output, is_input in takes:
+            value = features[name]
+            if is_output:
+                values[column] = value if value is None else to_python(value)
+            if is_input:
+                inputs[column] = value
+    outputs = one_row_steps(plan, inputs, recipe.structs)
     if outputs is None:
         return None
     return {c: values[c] if c in values else outputs[c] for c in plan.columns}
 
 
 _ABSENT = object()
+
+_FIELDS: dict[int, tuple[ServicePlan, tuple[tuple[str, str, pa.DataType, bool], ...]]] = {}
+
+
+def _request_fields(plan: ServicePlan) -> tuple[tuple[str, str, pa.DataType, bool], ...]:
+    """The plan's request fields as (field, declared kind, its Arrow type, whether a step
+    reads it), worked out once per plan."""
+    cached = _FIELDS.get(id(plan))
+    if cached is None or cached[0] is not plan:
+        fields = tuple(
+            (field, kind, FIELD_TYPES[kind], field in plan.step_inputs)
+            for field, kind in plan.request
+        )
+        cached = _FIELDS[id(plan)] = (plan, fields)
+    return cached[1]
+
+
+# (feature, its service column, Python value -> canonical Python value, is an output column,
+# is a step input)
+_Take = tuple[str, str, Callable[[Any], Any], bool, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _RowRecipe:
+    """How `one_row` uses what it read, for one plan and the layouts its views were read at:
+    per view the features it takes, and each on-demand step's struct type."""
+
+    plan: ServicePlan
+    layouts: tuple[ViewLayout, ...]
+    takes: tuple[tuple[_Take, ...], ...]
+    structs: tuple[pa.StructType, ...]
+
+
+_RECIPES: dict[tuple[int, ...], tuple[ServicePlan, tuple[ViewLayout, ...], _RowRecipe | None]] = {}
+
+
+def _row_recipe(plan: ServicePlan, layouts: tuple[ViewLayout, ...]) -> _RowRecipe | None:
+    """`_RowRecipe` of the plan at these layouts, made once (None when a feature the plan
+    reads is not in its view's layout)."""
+    key = (id(plan), *map(id, layouts))
+    cached = _RECIPES.get(key)
+    if (
+        cached is not None
+        and cached[0] is plan
+        and all(a is b for a, b in zip(cached[1], layouts, strict=True))
+    ):
+        return cached[2]
+    if len(_RECIPES) >= 256:  # layouts come and go with versions: keep the cache small
+        _RECIPES.clear()
+    recipe = _make_recipe(plan, layouts)
+    _RECIPES[key] = (plan, layouts, recipe)
+    return recipe
+
+
+def _make_recipe(plan: ServicePlan, layouts: tuple[ViewLayout, ...]) -> _RowRecipe | None:
+    types: dict[str, pa.DataType] = {f: t for f, _, t, _ in _request_fields(plan)}
+    takes = []
+    for read, layout in zip(plan.reads, layouts, strict=True):
+        by_name = _features_by_name(layout)
+        if any(f not in by_name for f in read.features):
+            return None
+        kinds = feature_types(layout)
+        view_takes = []
+        for f in read.features:
+            column = read.column(f)
+            types[column] = kinds[f]
+            view_takes.append(
+                (
+                    f,
+                    column,
+                    value_converter(layout, by_name[f]),
+                    column in plan.outputs,
+                    column in plan.step_inputs,
+                )
+            )
+        takes.append(tuple(view_takes))
+    return _RowRecipe(plan, layouts, tuple(takes), step_structs(plan, types))
 
 
 def _converts(value: Any, kind: pa.DataType) -> bool:

@@ -74,6 +74,11 @@ class OnDemandStep:
     function: OnDemandFunction
     inputs: tuple[str, ...]
     outputs: tuple[tuple[str, str], ...]  # (output name, declared type)
+    # derived: the output names as a set
+    declared: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "declared", frozenset(name for name, _ in self.outputs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,82 +148,99 @@ def on_demand_columns(
     return out
 
 
+def step_structs(plan: ServicePlan, types: Mapping[str, pa.DataType]) -> tuple[pa.StructType, ...]:
+    """The Arrow struct type of each on-demand step's one-row table (`one_row_steps`), given
+    the canonical Arrow `types` of the request fields and view features the steps read; an
+    earlier step's outputs are of their declared types."""
+    kinds = dict(types)
+    structs = []
+    for step in plan.steps:
+        structs.append(pa.struct([(c, kinds[c]) for c in step.inputs]))
+        for name, kind in step.outputs:
+            kinds[f"{step.name}__{name}"] = FIELD_TYPES[kind]
+    return tuple(structs)
+
+
 def one_row_steps(
-    plan: ServicePlan, values: Mapping[str, Any], types: Mapping[str, pa.DataType]
+    plan: ServicePlan, values: Mapping[str, Any], structs: Sequence[pa.StructType]
 ) -> dict[str, Any] | None:
-    """`on_demand_columns` for one row given as Python values of the input columns' canonical
-    Arrow `types`: each step's table made in one conversion of the row (a struct array; the
-    same arrays `pa.array([value], type)` makes column by column, in about 60% of the time).
-    Returns `<on_demand>__<output>` -> Python value, or None when a value does not convert
-    (e.g. an int out of an `int` field's range: the batch path names it).
+    """`on_demand_columns` for one row given as Python values, with each step's table made in
+    one conversion of the row to its struct type (`step_structs`: the same arrays
+    `pa.array([value], type)` makes column by column, in about 60% of the time). Returns
+    `<on_demand>__<output>` -> Python value, or None when a value does not convert (e.g. an
+    int out of an `int` field's range: the batch path names it).
 
     Raises:
         OnDemandError: as `evaluate_service`.
     """
-    row, kinds = dict(values), dict(types)
+    row = dict(values)
     out: dict[str, Any] = {}
-    for step in plan.steps:
+    for step, struct in zip(plan.steps, structs, strict=True):
         try:
-            record = pa.array(
-                [{c: row[c] for c in step.inputs}], pa.struct([(c, kinds[c]) for c in step.inputs])
-            )
+            record = pa.array([{c: row[c] for c in step.inputs}], struct)
         except (TypeError, OverflowError, pa.ArrowException):
             return None
         outputs = _call(plan.name, step, pa.Table.from_struct_array(record), 1)
-        for name, kind in step.outputs:
+        for name, _ in step.outputs:
             column = f"{step.name}__{name}"
-            row[column] = out[column] = outputs[name][0].as_py()
-            kinds[column] = FIELD_TYPES[kind]
+            row[column] = out[column] = outputs[name].to_pylist()[0]
     return out
 
 
 def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str, pa.Array]:
-    where = f"service {service!r}, on-demand function {step.name!r}"
     try:
         result = step.function(table)
     except Exception as exc:
         raise OnDemandError(
-            f"{where} raised {type(exc).__name__}: {exc} (computing "
+            f"{_where(service, step)} raised {type(exc).__name__}: {exc} (computing "
             f"{', '.join(name for name, _ in step.outputs)} for {n} rows); fix the function"
         ) from exc
     if not isinstance(result, Mapping):
         raise OnDemandError(
-            f"{where} returned a {type(result).__name__}; return a dict of output name -> "
-            f"array with the outputs {[name for name, _ in step.outputs]}"
+            f"{_where(service, step)} returned a {type(result).__name__}; return a dict of "
+            f"output name -> array with the outputs {[name for name, _ in step.outputs]}"
         )
-    declared = {name for name, _ in step.outputs}
-    extra = [name for name in result if name not in declared]
-    if extra:
-        raise OnDemandError(
-            f"{where}: output(s) {extra} are not declared; declare them in "
-            f"@on_demand(outputs=...) (declared: {sorted(declared)}) or do not return them"
-        )
-    return {name: _output(where, name, kind, result, n) for name, kind in step.outputs}
+    if len(result) != len(step.declared) or not step.declared.issuperset(result):
+        extra = [name for name in result if name not in step.declared]
+        if extra:
+            raise OnDemandError(
+                f"{_where(service, step)}: output(s) {extra} are not declared; declare them in "
+                f"@on_demand(outputs=...) (declared: {sorted(step.declared)}) or do not return "
+                "them"
+            )
+    return {name: _output(service, step, name, kind, result, n) for name, kind in step.outputs}
 
 
-def _output(where: str, name: str, kind: str, result: Mapping[str, Any], n: int) -> pa.Array:
+def _where(service: str, step: OnDemandStep) -> str:
+    return f"service {service!r}, on-demand function {step.name!r}"
+
+
+def _output(
+    service: str, step: OnDemandStep, name: str, kind: str, result: Mapping[str, Any], n: int
+) -> pa.Array:
     if name not in result:
         raise OnDemandError(
-            f"{where}: output {name!r} is missing from the returned dict (got "
+            f"{_where(service, step)}: output {name!r} is missing from the returned dict (got "
             f"{sorted(result)}); return every declared output"
         )
     try:
         values = as_arrow(result[name])
     except (TypeError, ValueError, pa.ArrowException) as exc:
         raise OnDemandError(
-            f"{where}: output {name!r} is a {type(result[name]).__name__}, not an array "
-            f"({exc}); return a pyarrow array, a NumPy array or a list of {n} values"
+            f"{_where(service, step)}: output {name!r} is a {type(result[name]).__name__}, not "
+            f"an array ({exc}); return a pyarrow array, a NumPy array or a list of {n} values"
         ) from exc
     if len(values) != n:
         raise OnDemandError(
-            f"{where}: output {name!r} has {len(values)} values for {n} rows; return one "
-            "value per row of the table the function gets"
+            f"{_where(service, step)}: output {name!r} has {len(values)} values for {n} rows; "
+            "return one value per row of the table the function gets"
         )
     converted = conform(values, kind)
     if converted is None:
         raise OnDemandError(
-            f"{where}: output {name!r} has type {values.type}, declared {kind!r}; return "
-            f"{kind} values (or declare the output's type as what the function returns)"
+            f"{_where(service, step)}: output {name!r} has type {values.type}, declared "
+            f"{kind!r}; return {kind} values (or declare the output's type as what the "
+            "function returns)"
         )
     return converted
 
@@ -449,12 +471,19 @@ def feature_values(layout: ViewLayout, feature: FeatureDef, values: list[Any]) -
     """A feature's values from an online read as the Python values of its canonical Arrow
     type (what `feature_column(...).to_pylist()` gives, without building the array): the
     read's ints, floats, strings and lists, with ints made floats in float columns."""
-    kind = feature_types(layout)[feature.name]
-    convert = _PYTHON.get(kind)
+    convert = _PYTHON.get(feature_types(layout)[feature.name])
     if convert is None:
         found: list[Any] = feature_column(layout, feature, values).to_pylist()
         return found
     return [v if v is None else convert(v) for v in values]
+
+
+def value_converter(layout: ViewLayout, feature: FeatureDef) -> Callable[[Any], Any]:
+    """`feature_values` of one non-null value, as a function."""
+    convert = _PYTHON.get(feature_types(layout)[feature.name])
+    if convert is None:
+        return lambda value: feature_column(layout, feature, [value]).to_pylist()[0]
+    return convert
 
 
 def _float_items(v: Any) -> list[float | None]:

@@ -81,9 +81,12 @@ STRIDE = 9  # int64 per hop group in a plan's `groups`
 
 
 @jit
-def _outputs(groups: I64) -> tuple[int, int, int]:
+def output_sizes(groups: I64) -> tuple[int, int, int]:
     """How many int sums, float sums and vector sums a blob plan (`blob_totals`' `groups`)
-    yields."""
+    yields: `ints` and `floats` take as many, `ends` one more than the vector sums, and
+    `vectors` for a blob of n bytes `vector sums * (n // 8)` (a vector sum is as long as its
+    field's vectors, whose matrix of one row at least fits the blob before `_walk` reads it,
+    so a damaged blob cannot make `_walk` write past it)."""
     n_ints, n_floats, n_vectors = 0, 0, 0
     w_lo, i_lo, f_lo, v_lo = 0, 0, 0, 0
     for g in range(len(groups) // STRIDE):
@@ -178,28 +181,27 @@ def blob_totals(
     int_cols: I64,
     float_cols: I64,
     vec_fields: I64,
-) -> tuple[I64, F64, F64, I64, int]:
+    ints: I64,
+    floats: F64,
+    vectors: F64,
+    ends: I64,
+) -> int:
     """One entity's window sums from its whole blob (the single read's `_group_values` for
-    counts, sums, means and vector means), and where the blob's last section ends (-1: past
+    counts, sums and means, and element-wise vector means), into the caller's arrays (sized
+    by `output_sizes`; they are cleared first); returns where the blob's last section ends (-1: past
     its end).
 
     `groups` holds STRIDE int64 per hop group: hop, width (columns), has an object section,
     vector fields, wanted, and the ends (exclusive) of the group's windows, int columns, float
     columns and vector fields in the flat `windows`, `int_cols`, `float_cols` and `vec_fields`
     (a vector field by its place among the group's). Outputs are flat: per wanted group, per
-    window, its int columns' sums, then (in `floats`) its float columns' sums, then (in
-    `vectors`, the k-th at `vectors[ends[k]:ends[k + 1]]`) its vector fields' element-wise
-    sums.
+    window, its int columns' sums in `ints`, then its float columns' sums in `floats`, then
+    its vector fields' element-wise sums, the k-th at `vectors[ends[k]:ends[k + 1]]`.
     """
-    n_ints, n_floats, n_vectors = _outputs(groups)
-    ints = np.zeros(n_ints, np.int64)
-    floats = np.zeros(n_floats, np.float64)
-    # A sum is as long as its field's vectors, whose matrix of one row at least fits the blob
-    # before `_walk` reads it (a group without rows sums nothing): at most len(buf) / 8 floats
-    # each, so a damaged blob cannot make `_walk` write past this array.
-    vectors = np.empty(n_vectors * (len(buf) // 8), np.float64)
-    ends = np.zeros(n_vectors + 1, np.int64)
-    end = _walk(
+    ints[:] = 0
+    floats[:] = 0.0
+    ends[:] = 0
+    return _walk(
         buf,
         0,
         len(buf),
@@ -214,7 +216,6 @@ def blob_totals(
         vectors,
         ends,
     )
-    return ints, floats, vectors, ends, end
 
 
 @jit
@@ -231,7 +232,7 @@ def batch_blob_totals(
     """`blob_totals` of every blob `buf[starts[e]:ends[e]]` of a batch: (entities, outputs)
     sums, and whether every blob's sections ended where the blob ends. Its plans read no
     vector field (the batch read merges vectors itself)."""
-    n_ints, n_floats, _ = _outputs(groups)
+    n_ints, n_floats, _ = output_sizes(groups)
     ints = np.zeros((len(starts), n_ints), np.int64)
     floats = np.zeros((len(starts), n_floats), np.float64)
     none = np.zeros(0, np.int64)
@@ -268,6 +269,6 @@ def compile_all() -> None:
 
     raw = np.frombuffer(bytes(16), np.uint8)
     none = np.zeros(0, np.int64)
-    blob_totals(raw, 0, none, none, none, none, none)
+    blob_totals(raw, 0, none, none, none, none, none, none, np.zeros(0), np.zeros(0), none)
     batch_blob_totals(raw, none, none, 0, none, none, none, none)
     partitions_of(raw, np.zeros(1, np.int64), 1)

@@ -29,6 +29,7 @@ from state.services import (
     conform,
     on_demand_columns,
     one_row_steps,
+    step_structs,
     request_columns,
 )
 
@@ -229,7 +230,7 @@ def test_one_row_steps_equal_the_batch_steps_with_a_chain_of_steps() -> None:
     for amount, tags in [(1.5, [0.1, 1 / 3]), (None, None), (1e300, []), (-0.0, [math.nan])]:
         values = {"amount": amount, "tags": tags}
         batch = on_demand_columns(plan, {k: pa.array([v], types[k]) for k, v in values.items()}, 1)
-        one = one_row_steps(plan, values, types)
+        one = one_row_steps(plan, values, step_structs(plan, types))
         assert one is not None
         assert repr(one) == repr({c: batch[c][0].as_py() for c in columns})
-    assert one_row_steps(plan, {"amount": "text", "tags": None}, types) is None
+    assert one_row_steps(plan, {"amount": "text", "tags": None}, step_structs(plan, types)) is None
