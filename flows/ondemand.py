@@ -73,7 +73,7 @@ def _cosine_few(left: pa.Array, right: pa.Array) -> pa.Array:
     """`cosine_rows` as a Python loop over a few rows: the same sums in the same order in
     float64 (Python floats), so the same values and the same errors, bit for bit."""
     xs, ys = left.to_pylist(), right.to_pylist()
-    for name, rows in (("a", xs), ("b", ys)):
+    for name, rows in (("a", xs), ("b", ys)) if len(xs) > 1 else ():
         dims = {len(row) for row in rows if row and None not in row}
         if len(dims) > 1:
             _ragged(name, sorted(dims))
@@ -129,13 +129,24 @@ def _float_vectors(arr: pa.Array, name: str) -> pa.Array:
     Raises:
         TypeError: the column is not a vector column.
     """
-    _vector_type(arr, name)
     t = arr.type
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
-        pa.types.is_float32(t.value_type) or pa.types.is_float64(t.value_type)
-    ):
+    if t.id in _LIST_IDS and t.value_type.id in _FLOAT_IDS:
         return arr
+    _vector_type(arr, name)
     return arr.cast(pa.list_(pa.float64()))
+
+
+# Arrow type ids for the helpers' type checks (one set lookup instead of pa.types calls)
+_LIST_IDS = frozenset({pa.list_(pa.int8()).id, pa.large_list(pa.int8()).id})
+_FLOAT_IDS = frozenset({pa.float32().id, pa.float64().id})
+_NUMBER_IDS = frozenset(
+    t.id
+    for t in (
+        *(pa.int8(), pa.int16(), pa.int32(), pa.int64()),
+        *(pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()),
+        *(pa.float16(), pa.float32(), pa.float64(), pa.null()),
+    )
+)
 
 
 def _validity(arr: pa.Array) -> Mask:
@@ -232,13 +243,13 @@ def ratio(numerator: Any, denominator: Any) -> pa.Array:
 def _number_column(values: Any, name: str) -> pa.Array:
     arr = _array(values)
     t = arr.type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+    if t.id not in _NUMBER_IDS:
         raise TypeError(f"ratio: {name} has type {t}; pass number columns")
     return arr
 
 
 def _float_list(arr: pa.Array) -> list[float | None]:
-    if not pa.types.is_floating(arr.type):  # integers and nulls as _floats reads them
+    if arr.type.id not in _FLOAT_IDS:  # integers, float16 and nulls as _floats reads them
         arr = arr.cast(pa.float64(), safe=False)
     values: list[float | None] = arr.to_pylist()
     return values

@@ -337,7 +337,7 @@ class FeatureClient:
             MissingFeatureError: a feature is not in the live version of its view.
             OnDemandError: an on-demand function raised or returned a wrong output.
         """
-        if not isinstance(row, Mapping):
+        if type(row) is not dict and not isinstance(row, Mapping):
             raise RequestTypeError(
                 f"service {name!r}: get_service takes one row as a dict, got a "
                 f"{type(row).__name__}; for many rows use get_service_many"

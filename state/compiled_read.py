@@ -108,7 +108,7 @@ def compiled_values(
         elif not cnt:
             values[f.name] = None
         elif f.vector:  # the element-wise sums over the count, as `feature_value` divides
-            values[f.name] = (vectors[ends[j] : ends[j + 1]] / cnt).tolist()
+            values[f.name] = [x / cnt for x in vectors[ends[j] : ends[j + 1]].tolist()]
         else:
             values[f.name] = totals[j] / cnt
     return values

@@ -47,8 +47,8 @@ from state.services import (
     feature_column,
     feature_types,
     feature_values,
-    is_plain,
     one_row_steps,
+    plain_check,
     step_structs,
     value_converter,
 )
@@ -208,9 +208,9 @@ def one_row(
         InexactReadError: as a read as of `at`.
     """
     inputs: dict[str, Any] = {}  # the on-demand steps' inputs, as Python values
-    for field, kind, kind_type, is_input in _request_fields(plan):
+    for field, plain, kind_type, is_input in _request_fields(plan):
         value = row.get(field, _ABSENT)
-        if value is _ABSENT or not is_plain(kind, value):
+        if value is _ABSENT or (value is not None and not plain(value)):
             return None
         if is_input:
             inputs[field] = value
@@ -246,16 +246,22 @@ def one_row(
 
 _ABSENT = object()
 
-_FIELDS: dict[int, tuple[ServicePlan, tuple[tuple[str, str, pa.DataType, bool], ...]]] = {}
+_FIELDS: dict[
+    int, tuple[ServicePlan, tuple[tuple[str, Callable[[Any], bool], pa.DataType, bool], ...]]
+] = {}
 
 
-def _request_fields(plan: ServicePlan) -> tuple[tuple[str, str, pa.DataType, bool], ...]:
-    """The plan's request fields as (field, declared kind, its Arrow type, whether a step
-    reads it), worked out once per plan."""
-    cached = _FIELDS.get(id(plan))
-    if cached is None or cached[0] is not plan:
+def _request_fields(
+    plan: ServicePlan,
+) -> tuple[tuple[str, Callable[[Any], bool], pa.DataType, bool], ...]:
+    """The plan's request fields as (field, whether a value is a plain one of its kind
+    (`plain_check`), its Arrow type, whether a step reads it), worked out once per plan."""
+    cached = _FIELDS.get(id(plan))  # its entry holds the plan: the id is not reused
+    if cached is None:
+        if len(_FIELDS) >= 256:  # plans come and go with definitions: keep the cache small
+            _FIELDS.clear()
         fields = tuple(
-            (field, kind, FIELD_TYPES[kind], field in plan.step_inputs)
+            (field, plain_check(kind), FIELD_TYPES[kind], field in plan.step_inputs)
             for field, kind in plan.request
         )
         cached = _FIELDS[id(plan)] = (plan, fields)
@@ -286,11 +292,7 @@ def _row_recipe(plan: ServicePlan, layouts: tuple[ViewLayout, ...]) -> _RowRecip
     reads is not in its view's layout)."""
     key = (id(plan), *map(id, layouts))
     cached = _RECIPES.get(key)
-    if (
-        cached is not None
-        and cached[0] is plan
-        and all(a is b for a, b in zip(cached[1], layouts, strict=True))
-    ):
+    if cached is not None:  # its entry holds the plan and layouts: their ids are not reused
         return cached[2]
     if len(_RECIPES) >= 256:  # layouts come and go with versions: keep the cache small
         _RECIPES.clear()

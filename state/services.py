@@ -342,17 +342,21 @@ def _plain_values(
         return None  # missing, not a row, or out of range: the checked path names it
 
 
-def is_plain(kind: str, value: Any) -> bool:
-    """Whether a request value is None or a plain Python value of its field's declared kind:
+def plain_check(kind: str) -> Callable[[Any], bool]:
+    """Whether a (non-null) request value is a plain Python value of the declared `kind`:
     what `request_columns` builds straight in the field's Arrow type (`FIELD_TYPES`)."""
-    if value is None:
-        return True
-    plain = _PLAIN_CHECKS.get(kind)
-    return plain is not None and plain(value)
+    return _PLAIN_CHECKS.get(kind, _never)
+
+
+def _never(value: Any) -> bool:
+    return False
 
 
 def _float_list(v: Any) -> bool:
-    return type(v) is list and all(type(x) is float for x in v)
+    return type(v) is list and _FLOAT.issuperset(map(type, v))
+
+
+_FLOAT = frozenset({float})
 
 
 _PLAIN_CHECKS: dict[str, Callable[[Any], bool]] = {
