@@ -93,7 +93,11 @@ class ServiceBook:
         self._lock = threading.Lock()
 
     def plan(self, name: str) -> ServicePlan:
-        plans = self._current()
+        plans = self._plans
+        if plans is None or (
+            self.features is None and time.monotonic() - self._checked >= _RECHECK_S
+        ):
+            plans = self._current()
         plan = plans.get(name)
         if plan is None:
             where = (
@@ -108,10 +112,12 @@ class ServiceBook:
         return plan
 
     def _current(self) -> dict[str, ServicePlan]:
-        plans = self._plans
-        if plans is not None and (self.features or time.monotonic() - self._checked < _RECHECK_S):
-            return plans
         with self._lock:
+            plans = self._plans  # another thread may have looked meanwhile
+            if plans is not None and (
+                self.features or time.monotonic() - self._checked < _RECHECK_S
+            ):
+                return plans
             if self.features is not None:
                 self._plans = self._plans or load_service_plans(self.features)
                 return self._plans
