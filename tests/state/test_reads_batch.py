@@ -703,3 +703,43 @@ def test_damaged_vector_blobs_never_crash_the_compiled_read() -> None:
         assert list(got) == list(want)
         for name, value in got.items():  # equal, NaN (a damaged float) to NaN
             assert np.array_equal(np.array(value, float), np.array(want[name], float), True)
+
+
+def test_the_compiled_read_gives_each_thread_its_own_answers() -> None:
+    """The compiled read reuses its output arrays per thread: 8 threads reading blobs of
+    different lengths (its vector space grows) and different feature sets at once each get
+    what the same reads give one at a time."""
+    layout = VECTOR_VIEW.layout()
+    store = apply_vectors(VECTOR_VIEW, make_events(600, 5, seed=9, vectors=True), batch=200)
+    blobs = [store.get(encode_key(f"u{k}")) or empty_blob(layout) for k in range(6)]
+    onlies = [
+        frozenset({"emb_mean_2h", "emb_mean_1d", "emb_count_1d"}),
+        frozenset({"emb_mean_2h"}),
+        frozenset({"emb_count_1d"}),
+    ]
+    t = 1_700_000_000_000_000 + 2 * DAY
+    reads = [(b, o) for b in blobs for o in onlies]
+    alone = [compiled_values(layout, b, t, None, o) for b, o in reads]
+    assert any(v is not None for v in alone)
+    start = threading.Barrier(8)
+
+    def run(shift: int) -> list[Any]:
+        start.wait()
+        order = [(i + shift) % len(reads) for i in range(len(reads))] * 40
+        got: list[Any] = [None] * len(reads)
+        for i in order:
+            b, o = reads[i]
+            value = compiled_values(layout, b, t, None, o)
+            assert got[i] is None or got[i] == value
+            got[i] = value
+        return got
+
+    results: list[list[Any]] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(run(s))) for s in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8
+    for got in results:
+        assert repr(got) == repr(alone)
