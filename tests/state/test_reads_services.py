@@ -29,8 +29,8 @@ from state.services import (
     conform,
     on_demand_columns,
     one_row_steps,
-    step_structs,
     request_columns,
+    step_structs,
 )
 
 EDGES = [0.1, 1 / 3, 1e300, -1e-320, 3.4028235e38, 3.4028236e38, math.inf, -0.0, 16777217.0]
