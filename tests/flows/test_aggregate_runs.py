@@ -4,8 +4,12 @@ result of a batch holds none of its records (the sink lets them go before the co
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flows import aggregate
 from flows.spec import FeatureView
@@ -46,3 +50,39 @@ def test_the_result_of_a_batch_without_late_events_holds_none_of_its_records() -
     )
     assert result.late.num_rows == 0
     assert result.late.get_total_buffer_size() < 100  # a slice of the batch counts its buffers
+
+
+@settings(max_examples=200, deadline=None, derandomize=bool(os.environ.get("CI")))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 40),
+            st.sampled_from([-(2**62), -5, -1, 0, 1, 2, 7, 10**6, 2**40, 2**62]),
+            st.booleans(),
+        ),
+        max_size=60,
+    ),
+    st.integers(0, 2**40),
+)
+def test_the_merge_order_is_the_lexsort(rows: list[tuple[int, int, bool]], key_base: int) -> None:
+    """The tile merge's row order (one stable sort of a composite key where it fits) equals
+    `np.lexsort((boundary, tiles, keys))`, ties in row order, for negative tiles, tiles far
+    apart (the lexsort fallback) and large key ids."""
+    keys = np.array([key_base + k for k, _, _ in rows], dtype=np.int64)
+    tiles = np.array([t for _, t, _ in rows], dtype=np.int64)
+    boundary = np.array([b for _, _, b in rows], dtype=bool)
+    want = np.lexsort((boundary, tiles, keys))
+    assert aggregate.merge_order(keys, tiles, boundary).tolist() == want.tolist()
+
+
+def test_the_merge_order_of_two_sorted_runs_is_the_lexsort() -> None:
+    """The replay's case: a key's stored rows and the batch's rows, each sorted, with ties."""
+    rng = np.random.default_rng(5)
+    runs = []
+    for n in (3000, 20000):
+        k, t = rng.integers(0, 500, n), rng.integers(-50, 4000, n)
+        order = np.lexsort((t, k))
+        runs.append((k[order], t[order], rng.random(n) < 0.05))
+    keys, tiles, boundary = (np.concatenate(parts) for parts in zip(*runs, strict=True))
+    want = np.lexsort((boundary, tiles, keys))
+    assert np.array_equal(aggregate.merge_order(keys, tiles, boundary), want)
