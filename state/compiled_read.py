@@ -124,9 +124,9 @@ def _outputs(plan: BlobPlan, size: int) -> tuple[I64, F64, F64, I64]:
     mine: dict[int, tuple[BlobPlan, I64, F64, F64, I64]] | None = getattr(_SCRATCH, "arrays", None)
     if mine is None:
         mine = _SCRATCH.arrays = {}
-    found = mine.get(id(plan))
+    found = mine.get(id(plan))  # its entry holds the plan: the id is not reused
     n_ints, n_floats, n_vectors = plan.sizes
-    if found is None or found[0] is not plan or len(found[3]) < n_vectors * (size // 8):
+    if found is None or len(found[3]) < n_vectors * (size // 8):
         vectors = np.empty(n_vectors * (2 * size // 8), np.float64)  # room to grow
         ints, floats = np.zeros(n_ints, np.int64), np.zeros(n_floats, np.float64)
         found = mine[id(plan)] = (plan, ints, floats, vectors, np.zeros(n_vectors + 1, np.int64))

@@ -41,14 +41,12 @@ from state.errors import (
 from state.layout import FeatureDef, ViewLayout
 from state.read import evaluate_blob
 from state.services import (
-    FIELD_TYPES,
     ServicePlan,
     ViewRead,
     feature_column,
     feature_types,
     feature_values,
     one_row_steps,
-    plain_check,
     step_structs,
     value_converter,
 )
@@ -214,7 +212,7 @@ def one_row(
         InexactReadError: as a read as of `at`.
     """
     inputs: dict[str, Any] = {}  # the on-demand steps' inputs, as Python values
-    for field, plain, kind_type, is_input in _request_fields(plan):
+    for field, plain, kind_type, is_input in plan.request_checks:
         value = row.get(field, _ABSENT)
         if value is _ABSENT or (value is not None and not plain(value)):
             return None
@@ -252,28 +250,6 @@ def one_row(
 
 _ABSENT = object()
 
-_FIELDS: dict[
-    int, tuple[ServicePlan, tuple[tuple[str, Callable[[Any], bool], pa.DataType, bool], ...]]
-] = {}
-
-
-def _request_fields(
-    plan: ServicePlan,
-) -> tuple[tuple[str, Callable[[Any], bool], pa.DataType, bool], ...]:
-    """The plan's request fields as (field, whether a value is a plain one of its kind
-    (`plain_check`), its Arrow type, whether a step reads it), worked out once per plan."""
-    cached = _FIELDS.get(id(plan))  # its entry holds the plan: the id is not reused
-    if cached is None:
-        if len(_FIELDS) >= 256:  # plans come and go with definitions: keep the cache small
-            _FIELDS.clear()
-        fields = tuple(
-            (field, plain_check(kind), FIELD_TYPES[kind], field in plan.step_inputs)
-            for field, kind in plan.request
-        )
-        cached = _FIELDS[id(plan)] = (plan, fields)
-    return cached[1]
-
-
 # (feature, its service column, Python value -> canonical Python value, is an output column,
 # is a step input)
 _Take = tuple[str, str, Callable[[Any], Any], bool, bool]
@@ -284,8 +260,6 @@ class _RowRecipe:
     """How `one_row` uses what it read, for one plan and the layouts its views were read at:
     per view the features it takes, and each on-demand step's struct type."""
 
-    plan: ServicePlan
-    layouts: tuple[ViewLayout, ...]
     takes: tuple[tuple[_Take, ...], ...]
     structs: tuple[pa.StructType, ...]
 
@@ -308,7 +282,7 @@ def _row_recipe(plan: ServicePlan, layouts: tuple[ViewLayout, ...]) -> _RowRecip
 
 
 def _make_recipe(plan: ServicePlan, layouts: tuple[ViewLayout, ...]) -> _RowRecipe | None:
-    types: dict[str, pa.DataType] = {f: t for f, _, t, _ in _request_fields(plan)}
+    types: dict[str, pa.DataType] = {f: t for f, _, t, _ in plan.request_checks}
     takes = []
     for read, layout in zip(plan.reads, layouts, strict=True):
         by_name = _features_by_name(layout)
@@ -329,7 +303,7 @@ def _make_recipe(plan: ServicePlan, layouts: tuple[ViewLayout, ...]) -> _RowReci
                 )
             )
         takes.append(tuple(view_takes))
-    return _RowRecipe(plan, layouts, tuple(takes), step_structs(plan, types))
+    return _RowRecipe(tuple(takes), step_structs(plan, types))
 
 
 def _converts(value: Any, kind: pa.DataType) -> bool:

@@ -96,6 +96,11 @@ class ServicePlan:
     outputs: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
     # derived: the entity columns the views are looked up by, each once, in order
     entity_columns: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    # derived: per request field (field, whether a non-null value is a plain one of its kind
+    # (`plain_check`), its Arrow type, whether a step reads it): the one-row read's checks
+    request_checks: tuple[tuple[str, Callable[[Any], bool], pa.DataType, bool], ...] = (
+        dataclasses.field(init=False, repr=False, compare=False)
+    )
 
     def __post_init__(self) -> None:
         inputs = frozenset(c for s in self.steps for c in s.inputs)
@@ -103,6 +108,11 @@ class ServicePlan:
         object.__setattr__(self, "outputs", frozenset(self.columns))
         seen = dict.fromkeys(c for r in self.reads for c in r.entity_columns)
         object.__setattr__(self, "entity_columns", tuple(seen))
+        checks = tuple(
+            (field, plain_check(kind), FIELD_TYPES[kind], field in inputs)
+            for field, kind in self.request
+        )
+        object.__setattr__(self, "request_checks", checks)
 
 
 def evaluate_service(
@@ -200,14 +210,12 @@ def _call(service: str, step: OnDemandStep, table: pa.Table, n: int) -> dict[str
             f"{_where(service, step)} returned a {type(result).__name__}; return a dict of "
             f"output name -> array with the outputs {[name for name, _ in step.outputs]}"
         )
-    if len(result) != len(step.declared) or not step.declared.issuperset(result):
+    if not step.declared.issuperset(result):
         extra = [name for name in result if name not in step.declared]
-        if extra:
-            raise OnDemandError(
-                f"{_where(service, step)}: output(s) {extra} are not declared; declare them in "
-                f"@on_demand(outputs=...) (declared: {sorted(step.declared)}) or do not return "
-                "them"
-            )
+        raise OnDemandError(
+            f"{_where(service, step)}: output(s) {extra} are not declared; declare them in "
+            f"@on_demand(outputs=...) (declared: {sorted(step.declared)}) or do not return them"
+        )
     return {name: _output(service, step, name, kind, result, n) for name, kind in step.outputs}
 
 

@@ -188,8 +188,8 @@ def blob_totals(
 ) -> int:
     """One entity's window sums from its whole blob (the single read's `_group_values` for
     counts, sums and means, and element-wise vector means), into the caller's arrays (sized
-    by `output_sizes`; they are cleared first); returns where the blob's last section ends (-1: past
-    its end).
+    by `output_sizes`; they are cleared first); returns where the blob's last section ends
+    (-1: past its end).
 
     `groups` holds STRIDE int64 per hop group: hop, width (columns), has an object section,
     vector fields, wanted, and the ends (exclusive) of the group's windows, int columns, float

@@ -4,8 +4,6 @@ result of a batch holds none of its records (the sink lets them go before the co
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -52,7 +50,7 @@ def test_the_result_of_a_batch_without_late_events_holds_none_of_its_records() -
     assert result.late.get_total_buffer_size() < 100  # a slice of the batch counts its buffers
 
 
-@settings(max_examples=200, deadline=None, derandomize=bool(os.environ.get("CI")))
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(
         st.tuples(
