@@ -10,7 +10,7 @@ are the whole log, and new segments (from `flows.ingest`) are picked up as they 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -69,12 +69,12 @@ class PartitionLog:
     arrow_schema: pa.Schema
     kafka: KafkaTail | None = None
     stop_at: int | None = None
-    batch_rows: int = 4_000_000  # records per replay batch from segments
+    batch_rows: int = 4_000_000  # at most this many records per replay batch from segments
+    batch_bytes: int = 160 << 20  # and at most this many bytes of them (Arrow, as read)
     kafka_batch: int = 5_000
     poll_interval_s: float = 0.5
     defaults: dict[str, Any] = field(default_factory=dict)  # reader defaults of added fields
     _next: int = field(init=False)
-    _segments: object = field(init=False, default=None)
     _reader: KafkaLogReader | None = field(init=False, default=None)
     _last_poll: float = field(init=False, default=0.0)
     _in_kafka: bool = field(init=False, default=False)
@@ -137,39 +137,31 @@ class PartitionLog:
         return batch
 
     def _read_segments(self) -> LogBatch | None:
-        it = self._segments
-        if it is None:
-            archived = self.warehouse.next_offset(self.source, self.partition)
-            if archived <= self._next:
-                return None
-            self._segments_end = archived  # covered up to here, holes and gaps included
-            it = self._segments = iter(
-                self.warehouse.read(
-                    self.source,
-                    self.partition,
-                    from_offset=self._next,
-                    to_offset=archived - 1,
-                    batch_rows=self.batch_rows,
-                )
-            )
-        # Coalesce row groups (and segment files) into batches of up to batch_rows: replay
-        # cost is per batch and per touched key, so few large batches are the fast path.
-        tables: list[pa.Table] = []
-        rows = 0
-        for record_batch in it:  # type: ignore[attr-defined]
-            if record_batch.num_rows:
-                tables.append(
-                    conform(pa.Table.from_batches([record_batch]), self.arrow_schema, self.defaults)
-                )
-                rows += record_batch.num_rows
-                if rows >= self.batch_rows:
-                    break
-        else:
-            self._segments = None
+        archived = self.warehouse.next_offset(self.source, self.partition)
+        if archived <= self._next:
+            return None
+        self._segments_end = archived  # covered up to here, holes and gaps included
+        # Row groups (and segment files) coalesced into a batch of up to batch_rows and
+        # batch_bytes: replay cost is per batch and per touched key, so few large batches are
+        # the fast path. The reader is closed after each batch, the next opening at its offset
+        # (re-reading at most a row group): nothing read stays held between batches, so a
+        # replay's memory is one batch's, however long the log and however many partitions.
+        reader = self.warehouse.read(
+            self.source,
+            self.partition,
+            from_offset=self._next,
+            to_offset=archived - 1,
+            batch_rows=self.batch_rows,
+        )
+        taken, exhausted = coalesce(iter(reader), self.batch_rows, self.batch_bytes)
+        del reader
+        schema, defaults = self.arrow_schema, self.defaults
+        tables = [conform(pa.Table.from_batches([b]), schema, defaults) for b in taken]
+        del taken
         if tables:
             table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
             last = int(table.column(OFFSET)[-1].as_py())
-            end = self._segments_end if self._segments is None else last + 1
+            end = self._segments_end if exhausted else last + 1
             return LogBatch(self.source, self.partition, table, (), end)
         if self._segments_end > self._next:  # only holes or gaps were left: move past them
             empty = log_schema(self.arrow_schema).empty_table()
@@ -463,6 +455,30 @@ def shift_letter(letter: DeadLetter, base: int) -> DeadLetter:
     if base == 0 or letter.offset is None:
         return letter
     return replace(letter, offset=letter.offset + base)
+
+
+def coalesce(
+    batches: Iterator[pa.RecordBatch], rows: int, nbytes: int
+) -> tuple[list[pa.RecordBatch], bool]:
+    """The first record batches of `batches` holding at most `rows` records and `nbytes`
+    bytes (at least one record), the last one taken maybe a slice of one; and whether
+    `batches` ran out before a bound was reached."""
+    taken: list[pa.RecordBatch] = []
+    have_rows = have_bytes = 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        size = batch.nbytes
+        fit = min(batch.num_rows, rows - have_rows)
+        if have_bytes + size > nbytes:  # the rows that fit the bytes left, at their mean size
+            fit = min(fit, (nbytes - have_bytes) * batch.num_rows // max(size, 1))
+        fit = max(fit, 0 if taken else 1)
+        if fit:
+            taken.append(batch if fit == batch.num_rows else batch.slice(0, fit))
+            have_rows, have_bytes = have_rows + fit, have_bytes + taken[-1].nbytes
+        if have_rows >= rows or have_bytes >= nbytes or fit < batch.num_rows:
+            return taken, False
+    return taken, True
 
 
 def conform(table: pa.Table, schema: pa.Schema, defaults: dict[str, Any]) -> pa.Table:

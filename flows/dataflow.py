@@ -204,6 +204,7 @@ class LogSource(FixedPartitionedSource[tuple[str, LogBatch], None]):
             kafka=sp.kafka,
             stop_at=None if sp.stop is None else sp.stop[partition],
             batch_rows=self._plan.batch_rows,
+            batch_bytes=self._plan.batch_bytes,
             defaults=sp.defaults,
         )
         log.read_ahead()  # a short catch-up: every partition's tail downloads at once

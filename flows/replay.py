@@ -23,6 +23,7 @@ from flows.errors import ConfigError
 from flows.run import claim_versions, execute, load_views
 from flows.runplan import build_plan
 from flows.settings import (
+    BATCH_MB,
     BATCH_ROWS,
     STATUS_INTERVAL,
     FlowSettings,
@@ -44,6 +45,7 @@ class ReplaySettings(FlowSettings):
     )
     status_interval: float = STATUS_INTERVAL.field()
     batch_rows: int = BATCH_ROWS.field()
+    batch_mb: int = BATCH_MB.field()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +64,7 @@ def _replay(settings: ReplaySettings) -> int:
         until_caught_up=True,
         rebuild=True,
         batch_rows=settings.batch_rows,
+        batch_bytes=settings.batch_mb << 20,
     )
     for sp in plan.sources.values():
         for t in sp.targets:

@@ -29,6 +29,7 @@ from flows.governance.history import record_history, record_rate
 from flows.metrics import ConsoleReporter, Metrics
 from flows.runplan import FlowPlan, build_plan
 from flows.settings import (
+    BATCH_MB,
     BATCH_ROWS,
     EXAMPLE_FEATURES,
     STATUS_INTERVAL,
@@ -77,6 +78,7 @@ class RunSettings(FlowSettings):
     )
     status_interval: float = STATUS_INTERVAL.field()
     batch_rows: int = BATCH_ROWS.field()
+    batch_mb: int = BATCH_MB.field()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +151,7 @@ def _run(settings: RunSettings) -> int:
             until_caught_up=settings.until_caught_up,
             process_id=settings.process_id or 0,
             batch_rows=settings.batch_rows,
+            batch_bytes=settings.batch_mb << 20,
             processes=len(settings.addresses.split(";")) if settings.addresses else 1,
             separate_state=bool(settings.separate_state),
         )

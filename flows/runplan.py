@@ -78,6 +78,7 @@ class FlowPlan:
     sources: dict[str, SourcePlan]
     kafka_bootstrap: str | None = None
     batch_rows: int = 4_000_000  # records per replay batch from segments (memory vs speed)
+    batch_bytes: int = 160 << 20  # and bytes of them (Arrow, as read)
     watch_versions: bool = False  # follow mode: restart when a replay switches a live view
     cluster: Cluster = field(default_factory=Cluster)  # this process's place in the cluster
     starts: ClusterStarts | None = None  # separate state dirs: resume points of the cluster
@@ -237,6 +238,7 @@ def build_plan(
     rebuild: bool = False,
     process_id: int = 0,
     batch_rows: int = 4_000_000,
+    batch_bytes: int = 160 << 20,
     processes: int = 1,
     separate_state: bool = False,
 ) -> FlowPlan:
@@ -315,6 +317,7 @@ def build_plan(
         sources=sources,
         kafka_bootstrap=kafka,
         batch_rows=batch_rows,
+        batch_bytes=batch_bytes,
         watch_versions=not until_caught_up,
         cluster=cluster,
         starts=ClusterStarts(warehouse, cluster) if separate_state else None,

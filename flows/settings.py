@@ -72,8 +72,13 @@ WORKERS = Shared(1, "bytewax worker threads in this process")
 STATUS_INTERVAL = Shared(5.0, "seconds between console status lines")
 BATCH_ROWS = Shared(
     4_000_000,
-    "records per batch when replaying segments; a worker holds one batch at a time (larger "
-    "is faster, uses more memory)",
+    "at most this many records per batch when replaying segments; a worker holds one batch "
+    "at a time (larger is faster, uses more memory)",
+)
+BATCH_MB = Shared(
+    160,
+    "at most this many MiB of records (Arrow, as read) per batch when replaying segments: "
+    "with --batch-rows, bounds a replay's memory however long the log",
 )
 
 

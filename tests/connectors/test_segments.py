@@ -7,13 +7,12 @@ import re
 import threading
 from typing import Any
 
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from connectors.avro import arrow_schema, fingerprint_hex
+from connectors.avro import fingerprint_hex
 from connectors.deadletters import read_dead_letters, write_dead_letters
 from connectors.envelope import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
 from connectors.errors import SegmentError
@@ -41,35 +40,6 @@ def manifest_rel(warehouse: Warehouse, source: str = "tx") -> str:
 
 def segment_rel(info: Any, source: str = "tx") -> str:
     return f"{source}/{info.file}"
-
-
-@pytest.fixture
-def log_rows(transaction_schema: dict[str, Any]) -> Any:
-    """Makes a table of n log records of partition p from offset `first`, event times
-    TS0 + offset ms."""
-    schema = arrow_schema(transaction_schema)
-
-    def make(first: int, n: int, partition: int = 0) -> pa.Table:
-        offsets = np.arange(first, first + n, dtype=np.int64)
-        return pa.table(
-            {
-                "user_id": [f"u{o % 13}" for o in offsets],
-                "ts": pa.array(TS0 + offsets * 1000).cast(US),
-                "amount": offsets * 0.5,
-                "merchant": [None if o % 4 == 0 else f"m{o % 3}" for o in offsets],
-                "channel": ["web"] * n,
-                "is_fraud": offsets % 10 == 0,
-                "_offset": offsets,
-                "_partition": pa.array(np.full(n, partition, dtype=np.int32)),
-                "_arrival": pa.array(np.full(n, TS0, dtype=np.int64)).cast(US),
-            }
-        ).cast(
-            pa.schema(
-                [*schema, ("_offset", pa.int64()), ("_partition", pa.int32()), ("_arrival", US)]
-            )
-        )
-
-    return make
 
 
 def append(warehouse: Warehouse, table: pa.Table, partition: int = 0) -> Any:
