@@ -220,6 +220,12 @@ def main() -> None:
             tmp, defs, 1, name="-cluster", processes=2, batch_rows=args.batch_rows
         )
         cpu_p = children_cpu() - cpu
+        # the same runs again with nothing left to apply: what a run costs besides the work
+        # (process start, imports, plan, cluster connection, stop)
+        fixed1, _ = run_flow(tmp, defs, 1, batch_rows=args.batch_rows)
+        fixed_p, _ = run_flow(
+            tmp, defs, 1, name="-cluster", processes=2, batch_rows=args.batch_rows
+        )
         p50, p99, batch = read_latency(tmp / "state-w1", args.keys, newest)
         both = None
         if args.rekeyed:
@@ -245,6 +251,12 @@ def main() -> None:
         f"({cpu_p / procs:.2f} cores busy of {os.cpu_count()}): the 1-process run keeps "
         f"{cpu1 / one:.2f} cores busy, so {os.cpu_count()} cores bound 2 processes to "
         f"{(os.cpu_count() or 1) / (cpu1 / one):.2f}x"
+    )
+    ideal = fixed_p + (one - fixed1) / 2
+    print(
+        f"  a run with nothing to apply: 1 process {fixed1:.2f} s, 2 processes {fixed_p:.2f} s; "
+        f"with the rest of the 1-process run split perfectly in two, 2 processes would take "
+        f"{ideal:.2f} s: {one / ideal:.2f}x at best"
     )
     print(f"duckdb window SQL over the same segments: {duck:7.2f} s")
     print(f"polars rolling_*_by over the same segments: {polars:7.2f} s")
