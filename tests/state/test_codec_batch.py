@@ -244,6 +244,10 @@ def test_encode_many_in_chunks_of_keys_gives_the_same_bytes(
         again = decode_many(LAYOUT, blobs)  # decoded a chunk of keys at a time too
         assert again is not None
         assert all(np.array_equal(a.words, b.words) for a, b in zip(again[0], groups, strict=True))
+    monkeypatch.setattr(codec, "_VIEW_LIMIT", 0)  # joined blobs too large for Arrow's views
+    indexed = decode_many(LAYOUT, blobs)  # words indexed one by one: the same tiles
+    assert indexed is not None
+    assert all(np.array_equal(a.words, b.words) for a, b in zip(indexed[0], groups, strict=True))
     assert applied(batches(6)) == applied_default  # the write path, kept rows' spans too
 
 
