@@ -9,6 +9,7 @@ from its offsets instead of replaying all history.
         manifest.json           written last: the commit marker
             {"format": 1, "view": "user_spend", "version": 3, "process_id": 0,
              "created_at": "<ISO UTC>", "shards": {"0": {"applied_offset": 41, ...}},
+             "kept": [0, 2],     every shard the process kept (one without keys has no file)
              "files": {"p0000.sst": {"sha256": "...", "bytes": 123}, ...}}
 
 Consistency: a shard's tiles and its applied offsets (own partition and, in `others`, every source
@@ -19,11 +20,19 @@ holds tiles and offsets of one and the same commit. Shards may be at different o
 already handles that (each shard skips what it applied). A RocksDB Checkpoint of a secondary would
 miss the writer's memtable, hence the export.
 
-Restore (flows.run --restore on an empty state directory): per view, the newest checkpoint of
-this process id whose manifest parses and whose files all match their sha256 is loaded (SST
-ingest into fresh shard stores, the same version number, made live); a checkpoint without
-manifest (incomplete) or with a bad checksum is refused with a message naming it, and the next
-older is tried. Then the flow continues from the restored offsets: segments, then Kafka.
+Restore (flows.run --restore on an empty state directory): per view, the shards the restoring
+process keeps (all of them, or its own in a cluster with --separate-state) are each taken from
+the newest good checkpoint that holds it, whichever process wrote it: a process restarts from
+its own checkpoint, a serving follower gathers every process's shards, a cluster of another
+size takes each shard from whoever owned it. Every shard taken comes from checkpoints of one
+version and layout (those of the newest checkpoint holding any of them). A checkpoint is good
+when its manifest parses and every file taken from it matches its sha256; one without manifest
+(incomplete) or with a bad checksum is refused with a message naming it, and its shards are
+taken from the next older ones. Shards of one view may come from checkpoints of different
+times: each holds its own applied offsets, and the flow resumes every partition from the
+lowest (segments, then Kafka). The shards are ingested into fresh stores (the same version
+number) and made live only when all of them are in; when no good checkpoint holds one of
+them, the view is not restored and is rebuilt from the log.
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ import hashlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,9 +115,11 @@ def _write_one(store: Store, views: ViewStore, state: Path, view: str, process_i
     vdir = views.version_dir(view, version)
     files: dict[str, dict[str, Any]] = {}
     shards: dict[str, Any] = {}
+    kept: list[int] = []  # every shard of the process, an empty one (no file) included
     with _scratch() as tmp:
         _put(store, base, "layout.json", vdir / "layout.json", files)
         for shard_dir in sorted(vdir.glob("p[0-9][0-9][0-9][0-9]")):
+            kept.append(int(shard_dir.name[1:]))
             sst, progress = _export(shard_dir, tmp)
             if sst is not None:
                 _put(store, base, f"{shard_dir.name}.sst", sst, files)
@@ -121,6 +132,7 @@ def _write_one(store: Store, views: ViewStore, state: Path, view: str, process_i
         "process_id": process_id,
         "created_at": datetime.now(UTC).isoformat(),
         "shards": shards,
+        "kept": kept,
         "files": files,
     }
     store.write_bytes(f"{base}/{MANIFEST}", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
@@ -176,9 +188,11 @@ def _put_definitions(store: Store, base: str, state: Path, files: dict[str, Any]
         _put(store, base, f"{DEFINITIONS_DIR}/{path.relative_to(root)}", path, files)
 
 
-def checkpoint_ids(store: Store, view: str, process_id: int) -> list[str]:
-    """Ids of the view's checkpoints of this process id, oldest first (complete or not)."""
-    return [c for c in store.folders(f"{CHECKPOINTS}/{view}") if f"-h{process_id}-" in c]
+def checkpoint_ids(store: Store, view: str, process_id: int | None) -> list[str]:
+    """Ids of the view's checkpoints of this process id (None: of every process), oldest first
+    (complete or not): an id starts with its UTC time."""
+    ids = sorted(store.folders(f"{CHECKPOINTS}/{view}"))
+    return [c for c in ids if process_id is None or f"-h{process_id}-" in c]
 
 
 def prune(store: Store, view: str, process_id: int, keep: int) -> list[str]:
@@ -197,10 +211,11 @@ def prune(store: Store, view: str, process_id: int, keep: int) -> list[str]:
 
 
 def restore_views(
-    state: Path, warehouse: str | Path, views: Sequence[str], process_id: int
+    state: Path, warehouse: str | Path, needs: Mapping[str, Sequence[int]]
 ) -> list[str]:
-    """Load the newest good checkpoint of each view into an empty state directory; returns
-    a line per view saying what was restored or refused.
+    """Load each view's shards `needs[view]` from the newest good checkpoints holding them
+    into an empty state directory; returns a line per view saying what was restored or
+    refused (see the module's docstring).
 
     A state directory that already holds views is left as it is (restore never overwrites
     views; the flow continues from them), so `--restore` can stay in a deployment's flags.
@@ -213,32 +228,108 @@ def restore_views(
         if target.views():
             return [f"--restore: {state} already holds views: continuing from them, not restoring"]
         lines: list[str] = []
-        for view in views:
-            lines.extend(_restore_view(store, target, state, view, process_id))
+        for view, shards in needs.items():
+            lines.extend(_restore_view(store, target, state, view, sorted(set(shards))))
         return lines
 
 
 RESTORE_LOCK = "RESTORE.lock"
 
 
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """A checkpoint some of the restored shards are taken from."""
+
+    checkpoint_id: str
+    manifest: dict[str, Any]
+    shards: list[int]  # the shards taken from it (those without a file start empty)
+
+    @property
+    def base(self) -> str:
+        return f"{CHECKPOINTS}/{self.manifest['view']}/{self.checkpoint_id}"
+
+    def files(self, primary: bool) -> list[str]:
+        """The files to fetch: its shards' (and, from the primary, the layout and the
+        definitions record)."""
+        held = self.manifest["shards"]
+        names = [f"p{s:04d}.sst" for s in self.shards if str(s) in held]
+        if primary:
+            names += [n for n in self.manifest["files"] if not n.endswith(".sst")]
+        return names
+
+
 def _restore_view(
-    store: Store, target: ViewStore, state: Path, view: str, process_id: int
+    store: Store, target: ViewStore, state: Path, view: str, shards: list[int]
 ) -> list[str]:
     lines: list[str] = []
-    for cid in reversed(checkpoint_ids(store, view, process_id)):
-        with _scratch() as tmp:
-            try:
-                manifest = _manifest(store, f"{CHECKPOINTS}/{view}/{cid}")
-                with _Fetch(store, f"{CHECKPOINTS}/{view}/{cid}", manifest, tmp) as fetch:
-                    _install(target, state, view, manifest, fetch)
-            except CheckpointError as exc:
-                lines.append(f"refused checkpoint {cid} of view {view!r}: {exc}")
-                continue
-        shards = len(manifest["shards"])
-        lines.append(f"restored view {view!r} v{manifest['version']} from {cid} ({shards} shards)")
+    refused: set[str] = set()
+    manifests: dict[str, dict[str, Any] | None] = {}
+    while True:
+        sources, missing = _choose(store, view, shards, refused, manifests, lines)
+        if missing:
+            held = ", ".join(str(s) for s in missing)
+            lines.append(
+                f"no good checkpoint of view {view!r} holds shard(s) {held}: the view is "
+                "rebuilt from the log"
+            )
+            return lines
+        try:
+            _install_from(store, target, state, view, sources)
+        except _RefusedError as exc:
+            refused.add(exc.checkpoint_id)
+            lines.append(f"refused checkpoint {exc.checkpoint_id} of view {view!r}: {exc.reason}")
+            continue
+        ids = ", ".join(f"{s.checkpoint_id} ({len(s.shards)} shards)" for s in sources)
+        lines.append(f"restored view {view!r} v{sources[0].manifest['version']} from {ids}")
         return lines
-    lines.append(f"no good checkpoint of view {view!r}: it is rebuilt from the log")
-    return lines
+
+
+def _choose(
+    store: Store,
+    view: str,
+    shards: list[int],
+    refused: set[str],
+    manifests: dict[str, dict[str, Any] | None],
+    lines: list[str],
+) -> tuple[list[_Source], list[int]]:
+    """Each shard's newest checkpoint (not refused) that kept it, of the version and layout
+    of the newest one keeping any of them (the primary, first); and the shards none kept."""
+    sources: list[_Source] = []
+    wanted = set(shards)
+    for cid in reversed(checkpoint_ids(store, view, None)):
+        if cid in refused or not wanted:
+            continue
+        if cid not in manifests:  # read once per restore, refusals said once
+            manifests[cid] = _read_manifest(store, view, cid, lines)
+        manifest = manifests[cid]
+        if manifest is None:
+            continue
+        kept = {int(s) for s in manifest.get("kept", manifest["shards"])} & wanted
+        if not kept or (sources and _version(manifest) != _version(sources[0].manifest)):
+            continue
+        sources.append(_Source(cid, manifest, sorted(kept)))
+        wanted -= kept
+    return sources, sorted(wanted)
+
+
+def _version(manifest: dict[str, Any]) -> tuple[Any, Any]:
+    return manifest["version"], manifest["files"]["layout.json"]["sha256"]
+
+
+def _read_manifest(store: Store, view: str, cid: str, lines: list[str]) -> dict[str, Any] | None:
+    try:
+        return _manifest(store, f"{CHECKPOINTS}/{view}/{cid}")
+    except CheckpointError as exc:
+        lines.append(f"refused checkpoint {cid} of view {view!r}: {exc}")
+        return None
+
+
+class _RefusedError(Exception):
+    """A checkpoint a restore chose has a missing or corrupt file."""
+
+    def __init__(self, checkpoint_id: str, reason: CheckpointError) -> None:
+        super().__init__(checkpoint_id, reason)
+        self.checkpoint_id, self.reason = checkpoint_id, reason
 
 
 def _manifest(store: Store, base: str) -> dict[str, Any]:
@@ -268,16 +359,17 @@ FETCH_THREADS = 4  # files downloaded at once: I/O and hashing release the inter
 
 
 class _Fetch:
-    """A checkpoint's files downloading side by side into `tmp`, each hashed as it arrives;
+    """Files of a checkpoint downloading side by side into `tmp`, each hashed as it arrives;
     `ready(name)` waits for one and gives its verified local path, so the restore ingests a
     shard while the next ones download. Leaving the block cancels what has not started."""
 
-    def __init__(self, store: Store, base: str, manifest: dict[str, Any], tmp: Path) -> None:
-        self.tmp = tmp
+    def __init__(self, store: Store, source: _Source, names: list[str], tmp: Path) -> None:
+        self.tmp, self._id = tmp, source.checkpoint_id
         self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="checkpoint-fetch")
+        files = source.manifest["files"]
         self._files: dict[str, Future[Path]] = {
-            name: self._pool.submit(_fetch_file, store, base, name, meta, tmp)
-            for name, meta in manifest["files"].items()
+            name: self._pool.submit(_fetch_file, store, source.base, name, files[name], tmp)
+            for name in names
         }
 
     def __enter__(self) -> _Fetch:
@@ -287,12 +379,15 @@ class _Fetch:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def ready(self, name: str) -> Path:
-        """The verified local copy of file `name` of the manifest.
+        """The verified local copy of file `name` of the checkpoint.
 
         Raises:
-            CheckpointError: the file is missing, or its checksum does not match.
+            _RefusedError: the file is missing, or its checksum does not match.
         """
-        return self._files[name].result()
+        try:
+            return self._files[name].result()
+        except CheckpointError as exc:
+            raise _RefusedError(self._id, exc) from exc
 
     def all_ready(self) -> None:
         for name in self._files:
@@ -314,40 +409,54 @@ def _fetch_file(store: Store, base: str, name: str, meta: dict[str, Any], tmp: P
     return local
 
 
-def _install(
-    target: ViewStore, state: Path, view: str, manifest: dict[str, Any], fetch: _Fetch
+def _install_from(
+    store: Store, target: ViewStore, state: Path, view: str, sources: list[_Source]
 ) -> None:
-    """The checkpoint as version `version` of the view, made live; each shard ingested as soon
-    as its file is verified. Nothing is made live unless every file verifies."""
-    version = int(manifest["version"])
+    """The shards of `sources` as version `version` of the view (the primary's layout and
+    definitions record), made live; each shard ingested as soon as its file verifies.
+    Nothing is made live unless every file verifies.
+
+    Raises:
+        _RefusedError: a file of one of the checkpoints is missing or corrupt.
+    """
+    version = int(sources[0].manifest["version"])
     vdir = target.version_dir(view, version)
     staging = vdir.with_name(f".{vdir.name}.restore")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    try:
-        _ingest_shards(staging, manifest, fetch)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    (staging / USE_LOCK).touch()
-    if vdir.exists() and target.current_version(view) != version:
-        shutil.rmtree(vdir)  # a restore that died before making it live left it: not in use
-    staging.rename(vdir)
-    target.switch(view, version)
-    _install_definitions(state, fetch.tmp)
+    with _scratch() as tmp, ExitStack() as fetching:
+        try:
+            fetches = [
+                fetching.enter_context(_Fetch(store, src, src.files(i == 0), tmp / str(i)))
+                for i, src in enumerate(sources)
+            ]
+            shutil.copyfile(fetches[0].ready("layout.json"), staging / "layout.json")
+            for src, fetch in zip(sources, fetches, strict=True):
+                _ingest_shards(staging, src, fetch)
+            for fetch in fetches:  # the definitions record too, before anything is made live
+                fetch.all_ready()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        (staging / USE_LOCK).touch()
+        if vdir.exists() and target.current_version(view) != version:
+            shutil.rmtree(vdir)  # a restore that died before making it live left it: not in use
+        staging.rename(vdir)
+        target.switch(view, version)
+        _install_definitions(state, tmp / "0")
 
 
-def _ingest_shards(staging: Path, manifest: dict[str, Any], fetch: _Fetch) -> None:
-    shutil.copyfile(fetch.ready("layout.json"), staging / "layout.json")
+def _ingest_shards(staging: Path, source: _Source, fetch: _Fetch) -> None:
     ingest = IngestExternalFileOptions()
     ingest.set_move_files(True)  # the downloaded copy is ours: link it in, no second copy
-    for shard in manifest["shards"]:
-        name = f"p{int(shard):04d}"
+    for shard in source.shards:
+        if str(shard) not in source.manifest["shards"]:
+            continue  # kept without keys: its store starts empty
+        name = f"p{shard:04d}"
         sst = fetch.ready(f"{name}.sst")
         db = open_rocks(staging / name, rocks_options())
         db.ingest_external_file([str(sst)], ingest)
         db.close()
-    fetch.all_ready()  # the definitions record too, before anything is made live
 
 
 def _install_definitions(state: Path, tmp: Path) -> None:

@@ -22,6 +22,7 @@ from connectors.log import KafkaStart, start_kafka_logs
 from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
 from flows.checkpoints import restore_views
+from flows.cluster import Cluster
 from flows.cli import command_main, exit_command
 from flows.dataflow import FlowControl, run_dataflow
 from flows.governance.breaking import refuse_breaking
@@ -68,8 +69,9 @@ class RunSettings(FlowSettings):
     )
     restore: bool = option(
         False,
-        "on an empty --state, first load the newest good checkpoint of each view from the "
-        "warehouse (python -m flows.checkpoint), then continue from its offsets",
+        "on an empty --state, first load each view's shards (those this process keeps) from "
+        "the newest good checkpoints in the warehouse (python -m flows.checkpoint) of any "
+        "process, then continue from their offsets",
     )
     allow_breaking: bool = option(
         False,
@@ -109,10 +111,14 @@ def _run(settings: RunSettings) -> int:
         refuse_breaking(defs, Path(settings.state))
     warehouse = Warehouse(settings.warehouse)
     if settings.restore:
-        names = [v.name for v in views]
-        restored = restore_views(
-            Path(settings.state), settings.warehouse, names, settings.process_id or 0
+        # the shards this process keeps: every one, or its own in a separate-state cluster
+        cluster = Cluster(
+            settings.process_id or 0,
+            len(settings.addresses.split(";")) if settings.addresses else 1,
+            bool(settings.separate_state),
         )
+        needs = {v.name: cluster.state_shards(v.source.partitions) for v in views}
+        restored = restore_views(Path(settings.state), settings.warehouse, needs)
         for line in restored:
             print(line, flush=True)
     embedded_demo = Path(settings.features).resolve() == EXAMPLE_FEATURES.resolve()

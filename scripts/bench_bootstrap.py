@@ -117,7 +117,7 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
 
     restore_only = tmp / "restore-only"
     started = time.perf_counter()
-    restore_views(restore_only, warehouse, ["spend"], 0)
+    restore_views(restore_only, warehouse, {"spend": range(args.partitions)})
     restore_s = time.perf_counter() - started
     shutil.rmtree(restore_only)
 
