@@ -22,8 +22,8 @@ from connectors.log import KafkaStart, start_kafka_logs
 from connectors.objectstore import is_uri
 from connectors.segments import Warehouse
 from flows.checkpoints import restore_views
-from flows.cluster import Cluster
 from flows.cli import command_main, exit_command
+from flows.cluster import Cluster
 from flows.dataflow import FlowControl, run_dataflow
 from flows.governance.breaking import refuse_breaking
 from flows.governance.history import record_history, record_rate
