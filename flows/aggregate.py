@@ -431,8 +431,8 @@ def _merge_keys(
     raw_keys = [encode_key(k) for k in keys]
     blobs = get_blobs(raw_keys)
     old = _load_old(layout, blobs)
-    lengths = _vector_lengths(layout, ev, blobs, keys)
     del blobs  # peak memory: the stored blobs and their decoded rows go before encoding
+    lengths = _vector_lengths(layout, ev, old.vector_dims, keys)
     newest = _newest_per_key(ev.kid, ev.ts, old.newest)
     merged = [_merge_group(g, gi, old, newest, ev, watermark) for gi, g in enumerate(layout.groups)]
     del old, ev
@@ -440,18 +440,28 @@ def _merge_keys(
 
 
 def _vector_lengths(
-    layout: ViewLayout, ev: SortedEvents, blobs: list[bytes | None], keys: list[str]
+    layout: ViewLayout, ev: SortedEvents, stored: dict[str, I64], keys: list[str]
 ) -> dict[str, I64]:
-    """Per vector column, the vector length of every touched key (`state.vectors` rule); a
-    record breaking it raises ValueError, which `flows.quarantine` makes a dead letter."""
+    """Per vector column, the vector length of every touched key (`state.vectors` rule) given
+    the stored ones (`_OldState.vector_dims`); a record breaking it raises ValueError, which
+    `flows.quarantine` makes a dead letter."""
     out: dict[str, I64] = {}
     for name, cv in ev.columns.items():
         if cv.lengths is not None:
-            stored = [0 if b is None else vector_lengths(layout, b).get(name, 0) for b in blobs]
-            known = np.asarray(stored, dtype=np.int64)
+            known = stored.get(name, np.zeros(len(keys), dtype=np.int64))
             out[name] = check_lengths(
                 layout.view, name, ev.kid, ev.off, cv.lengths, cv.valid, known, keys
             )
+    return out
+
+
+def _stored_dims(layout: ViewLayout, groups: Sequence[StoredGroup]) -> dict[str, I64]:
+    """Per vector column, every key's stored vector length: the longest of its fields'."""
+    out: dict[str, I64] = {}
+    for group, g in zip(layout.groups, groups, strict=True):
+        for f in group.vector_fields:
+            column = f.rpartition(".")[0]
+            out[column] = np.maximum(out[column], g.dims[f]) if column in out else g.dims[f]
     return out
 
 
@@ -464,6 +474,7 @@ class _OldState:
     # per group: summary fields left in the stored bytes (not in blocks' objs); empty when
     # every field was decoded (the per-blob path)
     entries: list[dict[str, StoredEntries]] = field(default_factory=list)
+    vector_dims: dict[str, I64] = field(default_factory=dict)  # per vector column, per key
 
 
 @dataclass(slots=True)
@@ -498,7 +509,8 @@ def _load_old(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
         last_of_key.append(last)
         rows = np.ascontiguousarray(g.words).view(group.dtype).reshape(-1)
         blocks.append(TileBlock(rows, g.objs) if len(rows) else None)
-    return _OldState(blocks, key_of_row, newest, last_of_key, [g.entries for g in stored])
+    entries = [g.entries for g in stored]
+    return _OldState(blocks, key_of_row, newest, last_of_key, entries, _stored_dims(layout, stored))
 
 
 def _load_old_per_key(layout: ViewLayout, blobs: list[bytes | None]) -> _OldState:
@@ -511,10 +523,13 @@ def _load_old_per_key(layout: ViewLayout, blobs: list[bytes | None]) -> _OldStat
     kids: list[list[int]] = [[] for _ in layout.groups]
     counts: list[list[int]] = [[] for _ in layout.groups]
     newest = np.full(len(blobs), np.iinfo(np.int64).min, dtype=np.int64)
+    dims: dict[str, I64] = {}
     for kid, blob in enumerate(blobs):
         if blob is None:
             continue
         groups, newest[kid] = decode_words(layout, blob)
+        for column, dim in vector_lengths(layout, blob).items():
+            dims.setdefault(column, np.zeros(len(blobs), dtype=np.int64))[kid] = dim
         for gi, (w, o) in enumerate(groups):
             if len(w):
                 words[gi].append(w)
@@ -541,7 +556,7 @@ def _load_old_per_key(layout: ViewLayout, blobs: list[bytes | None]) -> _OldStat
         }
         blocks.append(TileBlock(rows, group_objs))
         key_of_row.append(np.repeat(np.asarray(kids[gi], dtype=np.int64), counts[gi]))
-    return _OldState(blocks, key_of_row, newest, last_of_key)
+    return _OldState(blocks, key_of_row, newest, last_of_key, vector_dims=dims)
 
 
 def _newest_per_key(key_ids: I64, ts: I64, old_newest: I64) -> I64:

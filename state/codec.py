@@ -319,7 +319,8 @@ class StoredGroup:
     """One hop group's tiles of many keys: rows in key order (`counts[k]` rows of key k), their
     object stats (summaries as their stored bytes) and vectors.
 
-    Decoded with `lazy`, summary fields are in `entries` instead of `objs`. For encoding,
+    Decoded with `lazy`, summary fields are in `entries` instead of `objs`. Decoded, `dims[f]`
+    is each key's stored vector length of vector field f (0: none yet). For encoding,
     `leading[f][k]` may hold the stored entries of key k's first `leading_rows[k]` rows of
     summary field f, written as they are (the rows' `objs[f]` items are then ignored)."""
 
@@ -329,6 +330,7 @@ class StoredGroup:
     entries: dict[str, StoredEntries] = field(default_factory=dict)
     leading: dict[str, list[bytes]] = field(default_factory=dict)
     leading_rows: I64 | None = None
+    dims: dict[str, I64] = field(default_factory=dict)
 
 
 def decode_many(
@@ -357,13 +359,18 @@ def _empty_group(layout: ViewLayout, gi: int, n_keys: int) -> StoredGroup:
     width = len(group.dtype.names or ())
     objs: dict[str, Any] = {f: np.empty(0, dtype=object) for f in group.object_fields}
     objs.update((f, np.zeros((0, 0))) for f in group.vector_fields)
-    return StoredGroup(np.zeros((0, width), np.int64), objs, np.zeros(n_keys, np.int64))
+    dims = {f: np.zeros(n_keys, np.int64) for f in group.vector_fields}
+    return StoredGroup(np.zeros((0, width), np.int64), objs, np.zeros(n_keys, np.int64), dims=dims)
 
 
 def _spread(group: StoredGroup, present: I64, n_keys: int) -> StoredGroup:
+    """`group` of the keys with a blob, for every key (the others without rows)."""
     counts = np.zeros(n_keys, dtype=np.int64)
     counts[present] = group.counts
-    return StoredGroup(group.words, group.objs, counts, group.entries)
+    dims = {f: np.zeros(n_keys, dtype=np.int64) for f in group.dims}
+    for f, d in group.dims.items():
+        dims[f][present] = d
+    return StoredGroup(group.words, group.objs, counts, group.entries, dims=dims)
 
 
 def _unaligned(buf: bytes | bytearray, dtype: str) -> npt.NDArray[Any]:
@@ -439,12 +446,14 @@ class _BlobWalk:
         self.entries = {}
         if group.object_fields:
             objs = self.objects(group.object_fields, n, firsts)
+        dims: dict[str, I64] = {}
         if group.vector_fields:
             key = np.repeat(np.arange(len(n)), n)
             row = np.arange(len(key)) - firsts[key]
             for f in group.vector_fields:
+                dims[f] = self.u32(self.pos)
                 objs[f] = self.vectors(n, key, row)
-        return StoredGroup(words, objs, n, self.entries)
+        return StoredGroup(words, objs, n, self.entries, dims=dims)
 
     def columns(self, base: I64, n: I64, width: int) -> npt.NDArray[np.int64]:
         """The rows of keys whose sections start at `base` (n[k] rows of `width` words, stored
