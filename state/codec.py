@@ -573,31 +573,17 @@ def _key_range(group: StoredGroup, a: int, z: int, first: int, last: int) -> Sto
 def _encode_chunk(
     layout: ViewLayout, groups: list[StoredGroup], newest: I64, dims: dict[str, I64]
 ) -> list[bytes]:
-    if not any(g.object_fields or g.vector_fields for g in layout.groups):
-        return _encode_plain(layout, groups, newest)
-    n_keys = len(newest)
-    heads = np.zeros(n_keys, dtype=[("v", "u1"), ("t", "<i8")])
-    heads["v"], heads["t"] = VALUE_FORMAT, newest
-    columns = [_slices(heads.tobytes(), np.full(n_keys, _HEAD.size))]
-    for gi, g in enumerate(groups):
-        columns += _group_columns(layout.groups[gi], g, dims)
-    return [b"".join(parts) for parts in zip(*columns, strict=True)]
-
-
-def _encode_plain(layout: ViewLayout, groups: list[StoredGroup], newest: I64) -> list[bytes]:
-    """`_encode_chunk` for layouts of fixed-width tiles only (no object or vector sections):
-    every key's parts (its head; per group its row count, then each column's rows) are
-    zero-copy binary arrays over one buffer per part, joined key by key by Arrow
+    """The blobs of a chunk of keys: every key's parts (its head; per group its row count,
+    each column's rows, its object section, its vectors) as binary arrays, one value per key,
+    most of them zero-copy over one buffer per part, joined key by key by Arrow
     (`binary_join_element_wise`): one memcpy per part, where a scatter of every word into
-    place copied word by word (25k keys of 2.7 kB: 3.1x faster)."""
+    place copied word by word (25k keys of 2.7 kB of plain tiles: 3.1x faster)."""
     n_keys = len(newest)
     heads = np.zeros(n_keys, dtype=[("v", "u1"), ("t", "<i8")])
     heads["v"], heads["t"] = VALUE_FORMAT, newest
     parts = [_binary(heads, np.full(n_keys, _HEAD.size))]
     for group, g in zip(layout.groups, groups, strict=True):
-        parts.append(_binary(g.counts.astype("<u4"), np.full(n_keys, 4)))
-        for j in range(len(group.dtype.names or ())):
-            parts.append(_binary(np.ascontiguousarray(g.words[:, j], dtype="<i8"), g.counts * 8))
+        parts += _group_parts(group, g, dims)
     joined = pc.binary_join_element_wise(*parts, _NO_SEPARATOR)
     blobs: list[bytes] = joined.to_pylist()
     return blobs
@@ -611,38 +597,24 @@ def _binary(data: npt.NDArray[Any], sizes: I64) -> pa.Array:
     them (no copy; `data` lives as long as the array)."""
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))]
     return pa.Array.from_buffers(pa.large_binary(), len(sizes), buffers)
 
 
-def _slices(raw: bytes, sizes: I64) -> list[bytes]:
-    """`raw` cut into consecutive pieces of `sizes` bytes."""
-    ends = np.cumsum(sizes)
-    return [raw[a:z] for a, z in zip((ends - sizes).tolist(), ends.tolist(), strict=True)]
-
-
-def _group_columns(group: HopGroup, stored: StoredGroup, dims: dict[str, I64]) -> list[list[bytes]]:
-    """One hop group's section as columns of byte parts, one part per key in each."""
+def _group_parts(group: HopGroup, stored: StoredGroup, dims: dict[str, I64]) -> list[pa.Array]:
+    """One hop group's section as binary arrays of one part per key each."""
     n = stored.counts
-    width = len(group.dtype.names or ())
-    firsts = np.cumsum(n) - n
-    rows = np.repeat(n, n)  # per row, its key's row count
-    # word (r, f) goes to its key's block, column-major: firsts*width + f*n + (r - firsts)
-    home = np.repeat(firsts * (width - 1), n) + np.arange(len(rows))
-    flat = np.empty(len(rows) * width, dtype=np.int64)
-    for j in range(width):  # a column at a time: temporaries stay one column long
-        flat[home + j * rows] = stored.words[:, j]
-    words = flat.tobytes()
-    out = [_slices(n.astype("<u4").tobytes(), np.full(len(n), 4)), _slices(words, n * width * 8)]
+    parts = [_binary(n.astype("<u4"), np.full(len(n), 4))]
+    for j in range(len(group.dtype.names or ())):  # column-major: a column's rows, the next's
+        parts.append(_binary(np.ascontiguousarray(stored.words[:, j], dtype="<i8"), n * 8))
     if group.object_fields:
-        out += _object_columns(group.object_fields, stored)
+        parts += _object_parts(group.object_fields, stored)
     for f in group.vector_fields:
-        matrices = _key_vectors(f, stored.objs[f], n, firsts, dims)
-        out.append([_U32.pack(m.shape[1]) + m.tobytes() for m in matrices])
-    return out
+        parts += _vector_parts(f, stored.objs[f], n, dims)
+    return parts
 
 
-def _object_columns(fields: tuple[str, ...], stored: StoredGroup) -> list[list[bytes]]:
+def _object_parts(fields: tuple[str, ...], stored: StoredGroup) -> list[pa.Array]:
     """Per key: u32 section length, u32 document length, the document, the summaries."""
     objs, n = stored.objs, stored.counts
     bounds = np.concatenate([[0], np.cumsum(n)]).tolist()
@@ -656,9 +628,28 @@ def _object_columns(fields: tuple[str, ...], stored: StoredGroup) -> list[list[b
         summaries = [b""] * len(docs)
     doc_sizes = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     sum_sizes = np.fromiter(map(len, summaries), dtype=np.int64, count=len(docs))
-    sizes = np.stack([4 + doc_sizes + sum_sizes, doc_sizes], axis=1).astype("<u4").tobytes()
-    pieces = _slices(sizes, np.full(2 * len(docs), 4))
-    return [pieces[0::2], pieces[1::2], docs, summaries]
+    sizes = np.stack([4 + doc_sizes + sum_sizes, doc_sizes], axis=1).astype("<u4")
+    return [
+        _binary(sizes, np.full(len(docs), 8)),
+        pa.array(docs, pa.large_binary()),
+        pa.array(summaries, pa.large_binary()),
+    ]
+
+
+def _vector_parts(
+    field: str, matrix: npt.NDArray[Any], n: I64, dims: dict[str, I64]
+) -> list[pa.Array]:
+    """Per key: u32 vector length d, then its n rows of d float64 values (the stored rows
+    cut to d, or zero-padded to it; d is the matrix's width unless `dims` says otherwise)."""
+    own = dims.get(field.rpartition(".")[0])
+    d = own if own is not None else np.full(len(n), matrix.shape[1], dtype=np.int64)
+    width = int(d.max()) if len(d) else 0
+    rows = np.zeros((len(matrix), width), dtype="<f8")
+    fit = min(width, matrix.shape[1])
+    rows[:, :fit] = matrix[:, :fit]
+    d_row = np.repeat(d, n)  # each row's key's length: the row keeps its first d values
+    values = rows[np.arange(width)[None, :] < d_row[:, None]]
+    return [_binary(d.astype("<u4"), np.full(len(n), 4)), _binary(values, n * d * 8)]
 
 
 def _summary_region(name: str, stored: StoredGroup) -> list[bytes]:
@@ -694,19 +685,3 @@ def _leading_mask(n: I64, lead: I64) -> npt.NDArray[np.bool_]:
     firsts = np.cumsum(n) - n
     key = np.repeat(np.arange(len(n)), n)
     return np.asarray((np.arange(int(n.sum())) - firsts[key]) < lead[key])
-
-
-def _key_vectors(
-    field: str, matrix: npt.NDArray[Any], n: I64, firsts: I64, dims: dict[str, I64]
-) -> list[npt.NDArray[np.float64]]:
-    column = field.rpartition(".")[0]
-    own = dims.get(column)
-    out = []
-    for k, (a, count) in enumerate(zip(firsts.tolist(), n.tolist(), strict=True)):
-        rows = matrix[a : a + count]
-        dim = int(own[k]) if own is not None else int(rows.shape[1])
-        cut = rows[:, :dim]
-        if cut.shape[1] < dim:
-            cut = np.concatenate([cut, np.zeros((count, dim - cut.shape[1]))], axis=1)
-        out.append(np.ascontiguousarray(cut, dtype="<f8"))
-    return out
