@@ -9,6 +9,7 @@ are the whole log, and new segments (from `flows.ingest`) are picked up as they 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,6 +84,8 @@ class PartitionLog:
     _next_topic_check: float = field(init=False, default=0.0)
     _partitions: int | None = field(init=False, default=None)  # the topic's, when first read
     _ahead: Future[LogBatch | None] | None = field(init=False, default=None)
+    _segments: Iterator[pa.RecordBatch] | None = field(init=False, default=None)  # kept open
+    _carry: pa.RecordBatch | None = field(init=False, default=None)  # read, not yet taken
 
     def __post_init__(self) -> None:
         self._next = self.start_offset
@@ -137,24 +140,34 @@ class PartitionLog:
         return batch
 
     def _read_segments(self) -> LogBatch | None:
-        archived = self.warehouse.next_offset(self.source, self.partition)
-        if archived <= self._next:
-            return None
-        self._segments_end = archived  # covered up to here, holes and gaps included
+        archived = self._segments_end
+        if self._segments is None:
+            archived = self.warehouse.next_offset(self.source, self.partition)
+            if archived <= self._next:
+                return None
+            self._segments_end = archived  # covered up to here, holes and gaps included
         # Row groups (and segment files) coalesced into a batch of up to batch_rows and
         # batch_bytes: replay cost is per batch and per touched key, so few large batches are
-        # the fast path. The reader is closed after each batch, the next opening at its offset
-        # (re-reading at most a row group): nothing read stays held between batches, so a
-        # replay's memory is one batch's, however long the log and however many partitions.
-        reader = self.warehouse.read(
-            self.source,
-            self.partition,
-            from_offset=self._next,
-            to_offset=archived - 1,
-            batch_rows=self.batch_rows,
+        # the fast path. After a large batch the reader is closed and the next batch opens at
+        # its offset (re-reading at most one row group): nothing read stays held between
+        # batches, so a replay's memory is one batch's, however long the log and however many
+        # partitions. A small batch keeps its reader and the rest of its last row group (at
+        # most a row group held), which a reopened reader would decode again for every batch.
+        if self._segments is None:
+            self._segments = iter(
+                self.warehouse.read(
+                    self.source,
+                    self.partition,
+                    from_offset=self._next,
+                    to_offset=archived - 1,
+                    batch_rows=self.batch_rows,
+                )
+            )
+        taken, self._carry, exhausted = coalesce(
+            self._segments, self._carry, self.batch_rows, self.batch_bytes
         )
-        taken, exhausted = coalesce(iter(reader), self.batch_rows, self.batch_bytes)
-        del reader
+        if exhausted or sum(b.num_rows for b in taken) >= KEEP_READER_ROWS:
+            self._segments, self._carry = None, None
         schema, defaults = self.arrow_schema, self.defaults
         tables = [conform(pa.Table.from_batches([b]), schema, defaults) for b in taken]
         del taken
@@ -457,15 +470,21 @@ def shift_letter(letter: DeadLetter, base: int) -> DeadLetter:
     return replace(letter, offset=letter.offset + base)
 
 
+# A batch of this many records or more closes its segment reader (8 of the writer's row groups
+# of 128k: re-reading one costs under 1/8 of the batch's decoding); a smaller one keeps it.
+KEEP_READER_ROWS = 1 << 20
+
+
 def coalesce(
-    batches: Iterator[pa.RecordBatch], rows: int, nbytes: int
-) -> tuple[list[pa.RecordBatch], bool]:
-    """The first record batches of `batches` holding at most `rows` records and `nbytes`
-    bytes (at least one record), the last one taken maybe a slice of one; and whether
-    `batches` ran out before a bound was reached."""
+    batches: Iterator[pa.RecordBatch], carry: pa.RecordBatch | None, rows: int, nbytes: int
+) -> tuple[list[pa.RecordBatch], pa.RecordBatch | None, bool]:
+    """The next record batches of `carry` (what the last call read and did not take) then
+    `batches`, holding at most `rows` records and `nbytes` bytes (at least one record): the
+    last one taken may be a slice of one, whose rest is returned to carry to the next call.
+    Also whether `batches` ran out before a bound was reached (then nothing is carried)."""
     taken: list[pa.RecordBatch] = []
     have_rows = have_bytes = 0
-    for batch in batches:
+    for batch in itertools.chain([carry] if carry is not None else [], batches):
         if not batch.num_rows:
             continue
         size = batch.nbytes
@@ -476,9 +495,11 @@ def coalesce(
         if fit:
             taken.append(batch if fit == batch.num_rows else batch.slice(0, fit))
             have_rows, have_bytes = have_rows + fit, have_bytes + taken[-1].nbytes
-        if have_rows >= rows or have_bytes >= nbytes or fit < batch.num_rows:
-            return taken, False
-    return taken, True
+        if fit < batch.num_rows:
+            return taken, batch.slice(fit), False
+        if have_rows >= rows or have_bytes >= nbytes:
+            return taken, None, False
+    return taken, None, True
 
 
 def conform(table: pa.Table, schema: pa.Schema, defaults: dict[str, Any]) -> pa.Table:

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from connectors import log as log_module
 from connectors.avro import arrow_schema
 from connectors.log import PartitionLog, coalesce
 from connectors.segments import Warehouse
@@ -24,27 +25,34 @@ def _numbers(sizes: list[int]) -> list[pa.RecordBatch]:
 
 
 @pytest.mark.parametrize(
-    ("sizes", "rows", "nbytes", "taken", "ran_out"),
+    ("sizes", "rows", "nbytes", "taken", "rest", "ran_out"),
     [
-        ([5, 5, 5], 100, 1 << 20, [5, 5, 5], True),  # the whole input fits
-        ([5, 5, 5], 7, 1 << 20, [5, 2], False),  # the row bound cuts the second batch
-        ([5, 5, 5], 10, 1 << 20, [5, 5], False),  # the bound met exactly at a batch's end
-        ([5, 5, 5], 100, 8 * 7, [5, 2], False),  # the byte bound: 7 rows of 8 bytes
-        ([5, 5, 5], 100, 8 * 7 + 5, [5, 2], False),  # a partial row does not fit
-        ([5, 5], 100, 3, [1], False),  # a bound below one row still takes one
-        ([0, 4, 0, 4], 6, 1 << 20, [4, 2], False),  # empty batches are skipped
-        ([], 6, 1 << 20, [], True),
+        ([5, 5, 5], 100, 1 << 20, [5, 5, 5], 0, True),  # the whole input fits
+        ([5, 5, 5], 7, 1 << 20, [5, 2], 3, False),  # the row bound cuts the second batch
+        ([5, 5, 5], 10, 1 << 20, [5, 5], 0, False),  # the bound met exactly at a batch's end
+        ([5, 5, 5], 100, 8 * 7, [5, 2], 3, False),  # the byte bound: 7 rows of 8 bytes
+        ([5, 5, 5], 100, 8 * 7 + 5, [5, 2], 3, False),  # a partial row does not fit
+        ([5, 5], 100, 3, [1], 4, False),  # a bound below one row still takes one
+        ([0, 4, 0, 4], 6, 1 << 20, [4, 2], 2, False),  # empty batches are skipped
+        ([], 6, 1 << 20, [], 0, True),
     ],
 )
 def test_coalesce_takes_at_most_the_bounds_and_at_least_one_record(
-    sizes: list[int], rows: int, nbytes: int, taken: list[int], ran_out: bool
+    sizes: list[int], rows: int, nbytes: int, taken: list[int], rest: int, ran_out: bool
 ) -> None:
-    batches = _numbers(sizes)
-    got, exhausted = coalesce(iter(batches), rows, nbytes)
+    """What it takes is a prefix of the input, in order; the rest of a batch it cut is carried,
+    and the next call starts with it: every record once, whatever the bounds."""
+    batches = iter(_numbers(sizes))
+    got, carry, exhausted = coalesce(batches, None, rows, nbytes)
     assert [b.num_rows for b in got] == taken
+    assert (0 if carry is None else carry.num_rows) == rest
     assert exhausted is ran_out
     values = [v for b in got for v in b.column(0).to_pylist()]
-    assert values == list(range(sum(taken)))  # a prefix of the input, in order
+    assert values == list(range(sum(taken)))
+    while not exhausted:
+        more, carry, exhausted = coalesce(batches, carry, rows, nbytes)
+        values += [v for b in more for v in b.column(0).to_pylist()]
+    assert values == list(range(sum(sizes)))
 
 
 def _log(warehouse: Warehouse, schema: pa.Schema, start: int, **bounds: int) -> PartitionLog:
@@ -103,3 +111,37 @@ def test_a_long_log_is_read_in_batches_of_the_byte_bound(
     assert sum(b.num_rows for b in batches) == 2000
     assert all(b.nbytes <= limit for b in batches)
     assert 18 <= len(batches) <= 22
+
+
+@pytest.mark.parametrize("keep_rows", [10**9, 2])
+def test_small_batches_keep_their_reader_and_large_ones_reopen_at_their_offset(
+    warehouse_location: str,
+    log_rows: Any,
+    transaction_schema: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    keep_rows: int,
+) -> None:
+    """Batches smaller than KEEP_READER_ROWS read the log with one reader (a reopened one
+    would decode the start of the row group again for every batch); larger ones close it and
+    the next opens at its offset (nothing held between batches). Either way every record
+    once, in order."""
+    warehouse = Warehouse(warehouse_location)
+    for first in range(0, 120, 40):
+        append(warehouse, log_rows(first, 40))
+    opened: list[int] = []
+    read = Warehouse.read
+
+    def counted(self: Warehouse, *args: Any, **kwargs: Any) -> Any:
+        opened.append(kwargs.get("from_offset", args[2] if len(args) > 2 else 0))
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Warehouse, "read", counted)
+    monkeypatch.setattr(log_module, "KEEP_READER_ROWS", keep_rows)
+    schema = arrow_schema(transaction_schema)
+    batches, end = _read_all(_log(warehouse, schema, 0, batch_rows=7))
+    assert [o for b in batches for o in b.column("_offset").to_pylist()] == list(range(120))
+    assert end == 120
+    if keep_rows > 7:
+        assert opened == [0]
+    else:
+        assert opened == list(range(0, 120, 7))
