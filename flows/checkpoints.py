@@ -25,7 +25,8 @@ process keeps (all of them, or its own in a cluster with --separate-state) are e
 the newest good checkpoint that holds it, whichever process wrote it: a process restarts from
 its own checkpoint, a serving follower gathers every process's shards, a cluster of another
 size takes each shard from whoever owned it. Every shard taken comes from checkpoints of one
-version and layout (those of the newest checkpoint holding any of them). A checkpoint is good
+version and layout: the newest version whose checkpoints hold every shard (a redeployment that
+only some processes have checkpointed yet gives way to the version before). A checkpoint is good
 when its manifest parses and every file taken from it matches its sha256; one without manifest
 (incomplete) or with a bad checksum is refused with a message naming it, and its shards are
 taken from the next older ones. Shards of one view may come from checkpoints of different
@@ -292,24 +293,34 @@ def _choose(
     manifests: dict[str, dict[str, Any] | None],
     lines: list[str],
 ) -> tuple[list[_Source], list[int]]:
-    """Each shard's newest checkpoint (not refused) that kept it, of the version and layout
-    of the newest one keeping any of them (the primary, first); and the shards none kept."""
-    sources: list[_Source] = []
-    wanted = set(shards)
+    """Each shard's newest checkpoint (not refused) that kept it, all of one version and
+    layout: the newest version whose checkpoints keep every shard (a redeployment that not
+    every process has checkpointed yet falls back to the version before); and, when none
+    does, the shards the newest version's checkpoints miss."""
+    held: list[tuple[str, dict[str, Any], set[int]]] = []
     for cid in reversed(checkpoint_ids(store, view, None)):
-        if cid in refused or not wanted:
+        if cid in refused:
             continue
         if cid not in manifests:  # read once per restore, refusals said once
             manifests[cid] = _read_manifest(store, view, cid, lines)
         manifest = manifests[cid]
         if manifest is None:
             continue
-        kept = {int(s) for s in manifest.get("kept", manifest["shards"])} & wanted
-        if not kept or (sources and _version(manifest) != _version(sources[0].manifest)):
-            continue
-        sources.append(_Source(cid, manifest, sorted(kept)))
-        wanted -= kept
-    return sources, sorted(wanted)
+        kept = {int(s) for s in manifest.get("kept", manifest["shards"])}
+        if kept & set(shards):
+            held.append((cid, manifest, kept))
+    first: tuple[list[_Source], list[int]] | None = None
+    for version in dict.fromkeys(_version(m) for _, m, _ in held):
+        sources: list[_Source] = []
+        wanted = set(shards)
+        for cid, manifest, kept in held:
+            if _version(manifest) == version and kept & wanted:
+                sources.append(_Source(cid, manifest, sorted(kept & wanted)))
+                wanted -= kept
+        if not wanted:
+            return sources, []
+        first = first or (sources, sorted(wanted))
+    return first or ([], list(shards))
 
 
 def _version(manifest: dict[str, Any]) -> tuple[Any, Any]:

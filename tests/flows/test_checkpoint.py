@@ -236,3 +236,27 @@ def test_a_cluster_of_another_size_restores_each_shard_from_whoever_kept_it(
         assert restored.get_many("channels", mine) == whole.get_many("channels", mine)
     src = ViewStore(live).open_partition("spend", 1, 1).progress()
     assert ViewStore(tmp_path / "p1").open_partition("spend", 1, 1).progress() == src
+
+
+def test_a_version_not_every_process_has_checkpointed_falls_back_to_the_one_before(
+    tmp_path: Path, warehouse_location: str
+) -> None:
+    """Process 0 has checkpointed a newer version (a redeployment) that process 1 has not
+    yet: a follower needing every shard restores the version both have, not a mix."""
+    setup(tmp_path, warehouse_location)
+    live = tmp_path / "live"
+    checkpoint_as(warehouse_location, as_process(live, tmp_path / "h0", {0, 2}), 0, "spend")
+    checkpoint_as(warehouse_location, as_process(live, tmp_path / "h1", {1}), 1, "spend")
+    store = open_store(warehouse_location)
+    (old_h0,) = checkpoint_ids(store, "spend", 0)
+    (h1,) = checkpoint_ids(store, "spend", 1)
+    newer = "99991231T235959000000Z-h0-newer000"  # process 0's checkpoint of a version 2
+    for name in store.tree(f"{CHECKPOINTS}/spend/{old_h0}"):
+        data = store.read_bytes(f"{CHECKPOINTS}/spend/{old_h0}/{name}")
+        if name == MANIFEST:
+            data = data.replace(b'"version": 1', b'"version": 2')
+        store.write_bytes(f"{CHECKPOINTS}/spend/{newer}/{name}", data)
+    lines = restore_views(tmp_path / "follower", warehouse_location, {"spend": range(3)})
+    assert lines == [f"restored view 'spend' v1 from {h1} (1 shards), {old_h0} (2 shards)"]
+    with FeatureClient(tmp_path / "follower") as new, FeatureClient(live) as old:
+        assert new.get_many("spend", KEYS) == old.get_many("spend", KEYS)
