@@ -55,6 +55,10 @@ class LogBatch:
     next_offset: int = 0  # the first offset after this batch
 
 
+BATCH_ROWS = 4_000_000  # a replay batch's default bounds (flows.settings: --batch-rows,
+BATCH_BYTES = 160 << 20  # --batch-mb): few large batches are the fast path
+
+
 @dataclass
 class PartitionLog:
     """Segments then Kafka, for one partition, from `start_offset` (inclusive).
@@ -70,8 +74,8 @@ class PartitionLog:
     arrow_schema: pa.Schema
     kafka: KafkaTail | None = None
     stop_at: int | None = None
-    batch_rows: int = 4_000_000  # at most this many records per replay batch from segments
-    batch_bytes: int = 160 << 20  # and at most this many bytes of them (Arrow, as read)
+    batch_rows: int = BATCH_ROWS  # at most this many records per replay batch from segments
+    batch_bytes: int = BATCH_BYTES  # and at most this many bytes of them (Arrow, as read)
     kafka_batch: int = 5_000
     poll_interval_s: float = 0.5
     defaults: dict[str, Any] = field(default_factory=dict)  # reader defaults of added fields

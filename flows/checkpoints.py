@@ -263,10 +263,11 @@ def _restore_view(
     store: Store, target: ViewStore, state: Path, view: str, shards: list[int]
 ) -> list[str]:
     lines: list[str] = []
+    ids = list(reversed(checkpoint_ids(store, view, None)))  # newest first
     refused: set[str] = set()
     manifests: dict[str, dict[str, Any] | None] = {}
     while True:
-        sources, missing = _choose(store, view, shards, refused, manifests, lines)
+        sources, missing = _choose(store, view, ids, shards, refused, manifests, lines)
         if missing:
             held = ", ".join(str(s) for s in missing)
             lines.append(
@@ -280,25 +281,26 @@ def _restore_view(
             refused.add(exc.checkpoint_id)
             lines.append(f"refused checkpoint {exc.checkpoint_id} of view {view!r}: {exc.reason}")
             continue
-        ids = ", ".join(f"{s.checkpoint_id} ({len(s.shards)} shards)" for s in sources)
-        lines.append(f"restored view {view!r} v{sources[0].manifest['version']} from {ids}")
+        used = ", ".join(f"{s.checkpoint_id} ({len(s.shards)} shards)" for s in sources)
+        lines.append(f"restored view {view!r} v{sources[0].manifest['version']} from {used}")
         return lines
 
 
 def _choose(
     store: Store,
     view: str,
+    ids: list[str],
     shards: list[int],
     refused: set[str],
     manifests: dict[str, dict[str, Any] | None],
     lines: list[str],
 ) -> tuple[list[_Source], list[int]]:
-    """Each shard's newest checkpoint (not refused) that kept it, all of one version and
-    layout: the newest version whose checkpoints keep every shard (a redeployment that not
-    every process has checkpointed yet falls back to the version before); and, when none
-    does, the shards the newest version's checkpoints miss."""
+    """Each shard's newest checkpoint that kept it (of `ids`, newest first, not refused),
+    all of one version and layout: the newest version whose checkpoints keep every shard (a
+    redeployment that not every process has checkpointed yet falls back to the version
+    before); and, when none does, the shards the newest version's checkpoints miss."""
     held: list[tuple[str, dict[str, Any], set[int]]] = []
-    for cid in reversed(checkpoint_ids(store, view, None)):
+    for cid in ids:
         if cid in refused:
             continue
         if cid not in manifests:  # read once per restore, refusals said once

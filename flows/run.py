@@ -110,13 +110,13 @@ def _run(settings: RunSettings) -> int:
     if not settings.allow_breaking:
         refuse_breaking(defs, Path(settings.state))
     warehouse = Warehouse(settings.warehouse)
+    cluster = Cluster(
+        settings.process_id or 0,
+        len(settings.addresses.split(";")) if settings.addresses else 1,
+        bool(settings.separate_state),
+    )
     if settings.restore:
         # the shards this process keeps: every one, or its own in a separate-state cluster
-        cluster = Cluster(
-            settings.process_id or 0,
-            len(settings.addresses.split(";")) if settings.addresses else 1,
-            bool(settings.separate_state),
-        )
         needs = {v.name: cluster.state_shards(v.source.partitions) for v in views}
         restored = restore_views(Path(settings.state), settings.warehouse, needs)
         for line in restored:
@@ -155,11 +155,11 @@ def _run(settings: RunSettings) -> int:
             state=Path(settings.state),
             kafka=settings.kafka,
             until_caught_up=settings.until_caught_up,
-            process_id=settings.process_id or 0,
+            process_id=cluster.process_id,
             batch_rows=settings.batch_rows,
             batch_bytes=settings.batch_mb << 20,
-            processes=len(settings.addresses.split(";")) if settings.addresses else 1,
-            separate_state=bool(settings.separate_state),
+            processes=cluster.processes,
+            separate_state=cluster.separate_state,
         )
         _print_plan(plan)
         if not settings.process_id or settings.separate_state:

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from connectors.avro import arrow_schema
-from connectors.log import KafkaTail, PartitionLog
+from connectors.log import BATCH_BYTES, BATCH_ROWS, KafkaTail, PartitionLog
 from connectors.segments import Warehouse
 from flows.cluster import Cluster, ClusterStarts, Publication, publish
 from flows.errors import ConfigError
@@ -77,8 +77,8 @@ class FlowPlan:
     state: Path
     sources: dict[str, SourcePlan]
     kafka_bootstrap: str | None = None
-    batch_rows: int = 4_000_000  # records per replay batch from segments (memory vs speed)
-    batch_bytes: int = 160 << 20  # and bytes of them (Arrow, as read)
+    batch_rows: int = BATCH_ROWS  # records per replay batch from segments (memory vs speed)
+    batch_bytes: int = BATCH_BYTES  # and bytes of them (Arrow, as read)
     watch_versions: bool = False  # follow mode: restart when a replay switches a live view
     cluster: Cluster = field(default_factory=Cluster)  # this process's place in the cluster
     starts: ClusterStarts | None = None  # separate state dirs: resume points of the cluster
@@ -237,8 +237,8 @@ def build_plan(
     until_caught_up: bool,
     rebuild: bool = False,
     process_id: int = 0,
-    batch_rows: int = 4_000_000,
-    batch_bytes: int = 160 << 20,
+    batch_rows: int = BATCH_ROWS,
+    batch_bytes: int = BATCH_BYTES,
     processes: int = 1,
     separate_state: bool = False,
 ) -> FlowPlan:

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
+from connectors.log import BATCH_BYTES as DEFAULT_BATCH_BYTES
+from connectors.log import BATCH_ROWS as DEFAULT_BATCH_ROWS
 from connectors.objectstore import with_endpoint
 from flows.errors import ConfigError
 
@@ -71,12 +73,12 @@ WORKERS = Shared(1, "bytewax worker threads in this process")
 # Of every command that runs the dataflow (flows.run, flows.replay).
 STATUS_INTERVAL = Shared(5.0, "seconds between console status lines")
 BATCH_ROWS = Shared(
-    4_000_000,
+    DEFAULT_BATCH_ROWS,
     "at most this many records per batch when replaying segments; a worker holds one batch "
     "at a time (larger is faster, uses more memory)",
 )
 BATCH_MB = Shared(
-    160,
+    DEFAULT_BATCH_BYTES >> 20,
     "at most this many MiB of records (Arrow, as read) per batch when replaying segments: "
     "with --batch-rows, bounds a replay's memory however long the log",
 )

@@ -594,7 +594,7 @@ _NO_SEPARATOR = pa.scalar(b"", pa.large_binary())
 
 def _binary(data: npt.NDArray[Any], sizes: I64) -> pa.Array:
     """`data`'s bytes cut into consecutive values of `sizes` bytes: a large binary array over
-    them (no copy; `data` lives as long as the array)."""
+    them (no copy of contiguous `data`, which lives as long as the array)."""
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     buffers = [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))]
